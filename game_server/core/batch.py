@@ -1,0 +1,342 @@
+"""A population of cars on one track stepped together with numpy, bit-identical to the scalar `step`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from game_server.core.physics import (
+    ACCEL_DV,
+    BRAKE_DV,
+    CAR_RADIUS,
+    COAST_DV,
+    MAX_SEGMENT_STEPS,
+    MIN_TURN_RADIUS,
+    REVERSE_SPEED,
+    TOP_SPEED,
+    TURN_RADIUS_GAIN,
+    GateParams,
+    Kernel,
+    RunResult,
+    Trajectory,
+    gate_params,
+    kernel,
+    result_of,
+)
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, TICK_S, CarState, Gate, LapState, SimState
+from game_server.core.track import Track
+from game_server.core.trig import PI, TWO_PI, sincos_array
+
+_FIELDS = (
+    "tick",
+    "x",
+    "y",
+    "h",
+    "v",
+    "next_cp",
+    "passed",
+    "progress",
+    "arc",
+    "seg",
+    "contacts",
+    "finished",
+    "finish",
+)
+
+
+@dataclass
+class Cars:
+    """Struct of arrays: one entry per car, the fields of SimState."""
+
+    tick: np.ndarray  # int64
+    x: np.ndarray
+    y: np.ndarray
+    h: np.ndarray
+    v: np.ndarray
+    next_cp: np.ndarray  # int64
+    passed: np.ndarray  # int64
+    progress: np.ndarray
+    arc: np.ndarray
+    seg: np.ndarray  # int64
+    contacts: np.ndarray  # int64
+    finished: np.ndarray  # bool
+    finish: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, states: Sequence[SimState]) -> Cars:
+        col = np.array
+        return cls(
+            col([s.tick for s in states], np.int64),
+            col([s.car.x for s in states], np.float64),
+            col([s.car.y for s in states], np.float64),
+            col([s.car.heading for s in states], np.float64),
+            col([s.car.speed for s in states], np.float64),
+            col([s.lap.next_checkpoint for s in states], np.int64),
+            col([s.lap.checkpoints_passed for s in states], np.int64),
+            col([s.lap.progress_m for s in states], np.float64),
+            col([s.lap.arc_m for s in states], np.float64),
+            col([s.lap.segment for s in states], np.int64),
+            col([s.lap.wall_contacts for s in states], np.int64),
+            col([s.lap.finished for s in states], np.bool_),
+            col([s.lap.finish_tick for s in states], np.int64),
+        )
+
+    def take(self, idx: np.ndarray) -> Cars:
+        return Cars(*(getattr(self, f)[idx] for f in _FIELDS))
+
+    def put(self, idx: np.ndarray, other: Cars) -> None:
+        for f in _FIELDS:
+            getattr(self, f)[idx] = getattr(other, f)
+
+    def state(self, i: int) -> SimState:
+        car = CarState(float(self.x[i]), float(self.y[i]), float(self.h[i]), float(self.v[i]))
+        lap = LapState(
+            int(self.next_cp[i]),
+            int(self.passed[i]),
+            float(self.progress[i]),
+            float(self.arc[i]),
+            int(self.seg[i]),
+            int(self.contacts[i]),
+            bool(self.finished[i]),
+            int(self.finish[i]),
+        )
+        return SimState(int(self.tick[i]), car, lap)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _locate(k: Kernel, x: np.ndarray, y: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    a = k.a
+    cx, cy, ptx, pty = a["cx"], a["cy"], a["ptx"], a["pty"]
+    for _ in range(MAX_SEGMENT_STEPS):
+        j = k.nxt[seg]
+        move = (x - cx[j]) * ptx[j] + (y - cy[j]) * pty[j] >= 0.0
+        if not move.any():
+            break
+        seg = np.where(move, j, seg)
+    for _ in range(MAX_SEGMENT_STEPS):
+        move = (x - cx[seg]) * ptx[seg] + (y - cy[seg]) * pty[seg] < 0.0
+        if not move.any():
+            break
+        seg = np.where(move, k.prv[seg], seg)
+    return seg
+
+
+def _local_arc(k: Kernel, x: np.ndarray, y: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    a = k.a
+    along = (x - a["cx"][seg]) * a["tx"][seg] + (y - a["cy"][seg]) * a["ty"][seg]
+    seg_len = a["seg_len"][seg]
+    along = np.where(along < 0.0, 0.0, np.where(along > seg_len, seg_len, along))
+    return np.asarray(a["cum_arc"][seg] + along)
+
+
+def _wall_distance(k: Kernel, side: str, x: np.ndarray, y: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    a = k.a
+    return np.asarray(
+        (x - a[side + "x"][seg]) * a[side + "nx"][seg] + (y - a[side + "y"][seg]) * a[side + "ny"][seg]
+    )
+
+
+def _crosses(g: GateParams, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    ax, ay, gx, gy = g
+    side_ok = (gx * (y0 - ay) - gy * (x0 - ax) < 0.0) & (gx * (y1 - ay) - gy * (x1 - ax) >= 0.0)
+    mx, my = x1 - x0, y1 - y0
+    ca = mx * (ay - y0) - my * (ax - x0)
+    cb = mx * (ay + gy - y0) - my * (ax + gx - x0)
+    return np.asarray(side_ok & (ca * cb <= 0.0))
+
+
+def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | None) -> np.ndarray:
+    """Advances unfinished `cars` one tick in place with the scalar step's exact operations.
+
+    Returns which cars touched a barrier.
+    """
+    x, y, h, v = cars.x, cars.y, cars.h, cars.v
+    fwd = (masks & FORWARD) != 0
+    back = (masks & BACK) != 0
+    throttle = fwd & ~back
+    reverse = back & ~fwd
+    moving_fwd = v > 0.0
+    up = np.where(v >= 0.0, v + ACCEL_DV, v + BRAKE_DV)
+    up = np.where(v >= 0.0, np.where(up > TOP_SPEED, TOP_SPEED, up), np.where(up > 0.0, 0.0, up))
+    down = np.where(moving_fwd, v - BRAKE_DV, v - ACCEL_DV)
+    down = np.where(
+        moving_fwd, np.where(down < 0.0, 0.0, down), np.where(down < REVERSE_SPEED, REVERSE_SPEED, down)
+    )
+    coast_fwd = v - COAST_DV
+    coast_back = v + COAST_DV
+    coast = np.where(
+        moving_fwd,
+        np.where(coast_fwd < 0.0, 0.0, coast_fwd),
+        np.where(v < 0.0, np.where(coast_back > 0.0, 0.0, coast_back), v),
+    )
+    v = np.where(throttle, up, np.where(reverse, down, coast))
+
+    dist = v * TICK_S
+    left = (masks & LEFT) != 0
+    right = (masks & RIGHT) != 0
+    steer_left = left & ~right
+    steer_right = right & ~left
+    a = np.where(v >= 0.0, v, -v) / TOP_SPEED
+    r = MIN_TURN_RADIUS + a * np.sqrt(a) * TURN_RADIUS_GAIN
+    dh = dist / (r + r)
+    turned = np.where(steer_left, h + dh, h - dh)
+    turned = np.where(turned >= PI, turned - TWO_PI, np.where(turned < -PI, turned + TWO_PI, turned))
+    h = np.where(steer_left | steer_right, turned, h)
+    s, c = sincos_array(h)
+    ddx, ddy = dist * c, dist * s
+    x1, y1 = x + ddx, y + ddy
+
+    seg = _locate(k, x1, y1, cars.seg)
+    d_left = _wall_distance(k, "l", x1, y1, seg)
+    d_right = _wall_distance(k, "r", x1, y1, seg)
+    contact = (d_left < CAR_RADIUS) | (d_right < CAR_RADIUS)
+    if contact.any():
+        i = np.nonzero(contact)[0]
+        a_ = k.a
+        si = seg[i]
+        use_left = d_left[i] < d_right[i]
+        wtx = np.where(use_left, a_["ltx"][si], a_["rtx"][si])
+        wty = np.where(use_left, a_["lty"][si], a_["rty"][si])
+        cos_wall = c[i] * wtx + s[i] * wty
+        cos_wall = np.where(cos_wall >= 0.0, cos_wall, -cos_wall)
+        v[i] = v[i] * (0.5 + 0.5 * cos_wall)
+        along = ddx[i] * wtx + ddy[i] * wty
+        xi, yi = x[i] + along * wtx, y[i] + along * wty
+        si = _locate(k, xi, yi, si)
+        for side in ("l", "r"):
+            d = _wall_distance(k, side, xi, yi, si)
+            push = np.where(d < CAR_RADIUS, CAR_RADIUS - d, 0.0)
+            pushed = d < CAR_RADIUS
+            xi = np.where(pushed, xi + push * a_[side + "nx"][si], xi)
+            yi = np.where(pushed, yi + push * a_[side + "ny"][si], yi)
+        x1[i], y1[i] = xi, yi
+        seg = seg.copy()  # _locate may hand back cars.seg itself, which is still needed below
+        seg[i] = _locate(k, xi, yi, si)
+
+    delta = _local_arc(k, x1, y1, seg) - _local_arc(k, x, y, cars.seg)
+    delta = np.where(
+        delta > k.half_length, delta - k.length, np.where(delta < -k.half_length, delta + k.length, delta)
+    )
+    arc = cars.arc + delta
+    cars.progress = np.where(arc > cars.progress, arc, cars.progress)
+    cars.arc = arc
+
+    n_cp = len(k.checkpoints)
+    next_cp = cars.next_cp
+    passed_cp = np.zeros(len(cars), dtype=np.bool_)
+    for cp in np.unique(next_cp[next_cp < n_cp]):
+        sel = np.nonzero(next_cp == cp)[0]
+        passed_cp[sel] = _crosses(k.checkpoints[int(cp)], x[sel], y[sel], x1[sel], y1[sel])
+    cars.next_cp = next_cp + passed_cp
+    cars.passed = cars.passed + passed_cp
+    cars.tick = cars.tick + 1
+    if finish is None:
+        done = (cars.next_cp == n_cp) & _crosses(k.finish, x, y, x1, y1)
+    else:
+        done = _crosses(finish, x, y, x1, y1)
+    cars.finished = done
+    cars.finish = np.where(done, cars.tick, 0)
+    cars.contacts = cars.contacts + contact
+    cars.x, cars.y, cars.h, cars.v, cars.seg = x1, y1, h, v, seg
+    return contact
+
+
+class BatchSimulation:
+    """P cars on one track advanced together; car i always equals the scalar `step` applied to it."""
+
+    def __init__(self, track: Track, states: Sequence[SimState], gate: Gate | None = None) -> None:
+        self.track = track
+        self._kernel = kernel(track)
+        self._gate = None if gate is None else gate_params(gate)
+        self.cars = Cars.of(states)
+
+    def step(self, masks: np.ndarray | bytes) -> np.ndarray:
+        """One tick for every car (mask i drives car i); returns which cars touched a barrier."""
+        m = (
+            np.frombuffer(masks, dtype=np.uint8)
+            if isinstance(masks, bytes)
+            else np.asarray(masks, dtype=np.uint8)
+        )
+        cars = self.cars
+        if not cars.finished.any():
+            return tick_cars(self._kernel, cars, m, self._gate)
+        # Finished cars stay put, as in the scalar step: only their tick advances.
+        contact = np.zeros(len(cars), dtype=np.bool_)
+        was_finished = cars.finished.copy()
+        live = np.nonzero(~was_finished)[0]
+        sub = cars.take(live)
+        contact[live] = tick_cars(self._kernel, sub, m[live], self._gate)
+        cars.put(live, sub)
+        cars.tick[was_finished] += 1
+        return contact
+
+    def states(self) -> list[SimState]:
+        return [self.cars.state(i) for i in range(len(self.cars))]
+
+
+def run_programs(
+    track: Track,
+    starts: Sequence[SimState],
+    masks_list: Sequence[bytes],
+    *,
+    gate: Gate | None = None,
+    max_ticks: int = 0,
+    record_trajectory: bool = False,
+) -> list[RunResult]:
+    """`[run_program(track, s, m, ...) for s, m in zip(starts, masks_list)]`, computed as one population."""
+    if len(starts) != len(masks_list):
+        raise ValueError("one start state per program")
+    k = kernel(track)
+    finish = None if gate is None else gate_params(gate)
+    p = len(starts)
+    limits = np.array(
+        [0 if s.lap.finished else max(len(m), max_ticks) for s, m in zip(starts, masks_list, strict=True)],
+        dtype=np.int64,
+    )
+    horizon = int(limits.max(initial=0))
+    program = np.zeros((p, horizon), dtype=np.uint8)
+    for i, m in enumerate(masks_list):
+        program[i, : min(len(m), horizon)] = np.frombuffer(m, dtype=np.uint8)[:horizon]
+    all_cars = Cars.of(starts)
+    ids = np.nonzero(limits > 0)[0]
+    cars = all_cars.take(ids)
+    record = np.zeros((4, horizon, p)) if record_trajectory else None
+    contact_log = np.zeros((horizon, p), dtype=np.bool_) if record_trajectory else None
+    for t in range(horizon):
+        contact = tick_cars(k, cars, program[ids, t], finish)
+        if record is not None and contact_log is not None:
+            record[0, t, ids], record[1, t, ids], record[2, t, ids], record[3, t, ids] = (
+                cars.x,
+                cars.y,
+                cars.h,
+                cars.v,
+            )
+            contact_log[t, ids] = contact
+        stop = cars.finished | (t + 1 >= limits[ids])
+        if stop.any():
+            done = np.nonzero(stop)[0]
+            all_cars.put(ids[done], cars.take(done))
+            keep = np.nonzero(~stop)[0]
+            ids = ids[keep]
+            cars = cars.take(keep)
+            if len(ids) == 0:
+                break
+    results = []
+    for i, start in enumerate(starts):
+        final = all_cars.state(i)
+        trajectory = None
+        if record is not None and contact_log is not None:
+            n = final.tick - start.tick
+            trajectory = Trajectory(
+                record[0, :n, i].copy(),
+                record[1, :n, i].copy(),
+                record[2, :n, i].copy(),
+                record[3, :n, i].copy(),
+                tuple(int(t) + 1 for t in np.nonzero(contact_log[:n, i])[0]),
+            )
+        results.append(result_of(track, start, final, trajectory))
+    return results

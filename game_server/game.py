@@ -1,0 +1,263 @@
+"""The game's use cases, on core objects: sessions, stepping, evaluating and driving in lockstep or real time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from game_server.core import physics
+from game_server.core.physics import RunResult
+from game_server.core.state import TICK_S, Gate, SimState
+from game_server.core.track import Track
+from game_server.core.tracks import load_track
+from game_server.sessions import Session, SessionStore
+from rrp.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+MAX_PROGRAM_TICKS = 100_000
+# How far ahead of the simulation a real-time client may queue commands.
+MAX_COMMANDS_AHEAD = 250
+
+
+class FrameRenderer(Protocol):
+    def render(self, track: Track, state: SimState, spec: Any) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class GameConfig:
+    max_sessions: int = 32
+    idle_timeout_s: float = 300.0
+    # Concurrent Evaluate calls; physics holds the GIL, so more than a couple only adds queueing.
+    evaluate_slots: int = 2
+
+
+@dataclass(frozen=True)
+class Observation:
+    state: SimState
+    rays: tuple[float, ...]
+    progress_fraction: float
+    wall_contact: bool
+    lap_ticks: int
+    frame: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DriveEvent:
+    observation: Observation
+    applied_tick: int
+    late_commands: int
+    missed_ticks: int
+
+
+def lap_ticks_of(state: SimState) -> int:
+    return state.lap.finish_tick if state.lap.finished else 0
+
+
+class Game:
+    """Owns the sessions and the process's single renderer."""
+
+    def __init__(self, config: GameConfig, renderer_factory: Callable[[], FrameRenderer]) -> None:
+        self.config = config
+        self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s)
+        self._renderer_factory = renderer_factory
+        self._renderer: FrameRenderer | None = None
+        self._renderer_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(config.evaluate_slots)
+        self._running_lock = threading.Lock()
+        self.evaluate_running = 0
+
+    # -- frames ---------------------------------------------------------------------------------
+    def renderer(self) -> FrameRenderer:
+        with self._renderer_lock:
+            if self._renderer is None:
+                self._renderer = self._renderer_factory()
+            return self._renderer
+
+    def observe(self, session: Session, wall_contact: bool, with_frame: bool) -> Observation:
+        state = session.state
+        frame = self.renderer().render(session.track, state, session.frame_spec) if with_frame else None
+        return Observation(
+            state=state,
+            rays=physics.raycast(session.track, state.car, state.lap.segment),
+            progress_fraction=physics.progress_fraction(session.track, state.lap),
+            wall_contact=wall_contact,
+            lap_ticks=lap_ticks_of(state),
+            frame=frame,
+        )
+
+    # -- sessions -------------------------------------------------------------------------------
+    def create_session(self, track_name: str, frame_spec: Any) -> tuple[Session, Observation]:
+        track = load_track(track_name)
+        session = self.sessions.create(track, frame_spec)
+        return session, self.observe(session, False, False)
+
+    def reset(self, session_id: str, state: SimState | None, with_frame: bool) -> Observation:
+        session = self.sessions.get(session_id)
+        with session.exclusive("Reset"):
+            if state is not None:
+                physics.validate_state(session.track, state)
+            session.state = session.track.base_state if state is None else state
+            return self.observe(session, False, with_frame)
+
+    def step(self, session_id: str, masks: bytes, with_frame: bool) -> Observation:
+        if not masks:
+            raise InvalidArgument("controls must hold at least one tick")
+        if len(masks) > MAX_PROGRAM_TICKS:
+            raise InvalidArgument(f"at most {MAX_PROGRAM_TICKS} ticks per Step")
+        physics.validate_masks(masks)
+        session = self.sessions.get(session_id)
+        with session.exclusive("Step"):
+            state, contact = session.state, False
+            for mask in masks:
+                state, contact = physics.step(session.track, state, mask)
+            session.state = state
+            self.sessions.touch(session)
+            return self.observe(session, contact, with_frame)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(
+        self,
+        track_name: str,
+        start: SimState | None,
+        masks: bytes,
+        gate: Gate | None,
+        max_ticks: int,
+        record_trajectory: bool,
+    ) -> RunResult:
+        if len(masks) > MAX_PROGRAM_TICKS or max_ticks > MAX_PROGRAM_TICKS:
+            raise InvalidArgument(f"a program runs at most {MAX_PROGRAM_TICKS} ticks")
+        if not masks and max_ticks == 0:
+            raise InvalidArgument("give a program or max_ticks")
+        physics.validate_masks(masks)
+        track = load_track(track_name)
+        if start is not None:
+            physics.validate_state(track, start)
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"all {self.config.evaluate_slots} evaluation slots are busy; lease capacity via GetServerInfo"
+            )
+        try:
+            with self._running_lock:
+                self.evaluate_running += 1
+            return physics.run_program(
+                track,
+                track.base_state if start is None else start,
+                masks,
+                gate=gate,
+                max_ticks=max_ticks,
+                record_trajectory=record_trajectory,
+            )
+        finally:
+            with self._running_lock:
+                self.evaluate_running -= 1
+            self._slots.release()
+
+    # -- driving --------------------------------------------------------------------------------
+    def drive_lockstep(
+        self, session_id: str, commands: Iterable[tuple[int, int]], with_frames: bool
+    ) -> Iterator[DriveEvent]:
+        """One tick per command; a command must name the session's current tick."""
+        session = self.sessions.get(session_id)
+        with session.exclusive("Drive"):
+            for tick, mask in commands:
+                physics.validate_masks(bytes([mask]))
+                if tick != session.state.tick:
+                    raise FailedPrecondition(
+                        f"command for tick {tick} but the session is at tick {session.state.tick}"
+                    )
+                session.state, contact = physics.step(session.track, session.state, mask)
+                self.sessions.touch(session)
+                yield DriveEvent(self.observe(session, contact, with_frames), tick, 0, 0)
+
+    def drive_realtime(
+        self,
+        session_id: str,
+        commands: Iterable[tuple[int, int]],
+        with_frames: bool,
+        max_ticks: int,
+        is_active: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Iterator[DriveEvent]:
+        """Ticks at 25 Hz of wall-clock time; commands are matched to ticks by their tick number."""
+        session = self.sessions.get(session_id)
+        with session.exclusive("Drive"):
+            inbox = _CommandInbox(session.state.tick)
+            reader = threading.Thread(
+                target=inbox.consume, args=(commands,), daemon=True, name="drive-reader"
+            )
+            reader.start()
+            mask, missed, done = 0, 0, 0
+            t0 = clock()
+            while is_active() and (max_ticks == 0 or done < max_ticks):
+                delay = t0 + (done + 1) * TICK_S - clock()  # tick k is due at the end of its period
+                if delay > 0:
+                    time.sleep(delay)
+                inbox.raise_error()
+                tick = session.state.tick
+                command = inbox.take(tick)
+                if command is None:
+                    if inbox.closed:
+                        break
+                    missed += 1
+                else:
+                    mask = command
+                session.state, contact = physics.step(session.track, session.state, mask)
+                self.sessions.touch(session)
+                done += 1
+                yield DriveEvent(self.observe(session, contact, with_frames), tick, inbox.late, missed)
+            inbox.stop()
+
+
+class _CommandInbox:
+    """Commands received from a real-time client, keyed by the tick they apply to."""
+
+    def __init__(self, first_tick: int) -> None:
+        self._next_tick = first_tick  # the first tick not yet simulated
+        self._pending: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self.late = 0
+        self.closed = False
+
+    def consume(self, commands: Iterable[tuple[int, int]]) -> None:
+        try:
+            for tick, mask in commands:
+                if self._stop.is_set():
+                    return
+                physics.validate_masks(bytes([mask]))
+                with self._lock:
+                    now = self._next_tick
+                    if tick < now:
+                        self.late += 1
+                    elif tick > now + MAX_COMMANDS_AHEAD:
+                        raise InvalidArgument(
+                            f"command for tick {tick} is more than {MAX_COMMANDS_AHEAD} ticks ahead of {now}"
+                        )
+                    else:
+                        self._pending[tick] = mask
+        except BaseException as exc:  # handed to the driving loop, which raises it to the client
+            self._error = exc
+        finally:
+            self.closed = True
+
+    def take(self, tick: int) -> int | None:
+        with self._lock:
+            self._next_tick = tick + 1
+            for stale in [t for t in self._pending if t < tick]:
+                del self._pending[stale]
+            return self._pending.pop(tick, None)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,77 @@
+"""Game server lifecycle: build the service, serve, reap idle sessions, shut down on a signal."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from game_server.game import FrameRenderer, Game, GameConfig
+from game_server.servicer import GameServicer
+from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
+from rrp.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = game_pb2.DESCRIPTOR.services_by_name["GameService"].full_name
+
+
+@dataclass(frozen=True)
+class GameServerConfig:
+    server: ServerConfig = field(default_factory=lambda: ServerConfig(service_name="game-server"))
+    game: GameConfig = field(default_factory=GameConfig)
+    reap_interval_s: float = 10.0
+
+
+def _default_renderer() -> FrameRenderer:
+    from game_server.render.renderer import Renderer
+
+    return Renderer()
+
+
+@dataclass
+class GameServer:
+    running: RunningServer
+    game: Game
+    _stop: threading.Event
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self._stop.set()
+        self.running.stop(grace_s)
+
+
+def create_game_server(config: GameServerConfig) -> GameServer:
+    game = Game(config.game, _default_renderer)
+
+    def register(server: grpc.Server) -> Sequence[str]:
+        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game), server)
+        return [SERVICE_NAME]
+
+    running = create_server(config.server, register)
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.wait(config.reap_interval_s):
+            expired = game.sessions.expire_idle()
+            if expired:
+                log.info("expired %d idle sessions", expired)
+
+    threading.Thread(target=reap, daemon=True, name="session-reaper").start()
+    return GameServer(running, game, stop)
+
+
+def serve(config: GameServerConfig) -> None:
+    server = create_game_server(config)
+    print(f"game server listening on {server.address}", flush=True)
+    serve_until_signal(server.running, on_stop=server._stop.set)

@@ -1,0 +1,161 @@
+"""GameService over gRPC: converts messages to core calls and back; errors map to codes in rrp.bootstrap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from game_server import convert
+from game_server.core.physics import RunResult
+from game_server.core.state import TICK_HZ
+from game_server.core.tracks import builtin_tracks, load_track
+from game_server.game import DriveEvent, Game, Observation
+from game_server.render import FrameSpec
+from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
+from rrp import __version__
+from rrp.errors import FailedPrecondition, InvalidArgument
+
+
+def observation_to_pb(obs: Observation) -> sim_pb2.Observation:
+    msg = sim_pb2.Observation(
+        state=convert.state_to_pb(obs.state),
+        rays_m=obs.rays,
+        progress_fraction=obs.progress_fraction,
+        wall_contact=obs.wall_contact,
+        lap_ticks=obs.lap_ticks,
+    )
+    if obs.frame is not None:
+        msg.frame.CopyFrom(convert.frame_to_pb(obs.frame))
+    return msg
+
+
+def result_to_pb(r: RunResult) -> sim_pb2.LapResult:
+    return sim_pb2.LapResult(
+        finished=r.finished,
+        lap_ticks=r.lap_ticks,
+        lap_time_s=r.lap_ticks / TICK_HZ,
+        progress_m=r.progress_m,
+        progress_fraction=r.progress_fraction,
+        checkpoints_passed=r.checkpoints_passed,
+        wall_contacts=r.wall_contacts,
+        ticks=r.ticks,
+        final_state=convert.state_to_pb(r.final_state),
+    )
+
+
+def _drive_event_to_pb(e: DriveEvent) -> game_pb2.DriveResponse:
+    return game_pb2.DriveResponse(
+        observation=observation_to_pb(e.observation),
+        applied_tick=e.applied_tick,
+        late_commands=e.late_commands,
+        missed_ticks=e.missed_ticks,
+    )
+
+
+def _commands(requests: Iterator[game_pb2.DriveRequest]) -> Iterator[tuple[int, int]]:
+    for req in requests:
+        if req.WhichOneof("kind") != "command":
+            raise FailedPrecondition("a Drive stream takes exactly one start message, first")
+        yield req.command.tick, convert.controls_to_mask(req.command.controls)
+
+
+class GameServicer(game_pb2_grpc.GameServiceServicer):
+    def __init__(self, game: Game) -> None:
+        self.game = game
+
+    def ListTracks(
+        self, request: game_pb2.ListTracksRequest, context: grpc.ServicerContext
+    ) -> game_pb2.ListTracksResponse:
+        return game_pb2.ListTracksResponse(tracks=[convert.track_summary(t) for t in builtin_tracks()])
+
+    def GetTrack(
+        self, request: game_pb2.GetTrackRequest, context: grpc.ServicerContext
+    ) -> game_pb2.GetTrackResponse:
+        return game_pb2.GetTrackResponse(track=convert.track_to_pb(load_track(request.track)))
+
+    def CreateSession(
+        self, request: game_pb2.CreateSessionRequest, context: grpc.ServicerContext
+    ) -> game_pb2.CreateSessionResponse:
+        w, h = convert.frame_size(request.frame_options)
+        spec = FrameSpec(
+            width=w,
+            height=h,
+            randomize=request.frame_options.domain_randomization,
+            seed=request.frame_options.randomization_seed,
+        )
+        session, obs = self.game.create_session(request.track, spec)
+        return game_pb2.CreateSessionResponse(
+            session_id=session.session_id,
+            observation=observation_to_pb(obs),
+            idle_timeout_s=int(self.game.config.idle_timeout_s),
+        )
+
+    def CloseSession(
+        self, request: game_pb2.CloseSessionRequest, context: grpc.ServicerContext
+    ) -> game_pb2.CloseSessionResponse:
+        self.game.sessions.close(request.session_id)
+        return game_pb2.CloseSessionResponse()
+
+    def Reset(self, request: game_pb2.ResetRequest, context: grpc.ServicerContext) -> game_pb2.ResetResponse:
+        state = convert.state_from_pb(request.state) if request.HasField("state") else None
+        obs = self.game.reset(request.session_id, state, request.with_frame)
+        return game_pb2.ResetResponse(observation=observation_to_pb(obs))
+
+    def Step(self, request: game_pb2.StepRequest, context: grpc.ServicerContext) -> game_pb2.StepResponse:
+        obs = self.game.step(request.session_id, request.controls.masks, request.with_frame)
+        return game_pb2.StepResponse(observation=observation_to_pb(obs))
+
+    def Drive(
+        self, request_iterator: Iterator[game_pb2.DriveRequest], context: grpc.ServicerContext
+    ) -> Iterator[game_pb2.DriveResponse]:
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "start":
+            raise FailedPrecondition("the first message of a Drive stream must be a start")
+        start = first.start
+        commands = _commands(request_iterator)
+        if start.mode == game_pb2.DRIVE_MODE_LOCKSTEP:
+            events = self.game.drive_lockstep(start.session_id, commands, start.with_frames)
+        elif start.mode == game_pb2.DRIVE_MODE_REALTIME:
+            events = self.game.drive_realtime(
+                start.session_id, commands, start.with_frames, start.max_ticks, is_active=context.is_active
+            )
+        else:
+            raise InvalidArgument("Drive mode must be LOCKSTEP or REALTIME")
+        for event in events:
+            yield _drive_event_to_pb(event)
+
+    def GetServerInfo(
+        self, request: game_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> game_pb2.GetServerInfoResponse:
+        return game_pb2.GetServerInfoResponse(
+            evaluate_slots=self.game.config.evaluate_slots,
+            evaluate_running=self.game.evaluate_running,
+            max_sessions=self.game.config.max_sessions,
+            open_sessions=len(self.game.sessions),
+            version=__version__,
+        )
+
+    def Evaluate(
+        self, request: game_pb2.EvaluateRequest, context: grpc.ServicerContext
+    ) -> game_pb2.EvaluateResponse:
+        start = convert.state_from_pb(request.start_state) if request.HasField("start_state") else None
+        gate = convert.gate_from_pb(request.finish_gate) if request.HasField("finish_gate") else None
+        result = self.game.evaluate(
+            request.track, start, request.program.masks, gate, request.max_ticks, request.return_trajectory
+        )
+        response = game_pb2.EvaluateResponse(result=result_to_pb(result))
+        if request.return_trajectory and result.trajectory is not None:
+            tr = result.trajectory
+            response.trajectory.CopyFrom(
+                sim_pb2.Trajectory(
+                    x_m=tr.x.tolist(),
+                    y_m=tr.y.tolist(),
+                    heading_rad=tr.heading.tolist(),
+                    speed_m_per_s=tr.speed.tolist(),
+                    wall_contact_ticks=list(tr.wall_contact_ticks),
+                )
+            )
+        return response

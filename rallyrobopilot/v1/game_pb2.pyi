@@ -1,0 +1,182 @@
+from rallyrobopilot.v1 import sim_pb2 as _sim_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DriveMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DRIVE_MODE_UNSPECIFIED: _ClassVar[DriveMode]
+    DRIVE_MODE_LOCKSTEP: _ClassVar[DriveMode]
+    DRIVE_MODE_REALTIME: _ClassVar[DriveMode]
+DRIVE_MODE_UNSPECIFIED: DriveMode
+DRIVE_MODE_LOCKSTEP: DriveMode
+DRIVE_MODE_REALTIME: DriveMode
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("evaluate_slots", "evaluate_running", "max_sessions", "open_sessions", "version")
+    EVALUATE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    evaluate_slots: int
+    evaluate_running: int
+    max_sessions: int
+    open_sessions: int
+    version: str
+    def __init__(self, evaluate_slots: _Optional[int] = ..., evaluate_running: _Optional[int] = ..., max_sessions: _Optional[int] = ..., open_sessions: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ListTracksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTracksResponse(_message.Message):
+    __slots__ = ("tracks",)
+    TRACKS_FIELD_NUMBER: _ClassVar[int]
+    tracks: _containers.RepeatedCompositeFieldContainer[_sim_pb2.TrackSummary]
+    def __init__(self, tracks: _Optional[_Iterable[_Union[_sim_pb2.TrackSummary, _Mapping]]] = ...) -> None: ...
+
+class GetTrackRequest(_message.Message):
+    __slots__ = ("track",)
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    track: str
+    def __init__(self, track: _Optional[str] = ...) -> None: ...
+
+class GetTrackResponse(_message.Message):
+    __slots__ = ("track",)
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    track: _sim_pb2.Track
+    def __init__(self, track: _Optional[_Union[_sim_pb2.Track, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("track", "frame_options")
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    track: str
+    frame_options: _sim_pb2.FrameOptions
+    def __init__(self, track: _Optional[str] = ..., frame_options: _Optional[_Union[_sim_pb2.FrameOptions, _Mapping]] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session_id", "observation", "idle_timeout_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    observation: _sim_pb2.Observation
+    idle_timeout_s: int
+    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., idle_timeout_s: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetRequest(_message.Message):
+    __slots__ = ("session_id", "state", "with_frame")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WITH_FRAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    state: _sim_pb2.SimState
+    with_frame: bool
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., with_frame: _Optional[bool] = ...) -> None: ...
+
+class ResetResponse(_message.Message):
+    __slots__ = ("observation",)
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    observation: _sim_pb2.Observation
+    def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "controls", "with_frame")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    WITH_FRAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    controls: _sim_pb2.ControlProgram
+    with_frame: bool
+    def __init__(self, session_id: _Optional[str] = ..., controls: _Optional[_Union[_sim_pb2.ControlProgram, _Mapping]] = ..., with_frame: _Optional[bool] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("observation",)
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    observation: _sim_pb2.Observation
+    def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ...) -> None: ...
+
+class DriveStart(_message.Message):
+    __slots__ = ("session_id", "mode", "with_frames", "max_ticks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    WITH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    mode: DriveMode
+    with_frames: bool
+    max_ticks: int
+    def __init__(self, session_id: _Optional[str] = ..., mode: _Optional[_Union[DriveMode, str]] = ..., with_frames: _Optional[bool] = ..., max_ticks: _Optional[int] = ...) -> None: ...
+
+class DriveCommand(_message.Message):
+    __slots__ = ("tick", "controls")
+    TICK_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    tick: int
+    controls: _sim_pb2.Controls
+    def __init__(self, tick: _Optional[int] = ..., controls: _Optional[_Union[_sim_pb2.Controls, _Mapping]] = ...) -> None: ...
+
+class DriveRequest(_message.Message):
+    __slots__ = ("start", "command")
+    START_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    start: DriveStart
+    command: DriveCommand
+    def __init__(self, start: _Optional[_Union[DriveStart, _Mapping]] = ..., command: _Optional[_Union[DriveCommand, _Mapping]] = ...) -> None: ...
+
+class DriveResponse(_message.Message):
+    __slots__ = ("observation", "applied_tick", "late_commands", "missed_ticks")
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_TICK_FIELD_NUMBER: _ClassVar[int]
+    LATE_COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    MISSED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    observation: _sim_pb2.Observation
+    applied_tick: int
+    late_commands: int
+    missed_ticks: int
+    def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., applied_tick: _Optional[int] = ..., late_commands: _Optional[int] = ..., missed_ticks: _Optional[int] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("track", "start_state", "program", "finish_gate", "max_ticks", "return_trajectory")
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    START_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    FINISH_GATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICKS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
+    track: str
+    start_state: _sim_pb2.SimState
+    program: _sim_pb2.ControlProgram
+    finish_gate: _sim_pb2.Gate
+    max_ticks: int
+    return_trajectory: bool
+    def __init__(self, track: _Optional[str] = ..., start_state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., program: _Optional[_Union[_sim_pb2.ControlProgram, _Mapping]] = ..., finish_gate: _Optional[_Union[_sim_pb2.Gate, _Mapping]] = ..., max_ticks: _Optional[int] = ..., return_trajectory: _Optional[bool] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("result", "trajectory")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
+    result: _sim_pb2.LapResult
+    trajectory: _sim_pb2.Trajectory
+    def __init__(self, result: _Optional[_Union[_sim_pb2.LapResult, _Mapping]] = ..., trajectory: _Optional[_Union[_sim_pb2.Trajectory, _Mapping]] = ...) -> None: ...

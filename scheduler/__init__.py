@@ -1,0 +1,1 @@
+"""The scheduler: a futures-style pool that spreads GA evaluations over game servers, and its gRPC service."""

@@ -1,0 +1,380 @@
+"""EvaluationPool: a concurrent.futures.Executor that runs evaluation tasks on a pool of game servers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
+from rrp import telemetry
+from scheduler.core import Ledger, PoolStatus, RetryPolicy, join_host_port, parse_target
+from scheduler.tasks import EvaluationError, RemoteTask
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+GAME_SERVICE = game_pb2.DESCRIPTOR.services_by_name["GameService"].full_name
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DEFAULT_GAME_PORT = 50051
+# Worker threads are cheap while they wait, but a huge discovered pool should not spawn thousands.
+MAX_WORKERS = 256
+
+Resolver = Callable[[str, int], list[str]]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Where the game servers are and how patiently to use them."""
+
+    # Fixed pool: "host:port" addresses. Exactly one of `servers` and `discover` is given.
+    servers: tuple[str, ...] = ()
+    # DNS name ("name[:port]") resolving to many addresses, e.g. a Kubernetes headless Service.
+    discover: str | None = None
+    discover_interval_s: float = 5.0
+    evaluate_timeout_s: float = 60.0
+    health_timeout_s: float = 2.0
+    health_interval_s: float = 1.0
+    max_attempts: int = 4
+    # Tasks waiting for a slot; submit() blocks beyond this, so a producer cannot outrun the pool.
+    max_pending: int = 4096
+
+    def __post_init__(self) -> None:
+        if bool(self.servers) == bool(self.discover):
+            raise ValueError("give either servers or a DNS name to discover them")
+        if min(self.evaluate_timeout_s, self.health_timeout_s, self.health_interval_s) <= 0:
+            raise ValueError("timeouts and intervals must be positive")
+        if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1:
+            raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
+
+
+def resolve_dns(host: str, port: int) -> list[str]:
+    """Every address the name resolves to, as gRPC targets; a headless Service lists one per pod."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({join_host_port(str(info[4][0]), int(info[4][1])) for info in infos})
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    future: Future[Any]
+    task: RemoteTask[Any]
+    request: game_pb2.EvaluateRequest
+    attempts: int = 0
+    last_server: str | None = None
+
+
+@dataclass
+class _Connection:
+    """One channel per server, shared by its evaluation slots and its health checks."""
+
+    channel: grpc.Channel
+    evaluate: Any = field(init=False)
+    server_info: Any = field(init=False)
+    health: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        game = game_pb2_grpc.GameServiceStub(self.channel)
+        self.evaluate = game.Evaluate
+        self.server_info = game.GetServerInfo
+        self.health = health_pb2_grpc.HealthStub(self.channel).Check
+
+
+def _connect(address: str) -> _Connection:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    channel = grpc.insecure_channel(address, options=options)
+    return _Connection(telemetry.instrument_channel(channel, "scheduler"))
+
+
+def _require_task(fn: object) -> None:
+    if not isinstance(fn, RemoteTask):
+        raise TypeError(
+            f"EvaluationPool runs RemoteTask objects (request/result/__call__), not {type(fn).__name__}: "
+            "code is never shipped to game servers; subclass scheduler.EvaluationTask"
+        )
+
+
+class EvaluationPool(Executor):
+    """Runs RemoteTask evaluations on leased game-server slots, with deadlines and retries.
+
+    One worker thread per leasable slot takes the next queued task, leases a slot for it and makes a
+    blocking Evaluate call; when the call returns, the same thread takes the next task. A blocking call
+    costs less than half of grpc's future API (no hand-off to a callback thread), which matters when an
+    evaluation takes only a few milliseconds.
+    """
+
+    def __init__(self, config: PoolConfig, *, resolver: Resolver = resolve_dns) -> None:
+        self.config = config
+        self._resolver = resolver
+        self._retry = RetryPolicy(config.max_attempts)
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers: a task and a free slot may be there
+        self._space = threading.Condition(self._lock)  # submitters and waiters: a task left the queue
+        self._ledger = Ledger()
+        self._queue: deque[_Job] = deque()
+        self._connections: dict[str, _Connection] = {}
+        self._workers: list[threading.Thread] = []
+        # Jobs accepted whose future is not resolved yet: shutdown(wait=True) waits for zero.
+        self._unresolved = 0
+        self._shutdown = False
+        self._stopped = threading.Event()
+        self._refresh_members()
+        self._maintainer = threading.Thread(target=self._maintain, daemon=True, name="scheduler-maintainer")
+        self._maintainer.start()
+
+    # -- Executor -------------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Queues `fn.request(*args, **kwargs)`; blocks while `max_pending` tasks already wait."""
+        _require_task(fn)
+        task: RemoteTask[T] = fn  # type: ignore[assignment]
+        future: Future[T] = Future()
+        try:
+            request = task.request(*args, **kwargs)
+        except Exception as exc:
+            future.set_running_or_notify_cancel()
+            future.set_exception(exc)
+            return future
+        with self._lock:
+            while len(self._queue) >= self.config.max_pending and not self._shutdown:
+                self._space.wait()
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new evaluations after shutdown")
+            self._queue.append(_Job(future, task, request))
+            self._unresolved += 1
+            self._work.notify()
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like the builtin map, in order; refuses a plain callable even when the iterables are empty."""
+        _require_task(fn)
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuses new tasks; cancels queued ones that have not started if asked; closes the channels."""
+        cancelled: list[_Job] = []
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                # Retries have started (their futures run): they go on.
+                cancelled = [job for job in self._queue if job.attempts == 0]
+                self._queue = deque(job for job in self._queue if job.attempts > 0)
+            self._space.notify_all()
+        for job in cancelled:
+            job.future.cancel()
+        self._resolved(len(cancelled))
+        if wait:
+            with self._lock:
+                self._space.wait_for(lambda: self._unresolved == 0)
+            self._maintainer.join()
+            for worker in self._workers:
+                worker.join()
+
+    # -- pool -----------------------------------------------------------------------------------
+    def status(self) -> PoolStatus:
+        with self._lock:
+            return self._ledger.status(pending=len(self._queue))
+
+    def wait_ready(self, servers: int = 1, timeout_s: float = 30.0) -> None:
+        """Blocks until `servers` servers passed a health check; for callers that time their batches."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while sum(1 for r in self._ledger.servers.values() if r.healthy) < servers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"fewer than {servers} healthy game servers after {timeout_s}s")
+                self._space.wait(left)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while (leased := self._next_job()) is not None:
+            job, address = leased
+            # The lease keeps the server's record, and so its connection, until the call returns.
+            with self._lock:
+                connection = self._connections[address]
+            response: game_pb2.EvaluateResponse | None = None
+            code: grpc.StatusCode | None = None
+            details = ""
+            try:
+                response = connection.evaluate(job.request, timeout=self.config.evaluate_timeout_s)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+            self._finished(job, address, response, code, details)
+
+    def _next_job(self) -> tuple[_Job, str] | None:
+        """Waits for a queued task and a free slot and leases it; None when the pool has stopped."""
+        with self._lock:
+            while True:
+                if self._stopped.is_set():
+                    return None
+                if self._queue and self._ledger.free_slots() > 0:
+                    job = self._queue.popleft()
+                    self._space.notify_all()
+                    if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
+                        self._unresolved -= 1  # cancelled while queued
+                        continue
+                    address = self._ledger.lease(avoid=job.last_server)
+                    assert address is not None  # free_slots() > 0
+                    return job, address
+                self._work.wait()
+
+    def _finished(
+        self,
+        job: _Job,
+        address: str,
+        response: game_pb2.EvaluateResponse | None,
+        code: grpc.StatusCode | None,
+        details: str,
+    ) -> None:
+        server_fault = code is not None and self._retry.is_server_fault(code.name)
+        with self._lock:
+            self._ledger.release(address, server_fault)
+            job.attempts += 1
+            retry = code is not None and self._retry.should_retry(code.name, job.attempts)
+            if code is None:
+                self._ledger.counters.done += 1
+            elif retry:
+                self._ledger.counters.retried += 1
+                job.last_server = address
+                self._queue.appendleft(job)
+                self._work.notify()
+            else:
+                self._ledger.counters.failed += 1
+        if server_fault:
+            assert code is not None
+            log.warning(
+                "%s failed an evaluation with %s (%s); %s",
+                address,
+                code.name,
+                details,
+                "retrying elsewhere" if retry else f"giving up after {job.attempts} attempts",
+            )
+        if retry:
+            return
+        if code is not None:
+            job.future.set_exception(EvaluationError(code, details))
+        else:
+            assert response is not None
+            try:
+                job.future.set_result(job.task.result(response))
+            except Exception as exc:
+                job.future.set_exception(exc)
+        self._resolved(1)
+
+    def _resolved(self, count: int) -> None:
+        with self._lock:
+            self._unresolved -= count
+            if self._shutdown and self._unresolved == 0:
+                self._stopped.set()
+                self._work.notify_all()
+            self._space.notify_all()
+
+    def _add_workers_locked(self) -> None:
+        """One worker per slot the healthy servers offer; workers stay when capacity shrinks, idle."""
+        wanted = min(MAX_WORKERS, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
+        while len(self._workers) < wanted and not self._stopped.is_set():
+            worker = threading.Thread(
+                target=self._work_loop, daemon=True, name=f"scheduler-slot-{len(self._workers)}"
+            )
+            worker.start()
+            self._workers.append(worker)
+
+    # -- membership and health ------------------------------------------------------------------
+    def _maintain(self) -> None:
+        next_resolve = time.monotonic() + self.config.discover_interval_s
+        while True:
+            if self.config.discover and time.monotonic() >= next_resolve:
+                self._refresh_members()
+                next_resolve = time.monotonic() + self.config.discover_interval_s
+            self._check_health()
+            if self._stopped.wait(self.config.health_interval_s):
+                break
+        with self._lock:
+            connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            connection.channel.close()
+
+    def _refresh_members(self) -> None:
+        if self.config.discover:
+            host, port = parse_target(self.config.discover, DEFAULT_GAME_PORT)
+            try:
+                addresses = self._resolver(host, port)
+            except OSError as exc:
+                log.warning("cannot resolve %s (%s); keeping the pool as it is", self.config.discover, exc)
+                return
+        else:
+            addresses = list(self.config.servers)
+        with self._lock:
+            joined, left = self._ledger.set_members(addresses)
+            for address in joined:
+                if address not in self._connections:
+                    self._connections[address] = _connect(address)
+            gone = [a for a in self._connections if a not in self._ledger.servers]
+            closing = [self._connections.pop(a) for a in gone]
+        for connection in closing:
+            connection.channel.close()
+        if joined or left:
+            log.info("pool membership: joined %s, left %s", joined, left)
+
+    def _check_health(self) -> None:
+        """Checks every server at once, so that one hung server costs one deadline, not one per server."""
+        with self._lock:
+            # A call that fails while a probe is out proves more than the probe: remember fault counts.
+            targets = [
+                (a, c, self._ledger.servers[a].failed)
+                for a, c in self._connections.items()
+                if a in self._ledger.servers
+            ]
+        timeout = self.config.health_timeout_s
+        probes = [
+            (
+                address,
+                faults,
+                c.health.future(health_pb2.HealthCheckRequest(service=GAME_SERVICE), timeout=timeout),
+                c.server_info.future(game_pb2.GetServerInfoRequest(), timeout=timeout),
+            )
+            for address, c, faults in targets
+        ]
+        verdicts: list[tuple[str, int, int]] = []
+        for address, faults, health, info in probes:
+            try:
+                serving = health.result().status == health_pb2.HealthCheckResponse.SERVING
+                capacity = int(info.result().evaluate_slots) if serving else 0
+            except grpc.RpcError:
+                capacity = 0
+            verdicts.append((address, faults, capacity))
+        with self._lock:
+            changed = []
+            for address, faults, capacity in verdicts:
+                record = self._ledger.servers.get(address)
+                if record is None:
+                    continue
+                was = record.healthy
+                if capacity > 0:
+                    self._ledger.mark_healthy(address, capacity, faults_seen=faults)
+                else:
+                    self._ledger.mark_unhealthy(address)
+                if record.healthy != was:
+                    changed.append((address, record.healthy, capacity))
+            self._add_workers_locked()
+            self._work.notify_all()
+            self._space.notify_all()  # wait_ready()
+        for address, healthy, capacity in changed:
+            log.info("%s is %s", address, f"healthy with {capacity} slots" if healthy else "unhealthy")

@@ -1,0 +1,123 @@
+"""Evaluation tasks: how to ask a game server and how to read its answer; data, never code to ship."""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import grpc
+
+from rallyrobopilot.v1 import game_pb2, sim_pb2
+from rrp.bootstrap import status_of
+from rrp.errors import DomainError
+
+if TYPE_CHECKING:
+    from game_server.servicer import GameServicer
+
+R_co = TypeVar("R_co", covariant=True)
+R = TypeVar("R")
+
+
+class EvaluationError(Exception):
+    """An evaluation failed: a bad task (its own error), or a server fault that outlived the retries."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@runtime_checkable
+class RemoteTask(Protocol[R_co]):
+    """What EvaluationPool runs: a description of an Evaluate call, never a pickled function.
+
+    `task(*args)` and `task.result(server.Evaluate(task.request(*args)))` must give the same value, so
+    that GA code gets the same fitness from the builtin `map` as from `EvaluationPool.map`.
+    """
+
+    def request(self, *args: Any, **kwargs: Any) -> game_pb2.EvaluateRequest: ...
+
+    def result(self, response: game_pb2.EvaluateResponse) -> R_co: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...
+
+
+@functools.cache
+def _local_servicer() -> GameServicer:
+    # The game server's own Evaluate handler, so that in-process and remote results share every line of
+    # conversion and validation; imported late because a scheduler process never evaluates locally.
+    from game_server.game import Game, GameConfig
+    from game_server.servicer import GameServicer
+
+    def no_renderer() -> Any:
+        raise RuntimeError("evaluation is physics only and never renders")
+
+    return GameServicer(Game(GameConfig(evaluate_slots=1024), no_renderer))
+
+
+def evaluate_locally(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateResponse:
+    """Runs an Evaluate call in this process; a task's error raises EvaluationError, as a remote one does."""
+    try:
+        # GameServicer.Evaluate reads nothing from its context.
+        response: game_pb2.EvaluateResponse = _local_servicer().Evaluate(request, None)
+    except DomainError as exc:
+        raise EvaluationError(status_of(exc), str(exc)) from exc
+    return response
+
+
+class EvaluationTask(ABC, Generic[R]):
+    """Base of tasks: subclasses build the request and read the response; calling runs it in process."""
+
+    @abstractmethod
+    def request(self, *args: Any, **kwargs: Any) -> game_pb2.EvaluateRequest: ...
+
+    @abstractmethod
+    def result(self, response: game_pb2.EvaluateResponse) -> R: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.result(evaluate_locally(self.request(*args, **kwargs)))
+
+
+class LapTask(EvaluationTask[sim_pb2.LapResult]):
+    """Runs one control program (bytes, one mask per tick) on a track and returns its LapResult."""
+
+    def __init__(
+        self,
+        track: str,
+        *,
+        max_ticks: int = 0,
+        start_state: sim_pb2.SimState | None = None,
+        finish_gate: sim_pb2.Gate | None = None,
+    ) -> None:
+        self.track = track
+        self.max_ticks = max_ticks
+        self.start_state = start_state
+        self.finish_gate = finish_gate
+
+    def request(self, masks: bytes) -> game_pb2.EvaluateRequest:
+        return game_pb2.EvaluateRequest(
+            track=self.track,
+            program=sim_pb2.ControlProgram(masks=bytes(masks)),
+            start_state=self.start_state,
+            finish_gate=self.finish_gate,
+            max_ticks=self.max_ticks,
+        )
+
+    def result(self, response: game_pb2.EvaluateResponse) -> sim_pb2.LapResult:
+        return response.result
+
+    def __repr__(self) -> str:
+        return f"LapTask(track={self.track!r}, max_ticks={self.max_ticks})"
+
+
+class RequestTask(EvaluationTask[game_pb2.EvaluateResponse]):
+    """Sends a ready-made EvaluateRequest and returns the whole response; what MapEvaluate forwards."""
+
+    def request(self, request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateRequest:
+        if not isinstance(request, game_pb2.EvaluateRequest):
+            raise TypeError(f"RequestTask takes an EvaluateRequest, not {type(request).__name__}")
+        return request
+
+    def result(self, response: game_pb2.EvaluateResponse) -> game_pb2.EvaluateResponse:
+        return response
