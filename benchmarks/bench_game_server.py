@@ -1,4 +1,4 @@
-"""Game server figures: Evaluate over gRPC against the same evaluation in process, and the RSS of 16 rendering sessions."""
+"""Game server figures: Evaluate over gRPC against the same run in process, and the RSS of 16 rendering sessions."""
 
 from __future__ import annotations
 

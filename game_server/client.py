@@ -134,9 +134,7 @@ class GameClient:
             controls = sim_pb2.Controls(
                 forward=bool(mask & 1), back=bool(mask & 2), left=bool(mask & 4), right=bool(mask & 8)
             )
-            outbox.put(
-                game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=obs.state.tick, controls=controls))
-            )
+            outbox.put(game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=obs.state.tick, controls=controls)))
             return True
 
         responses = self.stub.Drive(requests(), timeout=timeout_s)

@@ -101,9 +101,7 @@ def track_to_pb(t: Track) -> sim_pb2.Track:
 
 
 def track_summary(t: Track) -> sim_pb2.TrackSummary:
-    return sim_pb2.TrackSummary(
-        name=t.name, description=t.description, difficulty=t.difficulty, length_m=t.length_m
-    )
+    return sim_pb2.TrackSummary(name=t.name, description=t.description, difficulty=t.difficulty, length_m=t.length_m)
 
 
 def frame_size(options: sim_pb2.FrameOptions) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from game_server.core import physics
+from game_server.core.drivers import RayDriver, run_driver
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_S, Gate, SimState
 from game_server.core.track import Track
@@ -58,6 +59,34 @@ class DriveEvent:
 
 def lap_ticks_of(state: SimState) -> int:
     return state.lap.finish_tick if state.lap.finished else 0
+
+
+def evaluate(
+    track_name: str,
+    start: SimState | None,
+    policy: bytes | RayDriver,
+    gate: Gate | None,
+    max_ticks: int,
+    record_trajectory: bool,
+) -> RunResult:
+    """The one evaluation every caller uses, on a server or in process, so that both give the same result."""
+    if max_ticks > MAX_PROGRAM_TICKS or (isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS):
+        raise InvalidArgument(f"a program runs at most {MAX_PROGRAM_TICKS} ticks")
+    if isinstance(policy, bytes):
+        if not policy and max_ticks == 0:
+            raise InvalidArgument("give a program or max_ticks")
+        physics.validate_masks(policy)
+    elif max_ticks == 0:
+        raise InvalidArgument("a driver needs max_ticks")
+    track = load_track(track_name)
+    if start is not None:
+        physics.validate_state(track, start)
+    begin = track.base_state if start is None else start
+    if isinstance(policy, bytes):
+        return physics.run_program(
+            track, begin, policy, gate=gate, max_ticks=max_ticks, record_trajectory=record_trajectory
+        )
+    return run_driver(track, begin, policy, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory)
 
 
 class Game:
@@ -126,19 +155,12 @@ class Game:
         self,
         track_name: str,
         start: SimState | None,
-        masks: bytes,
+        policy: bytes | RayDriver,
         gate: Gate | None,
         max_ticks: int,
         record_trajectory: bool,
     ) -> RunResult:
-        if len(masks) > MAX_PROGRAM_TICKS or max_ticks > MAX_PROGRAM_TICKS:
-            raise InvalidArgument(f"a program runs at most {MAX_PROGRAM_TICKS} ticks")
-        if not masks and max_ticks == 0:
-            raise InvalidArgument("give a program or max_ticks")
-        physics.validate_masks(masks)
-        track = load_track(track_name)
-        if start is not None:
-            physics.validate_state(track, start)
+        """Runs a control program (bytes) or a closed-loop driver, physics only, in one of the evaluation slots."""
         if not self._slots.acquire(blocking=False):
             raise ResourceExhausted(
                 f"all {self.config.evaluate_slots} evaluation slots are busy; lease capacity via GetServerInfo"
@@ -146,14 +168,7 @@ class Game:
         try:
             with self._running_lock:
                 self.evaluate_running += 1
-            return physics.run_program(
-                track,
-                track.base_state if start is None else start,
-                masks,
-                gate=gate,
-                max_ticks=max_ticks,
-                record_trajectory=record_trajectory,
-            )
+            return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory)
         finally:
             with self._running_lock:
                 self.evaluate_running -= 1
@@ -169,9 +184,7 @@ class Game:
             for tick, mask in commands:
                 physics.validate_masks(bytes([mask]))
                 if tick != session.state.tick:
-                    raise FailedPrecondition(
-                        f"command for tick {tick} but the session is at tick {session.state.tick}"
-                    )
+                    raise FailedPrecondition(f"command for tick {tick} but the session is at tick {session.state.tick}")
                 session.state, contact = physics.step(session.track, session.state, mask)
                 self.sessions.touch(session)
                 yield DriveEvent(self.observe(session, contact, with_frames), tick, 0, 0)
@@ -189,9 +202,7 @@ class Game:
         session = self.sessions.get(session_id)
         with session.exclusive("Drive"):
             inbox = _CommandInbox(session.state.tick)
-            reader = threading.Thread(
-                target=inbox.consume, args=(commands,), daemon=True, name="drive-reader"
-            )
+            reader = threading.Thread(target=inbox.consume, args=(commands,), daemon=True, name="drive-reader")
             reader.start()
             mask, missed, done = 0, 0, 0
             t0 = clock()

@@ -87,9 +87,7 @@ class PlaySession:
         alpha = self._accumulated_s / TICK_S
         a, b = self.previous.car, self.state.car
         turn = math.remainder(b.heading - a.heading, 2 * math.pi)
-        return replace(
-            b, x=a.x + (b.x - a.x) * alpha, y=a.y + (b.y - a.y) * alpha, heading=a.heading + turn * alpha
-        )
+        return replace(b, x=a.x + (b.x - a.x) * alpha, y=a.y + (b.y - a.y) * alpha, heading=a.heading + turn * alpha)
 
     def hud(self) -> str:
         """The lap timer overlay: current, last and best lap, progress along the track, speed."""

@@ -7,9 +7,8 @@ from collections.abc import Iterator
 import grpc
 
 from game_server import convert
-from game_server.core.physics import RunResult
-from game_server.core.state import TICK_HZ
 from game_server.core.tracks import builtin_tracks, load_track
+from game_server.evaluation import evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
 from game_server.render import FrameSpec
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
@@ -28,20 +27,6 @@ def observation_to_pb(obs: Observation) -> sim_pb2.Observation:
     if obs.frame is not None:
         msg.frame.CopyFrom(convert.frame_to_pb(obs.frame))
     return msg
-
-
-def result_to_pb(r: RunResult) -> sim_pb2.LapResult:
-    return sim_pb2.LapResult(
-        finished=r.finished,
-        lap_ticks=r.lap_ticks,
-        lap_time_s=r.lap_ticks / TICK_HZ,
-        progress_m=r.progress_m,
-        progress_fraction=r.progress_fraction,
-        checkpoints_passed=r.checkpoints_passed,
-        wall_contacts=r.wall_contacts,
-        ticks=r.ticks,
-        final_state=convert.state_to_pb(r.final_state),
-    )
 
 
 def _drive_event_to_pb(e: DriveEvent) -> game_pb2.DriveResponse:
@@ -69,9 +54,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
     ) -> game_pb2.ListTracksResponse:
         return game_pb2.ListTracksResponse(tracks=[convert.track_summary(t) for t in builtin_tracks()])
 
-    def GetTrack(
-        self, request: game_pb2.GetTrackRequest, context: grpc.ServicerContext
-    ) -> game_pb2.GetTrackResponse:
+    def GetTrack(self, request: game_pb2.GetTrackRequest, context: grpc.ServicerContext) -> game_pb2.GetTrackResponse:
         return game_pb2.GetTrackResponse(track=convert.track_to_pb(load_track(request.track)))
 
     def CreateSession(
@@ -138,24 +121,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             version=__version__,
         )
 
-    def Evaluate(
-        self, request: game_pb2.EvaluateRequest, context: grpc.ServicerContext
-    ) -> game_pb2.EvaluateResponse:
-        start = convert.state_from_pb(request.start_state) if request.HasField("start_state") else None
-        gate = convert.gate_from_pb(request.finish_gate) if request.HasField("finish_gate") else None
-        result = self.game.evaluate(
-            request.track, start, request.program.masks, gate, request.max_ticks, request.return_trajectory
-        )
-        response = game_pb2.EvaluateResponse(result=result_to_pb(result))
-        if request.return_trajectory and result.trajectory is not None:
-            tr = result.trajectory
-            response.trajectory.CopyFrom(
-                sim_pb2.Trajectory(
-                    x_m=tr.x.tolist(),
-                    y_m=tr.y.tolist(),
-                    heading_rad=tr.heading.tolist(),
-                    speed_m_per_s=tr.speed.tolist(),
-                    wall_contact_ticks=list(tr.wall_contact_ticks),
-                )
-            )
-        return response
+    def Evaluate(self, request: game_pb2.EvaluateRequest, context: grpc.ServicerContext) -> game_pb2.EvaluateResponse:
+        track, start, policy, gate = evaluation_args(request)
+        result = self.game.evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
+        return evaluation_response(result, request.return_trajectory)

@@ -40,9 +40,7 @@ class Session:
 class SessionStore:
     """Creates, finds and expires sessions; thread-safe."""
 
-    def __init__(
-        self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.max_sessions = max_sessions

@@ -66,9 +66,7 @@ def plot_laps(
     plt.close(fig)
 
 
-def save_frame_strip(
-    frames: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 6
-) -> None:
+def save_frame_strip(frames: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 6) -> None:
     rows = (len(frames) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.9 * rows), squeeze=False)
     for ax in axes.flat:

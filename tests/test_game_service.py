@@ -38,9 +38,7 @@ def test_tracks_listed_and_fetched(client: GameClient) -> None:
     assert len({t.difficulty for t in tracks}) >= 3
     for summary in tracks:
         track = client.get_track(summary.name)
-        assert (
-            len(track.centerline) == len(track.left_wall) == len(track.right_wall) == len(track.half_width_m)
-        )
+        assert len(track.centerline) == len(track.left_wall) == len(track.right_wall) == len(track.half_width_m)
         assert track.length_m == pytest.approx(summary.length_m)
         assert len(track.checkpoints) >= 3
     generated = client.get_track("gen-7")
@@ -150,9 +148,7 @@ def _drive_requests(*messages: game_pb2.DriveRequest) -> list[game_pb2.DriveRequ
 
 
 def _cmd(tick: int, mask: int = FORWARD) -> game_pb2.DriveRequest:
-    controls = sim_pb2.Controls(
-        forward=bool(mask & 1), back=bool(mask & 2), left=bool(mask & 4), right=bool(mask & 8)
-    )
+    controls = sim_pb2.Controls(forward=bool(mask & 1), back=bool(mask & 2), left=bool(mask & 4), right=bool(mask & 8))
     return game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=tick, controls=controls))
 
 
@@ -169,16 +165,11 @@ def test_drive_errors(client: GameClient) -> None:
             return list(stub.Drive(iter(messages), timeout=10))
 
         assert code_of(drive, _cmd(0)) == grpc.StatusCode.FAILED_PRECONDITION
-        assert (
-            code_of(drive, _start(sid, game_pb2.DRIVE_MODE_UNSPECIFIED)) == grpc.StatusCode.INVALID_ARGUMENT
-        )
+        assert code_of(drive, _start(sid, game_pb2.DRIVE_MODE_UNSPECIFIED)) == grpc.StatusCode.INVALID_ARGUMENT
         assert code_of(drive, _start("nope", game_pb2.DRIVE_MODE_LOCKSTEP)) == grpc.StatusCode.NOT_FOUND
         lock = game_pb2.DRIVE_MODE_LOCKSTEP
         assert code_of(drive, _start(sid, lock), _cmd(5)) == grpc.StatusCode.FAILED_PRECONDITION
-        assert (
-            code_of(drive, _start(sid, lock), _cmd(0), _start(sid, lock))
-            == grpc.StatusCode.FAILED_PRECONDITION
-        )
+        assert code_of(drive, _start(sid, lock), _cmd(0), _start(sid, lock)) == grpc.StatusCode.FAILED_PRECONDITION
         # The failed streams applied exactly one command; the session is usable and at tick 1.
         assert client.step(sid, b"\x00").state.tick == 2
     finally:
@@ -252,3 +243,55 @@ def test_frames_over_grpc(client: GameClient) -> None:
         client.close_session(sid)
     bad = sim_pb2.FrameOptions(width_px=4000, height_px=96)
     assert code_of(client.create_session, "oval", bad) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_evaluate_closed_loop_driver(client: GameClient) -> None:
+    from game_server.core.drivers import N_PARAMS, RAYS_V1, default_driver
+    from game_server.evaluation import evaluate_in_process
+
+    driver = sim_pb2.DriverParams(kind=RAYS_V1, params=default_driver().params)
+    request = game_pb2.EvaluateRequest(track="kidney", driver=driver, max_ticks=3000, return_trajectory=True)
+    remote = client.stub.Evaluate(request, timeout=30)
+    assert remote.result.finished and remote.result.lap_ticks > 0
+    assert remote == evaluate_in_process(request)
+    assert len(remote.trajectory.x_m) == remote.result.lap_ticks
+    bad = [
+        game_pb2.EvaluateRequest(track="kidney", driver=driver),  # no max_ticks
+        game_pb2.EvaluateRequest(track="kidney", max_ticks=10, driver=sim_pb2.DriverParams(kind="nn", params=[0.0])),
+        game_pb2.EvaluateRequest(
+            track="kidney", max_ticks=10, driver=sim_pb2.DriverParams(kind=RAYS_V1, params=[0.0] * (N_PARAMS - 1))
+        ),
+        game_pb2.EvaluateRequest(
+            track="kidney", max_ticks=10, driver=sim_pb2.DriverParams(kind=RAYS_V1, params=[99.0] * N_PARAMS)
+        ),
+    ]
+    for req in bad:
+        assert code_of(client.stub.Evaluate, req, timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_server_info_and_busy_slots(client: GameClient) -> None:
+    info = client.server_info()
+    assert info.evaluate_slots >= 1 and info.max_sessions == 6 and info.version
+    server = create_game_server(GameServerConfig(server=ServerConfig(port=0), game=GameConfig(evaluate_slots=1)))
+    try:
+        with GameClient(server.address) as c:
+            assert c.server_info().evaluate_slots == 1
+            futures = [
+                c.stub.Evaluate.future(
+                    game_pb2.EvaluateRequest(track="oval", program=sim_pb2.ControlProgram(masks=b"\x05" * 100_000)),
+                    timeout=60,
+                )
+                for _ in range(3)
+            ]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+            assert grpc.StatusCode.OK in codes
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        server.stop(0.2)

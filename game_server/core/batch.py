@@ -135,9 +135,7 @@ def _local_arc(k: Kernel, x: np.ndarray, y: np.ndarray, seg: np.ndarray) -> np.n
 
 def _wall_distance(k: Kernel, side: str, x: np.ndarray, y: np.ndarray, seg: np.ndarray) -> np.ndarray:
     a = k.a
-    return np.asarray(
-        (x - a[side + "x"][seg]) * a[side + "nx"][seg] + (y - a[side + "y"][seg]) * a[side + "ny"][seg]
-    )
+    return np.asarray((x - a[side + "x"][seg]) * a[side + "nx"][seg] + (y - a[side + "y"][seg]) * a[side + "ny"][seg])
 
 
 def _crosses(g: GateParams, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
@@ -163,9 +161,7 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
     up = np.where(v >= 0.0, v + ACCEL_DV, v + BRAKE_DV)
     up = np.where(v >= 0.0, np.where(up > TOP_SPEED, TOP_SPEED, up), np.where(up > 0.0, 0.0, up))
     down = np.where(moving_fwd, v - BRAKE_DV, v - ACCEL_DV)
-    down = np.where(
-        moving_fwd, np.where(down < 0.0, 0.0, down), np.where(down < REVERSE_SPEED, REVERSE_SPEED, down)
-    )
+    down = np.where(moving_fwd, np.where(down < 0.0, 0.0, down), np.where(down < REVERSE_SPEED, REVERSE_SPEED, down))
     coast_fwd = v - COAST_DV
     coast_back = v + COAST_DV
     coast = np.where(
@@ -218,9 +214,7 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
         seg[i] = _locate(k, xi, yi, si)
 
     delta = _local_arc(k, x1, y1, seg) - _local_arc(k, x, y, cars.seg)
-    delta = np.where(
-        delta > k.half_length, delta - k.length, np.where(delta < -k.half_length, delta + k.length, delta)
-    )
+    delta = np.where(delta > k.half_length, delta - k.length, np.where(delta < -k.half_length, delta + k.length, delta))
     arc = cars.arc + delta
     cars.progress = np.where(arc > cars.progress, arc, cars.progress)
     cars.arc = arc
@@ -256,11 +250,7 @@ class BatchSimulation:
 
     def step(self, masks: np.ndarray | bytes) -> np.ndarray:
         """One tick for every car (mask i drives car i); returns which cars touched a barrier."""
-        m = (
-            np.frombuffer(masks, dtype=np.uint8)
-            if isinstance(masks, bytes)
-            else np.asarray(masks, dtype=np.uint8)
-        )
+        m = np.frombuffer(masks, dtype=np.uint8) if isinstance(masks, bytes) else np.asarray(masks, dtype=np.uint8)
         cars = self.cars
         if not cars.finished.any():
             return tick_cars(self._kernel, cars, m, self._gate)

@@ -80,9 +80,7 @@ class Kernel:
             "cum_arc": track.cum_arc,
         }
         for prefix, wall, sign in (("l", track.left_wall, 1.0), ("r", track.right_wall, -1.0)):
-            for key, arr in zip(
-                ("x", "y", "nx", "ny", "tx", "ty", "ex", "ey"), chords(wall, sign), strict=True
-            ):
+            for key, arr in zip(("x", "y", "nx", "ny", "tx", "ty", "ex", "ey"), chords(wall, sign), strict=True):
                 arrays[prefix + key] = np.ascontiguousarray(arr, dtype=np.float64)
         self.a = arrays
         self.nxt = (np.arange(n) + 1) % n
@@ -302,9 +300,7 @@ def validate_masks(masks: bytes) -> None:
     """Rejects a control program with any byte using bits beyond forward/back/left/right."""
     if masks.translate(None, bytes(range(VALID_MASK_BITS + 1))):
         bad = next(i for i, m in enumerate(masks) if m & ~VALID_MASK_BITS)
-        raise InvalidArgument(
-            f"control mask at tick {bad} is {masks[bad]:#04x}; only the low 4 bits are valid"
-        )
+        raise InvalidArgument(f"control mask at tick {bad} is {masks[bad]:#04x}; only the low 4 bits are valid")
 
 
 def validate_state(track: Track, state: SimState) -> None:

@@ -73,9 +73,9 @@ class ReferenceDriver:
         elif v > target + 1.0:
             keys |= BACK
         # Steering: pure pursuit towards a centre-line point a speed-proportional distance ahead.
-        along = (car.x - self.cx[seg]) * self.track.tangent[seg, 0] + (
-            car.y - self.cy[seg]
-        ) * self.track.tangent[seg, 1]
+        along = (car.x - self.cx[seg]) * self.track.tangent[seg, 0] + (car.y - self.cy[seg]) * self.track.tangent[
+            seg, 1
+        ]
         look = 4.0 + self.look_ahead_s * abs(v)
         px, py = self._point_at(float(self.cum_arc[seg]) + along + look)
         s, c = sincos(car.heading)

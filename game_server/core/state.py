@@ -16,9 +16,7 @@ VALID_MASK_BITS = FORWARD | BACK | LEFT | RIGHT
 
 
 def mask_of(forward: bool = False, back: bool = False, left: bool = False, right: bool = False) -> int:
-    return (
-        (FORWARD if forward else 0) | (BACK if back else 0) | (LEFT if left else 0) | (RIGHT if right else 0)
-    )
+    return (FORWARD if forward else 0) | (BACK if back else 0) | (LEFT if left else 0) | (RIGHT if right else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,9 +144,7 @@ def _candidate(seed: int, attempt: int) -> Track:
     half_width = float(rng.uniform(5.5, 8.5))
     # Start on the straightest stretch (least curvature over about 60 m) so the start line is not in a bend.
     window = 21
-    bend = np.convolve(
-        np.abs(np.concatenate([curvature_of(pts)[-window:], curvature_of(pts)])), np.ones(window)
-    )
+    bend = np.convolve(np.abs(np.concatenate([curvature_of(pts)[-window:], curvature_of(pts)])), np.ones(window))
     start = (int(np.argmin(bend[window : window + len(pts)])) - window // 2) % len(pts)
     pts = np.roll(pts, -start, axis=0)
     return build_track(f"gen-{seed}", f"Generated from seed {seed}.", 0, pts, half_width)
@@ -175,9 +173,7 @@ def load_track(name: str) -> Track:
     if name.startswith("gen-"):
         match = _GEN_NAME.fullmatch(name)
         if match is None:
-            raise InvalidArgument(
-                f"generated track names are gen-<seed> with a decimal seed >= 0, got {name!r}"
-            )
+            raise InvalidArgument(f"generated track names are gen-<seed> with a decimal seed >= 0, got {name!r}")
         return generate_track(int(match.group(1)))
     raise NotFound(f"unknown track {name!r}; built-ins are {', '.join(_BUILTINS)} or gen-<seed>")
 

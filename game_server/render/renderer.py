@@ -137,9 +137,7 @@ class Renderer:
             if _open_instance is not None:
                 raise FailedPrecondition("one Renderer per process: use shared_renderer()")
             _open_instance = self
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], np.ndarray], Future[np.ndarray]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], np.ndarray], Future[np.ndarray]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False

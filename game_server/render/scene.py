@@ -140,9 +140,7 @@ class MeshBuilder:
         colors = np.repeat(np.broadcast_to(color, (len(center), 3)), 6, axis=0)
         self.add_quads(world.reshape(-1, 4, 3), colors)
 
-    def add_pyramids(
-        self, center: np.ndarray, radius: np.ndarray, height: np.ndarray, color: np.ndarray
-    ) -> None:
+    def add_pyramids(self, center: np.ndarray, radius: np.ndarray, height: np.ndarray, color: np.ndarray) -> None:
         """Four-sided pyramids (tree crowns, cones): base centre (M, 3), base half-size and height (M,)."""
         m = len(center)
         corner = np.array([[-1, 0, -1], [1, 0, -1], [1, 0, 1], [-1, 0, 1]], dtype=np.float64)
@@ -381,9 +379,7 @@ def car_matrix(car: CarState) -> Mat4:
     return Mat4(s, 0, -c, 0, 0, 1, 0, 0, c, 0, s, 0, car.x, 0, car.y, 1)
 
 
-def chase_camera(
-    car: CarState, jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
-) -> tuple[LVector3, LVector3]:
+def chase_camera(car: CarState, jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[LVector3, LVector3]:
     """Camera position and look-at target behind and above the car; jitter offsets (right, up, back) in m."""
     c, s = math.cos(car.heading), math.sin(car.heading)
     right, up, back = jitter

@@ -158,20 +158,22 @@ class DriveResponse(_message.Message):
     def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., applied_tick: _Optional[int] = ..., late_commands: _Optional[int] = ..., missed_ticks: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("track", "start_state", "program", "finish_gate", "max_ticks", "return_trajectory")
+    __slots__ = ("track", "start_state", "program", "driver", "finish_gate", "max_ticks", "return_trajectory")
     TRACK_FIELD_NUMBER: _ClassVar[int]
     START_STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
     FINISH_GATE_FIELD_NUMBER: _ClassVar[int]
     MAX_TICKS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
     track: str
     start_state: _sim_pb2.SimState
     program: _sim_pb2.ControlProgram
+    driver: _sim_pb2.DriverParams
     finish_gate: _sim_pb2.Gate
     max_ticks: int
     return_trajectory: bool
-    def __init__(self, track: _Optional[str] = ..., start_state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., program: _Optional[_Union[_sim_pb2.ControlProgram, _Mapping]] = ..., finish_gate: _Optional[_Union[_sim_pb2.Gate, _Mapping]] = ..., max_ticks: _Optional[int] = ..., return_trajectory: _Optional[bool] = ...) -> None: ...
+    def __init__(self, track: _Optional[str] = ..., start_state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., program: _Optional[_Union[_sim_pb2.ControlProgram, _Mapping]] = ..., driver: _Optional[_Union[_sim_pb2.DriverParams, _Mapping]] = ..., finish_gate: _Optional[_Union[_sim_pb2.Gate, _Mapping]] = ..., max_ticks: _Optional[int] = ..., return_trajectory: _Optional[bool] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("result", "trajectory")

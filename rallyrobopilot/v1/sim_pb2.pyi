@@ -82,6 +82,14 @@ class ControlProgram(_message.Message):
     masks: bytes
     def __init__(self, masks: _Optional[bytes] = ...) -> None: ...
 
+class DriverParams(_message.Message):
+    __slots__ = ("kind", "params")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    params: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[str] = ..., params: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class TrackSummary(_message.Message):
     __slots__ = ("name", "description", "difficulty", "length_m")
     NAME_FIELD_NUMBER: _ClassVar[int]

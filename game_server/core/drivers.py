@@ -1,0 +1,138 @@
+"""Closed-loop drivers: small parametrised controllers on the car's own sensors (15 rays and speed).
+
+Unlike a control program, a driver can start from any state on any track, and it can label the states
+another policy (the vision model) visits. Arithmetic is plain + - * / so every process agrees bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from game_server.core import physics
+from game_server.core.physics import N_RAYS, RunResult, Trajectory
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
+from game_server.core.track import Track
+from rrp.errors import InvalidArgument
+
+RAYS_V1 = "rays-v1"
+_PAIRS = N_RAYS // 2  # ray i (left side) pairs with ray 14 - i (right side); ray 7 looks straight ahead
+
+# (name, lower bound, upper bound) of each parameter of "rays-v1", in order.
+PARAM_SPEC: tuple[tuple[str, float, float], ...] = (
+    *((f"steer_gain_{i}", -4.0, 4.0) for i in range(_PAIRS)),
+    ("steer_deadband", 0.0, 0.5),
+    ("speed_base_m_per_s", 0.0, 50.0),
+    ("speed_per_m_clear", 0.0, 2.0),
+    ("speed_margin_m_per_s", 0.0, 10.0),
+)
+N_PARAMS = len(PARAM_SPEC)
+LOWER = np.array([lo for _, lo, _ in PARAM_SPEC])
+UPPER = np.array([hi for _, _, hi in PARAM_SPEC])
+MIN_TARGET_SPEED = 5.0
+
+
+@dataclass(frozen=True)
+class RayDriver:
+    """Steers toward the side with more room (weighted left-right ray differences) and picks a target
+    speed from the clearance straight ahead; bang-bang outputs like a person's keys."""
+
+    params: tuple[float, ...]
+    kind: str = RAYS_V1
+
+    def __post_init__(self) -> None:
+        validate_params(self.kind, self.params)
+
+    def act_on(self, rays: Sequence[float], speed: float) -> int:
+        p = self.params
+        steer = 0.0
+        for i in range(_PAIRS):
+            steer += p[i] * (rays[i] - rays[N_RAYS - 1 - i])
+        steer = steer / physics.RAY_RANGE
+        deadband = p[_PAIRS]
+        front = min(rays[_PAIRS - 1], rays[_PAIRS], rays[_PAIRS + 1])
+        target = p[_PAIRS + 1] + p[_PAIRS + 2] * front
+        target = min(physics.TOP_SPEED, max(MIN_TARGET_SPEED, target))
+        mask = 0
+        if speed < target:
+            mask |= FORWARD
+        elif speed > target + p[_PAIRS + 3]:
+            mask |= BACK
+        if steer > deadband:
+            mask |= LEFT
+        elif steer < -deadband:
+            mask |= RIGHT
+        return mask
+
+    def act(self, track: Track, state: SimState) -> int:
+        return self.act_on(physics.raycast(track, state.car, state.lap.segment), state.car.speed)
+
+
+def validate_params(kind: str, params: Sequence[float]) -> None:
+    if kind != RAYS_V1:
+        raise InvalidArgument(f"unknown driver kind {kind!r}; known: {RAYS_V1}")
+    if len(params) != N_PARAMS:
+        raise InvalidArgument(f"driver {kind} takes {N_PARAMS} parameters, got {len(params)}")
+    for (name, lo, hi), value in zip(PARAM_SPEC, params, strict=True):
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise InvalidArgument(f"driver parameter {name}={value} outside [{lo}, {hi}]")
+
+
+def default_driver() -> RayDriver:
+    """A hand-set starting point: cautious, but it gets round the built-in tracks."""
+    gains = (0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 2.5)
+    return RayDriver((*gains, 0.05, 8.0, 0.45, 3.0))
+
+
+def run_policy(
+    track: Track,
+    start: SimState,
+    policy: Callable[[Track, SimState], int],
+    *,
+    max_ticks: int,
+    gate: Gate | None = None,
+    record_trajectory: bool = False,
+) -> tuple[RunResult, bytes]:
+    """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose."""
+    state = start
+    masks = bytearray()
+    xs: list[float] = []
+    ys: list[float] = []
+    hs: list[float] = []
+    vs: list[float] = []
+    contacts: list[int] = []
+    for i in range(0 if start.lap.finished else max_ticks):
+        mask = policy(track, state)
+        masks.append(mask)
+        state, contact = physics.step(track, state, mask, gate)
+        if record_trajectory:
+            xs.append(state.car.x)
+            ys.append(state.car.y)
+            hs.append(state.car.heading)
+            vs.append(state.car.speed)
+            if contact:
+                contacts.append(i + 1)
+        if state.lap.finished:
+            break
+    trajectory = None
+    if record_trajectory:
+        trajectory = Trajectory(np.array(xs), np.array(ys), np.array(hs), np.array(vs), tuple(contacts))
+    return physics.result_of(track, start, state, trajectory), bytes(masks)
+
+
+def run_driver(
+    track: Track,
+    start: SimState,
+    driver: RayDriver,
+    *,
+    max_ticks: int,
+    gate: Gate | None = None,
+    record_trajectory: bool = False,
+) -> RunResult:
+    result, _ = run_policy(
+        track, start, driver.act, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory
+    )
+    return result

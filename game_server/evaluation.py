@@ -1,0 +1,61 @@
+"""EvaluateRequest in, EvaluateResponse out: the one evaluation path of servers and in-process runs alike."""
+
+from __future__ import annotations
+
+from game_server import convert
+from game_server.core.drivers import RayDriver
+from game_server.core.physics import RunResult
+from game_server.core.state import TICK_HZ, Gate, SimState
+from game_server.game import evaluate
+from rallyrobopilot.v1 import game_pb2, sim_pb2
+
+
+def result_to_pb(r: RunResult) -> sim_pb2.LapResult:
+    return sim_pb2.LapResult(
+        finished=r.finished,
+        lap_ticks=r.lap_ticks,
+        lap_time_s=r.lap_ticks / TICK_HZ,
+        progress_m=r.progress_m,
+        progress_fraction=r.progress_fraction,
+        checkpoints_passed=r.checkpoints_passed,
+        wall_contacts=r.wall_contacts,
+        ticks=r.ticks,
+        final_state=convert.state_to_pb(r.final_state),
+    )
+
+
+def evaluation_args(
+    request: game_pb2.EvaluateRequest,
+) -> tuple[str, SimState | None, bytes | RayDriver, Gate | None]:
+    """Unpacks an EvaluateRequest into core arguments; the same for a server and an in-process run."""
+    start = convert.state_from_pb(request.start_state) if request.HasField("start_state") else None
+    gate = convert.gate_from_pb(request.finish_gate) if request.HasField("finish_gate") else None
+    policy: bytes | RayDriver
+    if request.WhichOneof("policy") == "driver":
+        policy = RayDriver(tuple(request.driver.params), request.driver.kind)
+    else:
+        policy = request.program.masks
+    return request.track, start, policy, gate
+
+
+def evaluation_response(result: RunResult, with_trajectory: bool) -> game_pb2.EvaluateResponse:
+    response = game_pb2.EvaluateResponse(result=result_to_pb(result))
+    if with_trajectory and result.trajectory is not None:
+        tr = result.trajectory
+        response.trajectory.CopyFrom(
+            sim_pb2.Trajectory(
+                x_m=tr.x.tolist(),
+                y_m=tr.y.tolist(),
+                heading_rad=tr.heading.tolist(),
+                speed_m_per_s=tr.speed.tolist(),
+                wall_contact_ticks=list(tr.wall_contact_ticks),
+            )
+        )
+    return response
+
+
+def evaluate_in_process(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateResponse:
+    """What a game server answers to `request`, computed here: for local runs of the same tasks."""
+    track, start, policy, gate = evaluation_args(request)
+    result = evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
+    return evaluation_response(result, request.return_trajectory)
