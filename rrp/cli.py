@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rrp.config import env
+
+if TYPE_CHECKING:
+    from trainer.evolve_job import PoolSpec
 
 
 def _setup_logging(level: str) -> None:
@@ -81,10 +85,47 @@ def cmd_play(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool_spec(args: argparse.Namespace) -> PoolSpec:
+    from trainer.evolve_job import PoolSpec
+
+    servers = tuple(a for a in (args.servers or "").split(",") if a)
+    return PoolSpec(
+        servers=servers, discover=args.discover, local_servers=args.local_servers, in_process=args.in_process
+    )
+
+
+def cmd_evolve(args: argparse.Namespace) -> int:
+    from trainer.evolve import EvolveConfig
+    from trainer.evolve_job import run_evolve_job
+
+    config = EvolveConfig(
+        track=args.track,
+        kind=args.kind,
+        population=args.population,
+        generations=args.generations,
+        seed=args.seed,
+        extra_tracks=tuple(t for t in (args.extra_tracks or "").split(",") if t),
+    )
+    outcome = run_evolve_job(config, Path(args.out), _pool_spec(args), resume=args.resume)
+    return 0 if outcome.best.lap_ticks else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rrp.mainjob import MainJobConfig, run_main_job
 
     return run_main_job(MainJobConfig(track=args.track, out_dir=Path(args.out), frames=args.frames))
+
+
+def _add_pool_flags(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--servers", default=env("servers", "", str), help="game servers host:port,... (RRP_SERVERS)")
+    where.add_argument(
+        "--discover", default=env("discover", None, str), help="DNS name[:port] of the game servers (RRP_DISCOVER)"
+    )
+    where.add_argument("--in-process", action="store_true", help="evaluate in this process with the builtin map")
+    p.add_argument(
+        "--local-servers", type=int, default=2, help="without --servers/--discover: game servers to start here"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("play", help="drive the game yourself in a window (WASD or arrows, R reset, Esc quit)")
     p.add_argument("--track", default="oval", help="track name: a built-in or gen-<seed>")
     p.set_defaults(func=cmd_play)
+
+    p = sub.add_parser("evolve", help="evolve a fast lap (open-loop program) or a closed-loop driver with DEAP")
+    p.add_argument("--track", default=env("track", "kidney", str), help="training track (RRP_TRACK)")
+    p.add_argument("--kind", choices=["program", "driver"], default="program", help="individual kind")
+    p.add_argument("--population", type=int, default=32, help="individuals per generation")
+    p.add_argument("--generations", type=int, default=10, help="generations after the initial one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
+    p.add_argument("--extra-tracks", default="", help="driver kind: more tracks to average over (a,b,...)")
+    p.add_argument("--out", default=env("out", "out/evolve", str), help="folder for checkpoint, plots, driver")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_pool_flags(p)
+    p.set_defaults(func=cmd_evolve)
 
     p = sub.add_parser("run", help="the main job: start services, drive a lap, write the report")
     p.add_argument("--track", default=env("track", "kidney", str), help="track to race (RRP_TRACK)")

@@ -1,0 +1,1 @@
+"""Training: the genetic algorithm that finds fast laps, and (later) the vision model."""

@@ -1,0 +1,195 @@
+"""`rrp evolve`: run the GA on a pool of game servers (or in process), checkpoint, plot, save the best driver."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from game_server.core import drivers, physics  # noqa: E402
+from game_server.core.state import TICK_HZ  # noqa: E402
+from game_server.core.tracks import load_track  # noqa: E402
+from game_server.trackmap import plot_laps  # noqa: E402
+from rrp.procs import ServiceProcess, start_service  # noqa: E402
+from scheduler.executor import EvaluationPool, PoolConfig  # noqa: E402
+from trainer.driver_file import SavedDriver, save_driver  # noqa: E402
+from trainer.evolve import (  # noqa: E402
+    KIND_PROGRAM,
+    Evolution,
+    EvolveConfig,
+    EvolveState,
+    describe,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.json"
+BEST_DRIVER = "best_driver.json"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Where evaluations run: given servers, a DNS name, N local servers started here, or in process."""
+
+    servers: tuple[str, ...] = ()
+    discover: str | None = None
+    local_servers: int = 2
+    in_process: bool = False
+    evaluate_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class EvolveOutcome:
+    best: SavedDriver
+    baseline_lap_ticks: int
+    state: EvolveState
+    driver_path: Path
+
+
+@contextlib.contextmanager
+def evaluation_map(spec: PoolSpec) -> Iterator[tuple[Any, str]]:
+    """Yields a `map` for DEAP and a description; starts and stops local servers when asked to."""
+    if spec.in_process:
+        yield map, "in process (builtin map)"
+        return
+    procs: list[ServiceProcess] = []
+    try:
+        if spec.servers or spec.discover:
+            config = PoolConfig(servers=spec.servers, discover=spec.discover, evaluate_timeout_s=spec.evaluate_timeout_s)
+            where = ",".join(spec.servers) if spec.servers else f"dns:{spec.discover}"
+        else:
+            procs = [start_service(["game-server", "--port", "0"]) for _ in range(spec.local_servers)]
+            config = PoolConfig(
+                servers=tuple(p.address for p in procs), evaluate_timeout_s=spec.evaluate_timeout_s
+            )
+            where = f"{len(procs)} local game servers ({', '.join(p.address for p in procs)})"
+        with EvaluationPool(config) as pool:
+            pool.wait_ready(1, timeout_s=60)
+            yield pool.map, f"pool of {where}"
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def run_evolve_job(config: EvolveConfig, out_dir: Path, pool: PoolSpec, resume: bool = False) -> EvolveOutcome:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / CHECKPOINT
+    with evaluation_map(pool) as (map_fn, where):
+        if resume and checkpoint.exists():
+            state = load_checkpoint(checkpoint)
+            if _identity(state.config) != _identity(config):
+                raise SystemExit(
+                    f"{checkpoint} was made with different settings; use another --out or the same settings"
+                )
+            state.config = config  # may extend the number of generations
+            evolution = Evolution(config, map_fn)
+            print(f"[evolve] resumed at generation {state.generation} from {checkpoint}", flush=True)
+        else:
+            evolution = Evolution(config, map_fn)
+            print(
+                f"[evolve] {config.kind} individuals on {', '.join(config.tracks)}: population {config.population}, "
+                f"{config.generations} generations, seed {config.seed}, evaluated {where}",
+                flush=True,
+            )
+            ref = evolution.reference.lap_ticks[config.track]
+            print(f"[evolve] baseline (reference driver) lap on {config.track}: {ref} ticks ({ref / TICK_HZ:.2f} s)")
+            state = evolution.start()
+            print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
+            save_checkpoint(checkpoint, state)
+        for state in evolution.run(state):
+            print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
+            save_checkpoint(checkpoint, state)
+    return _finish(evolution, state, out_dir)
+
+
+def _identity(c: EvolveConfig) -> tuple[Any, ...]:
+    return (c.track, c.kind, c.population, c.seed, c.extra_tracks, c.crossover_prob, c.mutation_prob, c.elite)
+
+
+def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOutcome:
+    config = state.config
+    track = load_track(config.track)
+    baseline = evolution.reference.lap_ticks[config.track]
+    best = state.best
+    lap_ticks = evolution.best_lap_ticks(best)
+    saved = SavedDriver(
+        kind=KIND_PROGRAM if config.kind == KIND_PROGRAM else drivers.RAYS_V1,
+        track=config.track,
+        lap_ticks=lap_ticks,
+        cost=best.fitness.values[0],
+        generation=state.generation,
+        masks=bytes(best) if config.kind == KIND_PROGRAM else b"",
+        params=tuple(best) if config.kind != KIND_PROGRAM else (),
+        baseline_lap_ticks=baseline,
+    )
+    driver_path = save_driver(out_dir / BEST_DRIVER, saved)
+    _plot_fitness(state, baseline, out_dir / "fitness.png")
+    laps = []
+    if config.kind == KIND_PROGRAM:
+        run = physics.run_program(track, track.base_state, saved.masks, record_trajectory=True)
+    else:
+        run = drivers.run_driver(
+            track, track.base_state, saved.ray_driver(), max_ticks=evolution.budgets[config.track], record_trajectory=True
+        )
+    base_run = physics.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
+    for label, r in ((f"GA best ({_secs(lap_ticks)})", run), (f"baseline ({_secs(baseline)})", base_run)):
+        assert r.trajectory is not None
+        laps.append((label, r.trajectory.x, r.trajectory.y, r.trajectory.speed))
+    plot_laps(track, laps, out_dir / "best_lap.png", f"{config.track}: GA best lap vs baseline")
+    summary = {
+        "track": config.track,
+        "kind": config.kind,
+        "generations": state.generation,
+        "best_lap_ticks": lap_ticks,
+        "best_lap_s": lap_ticks / TICK_HZ,
+        "baseline_lap_ticks": baseline,
+        "baseline_lap_s": baseline / TICK_HZ,
+        "beats_baseline": bool(lap_ticks and lap_ticks < baseline),
+        "driver_id": saved.driver_id,
+        "history": [g.__dict__ for g in state.history],
+    }
+    (out_dir / "evolve_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    verdict = "faster than" if summary["beats_baseline"] else "NOT faster than"
+    print(
+        f"[evolve] best lap {_secs(lap_ticks)} vs baseline {_secs(baseline)} on {config.track}: {verdict} the "
+        f"baseline; driver {saved.driver_id} saved to {driver_path}",
+        flush=True,
+    )
+    return EvolveOutcome(saved, baseline, state, driver_path)
+
+
+def _secs(ticks: int) -> str:
+    return f"{ticks} ticks = {ticks / TICK_HZ:.2f} s" if ticks else "no finish"
+
+
+def _plot_fitness(state: EvolveState, baseline: int, path: Path) -> None:
+    gens = [g.generation for g in state.history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(gens, [g.best_cost for g in state.history], marker="o", label="best")
+    ax.plot(gens, [g.median_cost for g in state.history], marker=".", label="median")
+    if state.config.kind == KIND_PROGRAM:
+        ax.axhline(baseline, color="tab:red", ls="--", label=f"baseline lap ({baseline} ticks)")
+        ax.set_ylabel("cost (lap ticks; unfinished laps cost more)")
+        ax.set_ylim(top=max(np.median([g.median_cost for g in state.history]) * 1.05, baseline * 1.05))
+    else:
+        ax.axhline(1.0, color="tab:red", ls="--", label="baseline lap")
+        ax.set_ylabel("cost (x baseline lap, mean over tracks)")
+    ax.set_xlabel("generation")
+    ax.set_title(f"{state.config.track}: fitness over generations ({state.config.kind})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
