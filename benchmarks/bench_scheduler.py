@@ -14,12 +14,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from game_server.core.pilot import drive_lap  # noqa: E402
-from game_server.core.tracks import load_track  # noqa: E402
-from rallyrobopilot.v1 import sim_pb2  # noqa: E402
-from rrp.procs import ServiceProcess, start_service  # noqa: E402
-from scheduler.executor import EvaluationPool, PoolConfig  # noqa: E402
-from scheduler.tasks import LapTask, evaluate_locally  # noqa: E402
+from game_server.client import GameClient
+from game_server.core.pilot import drive_lap
+from game_server.core.tracks import load_track
+from rallyrobopilot.v1 import sim_pb2
+from rrp.procs import ServiceProcess, start_service
+from scheduler.executor import EvaluationPool, PoolConfig
+from scheduler.tasks import LapTask, evaluate_locally
 
 _worker_task: LapTask | None = None
 
@@ -58,9 +59,9 @@ def median_s(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def through_pool(servers: Sequence[ServiceProcess], task: LapTask, programs: list[bytes], repeats: int) -> tuple[
-    float, list[sim_pb2.LapResult]
-]:
+def through_pool(
+    servers: Sequence[ServiceProcess], task: LapTask, programs: list[bytes], repeats: int
+) -> tuple[float, list[sim_pb2.LapResult]]:
     config = PoolConfig(servers=tuple(s.address for s in servers), health_interval_s=0.5)
     with EvaluationPool(config) as pool:
         pool.wait_ready(len(servers))
@@ -87,6 +88,10 @@ def main() -> int:
     single = start_service(["game-server", "--port", "0", "--evaluate-slots", "1"])
     servers = [start_service(["game-server", "--port", "0", "--evaluate-slots", "2"]) for _ in range(2)]
     try:
+        with GameClient(single.address) as client:  # the transport's floor: blocking calls, no pool
+            requests = [task.request(p) for p in programs]
+            raw_results = [client.stub.Evaluate(r, timeout=60).result for r in requests]
+            raw_s = median_s(lambda: [client.stub.Evaluate(r, timeout=60) for r in requests], repeats)
         single_s, single_results = through_pool([single], task, programs, repeats)
         one_s, one_results = through_pool(servers[:1], task, programs, repeats)
         two_s, two_results = through_pool(servers, task, programs, repeats)
@@ -98,15 +103,17 @@ def main() -> int:
         mp_results = [sim_pb2.LapResult.FromString(b) for b in mp.map(_evaluate_in_worker, programs)]
         mp_s = median_s(lambda: mp.map(_evaluate_in_worker, programs), repeats)
 
-    same = all(r == expected for r in (single_results, one_results, two_results, mp_results))
-    rate = population / local_s
+    same = all(r == expected for r in (raw_results, single_results, one_results, two_results, mp_results))
+    mean_ticks = statistics.mean(r.ticks for r in expected)
+    finished = sum(r.finished for r in expected)
 
     def row(name: str, seconds: float, note: str = "") -> None:
         print(f"  {name:<34}{seconds * 1e3:9.1f} ms {population / seconds:9.1f} eval/s  {note}")
 
-    print(f"One generation: {population} evaluations of {args.ticks}-tick programs on {args.track}, "
-          f"median of {repeats}")
-    row("in process (builtin map, baseline)", local_s, f"{rate * args.ticks:,.0f} ticks/s")
+    print(f"One generation: {population} evaluations of programs of up to {args.ticks} ticks on {args.track}")
+    print(f"  ({finished} finish the lap; {mean_ticks:.0f} ticks simulated on average; median of {repeats} runs)")
+    row("in process (builtin map, baseline)", local_s, f"{population * mean_ticks / local_s:,.0f} ticks/s")
+    row("raw gRPC loop, 1 server x 1 slot", raw_s, f"overhead {100 * (raw_s / local_s - 1):+.1f}% (no pool)")
     row("pool, 1 server x 1 slot", single_s, f"overhead {100 * (single_s / local_s - 1):+.1f}% (target <= 5%)")
     row("pool, 1 server x 2 slots", one_s, f"overhead {100 * (one_s / local_s - 1):+.1f}% (target <= 5%)")
     row("pool, 2 servers x 2 slots", two_s, f"speed-up vs 1 server {one_s / two_s:.2f}x (target >= 1.8x)")

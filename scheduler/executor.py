@@ -148,7 +148,8 @@ class EvaluationPool(Executor):
             return future
         with self._lock:
             while len(self._queue) >= self.config.max_pending and not self._shutdown:
-                self._space.wait()
+                if not self._purge_cancelled_locked():
+                    self._space.wait()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new evaluations after shutdown")
             self._queue.append(_Job(future, task, request))
@@ -278,6 +279,14 @@ class EvaluationPool(Executor):
                 job.future.set_exception(exc)
         self._resolved(1)
 
+    def _purge_cancelled_locked(self) -> int:
+        """Drops jobs cancelled while queued, so that they stop taking room; returns how many."""
+        kept = deque(job for job in self._queue if not job.future.cancelled())
+        purged = len(self._queue) - len(kept)
+        self._queue = kept
+        self._unresolved -= purged
+        return purged
+
     def _resolved(self, count: int) -> None:
         with self._lock:
             self._unresolved -= count
@@ -290,9 +299,7 @@ class EvaluationPool(Executor):
         """One worker per slot the healthy servers offer; workers stay when capacity shrinks, idle."""
         wanted = min(MAX_WORKERS, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
         while len(self._workers) < wanted and not self._stopped.is_set():
-            worker = threading.Thread(
-                target=self._work_loop, daemon=True, name=f"scheduler-slot-{len(self._workers)}"
-            )
+            worker = threading.Thread(target=self._work_loop, daemon=True, name=f"scheduler-slot-{len(self._workers)}")
             worker.start()
             self._workers.append(worker)
 

@@ -58,7 +58,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.pool = pool
         self.task = RequestTask()
 
-    def MapEvaluate(  # noqa: N802 (named by the contract)
+    def MapEvaluate(
         self, request: scheduler_pb2.MapEvaluateRequest, context: grpc.ServicerContext
     ) -> Iterator[scheduler_pb2.MapEvaluateResponse]:
         n = len(request.tasks)
@@ -82,7 +82,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 if not future.cancelled():
                     yield outcome_to_pb(futures[future], future)
 
-    def GetPoolStatus(  # noqa: N802 (named by the contract)
+    def GetPoolStatus(
         self, request: scheduler_pb2.GetPoolStatusRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.GetPoolStatusResponse:
         return status_to_pb(self.pool.status())

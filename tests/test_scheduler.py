@@ -179,8 +179,8 @@ def test_submit_blocks_beyond_max_pending_and_map_times_out() -> None:
         except RuntimeError as exc:
             blocked_errors.append(exc)
 
-    pool.submit(task, b"\x01")  # with the map's cancelled item gone from the count, two fit
     pool.submit(task, b"\x01")
+    pool.submit(task, b"\x01")  # the map's cancelled item makes room for this one
     blocker = threading.Thread(target=third_submit)
     blocker.start()
     blocker.join(0.5)
