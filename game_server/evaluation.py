@@ -8,6 +8,10 @@ from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, Gate, SimState
 from game_server.game import evaluate
 from rallyrobopilot.v1 import game_pb2, sim_pb2
+from rrp.bootstrap import status_of
+from rrp.errors import DomainError
+
+MAX_BATCH = 1024
 
 
 def result_to_pb(r: RunResult) -> sim_pb2.LapResult:
@@ -59,3 +63,11 @@ def evaluate_in_process(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateR
     track, start, policy, gate = evaluation_args(request)
     result = evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
     return evaluation_response(result, request.return_trajectory)
+
+
+def evaluate_item(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateBatchItem:
+    """One item of a batch: its response, or its own error; a bad item never fails its neighbours."""
+    try:
+        return game_pb2.EvaluateBatchItem(response=evaluate_in_process(request))
+    except DomainError as exc:
+        return game_pb2.EvaluateBatchItem(error=game_pb2.TaskError(code=status_of(exc).value[0], message=str(exc)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -151,6 +152,22 @@ class Game:
             return self.observe(session, contact, with_frame)
 
     # -- evaluation -----------------------------------------------------------------------------
+    @contextmanager
+    def evaluation_slot(self) -> Iterator[None]:
+        """Holds one of the server's evaluation slots; refuses rather than queues when all are busy."""
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"all {self.config.evaluate_slots} evaluation slots are busy; lease capacity via GetServerInfo"
+            )
+        try:
+            with self._running_lock:
+                self.evaluate_running += 1
+            yield
+        finally:
+            with self._running_lock:
+                self.evaluate_running -= 1
+            self._slots.release()
+
     def evaluate(
         self,
         track_name: str,
@@ -161,18 +178,8 @@ class Game:
         record_trajectory: bool,
     ) -> RunResult:
         """Runs a control program (bytes) or a closed-loop driver, physics only, in one of the evaluation slots."""
-        if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"all {self.config.evaluate_slots} evaluation slots are busy; lease capacity via GetServerInfo"
-            )
-        try:
-            with self._running_lock:
-                self.evaluate_running += 1
+        with self.evaluation_slot():
             return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory)
-        finally:
-            with self._running_lock:
-                self.evaluate_running -= 1
-            self._slots.release()
 
     # -- driving --------------------------------------------------------------------------------
     def drive_lockstep(

@@ -8,7 +8,7 @@ import grpc
 
 from game_server import convert
 from game_server.core.tracks import builtin_tracks, load_track
-from game_server.evaluation import evaluation_args, evaluation_response
+from game_server.evaluation import MAX_BATCH, evaluate_item, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
 from game_server.render import FrameSpec
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
@@ -109,6 +109,14 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             raise InvalidArgument("Drive mode must be LOCKSTEP or REALTIME")
         for event in events:
             yield _drive_event_to_pb(event)
+
+    def EvaluateBatch(
+        self, request: game_pb2.EvaluateBatchRequest, context: grpc.ServicerContext
+    ) -> game_pb2.EvaluateBatchResponse:
+        if not 1 <= len(request.tasks) <= MAX_BATCH:
+            raise InvalidArgument(f"a batch holds 1..{MAX_BATCH} tasks, got {len(request.tasks)}")
+        with self.game.evaluation_slot():
+            return game_pb2.EvaluateBatchResponse(items=[evaluate_item(task) for task in request.tasks])
 
     def GetServerInfo(
         self, request: game_pb2.GetServerInfoRequest, context: grpc.ServicerContext

@@ -22,58 +22,77 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rallyrobopilot.v1 import collector_pb2 as rallyrobopilot_dot_v1_dot_collector__pb2
 from rallyrobopilot.v1 import sim_pb2 as rallyrobopilot_dot_v1_dot_sim__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crallyrobopilot/v1/game.proto\x12\x11rallyrobopilot.v1\x1a\x1brallyrobopilot/v1/sim.proto\"\x16\n\x14GetServerInfoRequest\"\x87\x01\n\x15GetServerInfoResponse\x12\x16\n\x0e\x65valuate_slots\x18\x01 \x01(\r\x12\x18\n\x10\x65valuate_running\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x15\n\ropen_sessions\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x13\n\x11ListTracksRequest\"E\n\x12ListTracksResponse\x12/\n\x06tracks\x18\x01 \x03(\x0b\x32\x1f.rallyrobopilot.v1.TrackSummary\" \n\x0fGetTrackRequest\x12\r\n\x05track\x18\x01 \x01(\t\";\n\x10GetTrackResponse\x12\'\n\x05track\x18\x01 \x01(\x0b\x32\x18.rallyrobopilot.v1.Track\"]\n\x14\x43reateSessionRequest\x12\r\n\x05track\x18\x01 \x01(\t\x12\x36\n\rframe_options\x18\x02 \x01(\x0b\x32\x1f.rallyrobopilot.v1.FrameOptions\"x\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0bobservation\x18\x02 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"b\n\x0cResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.SimState\x12\x12\n\nwith_frame\x18\x03 \x01(\x08\"D\n\rResetResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\"j\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x08\x63ontrols\x18\x02 \x01(\x0b\x32!.rallyrobopilot.v1.ControlProgram\x12\x12\n\nwith_frame\x18\x03 \x01(\x08\"C\n\x0cStepResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\"t\n\nDriveStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x04mode\x18\x02 \x01(\x0e\x32\x1c.rallyrobopilot.v1.DriveMode\x12\x13\n\x0bwith_frames\x18\x03 \x01(\x08\x12\x11\n\tmax_ticks\x18\x04 \x01(\x04\"K\n\x0c\x44riveCommand\x12\x0c\n\x04tick\x18\x01 \x01(\x04\x12-\n\x08\x63ontrols\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.Controls\"z\n\x0c\x44riveRequest\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1d.rallyrobopilot.v1.DriveStartH\x00\x12\x32\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1f.rallyrobopilot.v1.DriveCommandH\x00\x42\x06\n\x04kind\"\x87\x01\n\rDriveResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\x12\x14\n\x0c\x61pplied_tick\x18\x02 \x01(\x04\x12\x15\n\rlate_commands\x18\x03 \x01(\x04\x12\x14\n\x0cmissed_ticks\x18\x04 \x01(\x04\"\xa1\x02\n\x0f\x45valuateRequest\x12\r\n\x05track\x18\x01 \x01(\t\x12\x30\n\x0bstart_state\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.SimState\x12\x34\n\x07program\x18\x03 \x01(\x0b\x32!.rallyrobopilot.v1.ControlProgramH\x00\x12\x31\n\x06\x64river\x18\x07 \x01(\x0b\x32\x1f.rallyrobopilot.v1.DriverParamsH\x00\x12,\n\x0b\x66inish_gate\x18\x04 \x01(\x0b\x32\x17.rallyrobopilot.v1.Gate\x12\x11\n\tmax_ticks\x18\x05 \x01(\x04\x12\x19\n\x11return_trajectory\x18\x06 \x01(\x08\x42\x08\n\x06policy\"s\n\x10\x45valuateResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.rallyrobopilot.v1.LapResult\x12\x31\n\ntrajectory\x18\x02 \x01(\x0b\x32\x1d.rallyrobopilot.v1.Trajectory*Y\n\tDriveMode\x12\x1a\n\x16\x44RIVE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44RIVE_MODE_LOCKSTEP\x10\x01\x12\x17\n\x13\x44RIVE_MODE_REALTIME\x10\x02\x32\xa0\x06\n\x0bGameService\x12Y\n\nListTracks\x12$.rallyrobopilot.v1.ListTracksRequest\x1a%.rallyrobopilot.v1.ListTracksResponse\x12S\n\x08GetTrack\x12\".rallyrobopilot.v1.GetTrackRequest\x1a#.rallyrobopilot.v1.GetTrackResponse\x12\x62\n\rCreateSession\x12\'.rallyrobopilot.v1.CreateSessionRequest\x1a(.rallyrobopilot.v1.CreateSessionResponse\x12_\n\x0c\x43loseSession\x12&.rallyrobopilot.v1.CloseSessionRequest\x1a\'.rallyrobopilot.v1.CloseSessionResponse\x12J\n\x05Reset\x12\x1f.rallyrobopilot.v1.ResetRequest\x1a .rallyrobopilot.v1.ResetResponse\x12G\n\x04Step\x12\x1e.rallyrobopilot.v1.StepRequest\x1a\x1f.rallyrobopilot.v1.StepResponse\x12N\n\x05\x44rive\x12\x1f.rallyrobopilot.v1.DriveRequest\x1a .rallyrobopilot.v1.DriveResponse(\x01\x30\x01\x12S\n\x08\x45valuate\x12\".rallyrobopilot.v1.EvaluateRequest\x1a#.rallyrobopilot.v1.EvaluateResponse\x12\x62\n\rGetServerInfo\x12\'.rallyrobopilot.v1.GetServerInfoRequest\x1a(.rallyrobopilot.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crallyrobopilot/v1/game.proto\x12\x11rallyrobopilot.v1\x1a!rallyrobopilot/v1/collector.proto\x1a\x1brallyrobopilot/v1/sim.proto\"I\n\x14\x45valuateBatchRequest\x12\x31\n\x05tasks\x18\x01 \x03(\x0b\x32\".rallyrobopilot.v1.EvaluateRequest\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x86\x01\n\x11\x45valuateBatchItem\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32#.rallyrobopilot.v1.EvaluateResponseH\x00\x12-\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.rallyrobopilot.v1.TaskErrorH\x00\x42\t\n\x07outcome\"L\n\x15\x45valuateBatchResponse\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.rallyrobopilot.v1.EvaluateBatchItem\"S\n\x0cPerturbation\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x19\n\x11start_probability\x18\x02 \x01(\x01\x12\x1a\n\x12max_duration_ticks\x18\x03 \x01(\r\"\xba\x04\n\rRecordRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05track\x18\x02 \x01(\t\x12\x30\n\x0bstart_state\x18\x03 \x01(\x0b\x32\x1b.rallyrobopilot.v1.SimState\x12\x34\n\x07program\x18\x04 \x01(\x0b\x32!.rallyrobopilot.v1.ControlProgramH\x00\x12\x31\n\x06\x64river\x18\x05 \x01(\x0b\x32\x1f.rallyrobopilot.v1.DriverParamsH\x00\x12\x11\n\tmax_ticks\x18\x06 \x01(\x04\x12\x35\n\x0cperturbation\x18\x07 \x01(\x0b\x32\x1f.rallyrobopilot.v1.Perturbation\x12\x36\n\rframe_options\x18\x08 \x01(\x0b\x32\x1f.rallyrobopilot.v1.FrameOptions\x12\x32\n\x08\x65ncoding\x18\t \x01(\x0e\x32 .rallyrobopilot.v1.ImageEncoding\x12\x14\n\x0cjpeg_quality\x18\n \x01(\r\x12\x19\n\x11\x63ollector_address\x18\x0b \x01(\t\x12\x11\n\tdriver_id\x18\x0c \x01(\t\x12<\n\x06labels\x18\r \x03(\x0b\x32,.rallyrobopilot.v1.RecordRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06policy\"\x8e\x01\n\x0eRecordResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66rames\x18\x02 \x01(\x04\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1c.rallyrobopilot.v1.LapResult\x12\x15\n\rresent_frames\x18\x04 \x01(\x04\x12\x17\n\x0fperturbed_ticks\x18\x05 \x01(\x04\"\x16\n\x14GetServerInfoRequest\"\x87\x01\n\x15GetServerInfoResponse\x12\x16\n\x0e\x65valuate_slots\x18\x01 \x01(\r\x12\x18\n\x10\x65valuate_running\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x15\n\ropen_sessions\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x13\n\x11ListTracksRequest\"E\n\x12ListTracksResponse\x12/\n\x06tracks\x18\x01 \x03(\x0b\x32\x1f.rallyrobopilot.v1.TrackSummary\" \n\x0fGetTrackRequest\x12\r\n\x05track\x18\x01 \x01(\t\";\n\x10GetTrackResponse\x12\'\n\x05track\x18\x01 \x01(\x0b\x32\x18.rallyrobopilot.v1.Track\"]\n\x14\x43reateSessionRequest\x12\r\n\x05track\x18\x01 \x01(\t\x12\x36\n\rframe_options\x18\x02 \x01(\x0b\x32\x1f.rallyrobopilot.v1.FrameOptions\"x\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0bobservation\x18\x02 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"b\n\x0cResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.SimState\x12\x12\n\nwith_frame\x18\x03 \x01(\x08\"D\n\rResetResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\"j\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x08\x63ontrols\x18\x02 \x01(\x0b\x32!.rallyrobopilot.v1.ControlProgram\x12\x12\n\nwith_frame\x18\x03 \x01(\x08\"C\n\x0cStepResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\"t\n\nDriveStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x04mode\x18\x02 \x01(\x0e\x32\x1c.rallyrobopilot.v1.DriveMode\x12\x13\n\x0bwith_frames\x18\x03 \x01(\x08\x12\x11\n\tmax_ticks\x18\x04 \x01(\x04\"K\n\x0c\x44riveCommand\x12\x0c\n\x04tick\x18\x01 \x01(\x04\x12-\n\x08\x63ontrols\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.Controls\"z\n\x0c\x44riveRequest\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1d.rallyrobopilot.v1.DriveStartH\x00\x12\x32\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1f.rallyrobopilot.v1.DriveCommandH\x00\x42\x06\n\x04kind\"\x87\x01\n\rDriveResponse\x12\x33\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1e.rallyrobopilot.v1.Observation\x12\x14\n\x0c\x61pplied_tick\x18\x02 \x01(\x04\x12\x15\n\rlate_commands\x18\x03 \x01(\x04\x12\x14\n\x0cmissed_ticks\x18\x04 \x01(\x04\"\xa1\x02\n\x0f\x45valuateRequest\x12\r\n\x05track\x18\x01 \x01(\t\x12\x30\n\x0bstart_state\x18\x02 \x01(\x0b\x32\x1b.rallyrobopilot.v1.SimState\x12\x34\n\x07program\x18\x03 \x01(\x0b\x32!.rallyrobopilot.v1.ControlProgramH\x00\x12\x31\n\x06\x64river\x18\x07 \x01(\x0b\x32\x1f.rallyrobopilot.v1.DriverParamsH\x00\x12,\n\x0b\x66inish_gate\x18\x04 \x01(\x0b\x32\x17.rallyrobopilot.v1.Gate\x12\x11\n\tmax_ticks\x18\x05 \x01(\x04\x12\x19\n\x11return_trajectory\x18\x06 \x01(\x08\x42\x08\n\x06policy\"s\n\x10\x45valuateResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.rallyrobopilot.v1.LapResult\x12\x31\n\ntrajectory\x18\x02 \x01(\x0b\x32\x1d.rallyrobopilot.v1.Trajectory*Y\n\tDriveMode\x12\x1a\n\x16\x44RIVE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44RIVE_MODE_LOCKSTEP\x10\x01\x12\x17\n\x13\x44RIVE_MODE_REALTIME\x10\x02\x32\xd3\x07\n\x0bGameService\x12Y\n\nListTracks\x12$.rallyrobopilot.v1.ListTracksRequest\x1a%.rallyrobopilot.v1.ListTracksResponse\x12S\n\x08GetTrack\x12\".rallyrobopilot.v1.GetTrackRequest\x1a#.rallyrobopilot.v1.GetTrackResponse\x12\x62\n\rCreateSession\x12\'.rallyrobopilot.v1.CreateSessionRequest\x1a(.rallyrobopilot.v1.CreateSessionResponse\x12_\n\x0c\x43loseSession\x12&.rallyrobopilot.v1.CloseSessionRequest\x1a\'.rallyrobopilot.v1.CloseSessionResponse\x12J\n\x05Reset\x12\x1f.rallyrobopilot.v1.ResetRequest\x1a .rallyrobopilot.v1.ResetResponse\x12G\n\x04Step\x12\x1e.rallyrobopilot.v1.StepRequest\x1a\x1f.rallyrobopilot.v1.StepResponse\x12N\n\x05\x44rive\x12\x1f.rallyrobopilot.v1.DriveRequest\x1a .rallyrobopilot.v1.DriveResponse(\x01\x30\x01\x12S\n\x08\x45valuate\x12\".rallyrobopilot.v1.EvaluateRequest\x1a#.rallyrobopilot.v1.EvaluateResponse\x12\x62\n\rEvaluateBatch\x12\'.rallyrobopilot.v1.EvaluateBatchRequest\x1a(.rallyrobopilot.v1.EvaluateBatchResponse\x12M\n\x06Record\x12 .rallyrobopilot.v1.RecordRequest\x1a!.rallyrobopilot.v1.RecordResponse\x12\x62\n\rGetServerInfo\x12\'.rallyrobopilot.v1.GetServerInfoRequest\x1a(.rallyrobopilot.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rallyrobopilot.v1.game_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DRIVEMODE']._serialized_start=1926
-  _globals['_DRIVEMODE']._serialized_end=2015
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=80
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=102
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=105
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=240
-  _globals['_LISTTRACKSREQUEST']._serialized_start=242
-  _globals['_LISTTRACKSREQUEST']._serialized_end=261
-  _globals['_LISTTRACKSRESPONSE']._serialized_start=263
-  _globals['_LISTTRACKSRESPONSE']._serialized_end=332
-  _globals['_GETTRACKREQUEST']._serialized_start=334
-  _globals['_GETTRACKREQUEST']._serialized_end=366
-  _globals['_GETTRACKRESPONSE']._serialized_start=368
-  _globals['_GETTRACKRESPONSE']._serialized_end=427
-  _globals['_CREATESESSIONREQUEST']._serialized_start=429
-  _globals['_CREATESESSIONREQUEST']._serialized_end=522
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=524
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=644
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=646
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=687
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=689
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=711
-  _globals['_RESETREQUEST']._serialized_start=713
-  _globals['_RESETREQUEST']._serialized_end=811
-  _globals['_RESETRESPONSE']._serialized_start=813
-  _globals['_RESETRESPONSE']._serialized_end=881
-  _globals['_STEPREQUEST']._serialized_start=883
-  _globals['_STEPREQUEST']._serialized_end=989
-  _globals['_STEPRESPONSE']._serialized_start=991
-  _globals['_STEPRESPONSE']._serialized_end=1058
-  _globals['_DRIVESTART']._serialized_start=1060
-  _globals['_DRIVESTART']._serialized_end=1176
-  _globals['_DRIVECOMMAND']._serialized_start=1178
-  _globals['_DRIVECOMMAND']._serialized_end=1253
-  _globals['_DRIVEREQUEST']._serialized_start=1255
-  _globals['_DRIVEREQUEST']._serialized_end=1377
-  _globals['_DRIVERESPONSE']._serialized_start=1380
-  _globals['_DRIVERESPONSE']._serialized_end=1515
-  _globals['_EVALUATEREQUEST']._serialized_start=1518
-  _globals['_EVALUATEREQUEST']._serialized_end=1807
-  _globals['_EVALUATERESPONSE']._serialized_start=1809
-  _globals['_EVALUATERESPONSE']._serialized_end=1924
-  _globals['_GAMESERVICE']._serialized_start=2018
-  _globals['_GAMESERVICE']._serialized_end=2818
+  _globals['_RECORDREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_RECORDREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_DRIVEMODE']._serialized_start=3098
+  _globals['_DRIVEMODE']._serialized_end=3187
+  _globals['_EVALUATEBATCHREQUEST']._serialized_start=115
+  _globals['_EVALUATEBATCHREQUEST']._serialized_end=188
+  _globals['_TASKERROR']._serialized_start=190
+  _globals['_TASKERROR']._serialized_end=232
+  _globals['_EVALUATEBATCHITEM']._serialized_start=235
+  _globals['_EVALUATEBATCHITEM']._serialized_end=369
+  _globals['_EVALUATEBATCHRESPONSE']._serialized_start=371
+  _globals['_EVALUATEBATCHRESPONSE']._serialized_end=447
+  _globals['_PERTURBATION']._serialized_start=449
+  _globals['_PERTURBATION']._serialized_end=532
+  _globals['_RECORDREQUEST']._serialized_start=535
+  _globals['_RECORDREQUEST']._serialized_end=1105
+  _globals['_RECORDREQUEST_LABELSENTRY']._serialized_start=1050
+  _globals['_RECORDREQUEST_LABELSENTRY']._serialized_end=1095
+  _globals['_RECORDRESPONSE']._serialized_start=1108
+  _globals['_RECORDRESPONSE']._serialized_end=1250
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1252
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1274
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1277
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1412
+  _globals['_LISTTRACKSREQUEST']._serialized_start=1414
+  _globals['_LISTTRACKSREQUEST']._serialized_end=1433
+  _globals['_LISTTRACKSRESPONSE']._serialized_start=1435
+  _globals['_LISTTRACKSRESPONSE']._serialized_end=1504
+  _globals['_GETTRACKREQUEST']._serialized_start=1506
+  _globals['_GETTRACKREQUEST']._serialized_end=1538
+  _globals['_GETTRACKRESPONSE']._serialized_start=1540
+  _globals['_GETTRACKRESPONSE']._serialized_end=1599
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1601
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1694
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1696
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1816
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1818
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1859
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1861
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1883
+  _globals['_RESETREQUEST']._serialized_start=1885
+  _globals['_RESETREQUEST']._serialized_end=1983
+  _globals['_RESETRESPONSE']._serialized_start=1985
+  _globals['_RESETRESPONSE']._serialized_end=2053
+  _globals['_STEPREQUEST']._serialized_start=2055
+  _globals['_STEPREQUEST']._serialized_end=2161
+  _globals['_STEPRESPONSE']._serialized_start=2163
+  _globals['_STEPRESPONSE']._serialized_end=2230
+  _globals['_DRIVESTART']._serialized_start=2232
+  _globals['_DRIVESTART']._serialized_end=2348
+  _globals['_DRIVECOMMAND']._serialized_start=2350
+  _globals['_DRIVECOMMAND']._serialized_end=2425
+  _globals['_DRIVEREQUEST']._serialized_start=2427
+  _globals['_DRIVEREQUEST']._serialized_end=2549
+  _globals['_DRIVERESPONSE']._serialized_start=2552
+  _globals['_DRIVERESPONSE']._serialized_end=2687
+  _globals['_EVALUATEREQUEST']._serialized_start=2690
+  _globals['_EVALUATEREQUEST']._serialized_end=2979
+  _globals['_EVALUATERESPONSE']._serialized_start=2981
+  _globals['_EVALUATERESPONSE']._serialized_end=3096
+  _globals['_GAMESERVICE']._serialized_start=3190
+  _globals['_GAMESERVICE']._serialized_end=4169
 # @@protoc_insertion_point(module_scope)

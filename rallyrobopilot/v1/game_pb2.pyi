@@ -1,3 +1,4 @@
+from rallyrobopilot.v1 import collector_pb2 as _collector_pb2
 from rallyrobopilot.v1 import sim_pb2 as _sim_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -16,6 +17,95 @@ class DriveMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DRIVE_MODE_UNSPECIFIED: DriveMode
 DRIVE_MODE_LOCKSTEP: DriveMode
 DRIVE_MODE_REALTIME: DriveMode
+
+class EvaluateBatchRequest(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[EvaluateRequest]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[EvaluateRequest, _Mapping]]] = ...) -> None: ...
+
+class TaskError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EvaluateBatchItem(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: EvaluateResponse
+    error: TaskError
+    def __init__(self, response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ...) -> None: ...
+
+class EvaluateBatchResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EvaluateBatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[EvaluateBatchItem, _Mapping]]] = ...) -> None: ...
+
+class Perturbation(_message.Message):
+    __slots__ = ("seed", "start_probability", "max_duration_ticks")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    START_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_TICKS_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    start_probability: float
+    max_duration_ticks: int
+    def __init__(self, seed: _Optional[int] = ..., start_probability: _Optional[float] = ..., max_duration_ticks: _Optional[int] = ...) -> None: ...
+
+class RecordRequest(_message.Message):
+    __slots__ = ("run_id", "track", "start_state", "program", "driver", "max_ticks", "perturbation", "frame_options", "encoding", "jpeg_quality", "collector_address", "driver_id", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    START_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICKS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    COLLECTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    track: str
+    start_state: _sim_pb2.SimState
+    program: _sim_pb2.ControlProgram
+    driver: _sim_pb2.DriverParams
+    max_ticks: int
+    perturbation: Perturbation
+    frame_options: _sim_pb2.FrameOptions
+    encoding: _collector_pb2.ImageEncoding
+    jpeg_quality: int
+    collector_address: str
+    driver_id: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, run_id: _Optional[str] = ..., track: _Optional[str] = ..., start_state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., program: _Optional[_Union[_sim_pb2.ControlProgram, _Mapping]] = ..., driver: _Optional[_Union[_sim_pb2.DriverParams, _Mapping]] = ..., max_ticks: _Optional[int] = ..., perturbation: _Optional[_Union[Perturbation, _Mapping]] = ..., frame_options: _Optional[_Union[_sim_pb2.FrameOptions, _Mapping]] = ..., encoding: _Optional[_Union[_collector_pb2.ImageEncoding, str]] = ..., jpeg_quality: _Optional[int] = ..., collector_address: _Optional[str] = ..., driver_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RecordResponse(_message.Message):
+    __slots__ = ("run_id", "frames", "result", "resent_frames", "perturbed_ticks")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    frames: int
+    result: _sim_pb2.LapResult
+    resent_frames: int
+    perturbed_ticks: int
+    def __init__(self, run_id: _Optional[str] = ..., frames: _Optional[int] = ..., result: _Optional[_Union[_sim_pb2.LapResult, _Mapping]] = ..., resent_frames: _Optional[int] = ..., perturbed_ticks: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

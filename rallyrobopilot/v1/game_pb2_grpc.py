@@ -79,6 +79,16 @@ class GameServiceStub:
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.EvaluateBatch = channel.unary_unary(
+                '/rallyrobopilot.v1.GameService/EvaluateBatch',
+                request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchRequest.SerializeToString,
+                response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchResponse.FromString,
+                _registered_method=True)
+        self.Record = channel.unary_unary(
+                '/rallyrobopilot.v1.GameService/Record',
+                request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.RecordRequest.SerializeToString,
+                response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.RecordResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/rallyrobopilot.v1.GameService/GetServerInfo',
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoRequest.SerializeToString,
@@ -151,6 +161,23 @@ class GameServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateBatch(self, request, context):
+        """Runs several evaluations in one call, one after another in one evaluation slot, so that short
+        laps do not pay a round trip each. Each item succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Record(self, request, context):
+        """Drives an episode on the server with a driver or program and streams every tick's camera frame to a
+        collector from inside the simulation loop; returns once the collector acknowledged every frame.
+        Occupies one evaluation slot. UNAVAILABLE when the collector cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Describes the server's capacity, so that schedulers lease it without oversubscribing.
         """
@@ -200,6 +227,16 @@ def add_GameServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateRequest.FromString,
                     response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'EvaluateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateBatch,
+                    request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchRequest.FromString,
+                    response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchResponse.SerializeToString,
+            ),
+            'Record': grpc.unary_unary_rpc_method_handler(
+                    servicer.Record,
+                    request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.RecordRequest.FromString,
+                    response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.RecordResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -428,6 +465,60 @@ class GameService:
             '/rallyrobopilot.v1.GameService/Evaluate',
             rallyrobopilot_dot_v1_dot_game__pb2.EvaluateRequest.SerializeToString,
             rallyrobopilot_dot_v1_dot_game__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rallyrobopilot.v1.GameService/EvaluateBatch',
+            rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchRequest.SerializeToString,
+            rallyrobopilot_dot_v1_dot_game__pb2.EvaluateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Record(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rallyrobopilot.v1.GameService/Record',
+            rallyrobopilot_dot_v1_dot_game__pb2.RecordRequest.SerializeToString,
+            rallyrobopilot_dot_v1_dot_game__pb2.RecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rallyrobopilot.v1 import game_pb2 as rallyrobopilot_dot_v1_dot_game__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!rallyrobopilot/v1/scheduler.proto\x12\x11rallyrobopilot.v1\x1a\x1crallyrobopilot/v1/game.proto\"G\n\x12MapEvaluateRequest\x12\x31\n\x05tasks\x18\x01 \x03(\x0b\x32\".rallyrobopilot.v1.EvaluateRequest\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x97\x01\n\x13MapEvaluateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32#.rallyrobopilot.v1.EvaluateResponseH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.rallyrobopilot.v1.TaskErrorH\x00\x42\t\n\x07outcome\"\x16\n\x14GetPoolStatusRequest\"s\n\x0cServerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\"\x9c\x01\n\x15GetPoolStatusResponse\x12\x30\n\x07servers\x18\x01 \x03(\x0b\x32\x1f.rallyrobopilot.v1.ServerStatus\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0f\n\x07pending\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x04\x12\x0f\n\x07retried\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\x32\xd6\x01\n\x10SchedulerService\x12^\n\x0bMapEvaluate\x12%.rallyrobopilot.v1.MapEvaluateRequest\x1a&.rallyrobopilot.v1.MapEvaluateResponse0\x01\x12\x62\n\rGetPoolStatus\x12\'.rallyrobopilot.v1.GetPoolStatusRequest\x1a(.rallyrobopilot.v1.GetPoolStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!rallyrobopilot/v1/scheduler.proto\x12\x11rallyrobopilot.v1\x1a\x1crallyrobopilot/v1/game.proto\"G\n\x12MapEvaluateRequest\x12\x31\n\x05tasks\x18\x01 \x03(\x0b\x32\".rallyrobopilot.v1.EvaluateRequest\"\x97\x01\n\x13MapEvaluateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32#.rallyrobopilot.v1.EvaluateResponseH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.rallyrobopilot.v1.TaskErrorH\x00\x42\t\n\x07outcome\"\x16\n\x14GetPoolStatusRequest\"s\n\x0cServerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\"\x9c\x01\n\x15GetPoolStatusResponse\x12\x30\n\x07servers\x18\x01 \x03(\x0b\x32\x1f.rallyrobopilot.v1.ServerStatus\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0f\n\x07pending\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x04\x12\x0f\n\x07retried\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\x32\xd6\x01\n\x10SchedulerService\x12^\n\x0bMapEvaluate\x12%.rallyrobopilot.v1.MapEvaluateRequest\x1a&.rallyrobopilot.v1.MapEvaluateResponse0\x01\x12\x62\n\rGetPoolStatus\x12\'.rallyrobopilot.v1.GetPoolStatusRequest\x1a(.rallyrobopilot.v1.GetPoolStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MAPEVALUATEREQUEST']._serialized_start=86
   _globals['_MAPEVALUATEREQUEST']._serialized_end=157
-  _globals['_TASKERROR']._serialized_start=159
-  _globals['_TASKERROR']._serialized_end=201
-  _globals['_MAPEVALUATERESPONSE']._serialized_start=204
-  _globals['_MAPEVALUATERESPONSE']._serialized_end=355
-  _globals['_GETPOOLSTATUSREQUEST']._serialized_start=357
-  _globals['_GETPOOLSTATUSREQUEST']._serialized_end=379
-  _globals['_SERVERSTATUS']._serialized_start=381
-  _globals['_SERVERSTATUS']._serialized_end=496
-  _globals['_GETPOOLSTATUSRESPONSE']._serialized_start=499
-  _globals['_GETPOOLSTATUSRESPONSE']._serialized_end=655
-  _globals['_SCHEDULERSERVICE']._serialized_start=658
-  _globals['_SCHEDULERSERVICE']._serialized_end=872
+  _globals['_MAPEVALUATERESPONSE']._serialized_start=160
+  _globals['_MAPEVALUATERESPONSE']._serialized_end=311
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_start=313
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_end=335
+  _globals['_SERVERSTATUS']._serialized_start=337
+  _globals['_SERVERSTATUS']._serialized_end=452
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_start=455
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_end=611
+  _globals['_SCHEDULERSERVICE']._serialized_start=614
+  _globals['_SCHEDULERSERVICE']._serialized_end=828
 # @@protoc_insertion_point(module_scope)

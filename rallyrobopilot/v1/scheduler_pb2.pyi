@@ -13,14 +13,6 @@ class MapEvaluateRequest(_message.Message):
     tasks: _containers.RepeatedCompositeFieldContainer[_game_pb2.EvaluateRequest]
     def __init__(self, tasks: _Optional[_Iterable[_Union[_game_pb2.EvaluateRequest, _Mapping]]] = ...) -> None: ...
 
-class TaskError(_message.Message):
-    __slots__ = ("code", "message")
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    code: int
-    message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
-
 class MapEvaluateResponse(_message.Message):
     __slots__ = ("index", "response", "error")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -28,8 +20,8 @@ class MapEvaluateResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
     response: _game_pb2.EvaluateResponse
-    error: TaskError
-    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[_game_pb2.EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ...) -> None: ...
+    error: _game_pb2.TaskError
+    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[_game_pb2.EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[_game_pb2.TaskError, _Mapping]] = ...) -> None: ...
 
 class GetPoolStatusRequest(_message.Message):
     __slots__ = ()
