@@ -157,15 +157,16 @@ class Ledger:
         best.leased += 1
         return best.address
 
-    def release(self, address: str, server_fault: bool) -> None:
-        """Returns a lease; a server fault marks the server unhealthy until a health check passes."""
+    def release(self, address: str, server_fault: bool, tasks: int = 1) -> None:
+        """Returns a lease that ran `tasks` tasks; a server fault marks the server unhealthy until a health
+        check passes."""
         record = self.servers[address]
         record.leased -= 1
         if server_fault:
-            record.failed += 1
+            record.failed += tasks
             record.healthy = False
         else:
-            record.done += 1
+            record.done += tasks
         if not record.member and record.leased == 0:
             del self.servers[address]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import socket
 import threading
 import time
@@ -46,6 +48,9 @@ class PoolConfig:
     health_timeout_s: float = 2.0
     health_interval_s: float = 1.0
     max_attempts: int = 4
+    # Evaluations sent together in one EvaluateBatch call when many wait: short laps then pay one round
+    # trip per batch instead of one each. Batches shrink as the queue drains so that slots share work.
+    max_batch: int = 16
     # Tasks waiting for a slot; submit() blocks beyond this, so a producer cannot outrun the pool.
     max_pending: int = 4096
 
@@ -54,7 +59,7 @@ class PoolConfig:
             raise ValueError("give either servers or a DNS name to discover them")
         if min(self.evaluate_timeout_s, self.health_timeout_s, self.health_interval_s) <= 0:
             raise ValueError("timeouts and intervals must be positive")
-        if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1:
+        if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
 
 
@@ -68,9 +73,16 @@ def resolve_dns(host: str, port: int) -> list[str]:
 class _Job:
     future: Future[Any]
     task: RemoteTask[Any]
-    request: game_pb2.EvaluateRequest
+    request: Any  # the request message of the task's RPC
+    method: str = "Evaluate"
+    timeout_s: float | None = None
     attempts: int = 0
     last_server: str | None = None
+
+
+# One call's outcome for one job: (response, None, "") or (None, code, details).
+_Outcome = tuple[Any, grpc.StatusCode | None, str]
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclass
@@ -78,14 +90,13 @@ class _Connection:
     """One channel per server, shared by its evaluation slots and its health checks."""
 
     channel: grpc.Channel
-    evaluate: Any = field(init=False)
+    game: Any = field(init=False)
     server_info: Any = field(init=False)
     health: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        game = game_pb2_grpc.GameServiceStub(self.channel)
-        self.evaluate = game.Evaluate
-        self.server_info = game.GetServerInfo
+        self.game = game_pb2_grpc.GameServiceStub(self.channel)
+        self.server_info = self.game.GetServerInfo
         self.health = health_pb2_grpc.HealthStub(self.channel).Check
 
 
@@ -98,7 +109,17 @@ def _connect(address: str) -> _Connection:
     return _Connection(telemetry.instrument_channel(channel, "scheduler"))
 
 
+def _unwrap(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Sees through functools.partial, as DEAP's `toolbox.register` wraps every function in one."""
+    while isinstance(fn, functools.partial):
+        args = (*fn.args, *args)
+        kwargs = {**fn.keywords, **kwargs}
+        fn = fn.func
+    return fn, args, kwargs
+
+
 def _require_task(fn: object) -> None:
+    fn, _, _ = _unwrap(fn, (), {})
     if not isinstance(fn, RemoteTask):
         raise TypeError(
             f"EvaluationPool runs RemoteTask objects (request/result/__call__), not {type(fn).__name__}: "
@@ -138,7 +159,8 @@ class EvaluationPool(Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queues `fn.request(*args, **kwargs)`; blocks while `max_pending` tasks already wait."""
         _require_task(fn)
-        task: RemoteTask[T] = fn  # type: ignore[assignment]
+        unwrapped, args, kwargs = _unwrap(fn, args, kwargs)
+        task: RemoteTask[T] = unwrapped
         future: Future[T] = Future()
         try:
             request = task.request(*args, **kwargs)
@@ -152,7 +174,8 @@ class EvaluationPool(Executor):
                     self._space.wait()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new evaluations after shutdown")
-            self._queue.append(_Job(future, task, request))
+            method = str(getattr(task, "method", "Evaluate"))
+            self._queue.append(_Job(future, task, request, method, getattr(task, "timeout_s", None)))
             self._unresolved += 1
             self._work.notify()
         return future
@@ -205,22 +228,39 @@ class EvaluationPool(Executor):
 
     # -- dispatch -------------------------------------------------------------------------------
     def _work_loop(self) -> None:
-        while (leased := self._next_job()) is not None:
-            job, address = leased
+        while (leased := self._next_jobs()) is not None:
+            jobs, address = leased
             # The lease keeps the server's record, and so its connection, until the call returns.
             with self._lock:
                 connection = self._connections[address]
-            response: game_pb2.EvaluateResponse | None = None
-            code: grpc.StatusCode | None = None
-            details = ""
+            first = jobs[0]
+            timeout = first.timeout_s or self.config.evaluate_timeout_s
+            outcomes: list[_Outcome]
+            call_code: grpc.StatusCode | None = None
             try:
-                response = connection.evaluate(job.request, timeout=self.config.evaluate_timeout_s)
+                if len(jobs) == 1:
+                    response = getattr(connection.game, first.method)(first.request, timeout=timeout)
+                    outcomes = [(response, None, "")]
+                else:
+                    batch = game_pb2.EvaluateBatchRequest(tasks=[job.request for job in jobs])
+                    items = connection.game.EvaluateBatch(batch, timeout=timeout).items
+                    outcomes = [
+                        (item.response, None, "")
+                        if item.WhichOneof("outcome") == "response"
+                        else (None, _CODES.get(item.error.code, grpc.StatusCode.UNKNOWN), item.error.message)
+                        for item in items
+                    ]
+                    if len(outcomes) != len(jobs):
+                        raise RuntimeError(f"{address} answered {len(outcomes)} items for {len(jobs)} tasks")
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-            self._finished(job, address, response, code, details)
+                call_code = exc.code()
+                outcomes = [(None, call_code, exc.details() or "")] * len(jobs)
+            self._finished(jobs, address, outcomes, call_code)
 
-    def _next_job(self) -> tuple[_Job, str] | None:
-        """Waits for a queued task and a free slot and leases it; None when the pool has stopped."""
+    def _next_jobs(self) -> tuple[list[_Job], str] | None:
+        """Waits for queued tasks and a free slot and leases it; None when the pool has stopped.
+
+        Evaluate tasks are taken several at a time, about an equal share of the queue per slot."""
         with self._lock:
             while True:
                 if self._stopped.is_set():
@@ -231,53 +271,62 @@ class EvaluationPool(Executor):
                     if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
                         self._unresolved -= 1  # cancelled while queued
                         continue
+                    jobs = [job]
+                    if job.method == "Evaluate":
+                        slots = max(1, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
+                        want = min(self.config.max_batch, math.ceil((len(self._queue) + 1) / slots))
+                        while len(jobs) < want and self._queue and self._queue[0].method == "Evaluate":
+                            mate = self._queue.popleft()
+                            if mate.attempts == 0 and not mate.future.set_running_or_notify_cancel():
+                                self._unresolved -= 1
+                                continue
+                            jobs.append(mate)
                     address = self._ledger.lease(avoid=job.last_server)
                     assert address is not None  # free_slots() > 0
-                    return job, address
+                    return jobs, address
                 self._work.wait()
 
     def _finished(
-        self,
-        job: _Job,
-        address: str,
-        response: game_pb2.EvaluateResponse | None,
-        code: grpc.StatusCode | None,
-        details: str,
+        self, jobs: list[_Job], address: str, outcomes: list[_Outcome], call_code: grpc.StatusCode | None
     ) -> None:
-        server_fault = code is not None and self._retry.is_server_fault(code.name)
+        server_fault = call_code is not None and self._retry.is_server_fault(call_code.name)
+        resolved: list[tuple[_Job, _Outcome]] = []
         with self._lock:
-            self._ledger.release(address, server_fault)
-            job.attempts += 1
-            retry = code is not None and self._retry.should_retry(code.name, job.attempts)
-            if code is None:
-                self._ledger.counters.done += 1
-            elif retry:
-                self._ledger.counters.retried += 1
-                job.last_server = address
-                self._queue.appendleft(job)
-                self._work.notify()
-            else:
-                self._ledger.counters.failed += 1
+            self._ledger.release(address, server_fault, tasks=len(jobs))
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                code = outcome[1]
+                job.attempts += 1
+                retry = code is not None and self._retry.should_retry(code.name, job.attempts)
+                if code is None:
+                    self._ledger.counters.done += 1
+                elif retry:
+                    self._ledger.counters.retried += 1
+                    job.last_server = address
+                    self._queue.appendleft(job)
+                    self._work.notify()
+                else:
+                    self._ledger.counters.failed += 1
+                if not retry:
+                    resolved.append((job, outcome))
         if server_fault:
-            assert code is not None
+            assert call_code is not None
             log.warning(
-                "%s failed an evaluation with %s (%s); %s",
+                "%s failed %d task(s) with %s (%s); retrying what has attempts left elsewhere",
                 address,
-                code.name,
-                details,
-                "retrying elsewhere" if retry else f"giving up after {job.attempts} attempts",
+                len(jobs),
+                call_code.name,
+                outcomes[0][2],
             )
-        if retry:
-            return
-        if code is not None:
-            job.future.set_exception(EvaluationError(code, details))
-        else:
-            assert response is not None
-            try:
-                job.future.set_result(job.task.result(response))
-            except Exception as exc:
-                job.future.set_exception(exc)
-        self._resolved(1)
+        for job, (response, code, details) in resolved:
+            if code is not None:
+                job.future.set_exception(EvaluationError(code, details))
+            else:
+                try:
+                    job.future.set_result(job.task.result(response))
+                except Exception as exc:
+                    job.future.set_exception(exc)
+        if resolved:
+            self._resolved(len(resolved))
 
     def _purge_cancelled_locked(self) -> int:
         """Drops jobs cancelled while queued, so that they stop taking room; returns how many."""

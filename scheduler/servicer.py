@@ -45,11 +45,11 @@ def outcome_to_pb(index: int, future: Future[game_pb2.EvaluateResponse]) -> sche
     if exc is None:
         return scheduler_pb2.MapEvaluateResponse(index=index, response=future.result())
     if isinstance(exc, EvaluationError):
-        error = scheduler_pb2.TaskError(code=exc.code.value[0], message=exc.details)
+        error = game_pb2.TaskError(code=exc.code.value[0], message=exc.details)
     else:
         # A bug, not a task's fault: log it here and send no traceback.
         log.error("evaluation %d failed", index, exc_info=exc)
-        error = scheduler_pb2.TaskError(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+        error = game_pb2.TaskError(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
     return scheduler_pb2.MapEvaluateResponse(index=index, error=error)
 
 

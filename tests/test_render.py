@@ -1,4 +1,4 @@
-"""Offscreen renderer: frame shape, content, determinism (in-process and across processes) and threading."""
+"""Offscreen renderer: frame shape, content, determinism (in-process and across processes), threading, ursina."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from game_server.core.state import CarState, SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.render import FrameSpec, Renderer, shared_renderer
+from game_server.render.renderer import _worker as render_thread
 from rrp.errors import InvalidArgument
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +132,64 @@ def test_another_process_renders_the_same_bytes(renderer: Renderer, track: Track
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == local
+
+
+def test_frames_come_from_the_ursina_app_on_the_render_thread(renderer: Renderer, track: Track) -> None:
+    renderer.render(track, track.base_state, FrameSpec())
+    import ursina
+
+    def inspect() -> tuple[str, bool, list[str]]:
+        base = ursina.application.base
+        names = [e.name for e in ursina.scene.entities]
+        return threading.current_thread().name, ursina.camera.isAncestorOf(base.cam), names
+
+    thread_name, camera_is_ursinas, names = render_thread().call(inspect)
+    assert thread_name == "rrp-render"
+    assert camera_is_ursinas
+    assert {"rrp-world", "rrp-car", f"rrp-track:{track.name}"} <= set(names)
+
+
+def test_poses_do_not_accumulate_cached_states(renderer: Renderer, track: Track) -> None:
+    """Without ShowBase's task loop the renderer frees unused transform states itself."""
+    from panda3d.core import TransformState
+
+    renderer.render(track, track.base_state, FrameSpec())
+    before = render_thread().call(TransformState.getNumStates)
+    for k in range(300):
+        renderer.render(track, moved(track.base_state, dx=0.01 * k, tick=k), FrameSpec(randomize=True, seed=2))
+    assert render_thread().call(TransformState.getNumStates) < before + 100
+
+
+def test_closed_renderer_is_replaced_in_the_same_app() -> None:
+    """close() frees the scene; a new Renderer reuses the process's render thread and ursina app."""
+    script = textwrap.dedent(
+        """
+        import hashlib, threading
+        import ursina
+        from game_server.core.tracks import load_track
+        from game_server.render import FrameSpec, Renderer
+        from rrp.errors import FailedPrecondition
+        track, first = load_track("oval"), Renderer()
+        before = first.render(track, track.base_state, FrameSpec(width=64, height=48))
+        app = ursina.application.base
+        first.close()
+        try:
+            first.render(track, track.base_state, FrameSpec())
+            raise SystemExit("a closed renderer rendered")
+        except FailedPrecondition:
+            pass
+        second = Renderer()
+        after = second.render(track, track.base_state, FrameSpec(width=64, height=48))
+        assert ursina.application.base is app
+        assert [t.name for t in threading.enumerate()].count("rrp-render") == 1
+        assert hashlib.sha256(before).digest() == hashlib.sha256(after).digest()
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout == "ok\n"  # ursina's start-up prints go to the log, not stdout
 
 
 @pytest.mark.parametrize(
