@@ -1,4 +1,4 @@
-"""Benchmark: offscreen 128x96 frames per second (drawn by the renderer's ursina app) along a track, beside the 25 Hz real-time baseline."""
+"""Benchmark: offscreen 128x96 frames per second, drawn by ursina, along a track, beside 25 Hz real time."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def resolve_dns(host: str, port: int) -> list[str]:
 @dataclass(eq=False, slots=True)
 class _Job:
     future: Future[Any]
-    task: RemoteTask[Any]
+    task: Any  # a RemoteTask, or the _ServerCall of run_with_server
     request: Any  # the request message of the task's RPC
     method: str = "Evaluate"
     timeout_s: float | None = None
@@ -107,6 +107,23 @@ def _connect(address: str) -> _Connection:
     ]
     channel = grpc.insecure_channel(address, options=options)
     return _Connection(telemetry.instrument_channel(channel, "scheduler"))
+
+
+SERVER_CALL = "__server_call__"
+
+
+@dataclass(frozen=True)
+class _Raised:
+    exc: Exception
+
+
+class _ServerCall:
+    """The task of run_with_server: its callable's return value is the result (or its exception)."""
+
+    def result(self, response: Any) -> Any:
+        if isinstance(response, _Raised):
+            raise response.exc
+        return response
 
 
 def _unwrap(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
@@ -216,6 +233,25 @@ class EvaluationPool(Executor):
         with self._lock:
             return self._ledger.status(pending=len(self._queue))
 
+    def run_with_server(self, fn: Callable[[str], T], *, timeout_s: float | None = None) -> Future[T]:
+        """Leases a slot on a healthy game server and calls `fn(address)` on a pool thread.
+
+        For clients that hold a session themselves (a vision model driving over the Drive stream): the
+        pool chooses the server, never oversubscribes it, and when `fn` raises a retryable
+        grpc.RpcError (UNAVAILABLE, DEADLINE_EXCEEDED, ...) calls it again on another server. `fn` runs
+        in this process; nothing is shipped to the server but its own RPCs.
+        """
+        future: Future[T] = Future()
+        with self._lock:
+            while len(self._queue) >= self.config.max_pending and not self._shutdown:
+                self._space.wait()
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._queue.append(_Job(future, _ServerCall(), fn, SERVER_CALL, timeout_s))
+            self._unresolved += 1
+            self._work.notify()
+        return future
+
     def wait_ready(self, servers: int = 1, timeout_s: float = 30.0) -> None:
         """Blocks until `servers` servers passed a health check; for callers that time their batches."""
         deadline = time.monotonic() + timeout_s
@@ -238,7 +274,14 @@ class EvaluationPool(Executor):
             outcomes: list[_Outcome]
             call_code: grpc.StatusCode | None = None
             try:
-                if len(jobs) == 1:
+                if first.method == SERVER_CALL:
+                    try:
+                        outcomes = [(first.request(address), None, "")]
+                    except grpc.RpcError:
+                        raise
+                    except Exception as exc:  # the caller's own failure: its future gets it, not a retry
+                        outcomes = [(_Raised(exc), None, "")]
+                elif len(jobs) == 1:
                     response = getattr(connection.game, first.method)(first.request, timeout=timeout)
                     outcomes = [(response, None, "")]
                 else:

@@ -285,3 +285,33 @@ def test_evaluate_request_is_sent_unchanged(pool: EvaluationPool) -> None:
     response = pool.submit(RequestTask(), request).result(30)
     assert response == RequestTask()(request)
     assert len(response.trajectory.x_m) == response.result.ticks
+
+
+def test_run_with_server_leases_calls_and_retries(game_server_processes: list[ServiceProcess]) -> None:
+    addresses = tuple(p.address for p in game_server_processes)
+    seen: list[str] = []
+
+    class Flaky(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "server went away"
+
+    def drive(address: str) -> str:
+        seen.append(address)
+        if len(seen) == 1:
+            raise Flaky()
+        return address
+
+    def broken(address: str) -> str:
+        raise ValueError("the caller's own bug")
+
+    with EvaluationPool(PoolConfig(servers=addresses, health_interval_s=0.2)) as pool:
+        pool.wait_ready(2)
+        assert pool.run_with_server(drive).result(30) in addresses
+        assert len(seen) == 2 and seen[0] != seen[1]  # retried on the other server
+        with pytest.raises(ValueError, match="own bug"):
+            pool.run_with_server(broken).result(30)
+        status = pool.status()
+        assert status.retried >= 1
