@@ -10,6 +10,7 @@ from game_server import convert
 from game_server.core.tracks import builtin_tracks, load_track
 from game_server.evaluation import MAX_BATCH, evaluate_item, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
+from game_server.recording import outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
 from rrp import __version__
@@ -133,3 +134,8 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
         track, start, policy, gate = evaluation_args(request)
         result = self.game.evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
         return evaluation_response(result, request.return_trajectory)
+
+    def Record(self, request: game_pb2.RecordRequest, context: grpc.ServicerContext) -> game_pb2.RecordResponse:
+        spec = spec_from_pb(request)
+        with self.game.evaluation_slot():
+            return outcome_to_pb(record_episode(spec, self.game.renderer().render))

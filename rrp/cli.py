@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from rrp.config import env
 
 if TYPE_CHECKING:
+    from trainer.data.records import FrameSource
     from trainer.evolve_job import PoolSpec
 
 
@@ -24,12 +25,8 @@ def _setup_logging(level: str) -> None:
 
 def _add_server_flags(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--host", default=env("host", "127.0.0.1", str), help="address to bind (RRP_HOST)")
-    p.add_argument(
-        "--port", type=int, default=env("port", default_port, int), help="port, 0 = any free (RRP_PORT)"
-    )
-    p.add_argument(
-        "--workers", type=int, default=env("workers", 16, int), help="RPC worker threads (RRP_WORKERS)"
-    )
+    p.add_argument("--port", type=int, default=env("port", default_port, int), help="port, 0 = any free (RRP_PORT)")
+    p.add_argument("--workers", type=int, default=env("workers", 16, int), help="RPC worker threads (RRP_WORKERS)")
 
 
 def cmd_game_server(args: argparse.Namespace) -> int:
@@ -38,9 +35,7 @@ def cmd_game_server(args: argparse.Namespace) -> int:
     from rrp.bootstrap import ServerConfig
 
     config = GameServerConfig(
-        server=ServerConfig(
-            host=args.host, port=args.port, max_workers=args.workers, service_name="game-server"
-        ),
+        server=ServerConfig(host=args.host, port=args.port, max_workers=args.workers, service_name="game-server"),
         game=GameConfig(
             max_sessions=args.max_sessions,
             idle_timeout_s=args.idle_timeout,
@@ -113,7 +108,121 @@ def cmd_evolve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rrp.mainjob import MainJobConfig, run_main_job
 
-    return run_main_job(MainJobConfig(track=args.track, out_dir=Path(args.out), frames=args.frames))
+    config = MainJobConfig(
+        track=args.track,
+        out_dir=Path(args.out),
+        game_servers=args.game_servers,
+        population=args.population,
+        generations=args.generations,
+        seed=args.seed,
+    )
+    return run_main_job(config)
+
+
+def _data_source(args: argparse.Namespace) -> FrameSource:
+    from trainer.data.redis_source import RedisRuns
+    from trainer.data.shards import ShardSet
+
+    if getattr(args, "shards", None):
+        return ShardSet(Path(args.shards))
+    return RedisRuns(args.redis, prefix=args.prefix, password=env("redis_password", None, str))
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from trainer.data.records import DataError
+    from trainer.data.validate import load_requirements, validate_source
+
+    shares: dict[str, float] = {}
+    for item in args.min_label_share:
+        key, _, value = item.partition("=")
+        try:
+            shares[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"rrp data validate: --min-label-share wants KEY=SHARE, got {item!r}") from None
+    overrides = {
+        "min_frames": args.min_frames,
+        "min_runs": args.min_runs,
+        "min_tracks": args.min_tracks,
+        "max_offtrack_share": args.max_offtrack_share,
+        "min_label_share": shares,
+    }
+    try:
+        requirements = load_requirements(Path(args.config) if args.config else None, overrides)
+        report = validate_source(_data_source(args), requirements, Path(args.out), track=args.track)
+    except (ValueError, OSError) as exc:  # DataError is a ValueError: a bad config or unreadable export
+        kind = "data" if isinstance(exc, DataError) else "config"
+        raise SystemExit(f"rrp data validate: {kind} error: {exc}") from exc
+    s = report.summary
+    print(f"{s['frames']} frames, {s['runs']} runs, {s['tracks']} tracks; report in {args.out}/validation.md")
+    if not report.passed:
+        print("data validation failed:", *(f"  - {f}" for f in report.failures), sep="\n", file=sys.stderr)
+        return 1
+    print("data validation passed")
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from trainer.data.shards import export_shards
+
+    try:
+        manifest = export_shards(_data_source(args), Path(args.out), shard_frames=args.shard_frames, track=args.track)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"rrp data export: {exc}") from exc
+    frames = sum(r["frames"] for r in manifest["runs"])
+    print(f"exported {len(manifest['runs'])} runs, {frames} frames in {len(manifest['shards'])} shards to {args.out}")
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    data = sub.add_parser("data", help="check and export the recorded training frames")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    def add_redis_flags(p: argparse.ArgumentParser, group: argparse._MutuallyExclusiveGroup | None = None) -> None:
+        (group or p).add_argument(
+            "--redis",
+            default=env("redis_url", "redis://127.0.0.1:6379/0", str),
+            help="Redis URL (RRP_REDIS_URL); the password, if any, from RRP_REDIS_PASSWORD",
+        )
+        p.add_argument("--prefix", default=env("redis_prefix", "rrp:", str), help="key prefix (RRP_REDIS_PREFIX)")
+        p.add_argument("--track", default=None, help="only the runs of this track")
+
+    p = data_sub.add_parser(
+        "validate",
+        help="report on a data set and fail on unmet requirements",
+        description="Reads every frame from Redis or an export, writes validation.json, validation.md and plots "
+        "to --out, and exits 1 listing each unmet requirement. Thresholds: defaults, then --config, then flags.",
+    )
+    where = p.add_mutually_exclusive_group()
+    add_redis_flags(p, where)
+    where.add_argument("--shards", default=None, help="an export folder (from rrp data export) instead of Redis")
+    p.add_argument("--out", default=env("out", "out/data-validation", str), help="report folder (RRP_OUT)")
+    p.add_argument("--config", default=None, help="JSON file of requirements (DataRequirements field names)")
+    p.add_argument("--min-frames", type=int, default=None, help="least frames in all (default 2000)")
+    p.add_argument("--min-runs", type=int, default=None, help="least runs (default 2)")
+    p.add_argument("--min-tracks", type=int, default=None, help="least tracks (default 1)")
+    p.add_argument(
+        "--max-offtrack-share", type=float, default=None, help="most share of wall-contact frames (default 0.2)"
+    )
+    p.add_argument(
+        "--min-label-share",
+        action="append",
+        default=[],
+        metavar="KEY=SHARE",
+        help="least share of frames with a key set, e.g. left=0.05; repeatable (defaults forward=0.3 left=0.05 "
+        "right=0.05)",
+    )
+    p.set_defaults(func=cmd_data_validate)
+
+    p = data_sub.add_parser(
+        "export",
+        help="write runs from Redis to checksummed safetensors shards",
+        description="Writes shard-NNNNN.safetensors files and manifest.json (runs, frame counts, SHA-256) "
+        "to --out, which must not hold an export already.",
+    )
+    add_redis_flags(p)
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--shard-frames", type=int, default=2048, help="frames per shard (default 2048)")
+    p.set_defaults(func=cmd_data_export)
 
 
 def _add_pool_flags(p: argparse.ArgumentParser) -> None:
@@ -129,12 +238,8 @@ def _add_pool_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rrp", description="RallyRoboPilot: race, evolve, collect, train, serve."
-    )
-    parser.add_argument(
-        "--log-level", default=env("log_level", "INFO", str), help="logging level (RRP_LOG_LEVEL)"
-    )
+    parser = argparse.ArgumentParser(prog="rrp", description="RallyRoboPilot: race, evolve, collect, train, serve.")
+    parser.add_argument("--log-level", default=env("log_level", "INFO", str), help="logging level (RRP_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("game-server", help="serve the racing game over gRPC")
@@ -161,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scheduler", help="spread Evaluate batches over a pool of game servers")
     _add_server_flags(p, 50052)
-    p.add_argument(
-        "--servers", default=env("servers", "", str), help="game servers, host:port,host:port (RRP_SERVERS)"
-    )
+    p.add_argument("--servers", default=env("servers", "", str), help="game servers, host:port,host:port (RRP_SERVERS)")
     p.add_argument(
         "--discover",
         default=env("discover", "", str),
@@ -223,11 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pool_flags(p)
     p.set_defaults(func=cmd_evolve)
 
-    p = sub.add_parser("run", help="the main job: start services, drive a lap, write the report")
-    p.add_argument("--track", default=env("track", "kidney", str), help="track to race (RRP_TRACK)")
+    p = sub.add_parser("run", help="the main job: local services, evolve, race, report")
+    p.add_argument("--track", default=env("track", "kidney", str), help="training track (RRP_TRACK)")
     p.add_argument("--out", default=env("out", "out/run", str), help="output folder (RRP_OUT)")
-    p.add_argument("--frames", type=int, default=12, help="camera frames in the strip")
+    p.add_argument("--game-servers", type=int, default=env("game_servers", 2, int), help="local game servers")
+    p.add_argument("--population", type=int, default=env("population", 24, int), help="GA population")
+    p.add_argument("--generations", type=int, default=env("generations", 10, int), help="GA generations")
+    p.add_argument("--seed", type=int, default=env("seed", 0, int), help="seed of the whole run")
     p.set_defaults(func=cmd_run)
+    _add_data_commands(sub)
     return parser
 
 

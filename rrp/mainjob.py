@@ -1,23 +1,28 @@
-"""The main job (`rrp run`): start the services, race, check, and write the report."""
+"""The main job (`rrp run`): start local services, evolve a driver, race it over gRPC, write the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from game_server import convert
 from game_server.client import GameClient, frame_array
-from game_server.core.pilot import ReferenceDriver
+from game_server.core.drivers import RayDriver
 from game_server.core.state import TICK_HZ
+from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps, save_frame_strip
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import start_service
+from rrp.procs import ServiceProcess, start_service
+from trainer.evolve import KIND_DRIVER, EvolveConfig
+from trainer.evolve_job import EvolveOutcome, PoolSpec, run_evolve_job
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +31,100 @@ MAX_LAP_TICKS = 5_000
 
 @dataclass(frozen=True)
 class MainJobConfig:
+    """The main job's embedded defaults; every one can be changed from `rrp run`'s flags."""
+
     track: str = "kidney"
+    extra_tracks: tuple[str, ...] = ("oval", "alpine", "gen-1", "gen-2")
     out_dir: Path = Path("out/run")
+    game_servers: int = 2
+    population: int = 24
+    generations: int = 10
+    seed: int = 0
     frames: int = 12
 
 
-def run_main_job(config: MainJobConfig) -> int:
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    track = load_track(config.track)
-    t0 = time.monotonic()
-    server = start_service(["game-server", "--port", "0"])
-    print(f"[run] game server on {server.address} (pid {server.pid})", flush=True)
+@dataclass
+class Report:
+    """What the run found, written as summary.json and report.md."""
+
+    sections: list[tuple[str, str]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, title: str, markdown: str) -> None:
+        self.sections.append((title, markdown))
+
+    def write(self, out_dir: Path) -> None:
+        (out_dir / "summary.json").write_text(json.dumps(self.figures, indent=2) + "\n")
+        body = ["# RallyRoboPilot run report", ""]
+        for title, text in self.sections:
+            body += [f"## {title}", "", text.strip(), ""]
+        (out_dir / "report.md").write_text("\n".join(body))
+
+
+@contextlib.contextmanager
+def local_game_servers(n: int) -> Iterator[list[ServiceProcess]]:
+    procs: list[ServiceProcess] = []
     try:
-        with GameClient(server.address) as client:
-            summary = _race(client, config, track)
+        for _ in range(n):
+            procs.append(start_service(["game-server", "--port", "0"]))
+        yield procs
     finally:
-        server.stop()
-    summary["wall_time_s"] = round(time.monotonic() - t0, 2)
-    (config.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"[run] wrote {config.out_dir}/lap.png, frames.png, summary.json", flush=True)
-    return 0 if summary["finished"] else 1
+        for p in procs:
+            p.stop()
 
 
-def _race(client: GameClient, config: MainJobConfig, track) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    driver = ReferenceDriver(track)
+def run_main_job(config: MainJobConfig) -> int:
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    t0 = time.monotonic()
+    with local_game_servers(config.game_servers) as servers:
+        addresses = tuple(s.address for s in servers)
+        print(f"[run] {len(servers)} game servers: {', '.join(addresses)}", flush=True)
+        evolved = _evolve(config, addresses, out / "evolve", report)
+        with GameClient(addresses[0]) as client:
+            finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
+    report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
+    report.write(out)
+    print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
+    return 0 if finished else 1
+
+
+def _evolve(config: MainJobConfig, addresses: tuple[str, ...], out: Path, report: Report) -> EvolveOutcome:
+    evolve_config = EvolveConfig(
+        track=config.track,
+        kind=KIND_DRIVER,
+        population=config.population,
+        generations=config.generations,
+        seed=config.seed,
+        extra_tracks=config.extra_tracks,
+    )
+    outcome = run_evolve_job(evolve_config, out, PoolSpec(servers=addresses))
+    best, base = outcome.best.lap_ticks, outcome.baseline_lap_ticks
+    report.figures["evolve"] = {
+        "tracks": list(evolve_config.tracks),
+        "best_lap_ticks": best,
+        "baseline_lap_ticks": base,
+        "driver_id": outcome.best.driver_id,
+        "driver_file": str(outcome.driver_path),
+    }
+    report.add(
+        "Genetic algorithm",
+        f"A closed-loop ray driver evolved with DEAP over {', '.join(evolve_config.tracks)} "
+        f"(population {config.population}, {config.generations} generations, evaluated on {len(addresses)} "
+        f"game servers through the scheduler's pool).\n\n"
+        f"| | lap on {config.track} |\n| --- | --- |\n"
+        f"| GA best (driver `{outcome.best.driver_id}`) | {best} ticks = {best / TICK_HZ:.2f} s |\n"
+        f"| baseline: pure pursuit on the racing line | {base} ticks = {base / TICK_HZ:.2f} s |\n\n"
+        "![fitness](evolve/fitness.png)\n\n![best lap](evolve/best_lap.png)",
+    )
+    return outcome
+
+
+def _race(
+    client: GameClient, config: MainJobConfig, track: Track, driver: RayDriver, evolved: EvolveOutcome, report: Report
+) -> bool:
+    """Drives the evolved driver over the Drive stream from the observations alone (rays and speed)."""
     created = client.create_session(config.track, sim_pb2.FrameOptions(width_px=128, height_px=96))
     masks = bytearray()
     states: list[sim_pb2.SimState] = []
@@ -57,7 +132,7 @@ def _race(client: GameClient, config: MainJobConfig, track) -> dict[str, object]
     def policy(obs: sim_pb2.Observation) -> int | None:
         if obs.state.lap.finished or obs.state.tick >= MAX_LAP_TICKS:
             return None
-        mask = driver.act(convert.state_from_pb(obs.state))
+        mask = driver.act_on(list(obs.rays_m), obs.state.car.speed_m_per_s)
         masks.append(mask)
         return mask
 
@@ -69,26 +144,17 @@ def _race(client: GameClient, config: MainJobConfig, track) -> dict[str, object]
     finished = final.lap.finished
     lap_ticks = final.lap.finish_tick if finished else 0
     print(
-        f"[run] reference driver on {config.track}: "
+        f"[run] evolved driver on {config.track} over the Drive stream: "
         + (f"lap {lap_ticks} ticks = {lap_ticks / TICK_HZ:.2f} s" if finished else "did not finish")
-        + f", {final.lap.wall_contacts} wall-contact ticks, driven over Drive in {drive_s:.1f} s",
+        + f", {final.lap.wall_contacts} wall-contact ticks, {drive_s:.1f} s",
         flush=True,
     )
-
     evaluated = client.evaluate(config.track, bytes(masks), return_trajectory=True)
-    identical = evaluated.result.final_state == final and list(evaluated.trajectory.x_m) == [
-        s.car.x_m for s in states
-    ]
-    print(
-        f"[run] Evaluate of the same {len(masks)} controls on the server: "
-        f"{evaluated.result.lap_ticks} ticks, bit-identical trajectory: {identical}",
-        flush=True,
-    )
+    identical = evaluated.result.final_state == final and list(evaluated.trajectory.x_m) == [s.car.x_m for s in states]
+    print(f"[run] server-side Evaluate of the same controls: bit-identical trajectory: {identical}", flush=True)
 
-    # Camera frames along the lap: replay the controls with Step, asking for a frame at each stop.
     client.reset(created.session_id)
-    n = max(1, config.frames)
-    cuts = np.linspace(0, len(masks), n + 1).astype(int)[1:]
+    cuts = np.linspace(0, len(masks), max(1, config.frames) + 1).astype(int)[1:]
     frames, captions, prev = [], [], 0
     for cut in cuts:
         if cut <= prev:
@@ -99,15 +165,14 @@ def _race(client: GameClient, config: MainJobConfig, track) -> dict[str, object]
         prev = cut
     client.close_session(created.session_id)
 
+    out = config.out_dir
     x = np.array([s.car.x_m for s in states])
     y = np.array([s.car.y_m for s in states])
     v = np.array([s.car.speed_m_per_s for s in states])
-    title = f"{config.track}: reference driver " + (
-        f"{lap_ticks / TICK_HZ:.2f} s" if finished else "(no finish)"
-    )
-    plot_laps(track, [("reference driver", x, y, v)], config.out_dir / "lap.png", title)
-    save_frame_strip(frames, captions, config.out_dir / "frames.png")
-    return {
+    title = f"{config.track}: evolved driver " + (f"{lap_ticks / TICK_HZ:.2f} s" if finished else "(no finish)")
+    plot_laps(track, [("evolved driver", x, y, v)], out / "lap.png", title)
+    save_frame_strip(frames, captions, out / "frames.png")
+    report.figures["race"] = {
         "track": config.track,
         "finished": finished,
         "lap_ticks": lap_ticks,
@@ -115,5 +180,12 @@ def _race(client: GameClient, config: MainJobConfig, track) -> dict[str, object]
         "wall_contact_ticks": final.lap.wall_contacts,
         "evaluate_identical": identical,
         "top_speed_m_per_s": float(v.max()),
-        "drive_stream_s": round(drive_s, 2),
     }
+    report.add(
+        "The evolved driver's lap over gRPC",
+        "Driven tick by tick over the lockstep `Drive` stream from the observations' rays and speed: "
+        + (f"**{lap_ticks} ticks = {lap_ticks / TICK_HZ:.2f} s**" if finished else "**no finish**")
+        + f", {final.lap.wall_contacts} wall-contact ticks; the server-side `Evaluate` of the same controls "
+        f"gives a bit-identical trajectory: {identical}.\n\n![lap](lap.png)\n\n![frames](frames.png)",
+    )
+    return bool(finished)

@@ -20,8 +20,8 @@ SMALL = EvolveConfig(track="kidney", population=12, generations=3, seed=7)
 
 def _history(evolution: Evolution, generations: int) -> list[tuple[float, float]]:
     state = evolution.start()
-    for state in evolution.run(state, until=generations):  # noqa: B007
-        pass
+    for generation in evolution.run(state, until=generations):
+        state = generation
     return [(g.best_cost, g.median_cost) for g in state.history] + [(float(len(state.population)), 0.0)]
 
 
@@ -50,15 +50,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     straight = _history(Evolution(config, map), 4)
     evolution = Evolution(config, map)
     state = evolution.start()
-    for state in evolution.run(state, until=2):  # noqa: B007
-        pass
+    for generation in evolution.run(state, until=2):
+        state = generation
     save_checkpoint(tmp_path / "c.json", state)
     import random
 
     random.seed(12345)  # whatever happens between the stop and the resume must not matter
     resumed = load_checkpoint(tmp_path / "c.json")
-    for resumed in Evolution(config, map).run(resumed, until=4):  # noqa: B007
-        pass
+    for generation in Evolution(config, map).run(resumed, until=4):
+        resumed = generation
     again = [(g.best_cost, g.median_cost) for g in resumed.history] + [(float(len(resumed.population)), 0.0)]
     assert again == straight
 

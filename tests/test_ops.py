@@ -97,9 +97,24 @@ def test_rpcs_are_traced_over_otlp_when_configured() -> None:
 
 
 def test_cli_help_for_every_command() -> None:
-    for args in ([], ["game-server"], ["play"], ["run"]):
+    for args in ([], ["game-server"], ["play"], ["run"], ["evolve"], ["scheduler"]):
         result = subprocess.run(
             [str(BIN / "rrp"), *args, "--help"], capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr
         assert "usage: rrp" in result.stdout
+
+
+def test_main_job_smoke(tmp_path: Path) -> None:
+    """`rrp run` on a tiny budget: services start, the GA runs on the pool, the lap is raced and reported."""
+    result = subprocess.run(
+        [str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["race"]["finished"] and summary["race"]["evaluate_identical"]
+    for name in ("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"):
+        assert (tmp_path / name).stat().st_size > 0

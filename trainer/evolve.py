@@ -122,7 +122,7 @@ class Evolution:
         self.config = config
         self.reference = reference or Reference.compute(config.tracks)
         ref_ticks = self.reference.lap_ticks
-        self.budgets = {t: int(math.ceil(ref_ticks[t] * config.budget_factor)) for t in config.tracks}
+        self.budgets = {t: math.ceil(ref_ticks[t] * config.budget_factor) for t in config.tracks}
         self.toolbox = base.Toolbox()
         self.toolbox.register("map", map_fn)
         self.toolbox.register("select", tools.selTournament, tournsize=config.tournament)
@@ -205,7 +205,11 @@ class Evolution:
             population = self.next_generation(state.population)
             n = self.evaluate(population)
             champion = tools.selBest(population, 1)[0]
-            best = self.toolbox.clone(champion) if champion.fitness.values[0] < state.best.fitness.values[0] else state.best
+            best = (
+                self.toolbox.clone(champion)
+                if champion.fitness.values[0] < state.best.fitness.values[0]
+                else state.best
+            )
             state = EvolveState(self.config, state.generation + 1, population, best, state.history)
             state.history.append(self._stats(state.generation, population, best, n, time.perf_counter() - t0))
             yield state

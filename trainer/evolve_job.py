@@ -13,17 +13,17 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from game_server.core import drivers, physics  # noqa: E402
-from game_server.core.state import TICK_HZ  # noqa: E402
-from game_server.core.tracks import load_track  # noqa: E402
-from game_server.trackmap import plot_laps  # noqa: E402
-from rrp.procs import ServiceProcess, start_service  # noqa: E402
-from scheduler.executor import EvaluationPool, PoolConfig  # noqa: E402
-from trainer.driver_file import SavedDriver, save_driver  # noqa: E402
-from trainer.evolve import (  # noqa: E402
+from game_server.core import drivers, physics
+from game_server.core.state import TICK_HZ
+from game_server.core.tracks import load_track
+from game_server.trackmap import plot_laps
+from rrp.procs import ServiceProcess, start_service
+from scheduler.executor import EvaluationPool, PoolConfig
+from trainer.driver_file import SavedDriver, save_driver
+from trainer.evolve import (
     KIND_PROGRAM,
     Evolution,
     EvolveConfig,
@@ -67,13 +67,13 @@ def evaluation_map(spec: PoolSpec) -> Iterator[tuple[Any, str]]:
     procs: list[ServiceProcess] = []
     try:
         if spec.servers or spec.discover:
-            config = PoolConfig(servers=spec.servers, discover=spec.discover, evaluate_timeout_s=spec.evaluate_timeout_s)
+            config = PoolConfig(
+                servers=spec.servers, discover=spec.discover, evaluate_timeout_s=spec.evaluate_timeout_s
+            )
             where = ",".join(spec.servers) if spec.servers else f"dns:{spec.discover}"
         else:
             procs = [start_service(["game-server", "--port", "0"]) for _ in range(spec.local_servers)]
-            config = PoolConfig(
-                servers=tuple(p.address for p in procs), evaluate_timeout_s=spec.evaluate_timeout_s
-            )
+            config = PoolConfig(servers=tuple(p.address for p in procs), evaluate_timeout_s=spec.evaluate_timeout_s)
             where = f"{len(procs)} local game servers ({', '.join(p.address for p in procs)})"
         with EvaluationPool(config) as pool:
             pool.wait_ready(1, timeout_s=60)
@@ -108,7 +108,7 @@ def run_evolve_job(config: EvolveConfig, out_dir: Path, pool: PoolSpec, resume: 
             state = evolution.start()
             print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
             save_checkpoint(checkpoint, state)
-        for state in evolution.run(state):
+        for state in evolution.run(state):  # noqa: B020 - each generation replaces the last
             print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
             save_checkpoint(checkpoint, state)
     return _finish(evolution, state, out_dir)
@@ -141,7 +141,11 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
         run = physics.run_program(track, track.base_state, saved.masks, record_trajectory=True)
     else:
         run = drivers.run_driver(
-            track, track.base_state, saved.ray_driver(), max_ticks=evolution.budgets[config.track], record_trajectory=True
+            track,
+            track.base_state,
+            saved.ray_driver(),
+            max_ticks=evolution.budgets[config.track],
+            record_trajectory=True,
         )
     base_run = physics.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
     for label, r in ((f"GA best ({_secs(lap_ticks)})", run), (f"baseline ({_secs(baseline)})", base_run)):

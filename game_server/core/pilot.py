@@ -1,7 +1,8 @@
-"""Reference driver: a non-learned, privileged controller following the centre line with the binary keys."""
+"""Reference driver: a non-learned, privileged pure-pursuit controller on a racing line, with the binary keys."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from game_server.core.physics import (
     turn_radius,
 )
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, SimState
-from game_server.core.track import Track
+from game_server.core.track import Track, curvature_of
 from game_server.core.trig import sincos
 
 # The car drives circles of radius 2 r(v); aim for this share of that radius limit so bang-bang steering
@@ -25,18 +26,53 @@ from game_server.core.trig import sincos
 _RADIUS_SHARE = 0.75
 _BRAKE_PLAN = 0.7 * BRAKE_DECEL
 _MIN_SPEED = 4.0
+# Distance kept between the racing line and the barriers: the car's radius and room to correct.
+_LINE_MARGIN_M = 2.5
+CENTRE = "centre"
+RACING = "racing"
+
+
+@functools.lru_cache(maxsize=32)
+def racing_line(track: Track, margin_m: float = _LINE_MARGIN_M, iterations: int = 3000) -> np.ndarray:
+    """A minimum-curvature line: centre-line points moved along their normals, within the barriers.
+
+    Projected gradient descent on the sum of squared second differences of the path (a discrete
+    curvature energy), each point clipped to |offset| <= half width - margin.
+    """
+    centre = track.centerline
+    tangent = track.point_tangent
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
+    bound = np.maximum(track.half_width - margin_m, 0.0)
+    offset = np.zeros(track.n_points)
+    step_size = 1.0 / 40.0  # below 2 / the largest eigenvalue (16) of the squared second difference
+    for _ in range(iterations):
+        path = centre + normal * offset[:, None]
+        second = np.roll(path, 1, axis=0) - 2.0 * path + np.roll(path, -1, axis=0)
+        force = np.roll(second, 1, axis=0) - 2.0 * second + np.roll(second, -1, axis=0)
+        offset = np.clip(offset - step_size * 2.0 * np.sum(force * normal, axis=1), -bound, bound)
+    line = np.asarray(centre + normal * offset[:, None])
+    line.setflags(write=False)  # cached and shared
+    return line
 
 
 class ReferenceDriver:
-    """Pure pursuit on the centre line plus a speed profile derived from the car's turning law."""
+    """Pure pursuit on a line (the racing line by default, or the centre line) plus a speed profile derived
+    from the car's turning law: the fastest speed whose turning circle fits the line's curvature, braking
+    in time for the next corner."""
 
-    def __init__(self, track: Track, look_ahead_s: float = 0.35, dead_band: float = 0.3) -> None:
+    def __init__(self, track: Track, look_ahead_s: float = 0.35, dead_band: float = 0.3, line: str = RACING) -> None:
         self.track = track
         self.look_ahead_s = look_ahead_s
         self.dead_band = dead_band
         n = track.n_points
+        if line == RACING:
+            path = racing_line(track)
+        elif line == CENTRE:
+            path = track.centerline
+        else:
+            raise ValueError(f"line must be {RACING!r} or {CENTRE!r}")
         # Curvature seen by the car: the tightest within a few points either side.
-        kappa = np.abs(track.curvature)
+        kappa = np.abs(curvature_of(path))
         tight = np.max(np.stack([np.roll(kappa, s) for s in range(-3, 4)]), axis=0)
         radius_budget = np.maximum(_RADIUS_SHARE / (2.0 * np.maximum(tight, 1e-9)) - MIN_TURN_RADIUS, 0.0)
         corner = TOP_SPEED * np.minimum(radius_budget / TURN_RADIUS_GAIN, 1.0) ** (2.0 / 3.0)
@@ -49,8 +85,8 @@ class ReferenceDriver:
                 limit[i] = min(limit[i], math.sqrt(nxt * nxt + 2.0 * _BRAKE_PLAN * seg_len[i]))
         self.speed_limit = limit.tolist()
         self.cum_arc = track.cum_arc
-        self.cx = track.centerline[:, 0]
-        self.cy = track.centerline[:, 1]
+        self.cx = path[:, 0]
+        self.cy = path[:, 1]
 
     def _point_at(self, arc: float) -> tuple[float, float]:
         arc = arc % self.track.length_m
@@ -90,9 +126,9 @@ class ReferenceDriver:
         return keys
 
 
-def drive_lap(track: Track, max_ticks: int = 3000) -> tuple[bytes, RunResult]:
+def drive_lap(track: Track, max_ticks: int = 3000, line: str = RACING) -> tuple[bytes, RunResult]:
     """Drives one lap from the base state; returns the control program and its evaluation."""
-    driver = ReferenceDriver(track)
+    driver = ReferenceDriver(track, line=line)
     state = track.base_state
     masks = bytearray()
     while not state.lap.finished and len(masks) < max_ticks:

@@ -1,4 +1,4 @@
-"""Camera frames of the simulation: an adapter that reads SimState and draws the track scene offscreen."""
+"""Camera frames of the simulation: an adapter that reads SimState and has ursina draw the track offscreen."""
 
 from game_server.render.renderer import FrameSpec, Renderer, shared_renderer
 

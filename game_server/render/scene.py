@@ -1,8 +1,9 @@
 """The 3D track scene built from a Track as a few merged Panda3D meshes, shared by renderer and `rrp play`.
 
 Scene coordinates follow ursina (`coordinate-system y-up-left`): simulation (x, y) maps to scene (x, z) and
-scene y is up. Everything here is plain `panda3d.core`, so the offscreen renderer and the ursina window
-attach the very same nodes and frames look like the game.
+scene y is up. Everything here is plain `panda3d.core` (importing it starts no ursina app); the offscreen
+renderer wraps these nodes in ursina Entities and `rrp play` attaches them to its window's scene, so both
+draw the very same nodes and frames look like the game.
 """
 
 from __future__ import annotations

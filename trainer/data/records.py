@@ -56,7 +56,7 @@ def run_info_from_start(start: pb.RunStart, started_unix_s: float, end: pb.RunEn
     """Checks a RunStart before any frame is decoded with it, so a bad header fails once, clearly."""
     if start.encoding not in ENCODING_NAMES:
         raise DataError(f"run {start.run_id!r}: unknown image encoding {start.encoding}")
-    if not (0 < start.width_px and 0 < start.height_px and start.width_px * start.height_px <= MAX_IMAGE_PIXELS):
+    if not (start.width_px > 0 and start.height_px > 0 and start.width_px * start.height_px <= MAX_IMAGE_PIXELS):
         raise DataError(f"run {start.run_id!r}: image size {start.width_px}x{start.height_px} is out of bounds")
     return RunInfo(
         run_id=start.run_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 
@@ -32,7 +33,8 @@ class RedisRuns:
             # A password from the environment or a file is passed separately, so it need not sit in the URL.
             extra = {} if password is None else {"password": password}
             client = redis.Redis.from_url(client, **extra)
-        self._redis = client
+        # redis-py types replies as unions over decode_responses and async clients; this client returns bytes.
+        self._redis: Any = client
         self._prefix = prefix
         self._page_size = page_size
 
@@ -58,7 +60,8 @@ class RedisRuns:
     def runs(self, track: str | None = None) -> list[RunInfo]:
         """Runs ordered by start time then id; a run indexed before its meta was written is skipped."""
         if track is None:
-            indexed = [(m.decode(), float(s)) for m, s in self._redis.zrange(f"{self._prefix}runs", 0, -1, withscores=True)]
+            index = self._redis.zrange(f"{self._prefix}runs", 0, -1, withscores=True)
+            indexed: list[tuple[str, float | None]] = [(m.decode(), float(s)) for m, s in index]
         else:
             indexed = [(m.decode(), None) for m in self._redis.smembers(f"{self._prefix}track:{track}:runs")]
         pipe = self._redis.pipeline(transaction=False)

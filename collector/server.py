@@ -1,0 +1,77 @@
+"""Collector lifecycle: connect to Redis, build the service, serve, shut down on a signal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from collector.ingest import IngestLimits, Ingestor
+from collector.servicer import CollectorServicer
+from collector.store import FrameStore, RedisConfig
+from rallyrobopilot.v1 import collector_pb2, collector_pb2_grpc
+from rrp.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+from rrp.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = collector_pb2.DESCRIPTOR.services_by_name["CollectorService"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages are refused by gRPC itself with RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    server: ServerConfig = field(
+        default_factory=lambda: ServerConfig(service_name="collector", max_message_bytes=MAX_MESSAGE_BYTES)
+    )
+    limits: IngestLimits = field(default_factory=IngestLimits)
+
+
+@dataclass
+class CollectorServer:
+    running: RunningServer
+    store: FrameStore
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.running.stop(grace_s)
+        self.store.r.close()
+
+
+def create_collector_server(config: CollectorConfig) -> CollectorServer:
+    """Starts serving even when Redis is down (calls answer UNAVAILABLE until it is back)."""
+    store = FrameStore.connect(config.redis)
+    try:
+        store.ping()
+        log.info("Redis at %s answers", config.redis.safe_url)
+    except Unavailable as exc:
+        log.warning("%s; serving anyway, calls fail with UNAVAILABLE until Redis is back", exc)
+    ingestor = Ingestor(store, config.limits)
+
+    def register(server: grpc.Server) -> Sequence[str]:
+        collector_pb2_grpc.add_CollectorServiceServicer_to_server(CollectorServicer(ingestor, store), server)
+        return [SERVICE_NAME]
+
+    return CollectorServer(create_server(config.server, register), store)
+
+
+def serve(config: CollectorConfig, on_stop: Callable[[], None] | None = None) -> None:
+    server = create_collector_server(config)
+    print(f"collector listening on {server.address}", flush=True)
+
+    def stopped() -> None:
+        server.store.r.close()
+        if on_stop is not None:
+            on_stop()
+
+    serve_until_signal(server.running, on_stop=stopped)

@@ -1,0 +1,152 @@
+"""A private redis-server process (AOF, fsync always) for the CLI, the main job, tests and benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel picks it; a race with other processes is unlikely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: a collector killed with SIGKILL must not leave its Redis behind.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalRedis:
+    """One redis-server bound to 127.0.0.1, its data (append-only file) in `data_dir`.
+
+    The port is chosen once (port=0: a free one) and kept, so `stop()` then `start()` restarts the same
+    server on the same data, as a crash-and-recover would. The password, if any, goes into a 0600 config
+    file, never onto the command line where `ps` would show it.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        *,
+        password: str | None = None,
+        executable: str = "redis-server",
+        die_with_parent: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.password = password
+        self.executable = executable
+        self.die_with_parent = die_with_parent
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)  # type: ignore[arg-type]
+
+    def _command(self) -> list[str]:
+        exe = shutil.which(self.executable)
+        if exe is None:
+            raise FileNotFoundError(f"{self.executable} not found: install it (apt-get install redis-server)")
+        cmd = [exe]
+        if self.password is not None:
+            conf = self.data_dir / "secret.conf"
+            conf.touch(mode=0o600)
+            conf.chmod(0o600)
+            conf.write_text(f'requirepass "{self.password}"\n')
+            cmd.append(str(conf))
+        cmd += [
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        return cmd
+
+    def start(self, timeout_s: float = 15.0) -> LocalRedis:
+        """Starts the server and returns once it answers PING (it may first replay its append-only file)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+        )
+        deadline = time.monotonic() + timeout_s
+        probe = self.client(socket_connect_timeout=1.0, socket_timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self._log_tail()}")
+                try:
+                    if probe.ping():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # not listening yet, or still loading its data
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout_s}s")
+                time.sleep(0.02)
+        finally:
+            probe.close()
+        log.info("local Redis at %s (data in %s)", self.url, self.data_dir)
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits; SIGKILL if it does not in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

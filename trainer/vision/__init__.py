@@ -1,0 +1,1 @@
+"""The vision autopilot: a CNN that drives from the camera frame (and the dashboard speed) alone."""

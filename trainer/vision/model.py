@@ -1,0 +1,99 @@
+"""The vision autopilot network: a small CNN from a raw uint8 camera frame and the speed to two 3-way key heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from game_server.core.physics import TOP_SPEED
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+
+# Head classes. Two 3-way heads instead of four independent keys: the net cannot ask for forward and
+# back (or left and right) at once, and "no key" is a class of its own rather than the absence of two.
+THROTTLE_NONE, THROTTLE_FORWARD, THROTTLE_BACK = 0, 1, 2
+STEER_NONE, STEER_LEFT, STEER_RIGHT = 0, 1, 2
+N_CLASSES = 3
+N_LOGITS = 2 * N_CLASSES  # [throttle logits (3), steering logits (3)]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The network's shape: input resolution, conv channel widths, hidden units and the init seed."""
+
+    width: int = 128
+    height: int = 96
+    channels: tuple[int, ...] = (16, 32, 48, 64)
+    hidden: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        stride = 2 ** len(self.channels)
+        if self.width % stride or self.height % stride:
+            raise ValueError(f"width and height must be multiples of {stride} (one halving per conv layer)")
+        if not self.channels or min(self.channels) < 1 or self.hidden < 1:
+            raise ValueError("channels and hidden units must be positive")
+
+
+class DrivingNet(nn.Module):
+    """frames (N, H, W, 3) uint8 RGB as the renderer gives them, speed (N,) m/s -> logits (N, 6).
+
+    Normalisation happens inside, so the exported TorchScript model takes the renderer's bytes as they are:
+    each frame is standardised by its own mean and spread, which makes the net indifferent to the global
+    brightness and contrast that domain randomisation varies. Convolutions keep the layout (flattened, not
+    pooled) because where the road edges are in the picture is what decides the steering.
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c_out in enumerate(config.channels):
+            kernel = 5 if i == 0 else 3
+            layers += [nn.Conv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        stride = 2 ** len(config.channels)
+        flat = c_in * (config.height // stride) * (config.width // stride)
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat, config.hidden), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(config.hidden + 1, config.hidden // 2), nn.ReLU(),
+                                  nn.Linear(config.hidden // 2, N_LOGITS))
+
+    def forward(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 3, 1, 2).float()
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) / (std + 1.0)
+        z = self.trunk(self.features(x))
+        v = (speed.float() / TOP_SPEED).reshape(-1, 1)
+        return self.head(torch.cat([z, v], dim=1))
+
+
+def build_model(config: VisionConfig) -> DrivingNet:
+    """A freshly initialised network; the same config (seed included) gives the same weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    model = DrivingNet(config)
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def mask_targets(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Control masks -> (throttle class, steering class); pressing both keys of a pair counts as neither."""
+    m = masks.long()
+    fwd, back = (m & FORWARD) > 0, (m & BACK) > 0
+    left, right = (m & LEFT) > 0, (m & RIGHT) > 0
+    throttle = torch.where(fwd & ~back, THROTTLE_FORWARD, torch.where(back & ~fwd, THROTTLE_BACK, THROTTLE_NONE))
+    steer = torch.where(left & ~right, STEER_LEFT, torch.where(right & ~left, STEER_RIGHT, STEER_NONE))
+    return throttle, steer
+
+
+def decide(logits: torch.Tensor) -> torch.Tensor:
+    """The keys to press: the most likely class of each head, as (N,) int64 control masks."""
+    throttle = logits[:, :N_CLASSES].argmax(dim=1)
+    steer = logits[:, N_CLASSES:].argmax(dim=1)
+    throttle_bits = torch.where(throttle == THROTTLE_FORWARD, FORWARD, torch.where(throttle == THROTTLE_BACK, BACK, 0))
+    steer_bits = torch.where(steer == STEER_LEFT, LEFT, torch.where(steer == STEER_RIGHT, RIGHT, 0))
+    return throttle_bits | steer_bits
