@@ -93,9 +93,7 @@ def plan_episodes(
     episodes: int, drivers: Sequence[SavedDriver], tracks: Sequence[str], seed: int, prefix: str
 ) -> list[Episode]:
     """Round-robin over (driver, track) pairs; an open-loop program only pairs with its own track."""
-    pairs = [
-        (d, t) for d in drivers for t in tracks if d.kind != "program" or d.track == t
-    ]
+    pairs = [(d, t) for d in drivers for t in tracks if d.kind != "program" or d.track == t]
     if not pairs:
         raise ValueError("no driver can run on these tracks: programs replay only on the track they were evolved on")
     plan = []
@@ -107,17 +105,18 @@ def plan_episodes(
 
 
 @contextlib.contextmanager
-def _collector(config: CollectConfig) -> Iterator[tuple[str, str | None]]:
-    """Yields the collector's address and the local Redis data folder, starting what is not given."""
-    if config.collector:
-        yield config.collector, None
+def collector_for(address: str | None, redis_url: str | None, data_dir: Path) -> Iterator[tuple[str, str | None]]:
+    """Yields a collector address and the local Redis data folder (None if not local), starting what is missing:
+    a collector on `redis_url`, or on a Redis of its own whose data stays in `data_dir` after it stops."""
+    if address:
+        yield address, None
         return
     local: LocalRedis | None = None
     service: ServiceProcess | None = None
     try:
-        url = config.redis_url
+        url = redis_url
         if url is None:
-            local = LocalRedis(config.out_dir / REDIS_DIR, die_with_parent=True).start()
+            local = LocalRedis(data_dir, die_with_parent=True).start()
             url = local.url
         service = start_service(["collector", "--port", "0", "--redis", url])
         yield service.address, str(local.data_dir) if local else None
@@ -153,13 +152,16 @@ def run_collect(config: CollectConfig, pool_spec: PoolSpec) -> CollectSummary:
     prefix = config.run_prefix or f"collect-s{config.seed}"
     plan = plan_episodes(config.episodes, drivers, config.tracks, config.seed, prefix)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    with _collector(config) as (address, redis_dir):
+    with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
         task = RecordTask(_with_address(config.settings, address))
         with _pool(pool_spec, task.timeout_s) as (pool, where):
             print(f"[collect] {len(plan)} episodes on {where}, frames to the collector at {address}", flush=True)
             t0 = time.perf_counter()
             futures = [pool.submit(task, episode) for episode in plan]
-            rows = [_report(i, len(plan), episode, future) for i, (episode, future) in enumerate(zip(plan, futures))]
+            rows = [
+                _report(i, len(plan), episode, future)
+                for i, (episode, future) in enumerate(zip(plan, futures, strict=True))
+            ]
             seconds = time.perf_counter() - t0
     frames = sum(r.frames for r in rows)
     summary = CollectSummary(

@@ -11,6 +11,7 @@ The play loop never waits for either: a writer thread drains a queue into the pi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import queue
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, TextIO
+from typing import IO, BinaryIO, TextIO
 
 from game_server import convert
 from game_server.core.state import SimState
@@ -59,7 +60,7 @@ class RecordedRun:
     finished: bool
 
 
-def write_message(stream: BinaryIO, message: collector_pb2.IngestRequest) -> None:
+def write_message(stream: IO[bytes], message: collector_pb2.IngestRequest) -> None:
     body = message.SerializeToString()
     stream.write(_LENGTH.pack(len(body)) + body)
 
@@ -164,10 +165,8 @@ class PlayRecorder:
         except BrokenPipeError:
             log.error("the recording helper stopped; this lap is no longer recorded")
         finally:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 pipe.close()
-            except BrokenPipeError:
-                pass
 
 
 @dataclass

@@ -76,8 +76,60 @@ def cmd_play(args: argparse.Namespace) -> int:
     from game_server.core.tracks import load_track
     from game_server.play import run_play
 
-    run_play(load_track(args.track), physics.step)
+    if not args.record:
+        run_play(load_track(args.track), physics.step)
+        return 0
+    import contextlib
+
+    from collector.collect import collector_for
+    from game_server.play_recording import PlayRecordConfig, PlayRecorder
+
+    with collector_for(args.collector or None, None, Path(args.out) / "redis") as (address, _):
+        recorder = PlayRecorder(PlayRecordConfig(address, encoding=_ENCODINGS[args.encoding]), args.track)
+        try:
+            with contextlib.suppress(SystemExit):  # ursina quits with sys.exit when the window closes
+                run_play(load_track(args.track), physics.step, record_hook=recorder)
+        finally:
+            runs = recorder.close()
+    for run in runs:
+        print(f"recorded {run.run_id}: {run.frames} frames, {run.acked} acknowledged, collector {address}")
     return 0
+
+
+_ENCODINGS = {"raw": 1, "png": 2, "jpeg": 3}  # collector.proto ImageEncoding
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from collector.collect import CollectConfig, run_collect
+    from collector.tasks import RecordSettings
+
+    settings = RecordSettings(
+        collector_address="",
+        max_ticks=args.max_ticks,
+        encoding=_ENCODINGS[args.encoding],
+        jpeg_quality=args.jpeg_quality,
+        width_px=args.width,
+        height_px=args.height,
+        domain_randomization=not args.no_randomize,
+        perturb_probability=args.perturb_prob,
+        perturb_max_ticks=args.perturb_max_ticks,
+    )
+    try:
+        config = CollectConfig(
+            episodes=args.episodes,
+            driver_paths=tuple(Path(p) for p in args.drivers.split(",") if p),
+            tracks=tuple(t for t in args.tracks.split(",") if t),
+            out_dir=Path(args.out),
+            seed=args.seed,
+            settings=settings,
+            collector=args.collector or None,
+            redis_url=args.redis or None,
+            run_prefix=args.run_prefix,
+        )
+        summary = run_collect(config, _pool_spec(args))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"rrp collect: {exc}") from exc
+    return 0 if summary.failed == 0 else 1
 
 
 def _pool_spec(args: argparse.Namespace) -> PoolSpec:
@@ -129,6 +181,8 @@ def _data_source(args: argparse.Namespace) -> FrameSource:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    import redis
+
     from trainer.data.records import DataError
     from trainer.data.validate import load_requirements, validate_source
 
@@ -149,7 +203,9 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     try:
         requirements = load_requirements(Path(args.config) if args.config else None, overrides)
         report = validate_source(_data_source(args), requirements, Path(args.out), track=args.track)
-    except (ValueError, OSError) as exc:  # DataError is a ValueError: a bad config or unreadable export
+    except redis.RedisError as exc:
+        raise SystemExit(f"rrp data validate: Redis: {exc}") from exc
+    except (ValueError, OSError) as exc:  # DataError is a ValueError: an unreadable export, else a bad config
         kind = "data" if isinstance(exc, DataError) else "config"
         raise SystemExit(f"rrp data validate: {kind} error: {exc}") from exc
     s = report.summary
@@ -162,11 +218,13 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
+    import redis
+
     from trainer.data.shards import export_shards
 
     try:
         manifest = export_shards(_data_source(args), Path(args.out), shard_frames=args.shard_frames, track=args.track)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, redis.RedisError) as exc:
         raise SystemExit(f"rrp data export: {exc}") from exc
     frames = sum(r["frames"] for r in manifest["runs"])
     print(f"exported {len(manifest['runs'])} runs, {frames} frames in {len(manifest['shards'])} shards to {args.out}")
@@ -312,7 +370,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("play", help="drive the game yourself in a window (WASD or arrows, R reset, Esc quit)")
     p.add_argument("--track", default="oval", help="track name: a built-in or gen-<seed>")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="stream every tick (frame rendered offscreen from the tick's state, keys as labels) to a collector; "
+        "R starts a new run",
+    )
+    p.add_argument(
+        "--collector",
+        default=env("collector", "", str),
+        help="with --record: collector host:port (RRP_COLLECTOR); none: start one here with a Redis in --out",
+    )
+    p.add_argument("--encoding", choices=sorted(_ENCODINGS), default="png", help="with --record: image encoding")
+    p.add_argument("--out", default=env("out", "out/play", str), help="with --record and no --collector: Redis data")
     p.set_defaults(func=cmd_play)
+
+    p = sub.add_parser(
+        "collect",
+        help="record camera frames of drivers on a pool of game servers into Redis",
+        description="Spreads recording episodes (Record calls) over game servers, round-robin over driver files x "
+        "tracks, each with its own perturbation and randomisation seed derived from --seed; writes "
+        "collect_summary.json to --out. Run ids are PREFIX-TRACK-NNNN, so collecting again stores nothing twice.",
+    )
+    p.add_argument("--episodes", type=int, default=8, help="episodes to record")
+    p.add_argument("--drivers", required=True, help="driver files (rrp evolve's best_driver.json), PATH[,PATH]")
+    p.add_argument("--tracks", default=env("track", "oval", str), help="tracks a,b,c (RRP_TRACK)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--servers", default=env("servers", "", str), help="game servers host:port,... (RRP_SERVERS)")
+    where.add_argument(
+        "--discover", default=env("discover", None, str), help="DNS name[:port] of the game servers (RRP_DISCOVER)"
+    )
+    p.add_argument("--local-servers", type=int, default=2, help="without --servers/--discover: game servers to start")
+    sink = p.add_mutually_exclusive_group()
+    sink.add_argument("--collector", default=env("collector", "", str), help="collector host:port (RRP_COLLECTOR)")
+    sink.add_argument(
+        "--redis", default=None, help="Redis URL for a collector started here; neither: a private Redis in --out"
+    )
+    p.add_argument("--encoding", choices=sorted(_ENCODINGS), default="png", help="image encoding")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100")
+    p.add_argument("--width", type=int, default=128, help="frame width, pixels")
+    p.add_argument("--height", type=int, default=96, help="frame height, pixels")
+    p.add_argument("--no-randomize", action="store_true", help="no domain randomisation of the frames")
+    p.add_argument("--perturb-prob", type=float, default=0.02, help="per-tick probability a perturbation starts")
+    p.add_argument("--perturb-max-ticks", type=int, default=12, help="longest perturbation, ticks")
+    p.add_argument("--max-ticks", type=int, default=3000, help="ticks per episode at most (it stops at the finish)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every episode's seeds")
+    p.add_argument("--run-prefix", default="", help="run id prefix (default collect-s<seed>)")
+    p.add_argument("--out", default=env("out", "out/collect", str), help="folder for the summary (and Redis data)")
+    p.set_defaults(func=cmd_collect, in_process=False)
 
     p = sub.add_parser("evolve", help="evolve a fast lap (open-loop program) or a closed-loop driver with DEAP")
     p.add_argument("--track", default=env("track", "kidney", str), help="training track (RRP_TRACK)")
