@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from collector.tasks import Episode, RecordSettings, RecordTask
+from game_server.core.tracks import load_track
 from rallyrobopilot.v1 import game_pb2
 from rrp.procs import ServiceProcess, start_service
-from rrp.redis_local import LocalRedis
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import EvaluationError
 from trainer.driver_file import SavedDriver, load_driver
@@ -106,25 +106,19 @@ def plan_episodes(
 
 @contextlib.contextmanager
 def collector_for(address: str | None, redis_url: str | None, data_dir: Path) -> Iterator[tuple[str, str | None]]:
-    """Yields a collector address and the local Redis data folder (None if not local), starting what is missing:
-    a collector on `redis_url`, or on a Redis of its own whose data stays in `data_dir` after it stops."""
+    """Yields a collector address and the private Redis data folder (None if there is none), starting a
+    collector here unless `address` is given: on `redis_url`, or on a private Redis whose data stays in
+    `data_dir`. The URL goes through the environment, never the command line, as it may hold a password."""
     if address:
         yield address, None
         return
-    local: LocalRedis | None = None
-    service: ServiceProcess | None = None
+    service = start_service(
+        ["collector", "--port", "0", "--redis-dir", str(data_dir)], env={"RRP_REDIS_URL": redis_url or ""}
+    )
     try:
-        url = redis_url
-        if url is None:
-            local = LocalRedis(data_dir, die_with_parent=True).start()
-            url = local.url
-        service = start_service(["collector", "--port", "0", "--redis", url])
-        yield service.address, str(local.data_dir) if local else None
+        yield service.address, None if redis_url else str(data_dir)
     finally:
-        if service is not None:
-            service.stop()
-        if local is not None:
-            local.stop()
+        service.stop()
 
 
 @contextlib.contextmanager
@@ -148,6 +142,8 @@ def _pool(spec: PoolSpec, timeout_s: float) -> Iterator[tuple[EvaluationPool, st
 
 def run_collect(config: CollectConfig, pool_spec: PoolSpec) -> CollectSummary:
     """Records every planned episode on the pool, many servers streaming at once; writes collect_summary.json."""
+    for track in config.tracks:
+        load_track(track)  # an unknown track fails here, before any process starts
     drivers = [load_driver(p) for p in config.driver_paths]
     prefix = config.run_prefix or f"collect-s{config.seed}"
     plan = plan_episodes(config.episodes, drivers, config.tracks, config.seed, prefix)

@@ -174,7 +174,8 @@ def validate_record(record: FrameRecord, start: RunStart, last_tick: int | None,
         expected = start.width_px * start.height_px * 3
         if size != expected:
             raise InvalidArgument(
-                f"tick {record.tick}: a raw {start.width_px}x{start.height_px} RGB image is {expected} bytes, got {size}"
+                f"tick {record.tick}: a raw {start.width_px}x{start.height_px} RGB image is {expected} bytes,"
+                f" got {size}"
             )
         return
     if size > limits.max_encoded_image_bytes:

@@ -36,5 +36,7 @@ class CollectorServicer(collector_pb2_grpc.CollectorServiceServicer):
         runs = self.store.list_runs(request.track, request.limit)
         return collector_pb2.ListRunsResponse(runs=[run_summary(r) for r in runs])
 
-    def GetRun(self, request: collector_pb2.GetRunRequest, context: grpc.ServicerContext) -> collector_pb2.GetRunResponse:
+    def GetRun(
+        self, request: collector_pb2.GetRunRequest, context: grpc.ServicerContext
+    ) -> collector_pb2.GetRunResponse:
         return collector_pb2.GetRunResponse(run=run_summary(self.store.get_run(request.run_id)))

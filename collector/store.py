@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -169,7 +170,7 @@ class FrameStore:
         with self._translated("start_run"):
             existing = self.r.hget(meta, "start")
             if existing is not None:
-                if RunStart.FromString(existing) != start:
+                if RunStart.FromString(cast(bytes, existing)) != start:
                     raise FailedPrecondition(
                         f"run {start.run_id!r} already exists with different metadata; choose a new run_id"
                     )
@@ -247,12 +248,12 @@ class FrameStore:
         limit = DEFAULT_LIST_RUNS if limit <= 0 else min(limit, MAX_LIST_RUNS)
         with self._translated("list_runs"):
             if track:
-                ids = [m.decode() for m in self.r.smembers(self._track_runs(track))]
+                ids = [_text(m) for m in cast(set[bytes], self.r.smembers(self._track_runs(track)))]
                 scores = self.r.zmscore(self._runs(), ids) if ids else []
                 ranked = sorted(zip(ids, scores, strict=True), key=lambda p: -(p[1] or 0.0))
                 run_ids = [run_id for run_id, _ in ranked[:limit]]
             else:
-                run_ids = [m.decode() for m in self.r.zrevrange(self._runs(), 0, limit - 1)]
+                run_ids = [_text(m) for m in cast(list[bytes], self.r.zrevrange(self._runs(), 0, limit - 1))]
         return self._load(run_ids)
 
     def _load(self, run_ids: list[str]) -> list[RunInfo]:
@@ -284,19 +285,29 @@ class FrameStore:
         low = "-"
         while True:
             with self._translated("iter_frames"):
-                entries = self.r.xrange(key, min=low, max="+", count=batch)
+                entries = cast(
+                    list[tuple[bytes, dict[bytes, bytes]]], self.r.xrange(key, min=low, max="+", count=batch)
+                )
             for _entry_id, fields in entries:
                 yield FrameRecord.FromString(fields[b"pb"])
             if len(entries) < batch:
                 return
-            low = "(" + entries[-1][0].decode()
+            low = "(" + _text(entries[-1][0])
+
+
+def _text(value: Any) -> str:
+    """A Redis reply (bytes, since the client does not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _classified(exc: redis.ResponseError, where: str, what: str) -> Exception | None:
     """A refusal from Redis as a domain error (out of memory is a limit; read-only means not usable), else None."""
-    message = str(exc)
+    # A pipeline's error quotes the whole command, image bytes included: keep only Redis's own words.
+    message = str(exc).rpartition("caused error: ")[2][:300]
     if isinstance(exc, redis.exceptions.OutOfMemoryError) or message.startswith("OOM") or "maxmemory" in message:
-        return ResourceExhausted(f"Redis is full (maxmemory reached at {where}); frames were not stored: {message}")
+        return ResourceExhausted(
+            f"Redis is full (maxmemory reached at {where}); {what} was refused, nothing more is stored: {message}"
+        )
     if isinstance(exc, redis.exceptions.ReadOnlyError):
         return Unavailable(f"Redis at {where} is a read-only replica ({what}): {message}")
     return None

@@ -121,8 +121,9 @@ class PlayRecorder:
         self._end_run()
         self._outbox.put(None)
         self._writer.join(timeout_s)
-        out, _ = self._helper.communicate(timeout=timeout_s)
-        if self._helper.returncode != 0:
+        assert self._helper.stdout is not None
+        out = self._helper.stdout.read()  # the writer has closed the helper's stdin: it finishes and exits
+        if self._helper.wait(timeout_s) != 0:
             raise RuntimeError(f"the recording helper failed with exit code {self._helper.returncode}")
         # Only the helper's report lines: a library may print something else on its stdout.
         return [RecordedRun(**json.loads(line)) for line in out.decode().splitlines() if line.startswith("{")]

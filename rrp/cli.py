@@ -71,6 +71,49 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collector(args: argparse.Namespace) -> int:
+    from collector.ingest import IngestLimits
+    from collector.server import MAX_MESSAGE_BYTES, CollectorConfig, serve
+    from collector.store import RedisConfig
+    from rrp.bootstrap import ServerConfig
+    from rrp.redis_local import LocalRedis
+
+    log = logging.getLogger("rrp.collector")
+    local: LocalRedis | None = None
+    url = args.redis
+    if not url:
+        local = LocalRedis(Path(args.redis_dir), die_with_parent=True).start()
+        url = local.url
+        log.info("no --redis given: started a private redis-server at %s (data in %s)", url, local.data_dir)
+    try:
+        redis_config = RedisConfig(
+            url=url,
+            username=args.redis_username or None,
+            password=env("redis_password", None, str),
+            password_file=Path(args.redis_password_file) if args.redis_password_file else None,
+            tls_ca_file=Path(args.redis_tls_ca) if args.redis_tls_ca else None,
+            tls_cert_file=Path(args.redis_tls_cert) if args.redis_tls_cert else None,
+            tls_key_file=Path(args.redis_tls_key) if args.redis_tls_key else None,
+            prefix=args.prefix,
+        )
+        config = CollectorConfig(
+            redis=redis_config,
+            server=ServerConfig(
+                host=args.host,
+                port=args.port,
+                max_workers=args.workers,
+                max_message_bytes=MAX_MESSAGE_BYTES,
+                service_name="collector",
+            ),
+            limits=IngestLimits(inflight_bytes=args.inflight_mb * 1024 * 1024),
+        )
+        serve(config, on_stop=local.stop if local is not None else None)
+    finally:
+        if local is not None:
+            local.stop()
+    return 0
+
+
 def cmd_play(args: argparse.Namespace) -> int:
     from game_server.core import physics
     from game_server.core.tracks import load_track
@@ -102,6 +145,7 @@ _ENCODINGS = {"raw": 1, "png": 2, "jpeg": 3}  # collector.proto ImageEncoding
 def cmd_collect(args: argparse.Namespace) -> int:
     from collector.collect import CollectConfig, run_collect
     from collector.tasks import RecordSettings
+    from rrp.errors import DomainError
 
     settings = RecordSettings(
         collector_address="",
@@ -127,7 +171,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             run_prefix=args.run_prefix,
         )
         summary = run_collect(config, _pool_spec(args))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, DomainError) as exc:
         raise SystemExit(f"rrp collect: {exc}") from exc
     return 0 if summary.failed == 0 else 1
 
@@ -198,6 +242,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         "min_runs": args.min_runs,
         "min_tracks": args.min_tracks,
         "max_offtrack_share": args.max_offtrack_share,
+        "min_track_coverage": args.min_track_coverage,
         "min_label_share": shares,
     }
     try:
@@ -260,6 +305,12 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--min-tracks", type=int, default=None, help="least tracks (default 1)")
     p.add_argument(
         "--max-offtrack-share", type=float, default=None, help="most share of wall-contact frames (default 0.2)"
+    )
+    p.add_argument(
+        "--min-track-coverage",
+        type=float,
+        default=None,
+        help="least share of each known track's centre-line segments visited (default 0.5)",
     )
     p.add_argument(
         "--min-label-share",
@@ -368,6 +419,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_scheduler)
 
+    p = sub.add_parser("collector", help="ingest recorded camera frames into Redis Streams over gRPC")
+    _add_server_flags(p, 50053)
+    p.add_argument(
+        "--redis",
+        default=env("redis_url", "", str),
+        help="Redis URL, redis:// or rediss:// for TLS (RRP_REDIS_URL); none: start a private redis-server",
+    )
+    p.add_argument(
+        "--redis-dir",
+        default=env("redis_dir", "out/redis", str),
+        help="data folder of the private redis-server (RRP_REDIS_DIR)",
+    )
+    p.add_argument(
+        "--redis-username", default=env("redis_username", "", str), help="Redis ACL user (RRP_REDIS_USERNAME)"
+    )
+    p.add_argument(
+        "--redis-password-file",
+        default=env("redis_password_file", "", str),
+        help="file holding the Redis password (RRP_REDIS_PASSWORD_FILE); or set RRP_REDIS_PASSWORD",
+    )
+    p.add_argument(
+        "--redis-tls-ca", default=env("redis_tls_ca", "", str), help="CA bundle for rediss:// (RRP_REDIS_TLS_CA)"
+    )
+    p.add_argument(
+        "--redis-tls-cert", default=env("redis_tls_cert", "", str), help="client certificate (RRP_REDIS_TLS_CERT)"
+    )
+    p.add_argument("--redis-tls-key", default=env("redis_tls_key", "", str), help="client key (RRP_REDIS_TLS_KEY)")
+    p.add_argument("--prefix", default=env("redis_prefix", "rrp:", str), help="key prefix (RRP_REDIS_PREFIX)")
+    p.add_argument(
+        "--inflight-mb",
+        type=int,
+        default=env("inflight_mb", 64, int),
+        help="MB read from all streams but not yet stored before reading pauses (RRP_INFLIGHT_MB)",
+    )
+    p.set_defaults(func=cmd_collector)
+
     p = sub.add_parser("play", help="drive the game yourself in a window (WASD or arrows, R reset, Esc quit)")
     p.add_argument("--track", default="oval", help="track name: a built-in or gen-<seed>")
     p.add_argument(
@@ -404,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     sink = p.add_mutually_exclusive_group()
     sink.add_argument("--collector", default=env("collector", "", str), help="collector host:port (RRP_COLLECTOR)")
     sink.add_argument(
-        "--redis", default=None, help="Redis URL for a collector started here; neither: a private Redis in --out"
+        "--redis",
+        default=env("redis_url", "", str),
+        help="Redis URL for a collector started here (RRP_REDIS_URL); neither: a private Redis in --out",
     )
     p.add_argument("--encoding", choices=sorted(_ENCODINGS), default="png", help="image encoding")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100")

@@ -26,7 +26,8 @@ def _history(evolution: Evolution, generations: int) -> list[tuple[float, float]
 
 
 def test_program_ga_beats_the_baseline(tmp_path: Path) -> None:
-    outcome = run_evolve_job(SMALL, tmp_path, PoolSpec(in_process=True))
+    config = EvolveConfig(track="kidney", population=24, generations=8, seed=0)
+    outcome = run_evolve_job(config, tmp_path, PoolSpec(in_process=True))
     assert 0 < outcome.best.lap_ticks < outcome.baseline_lap_ticks
     summary = json.loads((tmp_path / "evolve_summary.json").read_text())
     assert summary["beats_baseline"] is True

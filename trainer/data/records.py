@@ -90,7 +90,7 @@ def decode_image(data: bytes, run: RunInfo) -> np.ndarray:
                     raise DataError(f"run {run.run_id!r}: image is {image.size[0]}x{image.size[1]}, expected {w}x{h}")
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise DataError(f"run {run.run_id!r}: cannot decode {expected_format} image: {exc}") from exc
+        raise DataError(f"run {run.run_id!r}: cannot decode {expected_format} image of {len(data)} bytes") from exc
 
 
 @dataclass(frozen=True, eq=False)

@@ -84,14 +84,15 @@ class DataRequirements:
 
 
 def load_requirements(config: Path | None, overrides: Mapping[str, Any]) -> DataRequirements:
-    """Defaults, then the JSON config file, then flags (None: not given); label shares merge per key."""
+    """Defaults, then the JSON config file, then flags (None: not given); label shares merge key by key."""
     values: dict[str, Any] = {}
     if config is not None:
         loaded = json.loads(config.read_text())
         if not isinstance(loaded, dict):
             raise ValueError(f"{config} must hold a JSON object")
         values.update(loaded)
-    shares = dict(values.get("min_label_share", dict(DataRequirements.min_label_share)))
+    shares = dict(DataRequirements.min_label_share)
+    shares.update(values.get("min_label_share", {}))
     for name, value in overrides.items():
         if name == "min_label_share":
             shares.update(value)
@@ -260,7 +261,8 @@ def _failures(summary: dict[str, Any], req: DataRequirements) -> list[str]:
         out.append(f"too few tracks: {summary['tracks']} < {req.min_tracks} required (min_tracks)")
     for run_id, r in summary["per_run"].items():
         if r["error"] is not None:
-            out.append(f"run {run_id}: unreadable: {r['error']}")
+            out.append(f"run {run_id}: unreadable after {r['frames']} frames: {r['error']}")
+            continue  # its ticks after the error were not read: gaps there would be noise
         if r["missing_ticks"] > req.max_missing_ticks:
             gaps = ", ".join(f"{a}..{b}" for a, b in r["gaps"])
             out.append(
@@ -299,10 +301,12 @@ def _failures(summary: dict[str, Any], req: DataRequirements) -> list[str]:
     return out
 
 
-def _bar_chart(path: Path, title: str, labels: list[str], values: list[float], ylabel: str) -> None:
+def _bar_chart(
+    path: Path, title: str, labels: list[str], values: list[float], ylabel: str, colors: list[str] | None = None
+) -> None:
     fig = Figure(figsize=(max(4.0, 0.6 * len(labels) + 2.0), 3.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.bar(labels, values, color="tab:blue")
+    ax.bar(labels, values, color=colors or "tab:blue")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", labelrotation=45)
@@ -329,8 +333,9 @@ def write_report(report: ValidationReport, out_dir: Path, grid: list[tuple[str, 
     s = report.summary
     (out_dir / "validation.json").write_text(json.dumps(s, indent=2))
     combos = s["combination_share"]
-    _bar_chart(out_dir / "label_balance.png", "Label keys and combinations", [*LABEL_KEYS, *combos],
-               [*s["label_share"].values(), *combos.values()], "share of frames")  # fmt: skip
+    _bar_chart(out_dir / "label_balance.png", "Label keys (blue) and key combinations (orange)",
+               [*LABEL_KEYS, *combos], [*s["label_share"].values(), *combos.values()], "share of frames",
+               ["tab:blue"] * len(LABEL_KEYS) + ["tab:orange"] * len(combos))  # fmt: skip
     tracks = sorted(s["per_track"])
     _bar_chart(out_dir / "frames_per_track.png", "Frames per track", tracks,
                [s["per_track"][t]["frames"] for t in tracks], "frames")  # fmt: skip

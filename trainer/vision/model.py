@@ -58,14 +58,15 @@ class DrivingNet(nn.Module):
         stride = 2 ** len(config.channels)
         flat = c_in * (config.height // stride) * (config.width // stride)
         self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat, config.hidden), nn.ReLU())
-        self.head = nn.Sequential(nn.Linear(config.hidden + 1, config.hidden // 2), nn.ReLU(),
-                                  nn.Linear(config.hidden // 2, N_LOGITS))
+        self.head = nn.Sequential(
+            nn.Linear(config.hidden + 1, config.hidden // 2), nn.ReLU(), nn.Linear(config.hidden // 2, N_LOGITS)
+        )
 
     def forward(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (std + 1.0)
+        centred = x - mean
+        x = centred / (centred.square().mean(dim=(1, 2, 3), keepdim=True).sqrt() + 1.0)
         z = self.trunk(self.features(x))
         v = (speed.float() / TOP_SPEED).reshape(-1, 1)
         return self.head(torch.cat([z, v], dim=1))

@@ -1,0 +1,260 @@
+"""GameService.Record and `rrp collect` end to end: game-server processes streaming frames to a collector into Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from collector.server import CollectorConfig, CollectorServer, create_collector_server
+from collector.store import FrameStore, RedisConfig
+from game_server.client import GameClient
+from game_server.core import drivers, physics
+from game_server.core.tracks import load_track
+from game_server.recording import Perturbation, PerturbationSchedule, RecordSpec, record_episode
+from game_server.render.renderer import FrameSpec
+from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
+from rrp.bootstrap import ServerConfig
+from rrp.procs import ServiceProcess, rrp_command, start_service
+from rrp.redis_local import LocalRedis, free_port
+from trainer.driver_file import SavedDriver, save_driver
+
+TICKS = 150
+
+
+@dataclass
+class Stack:
+    redis: LocalRedis
+    collector: CollectorServer
+    store: FrameStore
+    servers: list[ServiceProcess]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A private Redis, a collector on it, and four game-server processes (one evaluation slot each)."""
+    redis = LocalRedis(tmp_path_factory.mktemp("redis"), die_with_parent=True).start()
+    collector = create_collector_server(
+        CollectorConfig(redis=RedisConfig(url=redis.url), server=ServerConfig(port=0, service_name="collector-test"))
+    )
+    servers = [start_service(["game-server", "--port", "0", "--evaluate-slots", "1"]) for _ in range(4)]
+    try:
+        yield Stack(redis, collector, FrameStore(redis.client()), servers)
+    finally:
+        for s in servers:
+            s.stop()
+        collector.stop(0.5)
+        redis.stop()
+
+
+def driver_pb() -> sim_pb2.DriverParams:
+    d = drivers.default_driver()
+    return sim_pb2.DriverParams(kind=d.kind, params=d.params)
+
+
+def record_request(run_id: str, stack: Stack, **fields: object) -> game_pb2.RecordRequest:
+    request = game_pb2.RecordRequest(
+        run_id=run_id,
+        track="oval",
+        driver=driver_pb(),
+        max_ticks=TICKS,
+        frame_options=sim_pb2.FrameOptions(width_px=96, height_px=64),
+        encoding=collector_pb2.IMAGE_ENCODING_PNG,
+        collector_address=stack.collector.address,
+        driver_id="default",
+        labels={"test": "record"},
+    )
+    for name, value in fields.items():
+        if hasattr(value, "DESCRIPTOR"):
+            getattr(request, name).CopyFrom(value)  # a message (setting one field of a oneof clears the other)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def stub_of(server: ServiceProcess) -> game_pb2_grpc.GameServiceStub:
+    return game_pb2_grpc.GameServiceStub(grpc.insecure_channel(server.address))
+
+
+def frames_of(stack: Stack, run_id: str) -> list[collector_pb2.FrameRecord]:
+    return list(stack.store.iter_frames(run_id))
+
+
+def test_record_streams_every_tick_with_labels_and_images(stack: Stack) -> None:
+    pert = game_pb2.Perturbation(seed=11, start_probability=0.1, max_duration_ticks=8)
+    request = record_request("rec-basic", stack, perturbation=pert)
+    response = stub_of(stack.servers[0]).Record(request, timeout=60)
+    assert response.frames == TICKS and response.run_id == "rec-basic"
+    assert 0 < response.perturbed_ticks < TICKS and response.result.ticks == TICKS
+
+    run = stack.store.get_run("rec-basic")
+    assert run.stored_frames == TICKS
+    assert run.start.track == "oval" and run.start.source == collector_pb2.RUN_SOURCE_DRIVER
+    assert (run.start.width_px, run.start.height_px) == (96, 64)
+    assert run.start.encoding == collector_pb2.IMAGE_ENCODING_PNG and run.start.perturbation_seed == 11
+    assert run.start.driver_id == "default" and run.start.labels["test"] == "record"
+    assert run.end is not None and run.end.frames == TICKS
+
+    records = frames_of(stack, "rec-basic")
+    assert [r.tick for r in records] == list(range(TICKS))
+    track, driver = load_track("oval"), drivers.default_driver()
+    schedule = PerturbationSchedule(Perturbation(11, 0.1, 8))
+    perturbed = [schedule.next() is not None for _ in range(TICKS)]
+    assert sum(perturbed) == response.perturbed_ticks
+    state = track.base_state
+    for record, was_perturbed in zip(records, perturbed, strict=True):
+        image = np.asarray(Image.open(io.BytesIO(record.image)))
+        assert image.shape == (64, 96, 3)
+        assert record.state.car.x_m == state.car.x and record.state.tick == state.tick
+        assert record.label_mask == driver.act(track, state)  # the label is the driver's intention
+        if not was_perturbed:
+            assert record.applied_mask == record.label_mask
+        assert list(record.rays_m) == list(physics.raycast(track, state.car, state.lap.segment))
+        state, _ = physics.step(track, state, record.applied_mask)
+    assert any(r.applied_mask != r.label_mask for r in records)
+    assert len({r.image for r in records}) > TICKS // 2  # the camera follows the car
+
+
+def test_same_run_id_is_stored_once_and_same_seed_perturbs_alike(stack: Stack) -> None:
+    pert = game_pb2.Perturbation(seed=5, start_probability=0.2, max_duration_ticks=5)
+    first = stub_of(stack.servers[1]).Record(record_request("rec-twice", stack, perturbation=pert), timeout=60)
+    again = stub_of(stack.servers[2]).Record(record_request("rec-twice", stack, perturbation=pert), timeout=60)
+    assert first.frames == again.frames == TICKS
+    assert stack.store.get_run("rec-twice").stored_frames == TICKS
+    other = stub_of(stack.servers[3]).Record(record_request("rec-same-seed", stack, perturbation=pert), timeout=60)
+    assert other.perturbed_ticks == first.perturbed_ticks
+    a, b = frames_of(stack, "rec-twice"), frames_of(stack, "rec-same-seed")
+    assert [r.applied_mask for r in a] == [r.applied_mask for r in b]
+    assert [r.image for r in a] == [r.image for r in b]  # the same episode, frame for frame, on another server
+
+
+def test_unperturbed_record_drives_exactly_as_evaluate(stack: Stack) -> None:
+    with GameClient(stack.servers[0].address) as client:
+        evaluated = client.stub.Evaluate(
+            game_pb2.EvaluateRequest(track="oval", driver=driver_pb(), max_ticks=TICKS), timeout=30
+        )
+        recorded = client.stub.Record(
+            record_request("rec-plain", stack, encoding=collector_pb2.IMAGE_ENCODING_RAW_RGB), timeout=60
+        )
+    assert recorded.result == evaluated.result
+    records = frames_of(stack, "rec-plain")
+    assert all(r.applied_mask == r.label_mask for r in records) and len(records[0].image) == 96 * 64 * 3
+
+
+def test_bad_requests_answer_their_codes_and_the_server_keeps_serving(stack: Stack) -> None:
+    stub = stub_of(stack.servers[0])
+    program = sim_pb2.ControlProgram(masks=bytes([1]) * 10)
+    pert = game_pb2.Perturbation(seed=1, start_probability=0.1, max_duration_ticks=5)
+    bad: list[tuple[game_pb2.RecordRequest, grpc.StatusCode]] = [
+        (record_request("bad id!", stack), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("x" * 65, stack), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, max_ticks=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, max_ticks=100_001), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, encoding=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, jpeg_quality=101), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, program=program, perturbation=pert), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            record_request("r", stack, perturbation=game_pb2.Perturbation(start_probability=0.6, max_duration_ticks=5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            record_request("r", stack, perturbation=game_pb2.Perturbation(start_probability=0.1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (record_request("r", stack, driver=sim_pb2.DriverParams(kind="rays-v1")), grpc.StatusCode.INVALID_ARGUMENT),
+        (record_request("r", stack, track="no-such-track"), grpc.StatusCode.NOT_FOUND),
+        (record_request("r", stack, collector_address=f"127.0.0.1:{free_port()}"), grpc.StatusCode.UNAVAILABLE),
+    ]
+    for request, code in bad:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Record(request, timeout=60)
+        assert info.value.code() == code, (request.run_id, info.value.details())
+    assert stub.Record(record_request("rec-after-errors", stack, max_ticks=3), timeout=60).frames == 3
+
+
+def test_open_loop_program_records_its_own_masks(stack: Stack) -> None:
+    masks = bytes([1] * 20 + [5] * 10)
+    request = record_request("rec-program", stack, program=sim_pb2.ControlProgram(masks=masks), max_ticks=40)
+    response = stub_of(stack.servers[1]).Record(request, timeout=60)
+    assert response.frames == 40
+    records = frames_of(stack, "rec-program")
+    assert bytes(r.label_mask for r in records) == masks + bytes(10)  # past its end a program coasts
+
+
+def test_record_episode_core_sends_every_tick_once_in_order() -> None:
+    """The core with a fake producer: every tick is sent once, in order, before the run's end."""
+    sent: list[collector_pb2.FrameRecord] = []
+
+    @dataclass
+    class Stats:
+        acked: int
+        resent: int = 0
+
+    class Sink:
+        def send(self, record: collector_pb2.FrameRecord) -> None:
+            sent.append(record)
+
+        def finish(self, end: collector_pb2.RunEnd | None) -> Stats:
+            assert end is not None and end.frames == len(sent)
+            return Stats(len(sent))
+
+        def close(self) -> None:
+            pass
+
+    def render(track: object, state: object, spec: FrameSpec) -> np.ndarray:
+        return np.zeros((spec.height, spec.width, 3), np.uint8)
+
+    spec = RecordSpec("core", "oval", None, drivers.default_driver(), 20, FrameSpec(), 1, "unused")
+    outcome = record_episode(spec, render, lambda address, start: Sink())
+    assert outcome.frames == 20 and [r.tick for r in sent] == list(range(20))
+
+
+def test_rrp_collect_four_servers_deliver_every_frame_once(stack: Stack, tmp_path: Path) -> None:
+    driver = drivers.default_driver()
+    path = save_driver(
+        tmp_path / "driver.json",
+        SavedDriver(kind=driver.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=driver.params),
+    )
+    out = tmp_path / "collect"
+    t0 = time.perf_counter()
+    args = {
+        "--episodes": "8",
+        "--drivers": str(path),
+        "--tracks": "oval,kidney",
+        "--servers": ",".join(s.address for s in stack.servers),
+        "--collector": stack.collector.address,
+        "--encoding": "jpeg",
+        "--max-ticks": "120",
+        "--perturb-prob": "0.05",
+        "--seed": "3",
+        "--out": str(out),
+    }
+    proc = subprocess.run(
+        [*rrp_command(), "collect", *(item for pair in args.items() for item in pair)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "collect_summary.json").read_text())
+    assert summary["runs"] == 8 and summary["failed"] == 0 and summary["frames"] == 8 * 120
+    assert time.perf_counter() - t0 < 120
+    run_ids = [e["run_id"] for e in summary["episodes"]]
+    assert run_ids[:2] == ["collect-s3-oval-0000", "collect-s3-kidney-0001"]
+    for run_id in run_ids:
+        records = frames_of(stack, run_id)
+        assert [r.tick for r in records] == list(range(120)), run_id  # every frame, exactly once
+        run = stack.store.get_run(run_id)
+        assert run.start.encoding == collector_pb2.IMAGE_ENCODING_JPEG and run.start.domain_randomization
+    seeds = {stack.store.get_run(r).start.perturbation_seed for r in run_ids}
+    assert len(seeds) == 8
+    assert "frames/s" in proc.stdout

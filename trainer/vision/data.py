@@ -1,0 +1,271 @@
+"""Training frames for the vision model: in-process rollouts, recorded runs, augmentation, balancing and splits."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn import functional
+from tqdm import tqdm
+
+from game_server.core import physics
+from game_server.core.drivers import RayDriver
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, CarState, LapState, SimState
+from game_server.core.track import Track
+from game_server.core.tracks import load_track
+from game_server.core.trig import PI
+from game_server.render.renderer import FrameSpec, shared_renderer
+from trainer.data.dataset import split_runs
+from trainer.data.records import FrameSource, RunInfo, Sample
+from trainer.vision.model import N_CLASSES, mask_targets
+
+_STEERS = (0, LEFT, RIGHT)
+_THROTTLES = (0, FORWARD, BACK)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameSet:
+    """Frames in memory, whatever their source; runs are kept apart so that splits never cut a run in two."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    speeds: np.ndarray  # (N,) float32, m/s
+    labels: np.ndarray  # (N,) uint8 control masks the expert intended (the targets)
+    run_index: np.ndarray  # (N,) int32 index into runs
+    runs: tuple[RunInfo, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def tracks(self) -> list[str]:
+        return sorted({self.runs[i].track for i in np.unique(self.run_index)})
+
+    def take(self, indices: np.ndarray) -> FrameSet:
+        return FrameSet(
+            self.images[indices],
+            self.speeds[indices],
+            self.labels[indices],
+            self.run_index[indices],
+            self.runs,
+        )
+
+    def summary(self) -> dict[str, object]:
+        """What a model card records about the data: runs, tracks and frames."""
+        runs = np.unique(self.run_index)
+        return {
+            "frames": len(self),
+            "runs": len(runs),
+            "tracks": self.tracks,
+            "resolution": f"{self.images.shape[2]}x{self.images.shape[1]}" if len(self) else "-",
+            "label_counts": {str(m): int(c) for m, c in zip(*np.unique(self.labels, return_counts=True), strict=True)},
+        }
+
+
+def concat(sets: Sequence[FrameSet]) -> FrameSet:
+    """One set holding all frames; run indices are renumbered so that runs stay distinct."""
+    offsets = np.cumsum([0, *(len(s.runs) for s in sets[:-1])])
+    return FrameSet(
+        np.concatenate([s.images for s in sets]),
+        np.concatenate([s.speeds for s in sets]),
+        np.concatenate([s.labels for s in sets]),
+        np.concatenate([s.run_index + int(o) for s, o in zip(sets, offsets, strict=True)]).astype(np.int32),
+        tuple(r for s in sets for r in s.runs),
+    )
+
+
+class FrameSetBuilder:
+    """Accumulates frames run by run (lists, then one array at the end, to avoid quadratic copying)."""
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+        self.speeds: list[float] = []
+        self.labels: list[int] = []
+        self.run_index: list[int] = []
+        self.runs: list[RunInfo] = []
+
+    def start_run(self, run: RunInfo) -> None:
+        self.runs.append(run)
+
+    def add(self, image: np.ndarray, speed: float, label: int) -> None:
+        self.images.append(image)
+        self.speeds.append(speed)
+        self.labels.append(label)
+        self.run_index.append(len(self.runs) - 1)
+
+    def build(self, width: int, height: int) -> FrameSet:
+        images = np.stack(self.images) if self.images else np.zeros((0, height, width, 3), np.uint8)
+        return FrameSet(
+            resize_frames(images, width, height),
+            np.asarray(self.speeds, dtype=np.float32),
+            np.asarray(self.labels, dtype=np.uint8),
+            np.asarray(self.run_index, dtype=np.int32),
+            tuple(self.runs),
+        )
+
+
+def resize_frames(images: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Frames at the model's resolution (area averaging, so a 2x smaller model sees the same scene)."""
+    if images.shape[1:3] == (height, width) or not len(images):
+        return images
+    out = []
+    for start in range(0, len(images), 1024):
+        x = torch.from_numpy(images[start : start + 1024]).permute(0, 3, 1, 2).float()
+        y = functional.interpolate(x, size=(height, width), mode="area")
+        out.append(y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def random_start(track: Track, rng: np.random.Generator) -> SimState:
+    """A state somewhere on the track, off the centre line, misaligned and at some speed: the situations a
+    learner drifts into and must recover from, which the expert's own laps never show."""
+    seg = int(rng.integers(track.n_points))
+    tx, ty = track.tangent[seg]
+    offset = float(rng.uniform(-0.5, 0.5)) * float(track.half_width[seg])
+    x = float(track.centerline[seg, 0]) + 0.5 * float(track.seg_len[seg]) * tx - offset * ty
+    y = float(track.centerline[seg, 1]) + 0.5 * float(track.seg_len[seg]) * ty + offset * tx
+    heading = math.atan2(ty, tx) + float(rng.uniform(-0.3, 0.3))
+    heading = (heading + PI) % (2 * PI) - PI
+    return SimState(0, CarState(x, y, heading, float(rng.uniform(0.0, 30.0))), LapState(segment=seg))
+
+
+def generate_samples(
+    tracks: Sequence[str],
+    episodes: int,
+    ticks: int,
+    driver: RayDriver,
+    perturb_prob: float,
+    seed: int,
+    size: tuple[int, int] = (128, 96),
+    randomize: bool = True,
+    progress: bool = False,
+) -> FrameSet:
+    """Rolls out `driver` in process and renders what the camera sees: the fallback and test data source.
+
+    Each tick is labelled with the driver's intended keys on the state the car is in; with probability
+    `perturb_prob` per tick a burst of 3-12 random keys is applied instead, so the data holds recoveries.
+    Episode 0 of a track starts on the start line, later ones at random places (see random_start).
+    Everything is a function of `seed`.
+    """
+    width, height = size
+    renderer = shared_renderer()
+    builder = FrameSetBuilder()
+    rng = np.random.default_rng(seed)
+    total = len(tracks) * episodes
+    for name, episode in tqdm(
+        [(t, e) for t in tracks for e in range(episodes)], desc="generate", total=total, disable=not progress
+    ):
+        track = load_track(name)
+        state = track.base_state if episode == 0 else random_start(track, rng)
+        frame_seed = int(rng.integers(2**62))
+        builder.start_run(in_process_run(f"generated-{name}-{seed}-{episode}", name, "driver", width, height))
+        burst, burst_mask = 0, 0
+        for _ in range(ticks):
+            label = driver.act(track, state)
+            if burst == 0 and rng.random() < perturb_prob:
+                burst = int(rng.integers(3, 13))
+                burst_mask = int(rng.choice(_THROTTLES)) | int(rng.choice(_STEERS))
+            applied = burst_mask if burst > 0 else label
+            burst = max(burst - 1, 0)
+            frame = renderer.render(track, state, FrameSpec(width, height, randomize, frame_seed))
+            builder.add(frame, state.car.speed, label)
+            state, _ = physics.step(track, state, applied)
+            if state.lap.finished:
+                break
+    return builder.build(width, height)
+
+
+def in_process_run(run_id: str, track: str, source: str, width: int, height: int) -> RunInfo:
+    """The metadata of a run made in this process, shaped like a recorded one so that splits treat both alike."""
+    return RunInfo(run_id, track, source, "", width, height, "raw_rgb", 0, time.time())
+
+
+def frames_from_samples(runs: Iterable[tuple[RunInfo, Iterable[Sample]]], size: tuple[int, int]) -> FrameSet:
+    """A FrameSet from recorded runs given as (run, samples), resized to the model's resolution."""
+    builder = FrameSetBuilder()
+    width, height = size
+    for run, samples in runs:
+        builder.start_run(run)
+        for s in samples:
+            image = s.image if s.image.shape[:2] == (height, width) else resize_frames(s.image[None], width, height)[0]
+            builder.add(image, s.speed_m_per_s, s.label_mask)
+    return builder.build(width, height)
+
+
+def frames_from_source(
+    source: FrameSource, size: tuple[int, int], tracks: Sequence[str] = (), progress: bool = False
+) -> FrameSet:
+    """All runs of a trainer.data source (Redis or shards), optionally only those on `tracks`."""
+    runs = [r for r in source.runs() if not tracks or r.track in tracks]
+    return frames_from_samples(
+        ((r, source.samples(r.run_id)) for r in tqdm(runs, desc="load runs", disable=not progress)),
+        size,
+    )
+
+
+def split_frames(
+    frames: FrameSet, val_fraction: float, seed: int, by: Literal["run", "track"] = "run"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) frame indices from trainer.data.split_runs: whole runs (or tracks) on one side, so
+    near-identical neighbouring frames never leak from training into validation."""
+    split = split_runs(frames.runs, val_fraction, seed, by)
+    val_ids = {r.run_id for r in split.val}
+    is_val = np.array([r.run_id in val_ids for r in frames.runs], dtype=bool)[frames.run_index]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def class_weights(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss weights per class of each head, (n / (k n_c)) ** 0.5: rare keys (braking, a steering side)
+    count more without letting a handful of frames dominate; unseen classes get weight 1."""
+    throttle, steer = mask_targets(torch.from_numpy(labels.astype(np.int64)))
+    out = []
+    for target in (throttle, steer):
+        counts = torch.bincount(target, minlength=N_CLASSES).double()
+        weights = torch.where(counts > 0, (counts.sum() / (N_CLASSES * counts.clamp(min=1))).sqrt(), 1.0)
+        out.append(weights.float())
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Photometric and geometric jitter applied to training batches."""
+
+    brightness: float = 0.3
+    contrast: float = 0.3
+    colour: float = 0.1
+    shift_px: int = 4
+    flip_prob: float = 0.5
+
+
+def augment(
+    images: torch.Tensor, masks: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jittered copy of a uint8 (N, H, W, 3) batch and its masks; a horizontal flip swaps left and right.
+
+    Randomness comes only from `generator`, so a seeded run augments identically every time.
+    """
+    n = images.shape[0]
+
+    def uniform(spread: float, *shape: int) -> torch.Tensor:
+        return 1.0 + spread * (2.0 * torch.rand(n, *shape, generator=generator) - 1.0)
+
+    x = images.float()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * uniform(config.contrast, 1, 1, 1) + mean
+    x = x * uniform(config.brightness, 1, 1, 1) * uniform(config.colour, 1, 1, 3)
+    if config.shift_px:
+        s = config.shift_px
+        padded = functional.pad(x.permute(0, 3, 1, 2), (s, s, s, s), mode="replicate")
+        dx = torch.randint(0, 2 * s + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * s + 1, (n,), generator=generator).tolist()
+        h, w = images.shape[1], images.shape[2]
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]).permute(0, 2, 3, 1)
+    flip = torch.rand(n, generator=generator) < config.flip_prob
+    x = torch.where(flip[:, None, None, None], x.flip(2), x)
+    m = masks.long()
+    swapped = (m & ~(LEFT | RIGHT)) | ((m & LEFT) << 1) | ((m & RIGHT) >> 1)
+    return x.round().clamp(0, 255).to(torch.uint8), torch.where(flip, swapped, m)

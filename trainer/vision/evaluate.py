@@ -1,0 +1,349 @@
+"""Closed-loop evaluation: the vision model drives from frames alone on game servers, compared with the drivers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from game_server.client import GameClient, frame_array
+from game_server.core import drivers, physics
+from game_server.core.pilot import drive_lap
+from game_server.core.state import TICK_HZ
+from game_server.core.tracks import load_track
+from game_server.render.renderer import FrameSpec, shared_renderer
+from game_server.trackmap import plot_laps
+from rallyrobopilot.v1 import sim_pb2
+from rrp.procs import ServiceProcess, start_service
+from scheduler.executor import EvaluationPool, PoolConfig
+from trainer.driver_file import load_driver
+from trainer.vision.data import resize_frames
+from trainer.vision.model import decide
+
+log = logging.getLogger(__name__)
+
+UNSEEN_TRACKS = tuple(f"gen-{i}" for i in range(1001, 1006))
+STUCK_TICKS = 250  # 10 s without new progress: the car is stuck or lost; the run stops there
+
+
+class Model(Protocol):
+    """An eager DrivingNet or its TorchScript export: frames + speeds -> logits."""
+
+    def __call__(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor: ...
+
+
+class VisionPilot:
+    """The policy: a camera frame and the dashboard speed in, the keys out. Nothing else is read."""
+
+    def __init__(self, model: Model, width: int, height: int) -> None:
+        self.model = model
+        self.width = width
+        self.height = height
+
+    def act(self, frame: np.ndarray, speed_m_per_s: float) -> int:
+        if frame.shape[:2] != (self.height, self.width):
+            frame = resize_frames(frame[None], self.width, self.height)[0]
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(frame))[None], torch.tensor([speed_m_per_s]))
+        return int(decide(logits)[0])
+
+
+@dataclass
+class DriveRecord:
+    """One closed-loop run: outcome, the driven line, and (with an expert) the frames it labelled."""
+
+    track: str
+    finished: bool = False
+    lap_ticks: int = 0
+    ticks: int = 0
+    progress_fraction: float = 0.0
+    wall_contacts: int = 0
+    stop_reason: str = ""
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    speed: list[float] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+    expert_labels: list[int] = field(default_factory=list)
+    applied: list[int] = field(default_factory=list)
+    observations: list[sim_pb2.Observation] = field(default_factory=list)  # kept frames' states, frame cleared
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "finished": self.finished,
+            "lap_ticks": self.lap_ticks,
+            "lap_s": self.lap_ticks / TICK_HZ,
+            "ticks": self.ticks,
+            "progress_fraction": round(self.progress_fraction, 4),
+            "wall_contacts": self.wall_contacts,
+            "stop_reason": self.stop_reason,
+        }
+
+
+class _Episode:
+    """The per-tick bookkeeping shared by driving on a server and in process: records, stops, asks the pilot."""
+
+    def __init__(
+        self, track: str, pilot: VisionPilot, max_ticks: int, expert: drivers.RayDriver | None, keep_frames: bool
+    ) -> None:
+        self.record = DriveRecord(track)
+        self.pilot, self.max_ticks, self.expert, self.keep_frames = pilot, max_ticks, expert, keep_frames
+        self.best_progress, self.best_tick = -1.0, 0
+
+    def observe(
+        self,
+        tick: int,
+        frame: np.ndarray,
+        speed: float,
+        xy: tuple[float, float],
+        progress: float,
+        lap: tuple[bool, int, int],
+        rays: Sequence[float],
+    ) -> int | None:
+        r = self.record
+        finished, finish_tick, contacts = lap
+        r.ticks, r.progress_fraction, r.wall_contacts, r.finished = tick, progress, contacts, finished
+        if tick > 0:
+            r.x.append(xy[0])
+            r.y.append(xy[1])
+            r.speed.append(speed)
+        if finished:
+            r.lap_ticks, r.stop_reason = finish_tick, "finished"
+            return None
+        if progress > self.best_progress + 1e-6:
+            self.best_progress, self.best_tick = progress, tick
+        if tick - self.best_tick >= STUCK_TICKS:
+            r.stop_reason = f"no progress for {STUCK_TICKS} ticks"
+            return None
+        if tick >= self.max_ticks:
+            r.stop_reason = f"tick budget {self.max_ticks} spent"
+            return None
+        mask = self.pilot.act(frame, speed)
+        if self.expert is not None:
+            r.expert_labels.append(self.expert.act_on(rays, speed))
+        if self.keep_frames:
+            r.frames.append(frame.copy())
+            r.applied.append(mask)
+        return mask
+
+
+def frame_options(pilot: VisionPilot, randomize: bool, seed: int) -> sim_pb2.FrameOptions:
+    return sim_pb2.FrameOptions(
+        width_px=pilot.width, height_px=pilot.height, domain_randomization=randomize, randomization_seed=seed
+    )
+
+
+def drive_on_server(
+    address: str,
+    track: str,
+    pilot: VisionPilot,
+    max_ticks: int,
+    *,
+    randomize: bool = False,
+    seed: int = 0,
+    expert: drivers.RayDriver | None = None,
+    keep_frames: bool = False,
+) -> DriveRecord:
+    """Drives one lap in lockstep over gRPC from frames only; `expert` labels each visited state from its rays."""
+    episode = _Episode(track, pilot, max_ticks, expert, keep_frames)
+
+    def policy(obs: sim_pb2.Observation) -> int | None:
+        s = obs.state
+        mask = episode.observe(
+            s.tick,
+            frame_array(obs.frame),
+            s.car.speed_m_per_s,
+            (s.car.x_m, s.car.y_m),
+            obs.progress_fraction,
+            (s.lap.finished, obs.lap_ticks, s.lap.wall_contacts),
+            obs.rays_m,
+        )
+        if keep_frames and mask is not None:
+            kept = sim_pb2.Observation()
+            kept.CopyFrom(obs)
+            kept.ClearField("frame")
+            episode.record.observations.append(kept)
+        return mask
+
+    with GameClient(address) as client:
+        session = client.create_session(track, frame_options(pilot, randomize, seed)).session_id
+        try:
+            first = client.reset(session, with_frame=True)
+            for _ in client.drive_lockstep(session, policy, first, with_frames=True):
+                pass
+        finally:
+            client.close_session(session)
+    return episode.record
+
+
+def drive_in_process(
+    track_name: str,
+    pilot: VisionPilot,
+    max_ticks: int,
+    *,
+    randomize: bool = False,
+    seed: int = 0,
+    expert: drivers.RayDriver | None = None,
+) -> DriveRecord:
+    """The same drive with the simulation and renderer in this process: for learning curves, where many short
+    evaluations matter more than the network hop (the server path renders the same frames)."""
+    track = load_track(track_name)
+    episode = _Episode(track_name, pilot, max_ticks, expert, keep_frames=False)
+    renderer = shared_renderer()
+    state = track.base_state
+    while True:
+        frame = renderer.render(track, state, FrameSpec(pilot.width, pilot.height, randomize, seed))
+        lap = state.lap
+        mask = episode.observe(
+            state.tick,
+            frame,
+            state.car.speed,
+            (state.car.x, state.car.y),
+            physics.progress_fraction(track, lap),
+            (lap.finished, lap.finish_tick, lap.wall_contacts),
+            physics.raycast(track, state.car, lap.segment) if expert else (),
+        )
+        if mask is None:
+            return episode.record
+        state, _ = physics.step(track, state, mask)
+
+
+@contextlib.contextmanager
+def game_pool(servers: Sequence[str], local_servers: int) -> Iterator[EvaluationPool]:
+    """A pool over the given game servers, or over `local_servers` started here and stopped afterwards."""
+    procs: list[ServiceProcess] = []
+    try:
+        if not servers:
+            procs = [start_service(["game-server", "--port", "0"]) for _ in range(local_servers)]
+            servers = [p.address for p in procs]
+        with EvaluationPool(PoolConfig(servers=tuple(servers))) as pool:
+            pool.wait_ready(1, timeout_s=60)
+            yield pool
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to drive, where, and what to compare against."""
+
+    training_tracks: tuple[str, ...] = ("kidney",)
+    unseen_tracks: tuple[str, ...] = UNSEEN_TRACKS
+    driver_path: Path | None = None  # the evolved driver: its lap on each track, and the GA's best lap
+    servers: tuple[str, ...] = ()
+    local_servers: int = 2
+    budget_factor: float = 2.0  # tick budget: this times the reference driver's lap
+    randomize: bool = False
+    seed: int = 0
+    timeout_s: float = 600.0
+
+
+def baselines(track_name: str, driver: drivers.RayDriver | None, max_ticks: int) -> dict[str, Any]:
+    """The reference (pure pursuit) and evolved-driver laps on a track, simulated in process."""
+    track = load_track(track_name)
+    _, ref = drive_lap(track)
+    out: dict[str, Any] = {"reference_lap_ticks": ref.lap_ticks}
+    if driver is not None:
+        run = drivers.run_driver(track, track.base_state, driver, max_ticks=max_ticks, record_trajectory=True)
+        out["driver_lap_ticks"] = run.lap_ticks
+        out["driver_finished"] = run.finished
+        out["_driver_trajectory"] = run.trajectory
+    return out
+
+
+def run_evaluation(
+    pilot: VisionPilot, config: EvalConfig, out_dir: Path | None = None, pool: EvaluationPool | None = None
+) -> dict[str, Any]:
+    """Drives every track once over the pool (in parallel), compares, and writes JSON, Markdown and maps."""
+    saved = load_driver(config.driver_path) if config.driver_path else None
+    driver = saved.ray_driver() if saved is not None and saved.kind != "program" else None
+    tracks = [*config.training_tracks, *config.unseen_tracks]
+    budgets = {t: int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks) for t in tracks}
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(game_pool(config.servers, config.local_servers))
+        futures: dict[str, Future[DriveRecord]] = {
+            t: pool.run_with_server(
+                functools.partial(
+                    drive_on_server,
+                    track=t,
+                    pilot=pilot,
+                    max_ticks=budgets[t],
+                    randomize=config.randomize,
+                    seed=config.seed,
+                ),
+                timeout_s=config.timeout_s,
+            )
+            for t in tracks
+        }
+        records = {t: f.result() for t, f in futures.items()}
+    rows = []
+    for t in tracks:
+        base = baselines(t, driver, budgets[t])
+        trajectory = base.pop("_driver_trajectory", None)
+        rec = records[t]
+        row: dict[str, Any] = {"track": t, "seen_in_training": t in config.training_tracks, **rec.summary(), **base}
+        if rec.finished:
+            row["vs_reference"] = round(rec.lap_ticks / base["reference_lap_ticks"], 3)
+            if base.get("driver_finished"):
+                row["vs_driver"] = round(rec.lap_ticks / base["driver_lap_ticks"], 3)
+            if saved is not None and saved.track == t:
+                row["vs_ga_best"] = round(rec.lap_ticks / saved.lap_ticks, 3)
+        rows.append(row)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            laps = [(f"vision ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y), np.array(rec.speed))]
+            if trajectory is not None:
+                laps.append(("evolved driver", trajectory.x, trajectory.y, trajectory.speed))
+            if len(rec.x) > 1:
+                plot_laps(load_track(t), laps, out_dir / f"drive_{t}.png", f"{t}: vision autopilot")
+    unseen = [r for r in rows if not r["seen_in_training"]]
+    report: dict[str, Any] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        "ga_best": {"track": saved.track, "lap_ticks": saved.lap_ticks} if saved else None,
+        "tracks": rows,
+        "unseen_laps_completed": sum(r["finished"] for r in unseen),
+        "unseen_tracks": len(unseen),
+    }
+    if out_dir is not None:
+        (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "evaluation.md").write_text(markdown_report(report))
+    return report
+
+
+def _lap_text(rec: DriveRecord) -> str:
+    return f"lap {rec.lap_ticks / TICK_HZ:.2f} s" if rec.finished else f"no lap, {rec.progress_fraction:.0%}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    def ticks(n: int | None) -> str:
+        return f"{n} ({n / TICK_HZ:.2f} s)" if n else "-"
+
+    lines = [
+        "| track | seen | lap | vision lap ticks | progress | wall contacts | evolved driver | reference | "
+        "vs driver | vs reference | vs GA best |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["tracks"]:
+        lines.append(
+            f"| {r['track']} | {'yes' if r['seen_in_training'] else 'no'} | {'yes' if r['finished'] else 'NO'} | "
+            f"{ticks(r['lap_ticks'])} | {r['progress_fraction']:.0%} | {r['wall_contacts']} | "
+            f"{ticks(r.get('driver_lap_ticks'))} | {ticks(r['reference_lap_ticks'])} | {r.get('vs_driver', '-')} | "
+            f"{r.get('vs_reference', '-')} | {r.get('vs_ga_best', '-')} |"
+        )
+    ga = report["ga_best"]
+    head = f"GA best lap: {ticks(ga['lap_ticks'])} on {ga['track']}. " if ga else ""
+    return (
+        f"# Vision autopilot, closed loop\n\n{head}Unseen tracks completed: "
+        f"{report['unseen_laps_completed']} of {report['unseen_tracks']}.\n\n" + "\n".join(lines) + "\n"
+    )

@@ -1,0 +1,414 @@
+"""Supervised training of the vision model: seeded, early-stopped, saved as safetensors + TorchScript + model card."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.nn import functional
+from tqdm import tqdm
+
+from game_server.core import drivers
+from trainer.driver_file import load_driver
+from trainer.vision.data import (
+    AugmentConfig,
+    FrameSet,
+    augment,
+    class_weights,
+    frames_from_source,
+    generate_samples,
+    split_frames,
+)
+from trainer.vision.model import N_CLASSES, DrivingNet, VisionConfig, build_model, decide, mask_targets
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+TORCHSCRIPT = "model.ts"
+MODEL_CARD_MD = "model_card.md"
+MODEL_CARD_JSON = "model_card.json"
+HISTORY_PNG = "training_curve.png"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training frames come from: Redis, exported shards, or rolled out in this process (the fallback)."""
+
+    redis_url: str | None = None
+    redis_prefix: str = "rrp:"
+    shards: Path | None = None
+    # In-process generation (used when neither Redis nor shards is given).
+    tracks: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10)))
+    episodes: int = 3
+    ticks: int = 500
+    perturb_prob: float = 0.04
+    randomize: bool = True
+    driver_path: Path | None = None  # the evolved driver (best_driver.json); the hand-set default otherwise
+    seed: int = 0
+
+    def driver(self) -> drivers.RayDriver:
+        return load_driver(self.driver_path).ray_driver() if self.driver_path else drivers.default_driver()
+
+    def describe(self) -> str:
+        if self.redis_url:
+            return f"redis {self.redis_url} (prefix {self.redis_prefix})"
+        if self.shards:
+            return f"shards {self.shards}"
+        return (
+            f"generated in process: {len(self.tracks)} tracks x {self.episodes} episodes x <= {self.ticks} ticks, "
+            f"perturbation {self.perturb_prob}, randomised {self.randomize}, driver {self.driver_path or 'default'}"
+        )
+
+
+def load_frames(config: DataConfig, size: tuple[int, int], progress: bool = True) -> FrameSet:
+    """All frames of the configured source at the model's resolution."""
+    if config.redis_url:
+        from trainer.data.redis_source import RedisRuns
+
+        password = os.environ.get("RRP_REDIS_PASSWORD")
+        return frames_from_source(
+            RedisRuns(config.redis_url, config.redis_prefix, password=password), size, progress=progress
+        )
+    if config.shards:
+        from trainer.data.shards import ShardSet
+
+        return frames_from_source(ShardSet(config.shards), size, progress=progress)
+    return generate_samples(
+        config.tracks,
+        config.episodes,
+        config.ticks,
+        config.driver(),
+        config.perturb_prob,
+        config.seed,
+        size,
+        config.randomize,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run; the defaults train on 2 CPU cores in a few minutes."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 3  # epochs without a better validation loss before stopping
+    val_fraction: float = 0.2
+    split_by: Literal["run", "track"] = "run"
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    balance: bool = True
+    threads: int = 2
+    seed: int = 0
+    time_limit_s: float = 540.0  # a safety net: training stops after the epoch that crosses it
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    throttle_acc: float
+    steer_acc: float
+    exact_acc: float  # both heads right: the decided mask equals the expert's
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: DrivingNet
+    history: list[EpochMetrics]
+    best_epoch: int
+    train_frames: int
+    val_frames: int
+    seconds: float
+    frames_per_s: float
+
+    @property
+    def best(self) -> EpochMetrics:
+        return self.history[self.best_epoch - 1]
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """The one seeding block: Python, NumPy and torch, deterministic kernels, a fixed thread count (reductions
+    split over another number of threads round differently)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def head_losses(
+    logits: torch.Tensor, masks: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    throttle, steer = mask_targets(masks)
+    wt, ws = weights if weights is not None else (None, None)
+    return functional.cross_entropy(logits[:, :N_CLASSES], throttle, weight=wt) + functional.cross_entropy(
+        logits[:, N_CLASSES:], steer, weight=ws
+    )
+
+
+@torch.inference_mode()
+def evaluate_offline(model: DrivingNet, frames: FrameSet, batch_size: int = 512) -> dict[str, float]:
+    """Unweighted loss and accuracies of both heads on held-out frames."""
+    model.eval()
+    n = len(frames)
+    loss = 0.0
+    right = np.zeros(3)
+    for start in range(0, n, batch_size):
+        images = torch.from_numpy(frames.images[start : start + batch_size])
+        speeds = torch.from_numpy(frames.speeds[start : start + batch_size])
+        masks = torch.from_numpy(frames.labels[start : start + batch_size].astype(np.int64))
+        logits = model(images, speeds)
+        loss += float(head_losses(logits, masks, None)) * len(masks)
+        throttle, steer = mask_targets(masks)
+        ok_t = logits[:, :N_CLASSES].argmax(1) == throttle
+        ok_s = logits[:, N_CLASSES:].argmax(1) == steer
+        right += [int(ok_t.sum()), int(ok_s.sum()), int((ok_t & ok_s).sum())]
+    d = max(n, 1)
+    return {"loss": loss / d, "throttle_acc": right[0] / d, "steer_acc": right[1] / d, "exact_acc": right[2] / d}
+
+
+def train(config: TrainConfig, frames: FrameSet, init: DrivingNet | None = None) -> TrainResult:
+    """Trains on a run-wise split of `frames`; keeps the weights of the epoch with the best validation loss.
+
+    `init` continues from existing weights (DAgger); otherwise the net starts from `config.vision.seed`.
+    """
+    seed_everything(config.seed, config.threads)
+    train_idx, val_idx = split_frames(frames, config.val_fraction, config.seed, config.split_by)
+    train_set, val_set = frames.take(train_idx), frames.take(val_idx)
+    model = build_model(config.vision)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    weights = class_weights(train_set.labels) if config.balance else None
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * max(1, -(-len(train_set) // config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, speeds = torch.from_numpy(train_set.images), torch.from_numpy(train_set.speeds)
+    labels = torch.from_numpy(train_set.labels.astype(np.int64))
+    history: list[EpochMetrics] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, model.state_dict()
+    t_start = time.perf_counter()
+    trained = 0
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_set), generator=generator)
+        total = 0.0
+        bar = tqdm(
+            range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not config.progress, leave=False
+        )
+        for start in bar:
+            idx = order[start : start + config.batch_size]
+            x, m = images[idx], labels[idx]
+            if config.augment is not None:
+                x, m = augment(x, m, config.augment, generator)
+            loss = head_losses(model(x, speeds[idx]), m, weights)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            trained += len(idx)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        metrics = evaluate_offline(model, val_set) if len(val_set) else evaluate_offline(model, train_set)
+        history.append(
+            EpochMetrics(
+                epoch,
+                total / max(len(train_set), 1),
+                metrics["loss"],
+                metrics["throttle_acc"],
+                metrics["steer_acc"],
+                metrics["exact_acc"],
+                time.perf_counter() - t0,
+            )
+        )
+        h = history[-1]
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, throttle %.3f, steering %.3f, exact %.3f (%.1f s)",
+            epoch,
+            h.train_loss,
+            h.val_loss,
+            h.throttle_acc,
+            h.steer_acc,
+            h.exact_acc,
+            h.seconds,
+        )
+        if h.val_loss < best_loss:
+            best_loss, best_epoch = h.val_loss, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= config.patience:
+            log.info("early stop: no better validation loss for %d epochs", config.patience)
+            break
+        if time.perf_counter() - t_start > config.time_limit_s:
+            log.warning("time limit of %.0f s reached after epoch %d", config.time_limit_s, epoch)
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - t_start
+    return TrainResult(model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds)
+
+
+# -- artefacts ------------------------------------------------------------------------------------------------
+
+
+def save_weights(model: DrivingNet, path: Path) -> None:
+    """safetensors with the network config in its metadata, written atomically (no half-written weights)."""
+    tmp = path.with_suffix(".tmp")
+    meta = {"format": "rrp-vision", "version": "1", "config": json.dumps(dataclasses.asdict(model.config))}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_model(path: Path) -> DrivingNet:
+    """A model from its safetensors file, in eval mode; refuses files of another format."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "rrp-vision":
+            raise ValueError(f"{path}: not an rrp-vision weights file")
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    raw = json.loads(meta["config"])
+    config = VisionConfig(**{**raw, "channels": tuple(raw["channels"])})
+    model = DrivingNet(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_torchscript(model: DrivingNet, path: Path) -> torch.jit.ScriptModule:
+    """A traced TorchScript module for serving: (N, H, W, 3) uint8 frames and (N,) speeds -> (N, 6) logits."""
+    model.eval()
+    c = model.config
+    example = (torch.zeros(1, c.height, c.width, 3, dtype=torch.uint8), torch.zeros(1))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    tmp = path.with_suffix(".tmp")
+    torch.jit.save(traced, str(tmp))
+    os.replace(tmp, path)
+    return traced
+
+
+def save_training_run(
+    result: TrainResult, config: TrainConfig, data: DataConfig, frames: FrameSet, out_dir: Path
+) -> dict[str, Any]:
+    """Weights, TorchScript, learning curve and the model card beside them; returns the card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(result.model, out_dir / WEIGHTS)
+    traced = export_torchscript(result.model, out_dir / TORCHSCRIPT)
+    c = config.vision
+    probe = (torch.from_numpy(frames.images[:8]), torch.from_numpy(frames.speeds[:8]))
+    with torch.no_grad():
+        agree = bool(torch.equal(decide(traced(*probe)), decide(result.model(*probe))))
+    card: dict[str, Any] = {
+        "model": "rrp-vision DrivingNet",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seed": config.seed,
+        "input": f"frames (N, {c.height}, {c.width}, 3) uint8 RGB + speed (N,) m/s",
+        "output": "logits (N, 6): throttle [none, forward, back], steering [none, left, right]",
+        "data": {
+            "source": data.describe(),
+            **frames.summary(),
+            "train_frames": result.train_frames,
+            "val_frames": result.val_frames,
+            "split_by": config.split_by,
+        },
+        "metrics": {"best_epoch": result.best_epoch, **dataclasses.asdict(result.best)},
+        "training": {
+            "seconds": round(result.seconds, 1),
+            "frames_per_s": round(result.frames_per_s, 1),
+            "epochs_run": len(result.history),
+            "torch": torch.__version__,
+            "torchscript_agrees": agree,
+        },
+        "settings": _jsonable(dataclasses.asdict(config)),
+        "data_settings": _jsonable(dataclasses.asdict(data)),
+        "history": [dataclasses.asdict(h) for h in result.history],
+        "files": {"weights": WEIGHTS, "torchscript": TORCHSCRIPT},
+    }
+    (out_dir / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+    (out_dir / MODEL_CARD_MD).write_text(_card_markdown(card))
+    plot_history(result.history, out_dir / HISTORY_PNG)
+    return card
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    d, m, t = card["data"], card["metrics"], card["training"]
+    rows = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['throttle_acc']:.3f} | "
+        f"{h['steer_acc']:.3f} | {h['exact_acc']:.3f} |"
+        for h in card["history"]
+    )
+    return f"""# Model card: {card["model"]}
+
+- Date: {card["date"]}; seed {card["seed"]}; torch {t["torch"]}
+- Input: {card["input"]}
+- Output: {card["output"]}; keys = argmax of each head
+
+## Data
+- Source: {d["source"]}
+- {d["frames"]} frames in {d["runs"]} runs on {len(d["tracks"])} tracks ({", ".join(d["tracks"])}), {d["resolution"]}
+- Split by {d["split_by"]}: {d["train_frames"]} training frames, {d["val_frames"]} validation frames
+
+## Metrics (validation, best epoch {m["best_epoch"]})
+- Throttle accuracy {m["throttle_acc"]:.3f}, steering accuracy {m["steer_acc"]:.3f}, exact mask {m["exact_acc"]:.3f}
+- Training: {t["seconds"]} s, {t["frames_per_s"]} frames/s, {t["epochs_run"]} epochs;
+  TorchScript export agrees with the eager model: {t["torchscript_agrees"]}
+
+| epoch | train loss | val loss | throttle acc | steering acc | exact acc |
+| --- | --- | --- | --- | --- | --- |
+{rows}
+
+## Settings
+```json
+{json.dumps(card["settings"], indent=2)}
+```
+"""
+
+
+def plot_history(history: Sequence[EpochMetrics], path: Path) -> None:
+    epochs = [h.epoch for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h.train_loss for h in history], marker="o", label="train (weighted, augmented)")
+    a.plot(epochs, [h.val_loss for h in history], marker="o", label="validation")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    for name in ("throttle_acc", "steer_acc", "exact_acc"):
+        b.plot(epochs, [getattr(h, name) for h in history], marker="o", label=name)
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation accuracy")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
