@@ -13,6 +13,8 @@ from rrp.config import env
 if TYPE_CHECKING:
     from trainer.data.records import FrameSource
     from trainer.evolve_job import PoolSpec
+    from trainer.vision.evaluate import EvalConfig, VisionPilot
+    from trainer.vision.train import DataConfig, TrainConfig
 
 
 def _setup_logging(level: str) -> None:
@@ -334,6 +336,133 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_data_export)
 
 
+def _vision_data_config(args: argparse.Namespace) -> DataConfig:
+    from trainer.vision.train import DataConfig
+
+    return DataConfig(
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        shards=Path(args.shards) if args.shards else None,
+        tracks=tuple(t for t in args.tracks.split(",") if t),
+        episodes=args.episodes,
+        ticks=args.ticks,
+        perturb_prob=args.perturb,
+        randomize=not args.no_randomize,
+        driver_path=Path(args.driver) if args.driver else None,
+        seed=args.seed,
+    )
+
+
+def _vision_train_config(args: argparse.Namespace) -> TrainConfig:
+    from trainer.vision.data import AugmentConfig
+    from trainer.vision.model import VisionConfig
+    from trainer.vision.train import TrainConfig
+
+    return TrainConfig(
+        vision=VisionConfig(width=args.width, height=args.height, seed=args.seed),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        split_by=args.split_by,
+        augment=None if args.no_augment else AugmentConfig(),
+        balance=not args.no_balance,
+        threads=args.threads,
+        seed=args.seed,
+        time_limit_s=args.time_limit,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.vision.curves import CurvesConfig, run_learning_curves
+    from trainer.vision.train import load_frames, save_training_run, train
+
+    data, config = _vision_data_config(args), _vision_train_config(args)
+    out = Path(args.out)
+    if args.learning_curves:
+        curves = CurvesConfig(sizes=tuple(int(n) for n in args.curve_sizes.split(",")))
+        rows = run_learning_curves(data, config, curves, out)
+        print(f"[train] learning curves ({len(rows)} points) written to {out}", flush=True)
+        return 0
+    frames = load_frames(data, (args.width, args.height))
+    result = train(config, frames)
+    card = save_training_run(result, config, data, frames, out)
+    m = card["metrics"]
+    print(
+        f"[train] {result.train_frames} training frames, best epoch {result.best_epoch}: throttle "
+        f"{m['throttle_acc']:.3f}, steering {m['steer_acc']:.3f}, exact {m['exact_acc']:.3f} in "
+        f"{result.seconds:.0f} s; model and card in {out}",
+        flush=True,
+    )
+    return 0
+
+
+def _vision_eval_config(args: argparse.Namespace) -> EvalConfig:
+    from trainer.vision.evaluate import EvalConfig
+
+    return EvalConfig(
+        training_tracks=tuple(t for t in args.eval_tracks.split(",") if t),
+        unseen_tracks=tuple(t for t in args.unseen.split(",") if t),
+        driver_path=Path(args.driver) if args.driver else None,
+        servers=tuple(a for a in args.servers.split(",") if a),
+        local_servers=args.local_servers,
+        budget_factor=args.budget_factor,
+        randomize=args.randomize_frames,
+        seed=args.frame_seed,
+    )
+
+
+def _vision_pilot(args: argparse.Namespace) -> VisionPilot:
+    import torch
+
+    from trainer.vision.evaluate import VisionPilot
+    from trainer.vision.train import TORCHSCRIPT, load_model
+
+    torch.set_num_threads(1)  # the game servers need the other core
+    model = load_model(Path(args.model))
+    c = model.config
+    if args.torchscript:
+        return VisionPilot(torch.jit.load(str(Path(args.model).with_name(TORCHSCRIPT))), c.width, c.height)
+    return VisionPilot(model, c.width, c.height)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.vision.evaluate import markdown_report, run_evaluation
+
+    report = run_evaluation(_vision_pilot(args), _vision_eval_config(args), Path(args.out))
+    print(markdown_report(report), flush=True)
+    return 0
+
+
+def cmd_dagger(args: argparse.Namespace) -> int:
+    from trainer.vision.dagger import DaggerConfig, run_dagger
+    from trainer.vision.evaluate import game_pool
+    from trainer.vision.train import TORCHSCRIPT, WEIGHTS, export_torchscript, load_frames, load_model, save_weights
+
+    if not args.driver:
+        raise SystemExit("rrp dagger: --driver (the evolved expert, best_driver.json) is required")
+    data, eval_config = _vision_data_config(args), _vision_eval_config(args)
+    model = load_model(Path(args.model))
+    train_config = _vision_train_config(args)
+    config = DaggerConfig(
+        driver_path=Path(args.driver),
+        tracks=tuple(t for t in args.dagger_tracks.split(",") if t),
+        iterations=args.iterations,
+        epochs_per_iteration=args.epochs_per_iteration,
+        collector=args.collector,
+        seed=args.seed,
+    )
+    frames = load_frames(data, (model.config.width, model.config.height))
+    out = Path(args.out)
+    with game_pool(eval_config.servers, eval_config.local_servers) as pool:
+        model, _ = run_dagger(model, frames, train_config, config, eval_config, pool, out)
+    save_weights(model, out / WEIGHTS)
+    export_torchscript(model, out / TORCHSCRIPT)
+    print((out / "dagger.md").read_text() + f"final model: {out / WEIGHTS}", flush=True)
+    return 0
+
+
 def _add_pool_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--servers", default=env("servers", "", str), help="game servers host:port,... (RRP_SERVERS)")
@@ -344,6 +473,53 @@ def _add_pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--local-servers", type=int, default=2, help="without --servers/--discover: game servers to start here"
     )
+
+
+def _add_vision_data_flags(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--redis", default=env("redis", None, str), help="read recorded runs from Redis (RRP_REDIS)")
+    src.add_argument("--shards", default=None, help="read runs exported by `rrp data export` from this folder")
+    src.add_argument("--generate", action="store_true", help="roll out the driver in process (the default source)")
+    p.add_argument("--redis-prefix", default="rrp:", help="key prefix of the collector's Redis data")
+    default_tracks = ",".join(["kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10))])
+    p.add_argument("--tracks", default=default_tracks, help="--generate: tracks to drive (never the evaluation ones)")
+    p.add_argument("--episodes", type=int, default=3, help="--generate: episodes per track (1st from the start line)")
+    p.add_argument("--ticks", type=int, default=500, help="--generate: ticks per episode at most")
+    p.add_argument("--perturb", type=float, default=0.04, help="--generate: chance per tick of a random-key burst")
+    p.add_argument("--no-randomize", action="store_true", help="--generate: no domain randomisation of frames")
+    p.add_argument("--driver", default=None, help="evolved driver file (best_driver.json): expert and baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, order and augmentation")
+
+
+def _add_vision_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=int, default=128, help="model input width in pixels")
+    p.add_argument("--height", type=int, default=96, help="model input height in pixels")
+    p.add_argument("--epochs", type=int, default=12, help="epochs at most")
+    p.add_argument("--batch-size", type=int, default=128, help="frames per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation loss before stopping")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of runs (or tracks) held out")
+    p.add_argument("--split-by", choices=["run", "track"], default="run", help="hold out whole runs or tracks")
+    p.add_argument("--no-augment", action="store_true", help="no brightness/contrast/colour/shift/flip jitter")
+    p.add_argument("--no-balance", action="store_true", help="no class weights in the loss")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for reproducibility)")
+    p.add_argument("--time-limit", type=float, default=540.0, help="stop after the epoch that crosses this (s)")
+
+
+def _add_vision_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="out/vision/model/model.safetensors", help="weights (safetensors)")
+    p.add_argument("--torchscript", action="store_true", help="drive with the TorchScript export beside the weights")
+    p.add_argument("--eval-tracks", default="kidney", help="training track(s) to drive on")
+    p.add_argument(
+        "--unseen", default=",".join(f"gen-{i}" for i in range(1001, 1006)), help="tracks never used in training"
+    )
+    if not any(a.dest == "driver" for a in p._actions):
+        p.add_argument("--driver", default=None, help="evolved driver file (best_driver.json) to compare with")
+    p.add_argument("--servers", default=env("servers", "", str), help="game servers host:port,... (RRP_SERVERS)")
+    p.add_argument("--local-servers", type=int, default=2, help="without --servers: game servers to start here")
+    p.add_argument("--budget-factor", type=float, default=2.0, help="tick budget as a multiple of the reference lap")
+    p.add_argument("--randomize-frames", action="store_true", help="domain-randomised frames while driving")
+    p.add_argument("--frame-seed", type=int, default=0, help="seed of that randomisation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +705,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=env("seed", 0, int), help="seed of the whole run")
     p.set_defaults(func=cmd_run)
     _add_data_commands(sub)
+
+    p = sub.add_parser("train", help="train the vision autopilot on recorded or generated frames")
+    _add_vision_data_flags(p)
+    _add_vision_train_flags(p)
+    p.add_argument("--out", default=env("out", "out/vision/model", str), help="folder for weights, TorchScript, card")
+    p.add_argument(
+        "--learning-curves", action="store_true", help="instead: sweep training frames x resolution (64x48, 128x96)"
+    )
+    p.add_argument("--curve-sizes", default="1500,5000,15000", help="training-set sizes of the learning curves")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="let the vision model drive on game servers, from frames only")
+    _add_vision_eval_flags(p)
+    p.add_argument("--out", default=env("out", "out/vision/eval", str), help="folder for JSON, Markdown, maps")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("dagger", help="DAgger: the model drives, the evolved driver labels, the model retrains")
+    _add_vision_data_flags(p)
+    _add_vision_train_flags(p)
+    _add_vision_eval_flags(p)
+    p.add_argument("--iterations", type=int, default=3, help="DAgger iterations")
+    p.add_argument("--epochs-per-iteration", type=int, default=4, help="retraining epochs per iteration")
+    p.add_argument(
+        "--dagger-tracks", default="kidney,oval,alpine,gen-1,gen-2,gen-3", help="tracks the model drives to collect"
+    )
+    p.add_argument("--collector", default=env("collector", None, str), help="collector host:port (RRP_COLLECTOR)")
+    p.add_argument("--out", default=env("out", "out/vision/dagger", str), help="output folder")
+    p.set_defaults(func=cmd_dagger)
     return parser
 
 

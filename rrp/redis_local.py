@@ -47,12 +47,14 @@ class LocalRedis:
         *,
         password: str | None = None,
         executable: str = "redis-server",
+        appendfsync: str = "always",
         die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.password = password
         self.executable = executable
+        self.appendfsync = appendfsync  # "always": an acknowledged frame survives a power cut, not only a crash
         self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,7 +85,7 @@ class LocalRedis:
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path),

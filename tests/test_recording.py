@@ -17,6 +17,7 @@ from PIL import Image
 
 from collector.server import CollectorConfig, CollectorServer, create_collector_server
 from collector.store import FrameStore, RedisConfig
+from collector.tasks import Episode, RecordSettings, RecordTask
 from game_server.client import GameClient
 from game_server.core import drivers, physics
 from game_server.core.tracks import load_track
@@ -258,3 +259,14 @@ def test_rrp_collect_four_servers_deliver_every_frame_once(stack: Stack, tmp_pat
     seeds = {stack.store.get_run(r).start.perturbation_seed for r in run_ids}
     assert len(seeds) == 8
     assert "frames/s" in proc.stdout
+
+
+def test_record_task_in_process_records_what_a_server_records(stack: Stack) -> None:
+    """Calling a RecordTask runs the server's own Record handler here, so it stores the same frames."""
+    d = drivers.default_driver()
+    saved = SavedDriver(kind=d.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=d.params)
+    task = RecordTask(RecordSettings(stack.collector.address, max_ticks=30, perturb_probability=0.1))
+    local = task(Episode("task-local", "oval", saved, 9, 4))
+    remote = stub_of(stack.servers[0]).Record(task.request(Episode("task-remote", "oval", saved, 9, 4)), timeout=60)
+    assert local.frames == remote.frames == 30 and local.result == remote.result
+    assert [r.image for r in frames_of(stack, "task-local")] == [r.image for r in frames_of(stack, "task-remote")]

@@ -190,14 +190,20 @@ def evaluate_offline(model: DrivingNet, frames: FrameSet, batch_size: int = 512)
     return {"loss": loss / d, "throttle_acc": right[0] / d, "steer_acc": right[1] / d, "exact_acc": right[2] / d}
 
 
-def train(config: TrainConfig, frames: FrameSet, init: DrivingNet | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, frames: FrameSet, init: DrivingNet | None = None, val: FrameSet | None = None
+) -> TrainResult:
     """Trains on a run-wise split of `frames`; keeps the weights of the epoch with the best validation loss.
 
     `init` continues from existing weights (DAgger); otherwise the net starts from `config.vision.seed`.
+    `val`, when given, is the validation set and all of `frames` is trained on (learning curves hold it fixed).
     """
     seed_everything(config.seed, config.threads)
-    train_idx, val_idx = split_frames(frames, config.val_fraction, config.seed, config.split_by)
-    train_set, val_set = frames.take(train_idx), frames.take(val_idx)
+    if val is None:
+        train_idx, val_idx = split_frames(frames, config.val_fraction, config.seed, config.split_by)
+        train_set, val_set = frames.take(train_idx), frames.take(val_idx)
+    else:
+        train_set, val_set = frames, val
     model = build_model(config.vision)
     if init is not None:
         model.load_state_dict(init.state_dict())

@@ -1,0 +1,118 @@
+"""The vision autopilot: training, checkpoints, TorchScript export and closed-loop evaluation on a real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from game_server.core.drivers import default_driver
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from rrp.cli import main
+from rrp.procs import ServiceProcess, start_service
+from trainer.vision.data import AugmentConfig, FrameSet, augment, generate_samples
+from trainer.vision.evaluate import EvalConfig, VisionPilot, run_evaluation
+from trainer.vision.model import STEER_NONE, THROTTLE_NONE, VisionConfig, build_model, decide, mask_targets
+from trainer.vision.train import TrainConfig, export_torchscript, load_model, save_weights, train
+
+SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def frames() -> FrameSet:
+    return generate_samples(["oval", "kidney"], 2, 40, default_driver(), 0.1, seed=5, size=(64, 48))
+
+
+@pytest.fixture(scope="module")
+def game_server() -> Iterator[ServiceProcess]:
+    proc = start_service(["game-server", "--port", "0"])
+    yield proc
+    proc.stop()
+
+
+def _probe(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 48, 64, 3), dtype=torch.uint8, generator=g), torch.rand(n, generator=g) * 50
+
+
+def test_training_reduces_loss_and_is_reproducible(frames: FrameSet) -> None:
+    config = TrainConfig(vision=SMALL, epochs=4, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
+    first = [h.train_loss for h in train(config, frames).history]
+    second = [h.train_loss for h in train(config, frames).history]
+    assert first == second
+    assert first[-1] < first[0]
+
+
+def test_checkpoint_loads_in_a_fresh_process_with_the_same_outputs(tmp_path: Path) -> None:
+    model = build_model(SMALL).eval()
+    save_weights(model, tmp_path / "m.safetensors")
+    images, speeds = _probe()
+    np.save(tmp_path / "images.npy", images.numpy())
+    np.save(tmp_path / "speeds.npy", speeds.numpy())
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from trainer.vision.train import load_model\n"
+        "d = sys.argv[1]\n"
+        "m = load_model(d + '/m.safetensors')\n"
+        "x, v = torch.from_numpy(np.load(d + '/images.npy')), torch.from_numpy(np.load(d + '/speeds.npy'))\n"
+        "np.save(d + '/out.npy', m(x, v).detach().numpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    with torch.no_grad():
+        expected = model(images, speeds).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6)
+    assert load_model(tmp_path / "m.safetensors").config == SMALL
+
+
+def test_torchscript_export_agrees_with_the_eager_model(tmp_path: Path) -> None:
+    model = build_model(SMALL).eval()
+    export_torchscript(model, tmp_path / "m.ts")
+    scripted = torch.jit.load(str(tmp_path / "m.ts"))
+    images, speeds = _probe()
+    with torch.no_grad():
+        eager, exported = model(images, speeds), scripted(images, speeds)
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(decide(exported), decide(eager))
+
+
+def test_heads_and_flip_keep_masks_consistent() -> None:
+    masks = torch.tensor([0, FORWARD, BACK | LEFT, FORWARD | RIGHT, FORWARD | BACK | LEFT | RIGHT])
+    throttle, steer = mask_targets(masks)
+    logits = torch.cat([torch.nn.functional.one_hot(throttle, 3), torch.nn.functional.one_hot(steer, 3)], 1)
+    assert decide(logits.float()).tolist() == [0, FORWARD, BACK | LEFT, FORWARD | RIGHT, 0]
+    images = torch.zeros(5, 48, 64, 3, dtype=torch.uint8)
+    flipped = AugmentConfig(brightness=0, contrast=0, colour=0, shift_px=0, flip_prob=1.0)
+    _, swapped = augment(images, masks, flipped, torch.Generator().manual_seed(0))
+    assert swapped.tolist() == [0, FORWARD, BACK | RIGHT, FORWARD | LEFT, FORWARD | BACK | LEFT | RIGHT]
+
+
+def test_closed_loop_reports_a_model_that_never_drives_as_failed(game_server: ServiceProcess) -> None:
+    model = build_model(SMALL).eval()
+    last = model.head[-1]
+    with torch.no_grad():  # always "no keys": the car never leaves the start line
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[THROTTLE_NONE] = 1.0
+        last.bias[3 + STEER_NONE] = 1.0
+    config = EvalConfig(training_tracks=("oval",), unseen_tracks=("gen-1001",), servers=(game_server.address,))
+    report = run_evaluation(VisionPilot(model, SMALL.width, SMALL.height), config)
+    assert report["unseen_laps_completed"] == 0
+    for row in report["tracks"]:
+        assert row["finished"] is False
+        assert row["lap_ticks"] == 0
+        assert row["progress_fraction"] < 0.01
+        assert "no progress" in row["stop_reason"]
+        assert row["reference_lap_ticks"] > 0
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "dagger"])
+def test_cli_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--seed" in capsys.readouterr().out or command == "evaluate"
