@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -57,7 +58,7 @@ def synthetic_frames(n: int) -> list[np.ndarray]:
     return [np.clip(base + rng.integers(-4, 5, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
 
 
-def encode(frame: np.ndarray, encoding: int) -> bytes:
+def encode(frame: np.ndarray, encoding: ImageEncoding) -> bytes:
     if encoding == ImageEncoding.IMAGE_ENCODING_RAW_RGB:
         return np.ascontiguousarray(frame, dtype=np.uint8).tobytes()
     buf = io.BytesIO()
@@ -68,7 +69,7 @@ def encode(frame: np.ndarray, encoding: int) -> bytes:
     return buf.getvalue()
 
 
-def run_start(run_id: str, encoding: int) -> RunStart:
+def run_start(run_id: str, encoding: ImageEncoding) -> RunStart:
     return RunStart(
         run_id=run_id,
         track="kidney",
@@ -89,7 +90,7 @@ def records(run_id: str, images: list[bytes], frames: int) -> list[FrameRecord]:
     ]
 
 
-def produce_concurrently(address: str, runs: dict[str, list[FrameRecord]], encoding: int) -> float:
+def produce_concurrently(address: str, runs: dict[str, list[FrameRecord]], encoding: ImageEncoding) -> float:
     """Streams every run at once, one producer thread each; returns the wall time until all are stored."""
     errors: list[BaseException] = []
 
@@ -119,8 +120,8 @@ def verify(store: FrameStore, runs: dict[str, list[FrameRecord]]) -> tuple[int, 
     for run_id, recs in runs.items():
         key = f"{store.prefix}run:{run_id}:frames"
         count = store.frame_count(run_id)
-        first = store.r.xrange(key, count=1)
-        last = store.r.xrevrange(key, count=1)
+        first = cast(list[tuple[bytes, object]], store.r.xrange(key, count=1))
+        last = cast(list[tuple[bytes, object]], store.r.xrevrange(key, count=1))
         ids_exact = bool(first) and first[0][0] == b"1-0" and last[0][0] == stream_id(len(recs) - 1).encode()
         if count == len(recs) and ids_exact:  # increasing IDs from tick 0 to n-1 with n entries: each once
             continue
@@ -240,7 +241,8 @@ def main() -> None:
         verdict = ""
         if not name.startswith("baseline"):
             ok = fps >= TARGET_FPS and lost == duplicated == 0
-            verdict = f"  lost {lost}  duplicated {duplicated}  target >= {TARGET_FPS:.0f}/s, exact: {'OK' if ok else 'MISSED'}"
+            verdict = f"  lost {lost}  duplicated {duplicated}  target >= {TARGET_FPS:.0f}/s, exact: "
+            verdict += "OK" if ok else "MISSED"
         print(f"  {name:52s} {fps:7.0f} frames/s {mbps:6.1f} MB/s{verdict}")
     print("bytes per frame: " + ", ".join(f"{k} {v:,.0f}" for k, v in sizes.items()))
     verdict = "OK" if rss_peak < RSS_LIMIT_MB and slow_lost == slow_dup == 0 else "MISSED"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -23,7 +23,14 @@ from rallyrobopilot.v1.collector_pb2 import (
 from rrp.errors import FailedPrecondition, InvalidArgument
 
 LIMITS = IngestLimits()
-START = RunStart(run_id="r1", track="oval", source=RunSource.RUN_SOURCE_HUMAN, width_px=4, height_px=2, encoding=1)
+START = RunStart(
+    run_id="r1",
+    track="oval",
+    source=RunSource.RUN_SOURCE_HUMAN,
+    width_px=4,
+    height_px=2,
+    encoding=ImageEncoding.IMAGE_ENCODING_RAW_RGB,
+)
 RAW = bytes(4 * 2 * 3)
 
 
@@ -52,7 +59,7 @@ class MemorySink:
         return len(self.frames)
 
 
-def frames(ticks: Iterator[int] | range, image: bytes = RAW) -> Iterator[IngestRequest]:
+def frames(ticks: Iterable[int], image: bytes = RAW) -> Iterator[IngestRequest]:
     for t in ticks:
         yield IngestRequest(frame=FrameRecord(run_id="r1", tick=t, image=image))
 

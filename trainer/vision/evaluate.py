@@ -54,7 +54,7 @@ class VisionPilot:
         if frame.shape[:2] != (self.height, self.width):
             frame = resize_frames(frame[None], self.width, self.height)[0]
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(frame))[None], torch.tensor([speed_m_per_s]))
+            logits = self.model(torch.from_numpy(np.array(frame))[None], torch.tensor([speed_m_per_s]))
         return int(decide(logits)[0])
 
 
