@@ -213,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         population=args.population,
         generations=args.generations,
         seed=args.seed,
+        episodes=args.episodes,
     )
     return run_main_job(config)
 
@@ -710,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=env("population", 24, int), help="GA population")
     p.add_argument("--generations", type=int, default=env("generations", 10, int), help="GA generations")
     p.add_argument("--seed", type=int, default=env("seed", 0, int), help="seed of the whole run")
+    p.add_argument("--episodes", type=int, default=env("episodes", 16, int), help="recording episodes")
     p.set_defaults(func=cmd_run)
     _add_data_commands(sub)
 

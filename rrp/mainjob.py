@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from collector.collect import CollectConfig, run_collect
+from collector.tasks import RecordSettings
 from game_server.client import GameClient, frame_array
 from game_server.core.drivers import RayDriver
 from game_server.core.state import TICK_HZ
@@ -21,6 +23,9 @@ from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps, save_frame_strip
 from rallyrobopilot.v1 import sim_pb2
 from rrp.procs import ServiceProcess, start_service
+from rrp.redis_local import LocalRedis
+from trainer.data.redis_source import RedisRuns
+from trainer.data.validate import DataRequirements, validate_source
 from trainer.evolve import KIND_DRIVER, EvolveConfig
 from trainer.evolve_job import EvolveOutcome, PoolSpec, run_evolve_job
 
@@ -41,6 +46,10 @@ class MainJobConfig:
     generations: int = 10
     seed: int = 0
     frames: int = 12
+    # Data collection: recording episodes of the evolved driver on these tracks, perturbed and randomised.
+    collect_tracks: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3", "gen-4", "gen-5")
+    episodes: int = 16
+    perturb_probability: float = 0.03
 
 
 @dataclass
@@ -78,16 +87,82 @@ def run_main_job(config: MainJobConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
     t0 = time.monotonic()
-    with local_game_servers(config.game_servers) as servers:
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(LocalRedis(out / "redis"))
+        collector = stack.enter_context(_service(["collector", "--port", "0"], {"RRP_REDIS_URL": redis.url}))
+        servers = stack.enter_context(local_game_servers(config.game_servers))
         addresses = tuple(s.address for s in servers)
-        print(f"[run] {len(servers)} game servers: {', '.join(addresses)}", flush=True)
+        print(
+            f"[run] redis {redis.url} (data in {out / 'redis'}), collector {collector.address}, "
+            f"{len(servers)} game servers: {', '.join(addresses)}",
+            flush=True,
+        )
         evolved = _evolve(config, addresses, out / "evolve", report)
         with GameClient(addresses[0]) as client:
             finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
+        _collect(config, addresses, collector.address, evolved, report)
+        data_ok = _validate(config, redis.url, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
     print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
-    return 0 if finished else 1
+    return 0 if finished and data_ok else 1
+
+
+@contextlib.contextmanager
+def _service(args: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
+    service = start_service(args, env=env)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def _collect(
+    config: MainJobConfig, addresses: tuple[str, ...], collector: str, evolved: EvolveOutcome, report: Report
+) -> None:
+    settings = RecordSettings(collector_address=collector, perturb_probability=config.perturb_probability)
+    collect_config = CollectConfig(
+        episodes=config.episodes,
+        driver_paths=(evolved.driver_path,),
+        tracks=config.collect_tracks,
+        out_dir=config.out_dir / "collect",
+        seed=config.seed,
+        settings=settings,
+        collector=collector,
+    )
+    summary = run_collect(collect_config, PoolSpec(servers=addresses))
+    report.figures["collect"] = {
+        "runs": summary.runs,
+        "failed": summary.failed,
+        "frames": summary.frames,
+        "laps_finished": summary.laps_finished,
+        "frames_per_s": summary.frames_per_s,
+        "perturbed_ticks": summary.perturbed_ticks,
+    }
+    report.add(
+        "Data collection",
+        f"{summary.runs} recording episodes of the evolved driver on {', '.join(config.collect_tracks)}, spread "
+        f"over {len(addresses)} game servers by the scheduler, each streaming its frames (128x96 PNG, domain "
+        f"randomisation on) to the collector from inside its simulation loop; the applied controls were "
+        f"perturbed on {summary.perturbed_ticks} ticks (probability {config.perturb_probability} per tick) while "
+        f"the driver's intended keys were recorded as labels. {summary.frames} frames in {summary.seconds:.1f} s "
+        f"({summary.frames_per_s:.0f} frames/s); {summary.laps_finished} laps finished; {summary.failed} failed.",
+    )
+
+
+def _validate(config: MainJobConfig, redis_url: str, report: Report) -> bool:
+    out = config.out_dir / "validation"
+    result = validate_source(RedisRuns(redis_url), DataRequirements(), out_dir=out)
+    report.figures["validation"] = {"passed": result.passed, "failures": list(result.failures)}
+    verdict = "passed" if result.passed else "FAILED: " + "; ".join(result.failures)
+    print(f"[run] data validation {verdict} (report in {out / 'validation.md'})", flush=True)
+    report.add(
+        "Data validation",
+        f"Validation {verdict}. Full report: [validation/validation.md](validation/validation.md).\n\n"
+        "![labels](validation/label_balance.png)\n\n![coverage](validation/coverage.png)\n\n"
+        "![samples](validation/samples.png)",
+    )
+    return result.passed
 
 
 def _evolve(config: MainJobConfig, addresses: tuple[str, ...], out: Path, report: Report) -> EvolveOutcome:

@@ -108,7 +108,7 @@ def test_cli_help_for_every_command() -> None:
 def test_main_job_smoke(tmp_path: Path) -> None:
     """`rrp run` on a tiny budget: services start, the GA runs on the pool, the lap is raced and reported."""
     result = subprocess.run(
-        [str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"],
+        [str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1", "--episodes", "4"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -116,5 +116,7 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["race"]["finished"] and summary["race"]["evaluate_identical"]
+    assert summary["collect"]["runs"] == 4 and summary["collect"]["failed"] == 0
+    assert summary["validation"]["passed"], summary["validation"]
     for name in ("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"):
         assert (tmp_path / name).stat().st_size > 0

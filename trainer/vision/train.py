@@ -187,7 +187,12 @@ def evaluate_offline(model: DrivingNet, frames: FrameSet, batch_size: int = 512)
         ok_s = logits[:, N_CLASSES:].argmax(1) == steer
         right += [int(ok_t.sum()), int(ok_s.sum()), int((ok_t & ok_s).sum())]
     d = max(n, 1)
-    return {"loss": loss / d, "throttle_acc": right[0] / d, "steer_acc": right[1] / d, "exact_acc": right[2] / d}
+    return {
+        "loss": loss / d,
+        "throttle_acc": float(right[0] / d),
+        "steer_acc": float(right[1] / d),
+        "exact_acc": float(right[2] / d),
+    }
 
 
 def train(
