@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
+from opentelemetry import context as otel_context
 
 from rallyrobopilot.v1 import collector_pb2_grpc
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, IngestRequest, IngestResponse, RunEnd, RunStart
-from rrp import errors
+from rrp import errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,22 @@ class RunProducer:
         self._stalled = False
         self._error: errors.DomainError | None = None
         self._call: grpc.Future | None = None
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = telemetry.instrument_channel(
+            grpc.insecure_channel(address, options=_CHANNEL_OPTIONS), "collector-producer"
+        )
         self._stub = collector_pb2_grpc.CollectorServiceStub(self._channel)
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"producer-{start.run_id}")
+        # The stream runs on its own thread: carry the caller's trace context there, so that the collector's
+        # spans join the trace of the game server's Record call.
+        self._trace_context = otel_context.get_current()
+        self._thread = threading.Thread(target=self._run_in_context, daemon=True, name=f"producer-{start.run_id}")
         self._thread.start()
+
+    def _run_in_context(self) -> None:
+        token = otel_context.attach(self._trace_context)
+        try:
+            self._run()
+        finally:
+            otel_context.detach(token)
 
     # caller side
     def send(self, record: FrameRecord) -> None:

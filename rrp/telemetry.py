@@ -55,9 +55,10 @@ def instrument_channel(channel: grpc.Channel, service_name: str = "rrp-client") 
     provider = tracer_provider(service_name)
     if provider is None:
         return channel
-    from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc import client_interceptor, intercept_channel
 
-    return grpc.intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    # The instrumentation's own interceptor type, which only its own intercept_channel accepts.
+    return intercept_channel(channel, client_interceptor(tracer_provider=provider))
 
 
 def shutdown() -> None:

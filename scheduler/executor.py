@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
 
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
 from rrp import telemetry
@@ -78,6 +79,8 @@ class _Job:
     timeout_s: float | None = None
     attempts: int = 0
     last_server: str | None = None
+    # The submitter's trace context: the call made on a pool thread joins the submitter's trace.
+    trace_context: Any = field(default_factory=otel_context.get_current)
 
 
 # One call's outcome for one job: (response, None, "") or (None, code, details).
@@ -270,6 +273,7 @@ class EvaluationPool(Executor):
             with self._lock:
                 connection = self._connections[address]
             first = jobs[0]
+            token = otel_context.attach(first.trace_context)
             timeout = first.timeout_s or self.config.evaluate_timeout_s
             outcomes: list[_Outcome]
             call_code: grpc.StatusCode | None = None
@@ -298,6 +302,8 @@ class EvaluationPool(Executor):
             except grpc.RpcError as exc:
                 call_code = exc.code()
                 outcomes = [(None, call_code, exc.details() or "")] * len(jobs)
+            finally:
+                otel_context.detach(token)
             self._finished(jobs, address, outcomes, call_code)
 
     def _next_jobs(self) -> tuple[list[_Job], str] | None:

@@ -22,9 +22,7 @@ BIN = Path(sys.executable).parent
 
 
 def grpcurl(*args: str) -> str:
-    result = subprocess.run(
-        [str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -60,19 +58,24 @@ def test_sigterm_stops_gracefully() -> None:
 
 
 class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver, as Jaeger's collector port is, keeping what it gets."""
+
     def __init__(self) -> None:
         self.span_names: list[str] = []
+        self.spans: list[tuple[str, str, bytes, bytes]] = []  # (service, name, trace id, parent span id)
         self.got = threading.Event()
 
     def Export(self, request, context):  # type: ignore[no-untyped-def]
         for rs in request.resource_spans:
+            service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
             for ss in rs.scope_spans:
                 self.span_names.extend(span.name for span in ss.spans)
+                self.spans.extend((service, s.name, s.trace_id, s.parent_span_id) for s in ss.spans)
         self.got.set()
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def test_rpcs_are_traced_over_otlp_when_configured() -> None:
+def _otlp_receiver() -> tuple[_Receiver, grpc.Server, dict[str, str]]:
     receiver = _Receiver()
     otlp = grpc.server(futures.ThreadPoolExecutor(2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, otlp)
@@ -83,6 +86,77 @@ def test_rpcs_are_traced_over_otlp_when_configured() -> None:
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
+    return receiver, otlp, env
+
+
+def test_one_trace_spans_scheduler_game_server_and_collector(tmp_path: Path) -> None:
+    """A Record call on a game server and the Ingest stream it opens to the collector share one trace."""
+    from collector.store import FrameStore
+    from game_server.core import drivers
+    from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
+    from rrp.redis_local import LocalRedis
+
+    receiver, otlp, env = _otlp_receiver()
+    with LocalRedis(tmp_path / "redis") as redis:
+        collector = start_service(["collector", "--port", "0"], env={**env, "RRP_REDIS_URL": redis.url})
+        game = start_service(["game-server", "--port", "0"], env=env)
+        try:
+            d = drivers.default_driver()
+            request = game_pb2.RecordRequest(
+                run_id="traced",
+                track="oval",
+                driver=sim_pb2.DriverParams(kind=d.kind, params=d.params),
+                max_ticks=40,
+                encoding=collector_pb2.IMAGE_ENCODING_PNG,
+                collector_address=collector.address,
+            )
+            with grpc.insecure_channel(game.address) as channel:
+                assert game_pb2_grpc.GameServiceStub(channel).Record(request, timeout=60).frames == 40
+            assert FrameStore(redis.client(), "rrp:", redis.url).frame_count("traced") == 40
+
+            def traces() -> tuple[set[bytes], set[bytes]]:
+                record = {t for _, n, t, _ in receiver.spans if n.endswith("GameService/Record")}
+                ingest = {t for _, n, t, _ in receiver.spans if n.endswith("CollectorService/Ingest")}
+                return record, ingest
+
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (traces()[0] & traces()[1]):
+                time.sleep(0.1)
+            record, ingest = traces()
+            assert record & ingest, receiver.spans
+            services = {svc for svc, _, t, _ in receiver.spans if t in record}
+            assert {"game-server", "collector"} <= services, services
+
+            # The scheduler's MapEvaluate and the game server's evaluations it causes: one trace too.
+            scheduler = start_service(["scheduler", "--port", "0", "--servers", game.address], env=env)
+            try:
+                from rallyrobopilot.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+                task = game_pb2.EvaluateRequest(track="oval", program=sim_pb2.ControlProgram(masks=b"\x01" * 30))
+                with grpc.insecure_channel(scheduler.address) as channel:
+                    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                    batch = scheduler_pb2.MapEvaluateRequest(tasks=[task] * 3)
+                    assert len(list(stub.MapEvaluate(batch, timeout=60))) == 3
+            finally:
+                scheduler.stop()
+
+            def map_traces() -> set[bytes]:
+                mapped = {t for _, n, t, _ in receiver.spans if n.endswith("SchedulerService/MapEvaluate")}
+                evaluated = {t for _, n, t, _ in receiver.spans if "GameService/Evaluate" in n}
+                return mapped & evaluated
+
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not map_traces():
+                time.sleep(0.1)
+            assert map_traces(), receiver.spans
+        finally:
+            game.stop()
+            collector.stop()
+            otlp.stop(0)
+
+
+def test_rpcs_are_traced_over_otlp_when_configured() -> None:
+    receiver, otlp, env = _otlp_receiver()
     proc = start_service(["game-server", "--port", "0"], env=env)
     try:
         with GameClient(proc.address) as c:
@@ -98,9 +172,7 @@ def test_rpcs_are_traced_over_otlp_when_configured() -> None:
 
 def test_cli_help_for_every_command() -> None:
     for args in ([], ["game-server"], ["play"], ["run"], ["evolve"], ["scheduler"]):
-        result = subprocess.run(
-            [str(BIN / "rrp"), *args, "--help"], capture_output=True, text=True, timeout=60
-        )
+        result = subprocess.run([str(BIN / "rrp"), *args, "--help"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "usage: rrp" in result.stdout
 
