@@ -383,10 +383,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.learning_curves:
         curves = CurvesConfig(sizes=tuple(int(n) for n in args.curve_sizes.split(",")))
-        rows = run_learning_curves(data, config, curves, out)
+        rows = run_learning_curves(data, config, curves, out, env("redis_password", None, str))
         print(f"[train] learning curves ({len(rows)} points) written to {out}", flush=True)
         return 0
-    frames = load_frames(data, (args.width, args.height))
+    frames = load_frames(data, (args.width, args.height), redis_password=env("redis_password", None, str))
     result = train(config, frames)
     card = save_training_run(result, config, data, frames, out)
     m = card["metrics"]
@@ -437,6 +437,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_dagger(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from trainer.vision.dagger import DaggerConfig, run_dagger
     from trainer.vision.evaluate import game_pool
     from trainer.vision.train import TORCHSCRIPT, WEIGHTS, export_torchscript, load_frames, load_model, save_weights
@@ -445,7 +447,7 @@ def cmd_dagger(args: argparse.Namespace) -> int:
         raise SystemExit("rrp dagger: --driver (the evolved expert, best_driver.json) is required")
     data, eval_config = _vision_data_config(args), _vision_eval_config(args)
     model = load_model(Path(args.model))
-    train_config = _vision_train_config(args)
+    train_config = dataclasses.replace(_vision_train_config(args), vision=model.config)  # retrain the same net
     config = DaggerConfig(
         driver_path=Path(args.driver),
         tracks=tuple(t for t in args.dagger_tracks.split(",") if t),
@@ -454,7 +456,9 @@ def cmd_dagger(args: argparse.Namespace) -> int:
         collector=args.collector,
         seed=args.seed,
     )
-    frames = load_frames(data, (model.config.width, model.config.height))
+    frames = load_frames(
+        data, (model.config.width, model.config.height), redis_password=env("redis_password", None, str)
+    )
     out = Path(args.out)
     with game_pool(eval_config.servers, eval_config.local_servers) as pool:
         model, _ = run_dagger(model, frames, train_config, config, eval_config, pool, out)
@@ -478,7 +482,11 @@ def _add_pool_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_vision_data_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--redis", default=env("redis", None, str), help="read recorded runs from Redis (RRP_REDIS)")
+    src.add_argument(
+        "--redis",
+        default=env("redis_url", None, str),
+        help="read recorded runs from this Redis URL (RRP_REDIS_URL; password from RRP_REDIS_PASSWORD)",
+    )
     src.add_argument("--shards", default=None, help="read runs exported by `rrp data export` from this folder")
     src.add_argument("--generate", action="store_true", help="roll out the driver in process (the default source)")
     p.add_argument("--redis-prefix", default="rrp:", help="key prefix of the collector's Redis data")
@@ -498,7 +506,9 @@ def _add_vision_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=12, help="epochs at most")
     p.add_argument("--batch-size", type=int, default=128, help="frames per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
-    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation loss before stopping")
+    p.add_argument(
+        "--patience", type=int, default=4, help="epochs without a better validation exact-mask accuracy before stopping"
+    )
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of runs (or tracks) held out")
     p.add_argument("--split-by", choices=["run", "track"], default="run", help="hold out whole runs or tracks")
     p.add_argument("--no-augment", action="store_true", help="no brightness/contrast/colour/shift/flip jitter")

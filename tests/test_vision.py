@@ -94,6 +94,7 @@ def test_heads_and_flip_keep_masks_consistent() -> None:
 def test_closed_loop_reports_a_model_that_never_drives_as_failed(game_server: ServiceProcess) -> None:
     model = build_model(SMALL).eval()
     last = model.head[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():  # always "no keys": the car never leaves the start line
         last.weight.zero_()
         last.bias.zero_()

@@ -39,14 +39,18 @@ def _at(frames: FrameSet, width: int, height: int) -> FrameSet:
 
 
 def run_learning_curves(
-    data: DataConfig, train_config: TrainConfig, config: CurvesConfig, out_dir: Path
+    data: DataConfig,
+    train_config: TrainConfig,
+    config: CurvesConfig,
+    out_dir: Path,
+    redis_password: str | None = None,
 ) -> list[dict[str, Any]]:
     """Generates the data once at the largest resolution, fixes one validation split, and trains on random
     subsets of the training frames (every run keeps some, so track coverage stays the same and only the
     amount of data varies)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     widest = max(config.resolutions)
-    frames = load_frames(data, widest, progress=train_config.progress)
+    frames = load_frames(data, widest, train_config.progress, redis_password)
     train_idx, val_idx = split_frames(frames, train_config.val_fraction, train_config.seed, train_config.split_by)
     order = np.random.default_rng(train_config.seed).permutation(train_idx)
     budgets = {t: int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks) for t in config.eval_tracks}

@@ -40,6 +40,7 @@ class DaggerConfig:
     tracks: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3")
     iterations: int = 3
     epochs_per_iteration: int = 4
+    lr_scale: float = 0.25  # fine-tuning learning rate as a share of the training one
     budget_factor: float = 2.0
     randomize: bool = True  # DAgger frames get their own domain randomisation seeds
     collector: str | None = None  # stream the labelled runs to this collector (RunSource DAGGER)
@@ -153,7 +154,9 @@ def run_dagger(
     """Iterates drive -> label -> aggregate -> retrain, evaluating lap completion and time after each step."""
     out_dir.mkdir(parents=True, exist_ok=True)
     driver_id = load_driver(config.driver_path).driver_id
-    retrain = dataclasses.replace(train_config, epochs=config.epochs_per_iteration)
+    retrain = dataclasses.replace(
+        train_config, epochs=config.epochs_per_iteration, lr=train_config.lr * config.lr_scale, keep="last"
+    )
     size = (model.config.width, model.config.height)
     pilot = VisionPilot(model, *size)
     report = run_evaluation(pilot, eval_config, out_dir / "iteration-0", pool)

@@ -120,6 +120,18 @@ def resize_frames(images: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def expert_label(driver: RayDriver, rays: Sequence[float], speed: float) -> int:
+    """The keys the expert means on a state: its own choice, except at top speed when it wants top speed.
+
+    There the ray driver coasts for one tick (its target is capped at the top speed, which is not below
+    itself) and presses forward on the next: two states a camera cannot tell apart, labelled with opposite
+    keys. Asked just below the top speed it answers "forward", which is what holding the top speed means.
+    Without this, a learner that holds the top speed (as the model does) is labelled "coast" on every
+    straight, and DAgger then teaches it that a straight road means no throttle, at any speed.
+    """
+    return driver.act_on(rays, min(speed, physics.TOP_SPEED - 1e-3))
+
+
 def random_start(track: Track, rng: np.random.Generator) -> SimState:
     """A state somewhere on the track, off the centre line, misaligned and at some speed: the situations a
     learner drifts into and must recover from, which the expert's own laps never show."""
@@ -146,7 +158,7 @@ def generate_samples(
 ) -> FrameSet:
     """Rolls out `driver` in process and renders what the camera sees: the fallback and test data source.
 
-    Each tick is labelled with the driver's intended keys on the state the car is in; with probability
+    Each tick is labelled with the driver's intended keys (expert_label) on the state the car is in; with probability
     `perturb_prob` per tick a burst of 3-12 random keys is applied instead, so the data holds recoveries.
     Episode 0 of a track starts on the start line, later ones at random places (see random_start).
     Everything is a function of `seed`.
@@ -165,11 +177,13 @@ def generate_samples(
         builder.start_run(in_process_run(f"generated-{name}-{seed}-{episode}", name, "driver", width, height))
         burst, burst_mask = 0, 0
         for _ in range(ticks):
-            label = driver.act(track, state)
+            rays = physics.raycast(track, state.car, state.lap.segment)
+            label = expert_label(driver, rays, state.car.speed)
             if burst == 0 and rng.random() < perturb_prob:
                 burst = int(rng.integers(3, 13))
                 burst_mask = int(rng.choice(_THROTTLES)) | int(rng.choice(_STEERS))
-            applied = burst_mask if burst > 0 else label
+            # Unperturbed, the expert's own keys drive (its laps stay the GA driver's laps).
+            applied = burst_mask if burst > 0 else driver.act_on(rays, state.car.speed)
             burst = max(burst - 1, 0)
             frame = renderer.render(track, state, FrameSpec(width, height, randomize, frame_seed))
             builder.add(frame, state.car.speed, label)

@@ -27,7 +27,7 @@ from rallyrobopilot.v1 import sim_pb2
 from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import load_driver
-from trainer.vision.data import resize_frames
+from trainer.vision.data import expert_label, resize_frames
 from trainer.vision.model import decide
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class _Episode:
             return None
         mask = self.pilot.act(frame, speed)
         if self.expert is not None:
-            r.expert_labels.append(self.expert.act_on(rays, speed))
+            r.expert_labels.append(expert_label(self.expert, rays, speed))
         if self.keep_frames:
             r.frames.append(frame.copy())
             r.applied.append(mask)

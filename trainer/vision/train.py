@@ -77,14 +77,16 @@ class DataConfig:
         )
 
 
-def load_frames(config: DataConfig, size: tuple[int, int], progress: bool = True) -> FrameSet:
-    """All frames of the configured source at the model's resolution."""
+def load_frames(
+    config: DataConfig, size: tuple[int, int], progress: bool = True, redis_password: str | None = None
+) -> FrameSet:
+    """All frames of the configured source at the model's resolution; the password is passed apart from the
+    config so that it never reaches the model card."""
     if config.redis_url:
         from trainer.data.redis_source import RedisRuns
 
-        password = os.environ.get("RRP_REDIS_PASSWORD")
         return frames_from_source(
-            RedisRuns(config.redis_url, config.redis_prefix, password=password), size, progress=progress
+            RedisRuns(config.redis_url, config.redis_prefix, password=redis_password), size, progress=progress
         )
     if config.shards:
         from trainer.data.shards import ShardSet
@@ -112,7 +114,12 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 3  # epochs without a better validation loss before stopping
+    # Epochs without a better validation exact-mask accuracy before stopping. Accuracy, not loss: the loss
+    # rises as the net grows confident on ambiguous bang-bang frames while the keys it picks still improve.
+    patience: int = 4
+    # "best": the epoch with the best validation exact-mask accuracy; "last": the end of the schedule, for
+    # fine-tuning (DAgger), where a mid-schedule epoch at peak learning rate drives worse than the end.
+    keep: Literal["best", "last"] = "best"
     val_fraction: float = 0.2
     split_by: Literal["run", "track"] = "run"
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
@@ -198,7 +205,7 @@ def evaluate_offline(model: DrivingNet, frames: FrameSet, batch_size: int = 512)
 def train(
     config: TrainConfig, frames: FrameSet, init: DrivingNet | None = None, val: FrameSet | None = None
 ) -> TrainResult:
-    """Trains on a run-wise split of `frames`; keeps the weights of the epoch with the best validation loss.
+    """Trains on a run-wise split of `frames`; keeps the weights of the epoch with the best validation accuracy.
 
     `init` continues from existing weights (DAgger); otherwise the net starts from `config.vision.seed`.
     `val`, when given, is the validation set and all of `frames` is trained on (learning curves hold it fixed).
@@ -220,7 +227,7 @@ def train(
     images, speeds = torch.from_numpy(train_set.images), torch.from_numpy(train_set.speeds)
     labels = torch.from_numpy(train_set.labels.astype(np.int64))
     history: list[EpochMetrics] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, model.state_dict()
+    best_score, best_epoch, best_state = -1.0, 0, model.state_dict()
     t_start = time.perf_counter()
     trained = 0
     for epoch in range(1, config.epochs + 1):
@@ -267,16 +274,19 @@ def train(
             h.exact_acc,
             h.seconds,
         )
-        if h.val_loss < best_loss:
-            best_loss, best_epoch = h.val_loss, epoch
+        if h.exact_acc > best_score:
+            best_score, best_epoch = h.exact_acc, epoch
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= config.patience:
-            log.info("early stop: no better validation loss for %d epochs", config.patience)
+        elif config.keep == "best" and epoch - best_epoch >= config.patience:
+            log.info("early stop: no better validation exact-mask accuracy for %d epochs", config.patience)
             break
         if time.perf_counter() - t_start > config.time_limit_s:
             log.warning("time limit of %.0f s reached after epoch %d", config.time_limit_s, epoch)
             break
-    model.load_state_dict(best_state)
+    if config.keep == "best":
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
     model.eval()
     seconds = time.perf_counter() - t_start
     return TrainResult(model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds)
