@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from collector.tasks import Episode, RecordSettings, RecordTask
-from game_server.core.tracks import load_track
+from game_server.core.tracks import load_track, random_state
 from rallyrobopilot.v1 import game_pb2
 from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
@@ -43,6 +43,9 @@ class CollectConfig:
     collector: str | None = None
     redis_url: str | None = None
     run_prefix: str = ""
+    # Share of the later episodes of each (driver, track) that start from a random state, and their length.
+    recovery_share: float = 0.0
+    recovery_ticks: int = 500
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not self.driver_paths or not self.tracks:
@@ -90,9 +93,19 @@ def episode_seeds(seed: int, index: int) -> tuple[int, int]:
 
 
 def plan_episodes(
-    episodes: int, drivers: Sequence[SavedDriver], tracks: Sequence[str], seed: int, prefix: str
+    episodes: int,
+    drivers: Sequence[SavedDriver],
+    tracks: Sequence[str],
+    seed: int,
+    prefix: str,
+    recovery_share: float = 0.0,
+    recovery_ticks: int = 500,
 ) -> list[Episode]:
-    """Round-robin over (driver, track) pairs; an open-loop program only pairs with its own track."""
+    """Round-robin over (driver, track) pairs; an open-loop program only pairs with its own track.
+
+    With `recovery_share` > 0, that share of the closed-loop episodes after each pair's first one start from
+    a random state (off the centre line, misaligned, at some speed) for `recovery_ticks` ticks: data of the
+    recoveries a learner needs, which laps from the start line never show."""
     pairs = [(d, t) for d in drivers for t in tracks if d.kind != "program" or d.track == t]
     if not pairs:
         raise ValueError("no driver can run on these tracks: programs replay only on the track they were evolved on")
@@ -100,7 +113,11 @@ def plan_episodes(
     for i in range(episodes):
         driver, track = pairs[i % len(pairs)]
         pert, rand = episode_seeds(seed, i)
-        plan.append(Episode(f"{prefix}-{track}-{i:04d}", track, driver, pert, rand))
+        rng = np.random.default_rng([seed, i, 0x57A27])
+        recovery = i >= len(pairs) and driver.kind != "program" and rng.random() < recovery_share
+        start = random_state(load_track(track), rng) if recovery else None
+        run_id = f"{prefix}-{track}-{i:04d}" + ("-recovery" if recovery else "")
+        plan.append(Episode(run_id, track, driver, pert, rand, start, recovery_ticks if recovery else 0))
     return plan
 
 
@@ -146,7 +163,9 @@ def run_collect(config: CollectConfig, pool_spec: PoolSpec) -> CollectSummary:
         load_track(track)  # an unknown track fails here, before any process starts
     drivers = [load_driver(p) for p in config.driver_paths]
     prefix = config.run_prefix or f"collect-s{config.seed}"
-    plan = plan_episodes(config.episodes, drivers, config.tracks, config.seed, prefix)
+    plan = plan_episodes(
+        config.episodes, drivers, config.tracks, config.seed, prefix, config.recovery_share, config.recovery_ticks
+    )
     config.out_dir.mkdir(parents=True, exist_ok=True)
     with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
         task = RecordTask(_with_address(config.settings, address))

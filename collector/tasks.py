@@ -6,6 +6,8 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from game_server import convert
+from game_server.core.state import SimState
 from rallyrobopilot.v1 import collector_pb2, game_pb2, sim_pb2
 from rrp.bootstrap import status_of
 from rrp.errors import DomainError
@@ -30,6 +32,9 @@ class Episode:
     driver: SavedDriver
     perturbation_seed: int
     randomization_seed: int
+    # None: the track's base state (a whole lap); otherwise a recovery episode from this state.
+    start: SimState | None = None
+    max_ticks: int = 0  # 0: the settings' max_ticks
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class RecordTask:
         request = game_pb2.RecordRequest(
             run_id=episode.run_id,
             track=episode.track,
-            max_ticks=s.max_ticks,
+            max_ticks=episode.max_ticks or s.max_ticks,
             frame_options=sim_pb2.FrameOptions(
                 width_px=s.width_px,
                 height_px=s.height_px,
@@ -86,6 +91,8 @@ class RecordTask:
             driver_id=d.driver_id,
             labels={**dict(s.labels), "driver_kind": d.kind, "driver_track": d.track},
         )
+        if episode.start is not None:
+            request.start_state.CopyFrom(convert.state_to_pb(episode.start))
         if d.kind == "program":
             # Open loop: its labels only fit the states of its own unperturbed lap.
             if episode.track != d.track:

@@ -171,6 +171,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
             collector=args.collector or None,
             redis_url=args.redis or None,
             run_prefix=args.run_prefix,
+            recovery_share=args.recovery_share,
+            recovery_ticks=args.recovery_ticks,
         )
         summary = run_collect(config, _pool_spec(args))
     except (ValueError, OSError, DomainError) as exc:
@@ -214,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         generations=args.generations,
         seed=args.seed,
         episodes=args.episodes,
+        epochs=args.epochs,
     )
     return run_main_job(config)
 
@@ -698,6 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturb-max-ticks", type=int, default=12, help="longest perturbation, ticks")
     p.add_argument("--max-ticks", type=int, default=3000, help="ticks per episode at most (it stops at the finish)")
     p.add_argument("--seed", type=int, default=0, help="seed of every episode's seeds")
+    p.add_argument(
+        "--recovery-share",
+        type=float,
+        default=0.0,
+        help="share of each driver/track pair's later episodes that start from a random state (recoveries)",
+    )
+    p.add_argument("--recovery-ticks", type=int, default=500, help="length of a recovery episode, ticks")
     p.add_argument("--run-prefix", default="", help="run id prefix (default collect-s<seed>)")
     p.add_argument("--out", default=env("out", "out/collect", str), help="folder for the summary (and Redis data)")
     p.set_defaults(func=cmd_collect, in_process=False)
@@ -721,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=env("population", 24, int), help="GA population")
     p.add_argument("--generations", type=int, default=env("generations", 10, int), help="GA generations")
     p.add_argument("--seed", type=int, default=env("seed", 0, int), help="seed of the whole run")
-    p.add_argument("--episodes", type=int, default=env("episodes", 16, int), help="recording episodes")
+    p.add_argument("--episodes", type=int, default=env("episodes", 36, int), help="recording episodes")
+    p.add_argument("--epochs", type=int, default=env("epochs", 12, int), help="vision model training epochs")
     p.set_defaults(func=cmd_run)
     _add_data_commands(sub)
 

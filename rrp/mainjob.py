@@ -47,9 +47,13 @@ class MainJobConfig:
     seed: int = 0
     frames: int = 12
     # Data collection: recording episodes of the evolved driver on these tracks, perturbed and randomised.
-    collect_tracks: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3", "gen-4", "gen-5")
-    episodes: int = 16
-    perturb_probability: float = 0.03
+    collect_tracks: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10)))
+    episodes: int = 36
+    perturb_probability: float = 0.04
+    recovery_share: float = 1.0
+    # The vision model: its training epochs, and tracks it never saw for the closed-loop evaluation.
+    epochs: int = 12
+    unseen_tracks: tuple[str, ...] = tuple(f"gen-{i}" for i in range(1001, 1006))
 
 
 @dataclass
@@ -102,10 +106,99 @@ def run_main_job(config: MainJobConfig) -> int:
             finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
         _collect(config, addresses, collector.address, evolved, report)
         data_ok = _validate(config, redis.url, report)
+        model_path = _train(config, redis.url, report)
+        targets_met = _evaluate(config, model_path, addresses, evolved, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
     print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
+    print(f"[run] targets met: {targets_met}", flush=True)
     return 0 if finished and data_ok else 1
+
+
+def _train(config: MainJobConfig, redis_url: str, report: Report) -> Path:
+    from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
+
+    out = config.out_dir / "model"
+    data = DataConfig(redis_url=redis_url, seed=config.seed)
+    train_config = TrainConfig(epochs=config.epochs, seed=config.seed, progress=False)
+    size = (train_config.vision.width, train_config.vision.height)
+    frames = load_frames(data, size, progress=False)
+    print(f"[run] training the vision model on {len(frames.labels)} frames from Redis", flush=True)
+    result = train(train_config, frames)
+    card = save_training_run(result, train_config, data, frames, out)
+    m = card["metrics"]
+    report.figures["train"] = {
+        "frames": len(frames.labels),
+        "best_epoch": result.best_epoch,
+        "seconds": round(result.seconds, 1),
+        "val_throttle_acc": m["throttle_acc"],
+        "val_steer_acc": m["steer_acc"],
+        "val_exact_acc": m["exact_acc"],
+    }
+    print(
+        f"[run] trained in {result.seconds:.0f} s: validation throttle {m['throttle_acc']:.3f}, steering "
+        f"{m['steer_acc']:.3f}, exact keys {m['exact_acc']:.3f}; model card {out / 'model_card.md'}",
+        flush=True,
+    )
+    report.add(
+        "Vision model",
+        f"A CNN from the 128x96 camera frame (and the speed, as a dashboard shows it) to the keys, trained on "
+        f"the {len(frames.labels)} collected frames read from Redis, split by run (best epoch {result.best_epoch}, "
+        f"{result.seconds:.0f} s on this CPU). Validation accuracy: throttle {m['throttle_acc']:.3f}, steering "
+        f"{m['steer_acc']:.3f}, exact keys {m['exact_acc']:.3f}. Weights (safetensors), TorchScript export and "
+        "[model card](model/model_card.md) in `model/`.\n\n![training](model/training_curve.png)",
+    )
+    return out / "model.safetensors"
+
+
+def _evaluate(
+    config: MainJobConfig, model_path: Path, addresses: tuple[str, ...], evolved: EvolveOutcome, report: Report
+) -> bool:
+    import torch
+
+    from trainer.vision.evaluate import EvalConfig, VisionPilot, run_evaluation
+    from trainer.vision.train import load_model
+
+    torch.set_num_threads(1)  # the game servers need the other core
+    model = load_model(model_path)
+    pilot = VisionPilot(model, model.config.width, model.config.height)
+    eval_config = EvalConfig(
+        training_tracks=(config.track,),
+        unseen_tracks=config.unseen_tracks,
+        driver_path=evolved.driver_path,
+        servers=addresses,
+    )
+    out = config.out_dir / "evaluation"
+    result = run_evaluation(pilot, eval_config, out)
+    rows = {r["track"]: r for r in result["tracks"]}
+    train_row = rows[config.track]
+    ga_best = evolved.best.lap_ticks
+    ratio = train_row["lap_ticks"] / ga_best if train_row.get("finished") and ga_best else None
+    unseen_done = result["unseen_laps_completed"]
+    met = ratio is not None and ratio <= 1.10 and unseen_done >= 4
+    report.figures["evaluation"] = {
+        "training_track_lap_ticks": train_row.get("lap_ticks") if train_row.get("finished") else None,
+        "ga_best_lap_ticks": ga_best,
+        "ratio_to_ga_best": round(ratio, 3) if ratio else None,
+        "unseen_laps_completed": unseen_done,
+        "unseen_tracks": result["unseen_tracks"],
+        "targets_met": met,
+    }
+    ratio_text = f"{ratio:.3f}x the GA's best lap" if ratio else "no lap"
+    print(
+        f"[run] vision autopilot: {config.track} {ratio_text} (target <= 1.10x); "
+        f"{unseen_done}/{result['unseen_tracks']} unseen tracks completed (target >= 4)",
+        flush=True,
+    )
+    maps = "\n\n".join(f"![{t}](evaluation/drive_{t}.png)" for t in rows)
+    report.add(
+        "The vision autopilot races",
+        f"The model drives from frames alone, in lockstep on the game servers (runs spread over the pool by the "
+        f"scheduler): on {config.track}, {ratio_text} (target <= 1.10x); on tracks never used in training, "
+        f"{unseen_done} of {result['unseen_tracks']} laps completed (target >= 4). Details: "
+        f"[evaluation/evaluation.md](evaluation/evaluation.md).\n\n{maps}",
+    )
+    return met
 
 
 @contextlib.contextmanager
@@ -129,6 +222,7 @@ def _collect(
         seed=config.seed,
         settings=settings,
         collector=collector,
+        recovery_share=config.recovery_share,
     )
     summary = run_collect(collect_config, PoolSpec(servers=addresses))
     report.figures["collect"] = {
@@ -145,7 +239,9 @@ def _collect(
         f"over {len(addresses)} game servers by the scheduler, each streaming its frames (128x96 PNG, domain "
         f"randomisation on) to the collector from inside its simulation loop; the applied controls were "
         f"perturbed on {summary.perturbed_ticks} ticks (probability {config.perturb_probability} per tick) while "
-        f"the driver's intended keys were recorded as labels. {summary.frames} frames in {summary.seconds:.1f} s "
+        f"the driver's intended keys were recorded as labels. After each track's first lap, episodes start "
+        f"from random states (off the centre line, misaligned, at some speed) to show recoveries. "
+        f"{summary.frames} frames in {summary.seconds:.1f} s "
         f"({summary.frames_per_s:.0f} frames/s); {summary.laps_finished} laps finished; {summary.failed} failed.",
     )
 

@@ -270,3 +270,24 @@ def test_record_task_in_process_records_what_a_server_records(stack: Stack) -> N
     remote = stub_of(stack.servers[0]).Record(task.request(Episode("task-remote", "oval", saved, 9, 4)), timeout=60)
     assert local.frames == remote.frames == 30 and local.result == remote.result
     assert [r.image for r in frames_of(stack, "task-local")] == [r.image for r in frames_of(stack, "task-remote")]
+
+
+def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
+    """Later episodes of a pair start off the line, misaligned; the server records them from that state."""
+    from collector.collect import plan_episodes
+    from game_server.core import physics
+    from game_server.core.tracks import load_track
+
+    d = drivers.default_driver()
+    saved = SavedDriver(kind=d.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=d.params)
+    plan = plan_episodes(6, [saved], ["oval", "kidney"], seed=3, prefix="rec", recovery_share=1.0, recovery_ticks=40)
+    assert [e.start is None for e in plan] == [True, True, False, False, False, False]
+    assert plan == plan_episodes(6, [saved], ["oval", "kidney"], 3, "rec", 1.0, 40)  # a function of the seed
+    for e in plan[2:]:
+        assert e.start is not None and e.max_ticks == 40 and e.run_id.endswith("-recovery")
+        physics.validate_state(load_track(e.track), e.start)
+    task = RecordTask(RecordSettings(stack.collector.address, max_ticks=3000))
+    response = stub_of(stack.servers[0]).Record(task.request(plan[2]), timeout=60)
+    assert response.frames == 40
+    first = frames_of(stack, plan[2].run_id)[0]
+    assert first.state.car.x_m == plan[2].start.car.x and first.state.car.speed_m_per_s == plan[2].start.car.speed

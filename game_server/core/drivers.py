@@ -57,7 +57,9 @@ class RayDriver:
         target = p[_PAIRS + 1] + p[_PAIRS + 2] * front
         target = min(physics.TOP_SPEED, max(MIN_TARGET_SPEED, target))
         mask = 0
-        if speed < target:
+        # At a top-speed target the throttle stays on: coasting for a tick and pressing on the next would
+        # hold the same speed, but give two look-alike states opposite labels for a learner.
+        if speed < target or target >= physics.TOP_SPEED:
             mask |= FORWARD
         elif speed > target + p[_PAIRS + 3]:
             mask |= BACK

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from game_server.core.state import CarState, LapState, SimState
 from game_server.core.track import Track, build_track, curvature_of, geometry_ok
 from game_server.core.trig import PI, TWO_PI, sincos_array
 from rrp.errors import InvalidArgument, NotFound
@@ -181,3 +183,16 @@ def load_track(name: str) -> Track:
 def builtin_tracks() -> list[Track]:
     """The built-in tracks, easiest first."""
     return [load_track(name) for name in _BUILTINS]
+
+
+def random_state(track: Track, rng: np.random.Generator) -> SimState:
+    """A state somewhere on the track, off the centre line, misaligned and at some speed: the situations a
+    learner drifts into and must recover from, which an expert's own laps never show."""
+    seg = int(rng.integers(track.n_points))
+    tx, ty = (float(v) for v in track.tangent[seg])
+    offset = float(rng.uniform(-0.5, 0.5)) * float(track.half_width[seg])
+    x = float(track.centerline[seg, 0]) + 0.5 * float(track.seg_len[seg]) * tx - offset * ty
+    y = float(track.centerline[seg, 1]) + 0.5 * float(track.seg_len[seg]) * ty + offset * tx
+    heading = math.atan2(ty, tx) + float(rng.uniform(-0.3, 0.3))
+    heading = (heading + math.pi) % (2 * math.pi) - math.pi
+    return SimState(0, CarState(x, y, heading, float(rng.uniform(0.0, 30.0))), LapState(segment=seg))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,10 +14,8 @@ from tqdm import tqdm
 
 from game_server.core import physics
 from game_server.core.drivers import RayDriver
-from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, CarState, LapState, SimState
-from game_server.core.track import Track
-from game_server.core.tracks import load_track
-from game_server.core.trig import PI
+from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from game_server.core.tracks import load_track, random_state
 from game_server.render.renderer import FrameSpec, shared_renderer
 from trainer.data.dataset import split_runs
 from trainer.data.records import FrameSource, RunInfo, Sample
@@ -121,28 +118,8 @@ def resize_frames(images: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def expert_label(driver: RayDriver, rays: Sequence[float], speed: float) -> int:
-    """The keys the expert means on a state: its own choice, except at top speed when it wants top speed.
-
-    There the ray driver coasts for one tick (its target is capped at the top speed, which is not below
-    itself) and presses forward on the next: two states a camera cannot tell apart, labelled with opposite
-    keys. Asked just below the top speed it answers "forward", which is what holding the top speed means.
-    Without this, a learner that holds the top speed (as the model does) is labelled "coast" on every
-    straight, and DAgger then teaches it that a straight road means no throttle, at any speed.
-    """
-    return driver.act_on(rays, min(speed, physics.TOP_SPEED - 1e-3))
-
-
-def random_start(track: Track, rng: np.random.Generator) -> SimState:
-    """A state somewhere on the track, off the centre line, misaligned and at some speed: the situations a
-    learner drifts into and must recover from, which the expert's own laps never show."""
-    seg = int(rng.integers(track.n_points))
-    tx, ty = track.tangent[seg]
-    offset = float(rng.uniform(-0.5, 0.5)) * float(track.half_width[seg])
-    x = float(track.centerline[seg, 0]) + 0.5 * float(track.seg_len[seg]) * tx - offset * ty
-    y = float(track.centerline[seg, 1]) + 0.5 * float(track.seg_len[seg]) * ty + offset * tx
-    heading = math.atan2(ty, tx) + float(rng.uniform(-0.3, 0.3))
-    heading = (heading + PI) % (2 * PI) - PI
-    return SimState(0, CarState(x, y, heading, float(rng.uniform(0.0, 30.0))), LapState(segment=seg))
+    """The keys the expert means on a state the learner visited: the driver's own choice on its sensors."""
+    return driver.act_on(rays, speed)
 
 
 def generate_samples(
@@ -172,7 +149,7 @@ def generate_samples(
         [(t, e) for t in tracks for e in range(episodes)], desc="generate", total=total, disable=not progress
     ):
         track = load_track(name)
-        state = track.base_state if episode == 0 else random_start(track, rng)
+        state = track.base_state if episode == 0 else random_state(track, rng)
         frame_seed = int(rng.integers(2**62))
         builder.start_run(in_process_run(f"generated-{name}-{seed}-{episode}", name, "driver", width, height))
         burst, burst_mask = 0, 0
