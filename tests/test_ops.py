@@ -180,7 +180,10 @@ def test_cli_help_for_every_command() -> None:
 def test_main_job_smoke(tmp_path: Path) -> None:
     """`rrp run` on a tiny budget: services start, the GA runs on the pool, the lap is raced and reported."""
     result = subprocess.run(
-        [str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1", "--episodes", "4"],
+        [
+            *(str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"),
+            *("--episodes", "4", "--epochs", "1"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -190,5 +193,11 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert summary["race"]["finished"] and summary["race"]["evaluate_identical"]
     assert summary["collect"]["runs"] == 4 and summary["collect"]["failed"] == 0
     assert summary["validation"]["passed"], summary["validation"]
-    for name in ("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"):
+    assert summary["train"]["frames"] > 1000
+    assert summary["evaluation"]["unseen_tracks"] == 5  # raced, whatever a one-epoch model manages
+    assert "The vision autopilot races" in (tmp_path / "report.md").read_text()
+    for name in (
+        *("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"),
+        *("validation/validation.md", "model/model.safetensors", "model/model_card.md", "evaluation/evaluation.md"),
+    ):
         assert (tmp_path / name).stat().st_size > 0
