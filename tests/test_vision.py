@@ -117,3 +117,51 @@ def test_cli_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--seed" in capsys.readouterr().out or command == "evaluate"
+
+
+def test_dagger_labels_the_learners_states_collects_them_and_retrains(
+    game_server: ServiceProcess, frames: FrameSet, tmp_path: Path
+) -> None:
+    """One DAgger iteration: the model drives, the expert labels what it sees, the collector stores the
+    labelled run like any other (source DAGGER), the model is retrained on the union and raced again."""
+    from collector.store import FrameStore
+    from rallyrobopilot.v1 import collector_pb2
+    from rrp.redis_local import LocalRedis
+    from scheduler.executor import EvaluationPool, PoolConfig
+    from trainer.driver_file import SavedDriver, save_driver
+    from trainer.vision.dagger import DaggerConfig, run_dagger
+
+    expert = default_driver()
+    driver_path = save_driver(
+        tmp_path / "driver.json",
+        SavedDriver(kind=expert.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=expert.params),
+    )
+    model = build_model(SMALL)
+    train_config = TrainConfig(vision=SMALL, epochs=1, batch_size=32, progress=False, seed=2)
+    with LocalRedis(tmp_path / "redis") as redis:
+        collector = start_service(["collector", "--port", "0"], env={"RRP_REDIS_URL": redis.url})
+        try:
+            config = DaggerConfig(
+                driver_path=driver_path,
+                tracks=("oval",),
+                iterations=1,
+                epochs_per_iteration=1,
+                budget_factor=0.3,
+                collector=collector.address,
+            )
+            eval_config = EvalConfig(training_tracks=("oval",), unseen_tracks=(), budget_factor=0.3)
+            with EvaluationPool(PoolConfig(servers=(game_server.address,))) as pool:
+                pool.wait_ready(1)
+                retrained, rows = run_dagger(model, frames, train_config, config, eval_config, pool, tmp_path / "d")
+        finally:
+            collector.stop()
+        store = FrameStore(redis.client(), "rrp:", redis.url)
+        runs = store.list_runs()
+        assert len(runs) == 1 and runs[0].start.source == collector_pb2.RUN_SOURCE_DAGGER
+        records = list(store.iter_frames(runs[0].start.run_id))
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[1]["dagger_frames_added"] == len(records) > 0
+    assert rows[1]["training_frames"] == len(frames.labels) + len(records)
+    for record in records:  # every stored label is the expert's keys on the state the learner reached
+        assert record.label_mask == expert.act_on(list(record.rays_m), record.state.car.speed_m_per_s)
+    assert retrained is not model and (tmp_path / "d" / "dagger.json").exists()
