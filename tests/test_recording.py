@@ -27,6 +27,7 @@ from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
 from rrp.bootstrap import ServerConfig
 from rrp.procs import ServiceProcess, rrp_command, start_service
 from rrp.redis_local import LocalRedis, free_port
+from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import SavedDriver, save_driver
 
 TICKS = 150
@@ -289,5 +290,48 @@ def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
     task = RecordTask(RecordSettings(stack.collector.address, max_ticks=3000))
     response = stub_of(stack.servers[0]).Record(task.request(plan[2]), timeout=60)
     assert response.frames == 40
-    first = frames_of(stack, plan[2].run_id)[0]
-    assert first.state.car.x_m == plan[2].start.car.x and first.state.car.speed_m_per_s == plan[2].start.car.speed
+    first, start = frames_of(stack, plan[2].run_id)[0], plan[2].start
+    assert start is not None
+    assert first.state.car.x_m == start.car.x and first.state.car.speed_m_per_s == start.car.speed
+
+
+def test_record_retried_after_its_server_is_killed_stores_every_tick_once(stack: Stack) -> None:
+    """SIGKILL the server in the middle of a pooled Record: the pool retries on the other server, the episode
+    replays identically and the collector skips the ticks Redis already holds, so each tick is stored once."""
+    servers = [start_service(["game-server", "--port", "0", "--evaluate-slots", "1"]) for _ in range(2)]
+    d = drivers.default_driver()
+    saved = SavedDriver(kind=d.kind, track="alpine", lap_ticks=0, cost=0.0, generation=0, params=d.params)
+    settings = RecordSettings(stack.collector.address, max_ticks=1500, width_px=96, height_px=64)
+    task = RecordTask(settings)
+    episode = Episode("rec-killed", "alpine", saved, 0, 7)
+    pool = EvaluationPool(PoolConfig(servers=tuple(s.address for s in servers), health_interval_s=0.2, max_attempts=3))
+    try:
+        pool.wait_ready(2, timeout_s=30)
+        future = pool.submit(task, episode)
+        deadline = time.monotonic() + 30
+        while stack.store.frame_count("rec-killed") < 200:  # some frames are in, far from all
+            assert time.monotonic() < deadline and not future.done(), "the recording did not start"
+            time.sleep(0.005)
+        busy = [s.address for s in pool.status().servers if s.in_flight > 0]
+        assert len(busy) == 1
+        victim = next(s for s in servers if s.address == busy[0])
+        victim.kill()
+        held = stack.store.frame_count("rec-killed")
+        response = future.result(timeout=60)  # retried on the surviving server
+        assert 200 <= held < response.frames
+        assert pool.status().retried >= 1 and pool.status().failed == 0
+        survivor = next(s for s in servers if s is not victim)
+        again = stub_of(survivor).Record(task.request(Episode("rec-undisturbed", "alpine", saved, 0, 7)), timeout=60)
+    finally:
+        pool.shutdown()
+        for s in servers:
+            s.stop()
+    assert response.frames == again.frames and response.result == again.result and response.result.finished
+    records = frames_of(stack, "rec-killed")
+    assert [r.tick for r in records] == list(range(response.frames))  # every tick, exactly once
+    assert stack.store.get_run("rec-killed").stored_frames == response.frames
+    reference = frames_of(stack, "rec-undisturbed")
+    assert len(reference) == len(records)
+    for got, want in zip(records, reference, strict=True):
+        assert got.image == want.image and got.state == want.state
+        assert (got.label_mask, got.applied_mask) == (want.label_mask, want.applied_mask)
