@@ -38,6 +38,10 @@ class LocalRedis:
     The port is chosen once (port=0: a free one) and kept, so `stop()` then `start()` restarts the same
     server on the same data, as a crash-and-recover would. The password, if any, goes into a 0600 config
     file, never onto the command line where `ps` would show it.
+
+    With `tls_cert_file` and `tls_key_file` it listens for TLS only (`--port 0 --tls-port PORT`, clients not
+    asked for certificates) and `url` is `rediss://`; `tls_ca_file` is the CA that signed the server's
+    certificate, used by `client()` to verify it.
     """
 
     def __init__(
@@ -49,24 +53,38 @@ class LocalRedis:
         executable: str = "redis-server",
         appendfsync: str = "always",
         die_with_parent: bool = False,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        tls_ca_file: Path | None = None,
     ) -> None:
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.password = password
         self.executable = executable
         self.appendfsync = appendfsync  # "always": an acknowledged frame survives a power cut, not only a crash
         self.die_with_parent = die_with_parent
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
+        self.tls_ca_file = tls_ca_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
     def client(self, **kwargs: object) -> redis.Redis:
+        if self.tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls_ca_file) if self.tls_ca_file else None, **kwargs}
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)  # type: ignore[arg-type]
 
     def _command(self) -> list[str]:
@@ -80,8 +98,19 @@ class LocalRedis:
             conf.chmod(0o600)
             conf.write_text(f'requirepass "{self.password}"\n')
             cmd.append(str(conf))
+        if self.tls:
+            cmd += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls_cert_file),
+                "--tls-key-file", str(self.tls_key_file),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+            if self.tls_ca_file is not None:
+                cmd += ["--tls-ca-cert-file", str(self.tls_ca_file)]
+        else:
+            cmd += ["--port", str(self.port)]
         cmd += [
-            "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
@@ -105,7 +134,9 @@ class LocalRedis:
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout_s
-        probe = self.client(socket_connect_timeout=1.0, socket_timeout=1.0)
+        # The probe only asks "listening yet?": over TLS it does not verify the certificate (client() does).
+        tls_probe = {"ssl_cert_reqs": "none"} if self.tls else {}
+        probe = self.client(socket_connect_timeout=1.0, socket_timeout=1.0, **tls_probe)
         try:
             while True:
                 if self.proc.poll() is not None:
