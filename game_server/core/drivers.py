@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from game_server.core import physics
-from game_server.core.physics import N_RAYS, RunResult, Trajectory
+from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
 from rrp.errors import InvalidArgument
@@ -101,27 +101,16 @@ def run_policy(
     """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose."""
     state = start
     masks = bytearray()
-    xs: list[float] = []
-    ys: list[float] = []
-    hs: list[float] = []
-    vs: list[float] = []
-    contacts: list[int] = []
-    for i in range(0 if start.lap.finished else max_ticks):
+    recorder = physics.TrajectoryRecorder() if record_trajectory else None
+    for _ in range(0 if start.lap.finished else max_ticks):
         mask = policy(track, state)
         masks.append(mask)
         state, contact = physics.step(track, state, mask, gate)
-        if record_trajectory:
-            xs.append(state.car.x)
-            ys.append(state.car.y)
-            hs.append(state.car.heading)
-            vs.append(state.car.speed)
-            if contact:
-                contacts.append(i + 1)
+        if recorder is not None:
+            recorder.add(state.car, contact)
         if state.lap.finished:
             break
-    trajectory = None
-    if record_trajectory:
-        trajectory = Trajectory(np.array(xs), np.array(ys), np.array(hs), np.array(vs), tuple(contacts))
+    trajectory = recorder.trajectory() if recorder is not None else None
     return physics.result_of(track, start, state, trajectory), bytes(masks)
 
 

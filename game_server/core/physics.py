@@ -340,6 +340,31 @@ class Trajectory:
     wall_contact_ticks: tuple[int, ...]  # 1-based tick indices with a barrier contact
 
 
+class TrajectoryRecorder:
+    """Collects the car after each tick of a run; shared by open-loop programs and closed-loop drivers."""
+
+    def __init__(self) -> None:
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.hs: list[float] = []
+        self.vs: list[float] = []
+        self.contacts: list[int] = []
+
+    def add(self, car: CarState, contact: bool) -> None:
+        self.xs.append(car.x)
+        self.ys.append(car.y)
+        self.hs.append(car.heading)
+        self.vs.append(car.speed)
+        if contact:
+            self.contacts.append(len(self.xs))
+
+    def trajectory(self) -> Trajectory:
+        def arr(values: list[float]) -> np.ndarray:
+            return np.array(values, dtype=np.float64)
+
+        return Trajectory(arr(self.xs), arr(self.ys), arr(self.hs), arr(self.vs), tuple(self.contacts))
+
+
 @dataclass(frozen=True)
 class RunResult:
     """The outcome of running a control program from a start state."""
@@ -388,31 +413,13 @@ def run_program(
     """
     n_ticks = 0 if start.lap.finished else max(len(masks), max_ticks)
     state = start
-    xs: list[float] = []
-    ys: list[float] = []
-    hs: list[float] = []
-    vs: list[float] = []
-    contacts: list[int] = []
+    recorder = TrajectoryRecorder() if record_trajectory else None
     program = masks[:n_ticks] + bytes(n_ticks - min(len(masks), n_ticks))
-    for i, mask in enumerate(program):
+    for mask in program:
         state, contact = step(track, state, mask, gate)
-        if record_trajectory:
-            car = state.car
-            xs.append(car.x)
-            ys.append(car.y)
-            hs.append(car.heading)
-            vs.append(car.speed)
-            if contact:
-                contacts.append(i + 1)
+        if recorder is not None:
+            recorder.add(state.car, contact)
         if state.lap.finished:
             break
-    trajectory = None
-    if record_trajectory:
-        trajectory = Trajectory(
-            np.array(xs, dtype=np.float64),
-            np.array(ys, dtype=np.float64),
-            np.array(hs, dtype=np.float64),
-            np.array(vs, dtype=np.float64),
-            tuple(contacts),
-        )
+    trajectory = recorder.trajectory() if recorder is not None else None
     return result_of(track, start, state, trajectory)

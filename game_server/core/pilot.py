@@ -7,14 +7,13 @@ import math
 
 import numpy as np
 
+from game_server.core.drivers import run_policy
 from game_server.core.physics import (
     BRAKE_DECEL,
     MIN_TURN_RADIUS,
     TOP_SPEED,
     TURN_RADIUS_GAIN,
     RunResult,
-    run_program,
-    step,
     turn_radius,
 )
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, SimState
@@ -129,11 +128,5 @@ class ReferenceDriver:
 def drive_lap(track: Track, max_ticks: int = 3000, line: str = RACING) -> tuple[bytes, RunResult]:
     """Drives one lap from the base state; returns the control program and its evaluation."""
     driver = ReferenceDriver(track, line=line)
-    state = track.base_state
-    masks = bytearray()
-    while not state.lap.finished and len(masks) < max_ticks:
-        m = driver.act(state)
-        masks.append(m)
-        state, _ = step(track, state, m)
-    program = bytes(masks)
-    return program, run_program(track, track.base_state, program)
+    result, program = run_policy(track, track.base_state, lambda _track, state: driver.act(state), max_ticks=max_ticks)
+    return program, result
