@@ -184,7 +184,12 @@ def _evaluate(
         "unseen_tracks": result["unseen_tracks"],
         "targets_met": met,
     }
-    ratio_text = f"{ratio:.3f}x the GA's best lap" if ratio else "no lap"
+    if ratio:
+        ratio_text = f"{ratio:.3f}x the GA's best lap"
+    elif train_row.get("finished"):
+        ratio_text = f"a lap of {train_row['lap_ticks']} ticks, but the GA found no finishing lap to compare it with"
+    else:
+        ratio_text = "no lap"
     print(
         f"[run] vision autopilot: {config.track} {ratio_text} (target <= 1.10x); "
         f"{unseen_done}/{result['unseen_tracks']} unseen tracks completed (target >= 4)",
@@ -279,13 +284,14 @@ def _evolve(config: MainJobConfig, addresses: tuple[str, ...], out: Path, report
         "driver_id": outcome.best.driver_id,
         "driver_file": str(outcome.driver_path),
     }
+    best_text = f"{best} ticks = {best / TICK_HZ:.2f} s" if best else "no finishing lap within the budget"
     report.add(
         "Genetic algorithm",
         f"A closed-loop ray driver evolved with DEAP over {', '.join(evolve_config.tracks)} "
         f"(population {config.population}, {config.generations} generations, evaluated on {len(addresses)} "
         f"game servers through the scheduler's pool).\n\n"
         f"| | lap on {config.track} |\n| --- | --- |\n"
-        f"| GA best (driver `{outcome.best.driver_id}`) | {best} ticks = {best / TICK_HZ:.2f} s |\n"
+        f"| GA best (driver `{outcome.best.driver_id}`) | {best_text} |\n"
         f"| baseline: pure pursuit on the racing line | {base} ticks = {base / TICK_HZ:.2f} s |\n\n"
         "![fitness](evolve/fitness.png)\n\n![best lap](evolve/best_lap.png)",
     )

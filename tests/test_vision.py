@@ -165,3 +165,17 @@ def test_dagger_labels_the_learners_states_collects_them_and_retrains(
     for record in records:  # every stored label is the expert's keys on the state the learner reached
         assert record.label_mask == expert.act_on(list(record.rays_m), record.state.car.speed_m_per_s)
     assert retrained is not model and (tmp_path / "d" / "dagger.json").exists()
+
+
+def test_lap_ratios_leave_out_baselines_without_a_lap() -> None:
+    from trainer.vision.evaluate import lap_ratios
+
+    base = {"reference_lap_ticks": 500, "driver_lap_ticks": 0, "driver_finished": False}
+    # a tiny GA budget can end with no finishing lap (lap_ticks 0): nothing to divide by, nothing reported
+    assert lap_ratios(550, base, 0) == {"vs_reference": 1.1}
+    assert lap_ratios(550, {**base, "driver_lap_ticks": 440, "driver_finished": True}, 500) == {
+        "vs_reference": 1.1,
+        "vs_driver": 1.25,
+        "vs_ga_best": 1.1,
+    }
+    assert lap_ratios(None, base, 500) == {}

@@ -261,6 +261,21 @@ def baselines(track_name: str, driver: drivers.RayDriver | None, max_ticks: int)
     return out
 
 
+def lap_ratios(lap_ticks: int | None, base: dict[str, Any], ga_best_ticks: int | None) -> dict[str, float]:
+    """The vision lap over each baseline that has a lap of its own; a baseline that never finished
+    (a tiny GA budget can end without a finishing lap) has nothing to compare with and is left out."""
+    if not lap_ticks:
+        return {}
+    ratios = {}
+    if base.get("reference_lap_ticks"):
+        ratios["vs_reference"] = round(lap_ticks / base["reference_lap_ticks"], 3)
+    if base.get("driver_finished") and base.get("driver_lap_ticks"):
+        ratios["vs_driver"] = round(lap_ticks / base["driver_lap_ticks"], 3)
+    if ga_best_ticks:
+        ratios["vs_ga_best"] = round(lap_ticks / ga_best_ticks, 3)
+    return ratios
+
+
 def run_evaluation(
     pilot: VisionPilot, config: EvalConfig, out_dir: Path | None = None, pool: EvaluationPool | None = None
 ) -> dict[str, Any]:
@@ -293,12 +308,8 @@ def run_evaluation(
         trajectory = base.pop("_driver_trajectory", None)
         rec = records[t]
         row: dict[str, Any] = {"track": t, "seen_in_training": t in config.training_tracks, **rec.summary(), **base}
-        if rec.finished:
-            row["vs_reference"] = round(rec.lap_ticks / base["reference_lap_ticks"], 3)
-            if base.get("driver_finished"):
-                row["vs_driver"] = round(rec.lap_ticks / base["driver_lap_ticks"], 3)
-            if saved is not None and saved.track == t:
-                row["vs_ga_best"] = round(rec.lap_ticks / saved.lap_ticks, 3)
+        ga_best = saved.lap_ticks if saved is not None and saved.track == t else None
+        row.update(lap_ratios(rec.lap_ticks if rec.finished else None, base, ga_best))
         rows.append(row)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +321,7 @@ def run_evaluation(
     unseen = [r for r in rows if not r["seen_in_training"]]
     report: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
-        "ga_best": {"track": saved.track, "lap_ticks": saved.lap_ticks} if saved else None,
+        "ga_best": {"track": saved.track, "lap_ticks": saved.lap_ticks or None} if saved else None,
         "tracks": rows,
         "unseen_laps_completed": sum(r["finished"] for r in unseen),
         "unseen_tracks": len(unseen),
@@ -342,7 +353,10 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"{r.get('vs_reference', '-')} | {r.get('vs_ga_best', '-')} |"
         )
     ga = report["ga_best"]
-    head = f"GA best lap: {ticks(ga['lap_ticks'])} on {ga['track']}. " if ga else ""
+    head = ""
+    if ga:
+        lap = ticks(ga["lap_ticks"]) if ga["lap_ticks"] else "none (the GA found no finishing lap)"
+        head = f"GA best lap: {lap} on {ga['track']}. "
     return (
         f"# Vision autopilot, closed loop\n\n{head}Unseen tracks completed: "
         f"{report['unseen_laps_completed']} of {report['unseen_tracks']}.\n\n" + "\n".join(lines) + "\n"
