@@ -57,9 +57,7 @@ def main() -> int:
                 f"  over gRPC             {remote_s * 1e3:8.2f} ms  ({ticks / remote_s:>10,.0f} ticks/s)"
                 f"  overhead {100 * (remote_s / local_s - 1):+.1f}%"
             )
-            print(
-                f"  over gRPC + trajectory{traj_s * 1e3:8.2f} ms  overhead {100 * (traj_s / local_s - 1):+.1f}%"
-            )
+            print(f"  over gRPC + trajectory{traj_s * 1e3:8.2f} ms  overhead {100 * (traj_s / local_s - 1):+.1f}%")
             print(
                 f"  25 Hz real time       {ticks / TICK_HZ * 1e3:8.0f} ms  -> in process is "
                 f"{ticks / TICK_HZ / local_s:,.0f}x real time"

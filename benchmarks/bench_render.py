@@ -35,9 +35,7 @@ def lap_states(track: Track, frames: int) -> list[SimState]:
     ]
 
 
-def frames_per_second(
-    track: Track, states: list[SimState], spec: FrameSpec, repeats: int
-) -> tuple[float, float]:
+def frames_per_second(track: Track, states: list[SimState], spec: FrameSpec, repeats: int) -> tuple[float, float]:
     """Median frames per wall-clock second and per CPU second (all threads: the per-core rate)."""
     renderer = shared_renderer()
     renderer.render(track, states[0], spec)  # build the scene and buffer outside the timing

@@ -65,6 +65,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             health_interval_s=args.health_interval,
             max_attempts=args.max_attempts,
             max_pending=args.max_pending,
+            unavailable_timeout_s=args.unavailable_timeout or None,
         )
     except ValueError as exc:
         raise SystemExit(f"rrp scheduler: {exc}") from exc
@@ -606,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=env("max_pending", 4096, int),
         help="evaluations queued before submitters wait (RRP_MAX_PENDING)",
+    )
+    p.add_argument(
+        "--unavailable-timeout",
+        type=float,
+        default=env("unavailable_timeout", 120.0, float),
+        help="seconds queued evaluations wait while no game server is healthy before failing with "
+        "UNAVAILABLE; 0 waits for ever (RRP_UNAVAILABLE_TIMEOUT)",
     )
     p.set_defaults(func=cmd_scheduler)
 

@@ -54,6 +54,9 @@ class PoolConfig:
     max_batch: int = 16
     # Tasks waiting for a slot; submit() blocks beyond this, so a producer cannot outrun the pool.
     max_pending: int = 4096
+    # How long queued tasks wait while no server is healthy before they fail with UNAVAILABLE; a pool
+    # whose servers are all gone should say so, not hang. None waits for ever (servers still starting).
+    unavailable_timeout_s: float | None = 120.0
 
     def __post_init__(self) -> None:
         if bool(self.servers) == bool(self.discover):
@@ -62,6 +65,8 @@ class PoolConfig:
             raise ValueError("timeouts and intervals must be positive")
         if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
+        if self.unavailable_timeout_s is not None and self.unavailable_timeout_s <= 0:
+            raise ValueError("unavailable_timeout_s must be positive, or None to wait for ever")
 
 
 def resolve_dns(host: str, port: int) -> list[str]:
@@ -171,6 +176,7 @@ class EvaluationPool(Executor):
         self._unresolved = 0
         self._shutdown = False
         self._stopped = threading.Event()
+        self._no_server_since: float | None = time.monotonic()  # None while a server is healthy
         self._refresh_members()
         self._maintainer = threading.Thread(target=self._maintain, daemon=True, name="scheduler-maintainer")
         self._maintainer.start()
@@ -481,5 +487,35 @@ class EvaluationPool(Executor):
             self._add_workers_locked()
             self._work.notify_all()
             self._space.notify_all()  # wait_ready()
+            stranded = self._take_stranded_locked()
         for address, healthy, capacity in changed:
             log.info("%s is %s", address, f"healthy with {capacity} slots" if healthy else "unhealthy")
+        if stranded:
+            self._fail_stranded(stranded)
+
+    def _take_stranded_locked(self) -> list[_Job]:
+        """The queue, once no server has been healthy for `unavailable_timeout_s`; otherwise nothing."""
+        if any(r.healthy for r in self._ledger.servers.values()):
+            self._no_server_since = None
+            return []
+        now = time.monotonic()
+        if self._no_server_since is None:
+            self._no_server_since = now
+        limit = self.config.unavailable_timeout_s
+        if limit is None or not self._queue or now - self._no_server_since < limit:
+            return []
+        stranded, self._queue = list(self._queue), deque()
+        self._ledger.counters.failed += len(stranded)
+        self._space.notify_all()
+        return stranded
+
+    def _fail_stranded(self, jobs: list[_Job]) -> None:
+        limit = self.config.unavailable_timeout_s
+        members = ", ".join(sorted(self._ledger.servers)) or "none"
+        details = f"no healthy game server for {limit:g} s (pool members: {members})"
+        log.error("failing %d queued task(s): %s", len(jobs), details)
+        for job in jobs:
+            # A retry's future is already running; a first attempt's is started here, unless cancelled.
+            if job.attempts > 0 or job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EvaluationError(grpc.StatusCode.UNAVAILABLE, details))
+        self._resolved(len(jobs))

@@ -23,9 +23,7 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     fresh = tmp_path / "rallyrobopilot" / "v1"
     checked_in = REPO / "rallyrobopilot" / "v1"
     names = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    assert names == sorted(
-        p.name for p in checked_in.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}
-    )
+    assert names == sorted(p.name for p in checked_in.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"})
     _, mismatch, errors = filecmp.cmpfiles(fresh, checked_in, names, shallow=False)
     assert not mismatch and not errors, f"run `make protos`: {mismatch or errors} drifted from protos/"
 
@@ -42,10 +40,7 @@ def test_installed_contracts_match_protos(tmp_path: Path) -> None:
     include = Path(grpc_tools.__file__).parent / "_proto"
     files = [str(p) for p in protogen.proto_files()]
     assert (
-        protoc.main(
-            ["protoc", f"-I{protogen.PROTO_ROOT}", f"-I{include}", f"--descriptor_set_out={out}", *files]
-        )
-        == 0
+        protoc.main(["protoc", f"-I{protogen.PROTO_ROOT}", f"-I{include}", f"--descriptor_set_out={out}", *files]) == 0
     )
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     assert len(compiled.file) == len(files)

@@ -87,9 +87,7 @@ def test_batched_equals_scalar(name: str, programs: list[bytes], max_ticks: int)
     starts = [track.base_state] * len(programs)
     batched = run_programs(track, starts, programs, max_ticks=max_ticks, record_trajectory=True)
     for program, b in zip(programs, batched, strict=True):
-        same_result(
-            run_program(track, track.base_state, program, max_ticks=max_ticks, record_trajectory=True), b
-        )
+        same_result(run_program(track, track.base_state, program, max_ticks=max_ticks, record_trajectory=True), b)
 
 
 def test_batched_equals_scalar_on_finished_laps_and_odd_starts() -> None:
@@ -98,9 +96,7 @@ def test_batched_equals_scalar_on_finished_laps_and_odd_starts() -> None:
         track = load_track(name)
         masks, _ = drive_lap(track)
         rng = np.random.default_rng(len(name))
-        noisy = bytes(
-            m ^ int(f) for m, f in zip(masks, rng.choice([0, 0, 0, 4, 8], size=len(masks)), strict=True)
-        )
+        noisy = bytes(m ^ int(f) for m, f in zip(masks, rng.choice([0, 0, 0, 4, 8], size=len(masks)), strict=True))
         mid = run_program(track, track.base_state, masks[:300]).final_state
         programs = [masks, noisy, masks[300:], b""]
         starts = [track.base_state, track.base_state, mid, mid]
@@ -144,9 +140,7 @@ def test_fresh_process_reproduces_the_run() -> None:
         "    print(repr((r.final_state, r.lap_ticks, r.progress_m)))\n"
     )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     expected = []
     for name in ("alpine", "gen-11"):
         track = load_track(name)

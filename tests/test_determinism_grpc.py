@@ -25,9 +25,7 @@ def _trajectory_via_drive(client: GameClient, track: str, masks: bytes) -> list[
     created = client.create_session(track)
     it: Iterator[int] = iter(masks)
     try:
-        responses = client.drive_lockstep(
-            created.session_id, lambda _obs: next(it, None), created.observation
-        )
+        responses = client.drive_lockstep(created.session_id, lambda _obs: next(it, None), created.observation)
         return [r.observation.state for r in responses]
     finally:
         client.close_session(created.session_id)

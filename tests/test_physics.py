@@ -85,9 +85,7 @@ def circle_radius(xs: np.ndarray, ys: np.ndarray) -> float:
     return float(math.sqrt(c + (cx2 / 2) ** 2 + (cy2 / 2) ** 2))
 
 
-@pytest.mark.parametrize(
-    ("speed", "mask"), [(50.0, FORWARD | LEFT), (50.0, FORWARD | RIGHT), (-15.0, BACK | LEFT)]
-)
+@pytest.mark.parametrize(("speed", "mask"), [(50.0, FORWARD | LEFT), (50.0, FORWARD | RIGHT), (-15.0, BACK | LEFT)])
 def test_driven_circle_has_twice_the_turning_radius(speed: float, mask: int) -> None:
     # Yaw rate |v| / (2 r) makes the driven circle's radius 2 r(v).
     track = ring(3000.0, 150.0)
@@ -160,9 +158,7 @@ def test_finished_car_is_frozen() -> None:
 
 
 def test_sincos_matches_libm_within_1e12_and_arrays_match_scalars() -> None:
-    theta = np.concatenate(
-        [np.linspace(-math.pi, math.pi, 20001), [-math.pi, 0.0, math.pi / 2, -math.pi / 2]]
-    )
+    theta = np.concatenate([np.linspace(-math.pi, math.pi, 20001), [-math.pi, 0.0, math.pi / 2, -math.pi / 2]])
     s, c = sincos_array(theta)
     for t, sa, ca in zip(theta.tolist(), s.tolist(), c.tolist(), strict=True):
         ss, cs = sincos(t)

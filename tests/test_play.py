@@ -75,10 +75,7 @@ def test_keys_map_to_the_control_mask() -> None:
 
 
 def test_import_opens_no_window_and_loads_no_engine() -> None:
-    code = (
-        "import sys, game_server.play, game_server.render\n"
-        "assert not {'ursina', 'panda3d.core'} & set(sys.modules)"
-    )
+    code = "import sys, game_server.play, game_server.render\nassert not {'ursina', 'panda3d.core'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -115,7 +112,5 @@ def test_run_play_drives_in_an_offscreen_window(tmp_path: Path) -> None:
         print("ok")
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

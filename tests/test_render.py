@@ -192,9 +192,7 @@ def test_closed_renderer_is_replaced_in_the_same_app() -> None:
     assert out.stdout == "ok\n"  # ursina's start-up prints go to the log, not stdout
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"width": 8}, {"height": 481}, {"width": 64.0}, {"width": True}, {"seed": -1}]
-)
+@pytest.mark.parametrize("kwargs", [{"width": 8}, {"height": 481}, {"width": 64.0}, {"width": True}, {"seed": -1}])
 def test_frame_spec_is_validated(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
         FrameSpec(**kwargs)  # type: ignore[arg-type]

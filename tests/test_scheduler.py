@@ -192,6 +192,27 @@ def test_submit_blocks_beyond_max_pending_and_map_times_out() -> None:
 
 
 # -- failures --------------------------------------------------------------------------------------
+def test_with_no_healthy_server_queued_work_fails_unavailable_then_the_pool_recovers(task: LapTask) -> None:
+    address = free_address()
+    config = PoolConfig(servers=(address,), health_interval_s=0.2, unavailable_timeout_s=1.0)
+    with EvaluationPool(config) as pool:
+        t0 = time.monotonic()
+        futures = [pool.submit(task, b"\x01" * 50) for _ in range(3)]
+        for future in futures:
+            with pytest.raises(EvaluationError) as info:
+                future.result(15)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "no healthy game server" in info.value.details and address in info.value.details
+        assert time.monotonic() - t0 >= 1.0
+        assert pool.status().failed == 3 and pool.status().pending == 0
+        server = start_service(["game-server", "--port", address.rsplit(":", 1)[1]])
+        try:
+            pool.wait_ready(1, timeout_s=30)
+            assert pool.submit(task, b"\x01" * 50).result(30) == task(b"\x01" * 50)
+        finally:
+            server.stop()
+
+
 def test_sigkill_of_a_server_mid_batch_costs_time_not_results(
     servers: list[ServiceProcess],
     victim: ServiceProcess,
@@ -275,6 +296,8 @@ def test_pool_config_is_validated() -> None:
         PoolConfig(servers=("a:1",), discover="b")
     with pytest.raises(ValueError):
         PoolConfig(servers=("a:1",), evaluate_timeout_s=0)
+    with pytest.raises(ValueError):
+        PoolConfig(servers=("a:1",), unavailable_timeout_s=0)
 
 
 def test_evaluate_request_is_sent_unchanged(pool: EvaluationPool) -> None:
