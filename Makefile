@@ -10,10 +10,12 @@ run: setup
 test: setup
 	.venv/bin/python -m pytest -q
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/buf lint
 
 typecheck: setup
