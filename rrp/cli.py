@@ -774,10 +774,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(exc: BaseException) -> str | None:
+    """The message of an error the user can act on (bad input, a missing file, a server that is down);
+    None for anything else, which is a bug and keeps its traceback."""
+    import grpc
+
+    from rrp.errors import DomainError
+    from scheduler.tasks import EvaluationError
+
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, (ValueError, OSError, DomainError, EvaluationError)):
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None or logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        command = " ".join(a for a in (args.command, getattr(args, "data_command", None)) if a)
+        print(f"rrp {command}: error: {message} (--log-level DEBUG shows where)", file=sys.stderr)
+        return 1
     return result
 
 

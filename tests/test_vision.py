@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -179,3 +180,44 @@ def test_lap_ratios_leave_out_baselines_without_a_lap() -> None:
         "vs_ga_best": 1.1,
     }
     assert lap_ratios(None, base, 500) == {}
+
+
+def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProcess, tmp_path: Path) -> None:
+    """The installed `rrp train`, `rrp evaluate` and `rrp dagger`, each in its own process, chained by files."""
+    from trainer.driver_file import SavedDriver, save_driver
+
+    rrp = str(Path(sys.executable).with_name("rrp"))
+    expert = default_driver()
+    driver = save_driver(
+        tmp_path / "driver.json",
+        SavedDriver(kind=expert.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=expert.params),
+    )
+    tiny = ["--generate", "--tracks", "oval", "--episodes", "2", "--ticks", "60", "--width", "64", "--height", "48"]
+    race = ["--eval-tracks", "oval", "--servers", game_server.address, "--budget-factor", "0.1"]
+
+    def rrp_ok(*args: str) -> str:
+        done = subprocess.run([rrp, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "training frames" in rrp_ok("train", *tiny, "--epochs", "1", "--out", str(tmp_path / "m"))
+    model = tmp_path / "m" / "model.safetensors"
+    assert {"model.safetensors", "model.ts", "model_card.json", "model_card.md"} <= {
+        p.name for p in (tmp_path / "m").iterdir()
+    }
+    rrp_ok(
+        "evaluate", "--model", str(model), "--torchscript", *race, "--unseen", "gen-1001", "--out", str(tmp_path / "e")
+    )
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert [r["track"] for r in report["tracks"]] == ["oval", "gen-1001"] and report["unseen_tracks"] == 1
+    rrp_ok(
+        *("dagger", *tiny, "--epochs", "1", "--model", str(model), "--driver", str(driver), *race, "--unseen", ""),
+        *("--iterations", "1", "--epochs-per-iteration", "1", "--dagger-tracks", "oval", "--out", str(tmp_path / "d")),
+    )
+    assert (tmp_path / "d" / "dagger.json").exists()
+    # A user's mistake is one clear line, not a traceback.
+    failed = subprocess.run([rrp, "evaluate", "--model", str(tmp_path / "missing.safetensors"), *race],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert failed.returncode == 1
+    assert "rrp evaluate: error:" in failed.stderr and "missing.safetensors" in failed.stderr
+    assert "Traceback" not in failed.stderr
