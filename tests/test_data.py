@@ -175,6 +175,23 @@ def test_dataset_reads_redis_and_shards_identically(runs: RedisRuns, tmp_path: P
     assert len(small) == 110 and small[0]["image"].shape == (3, 12, 16)
 
 
+def test_frame_set_does_not_depend_on_the_order_runs_arrived(runs: RedisRuns) -> None:
+    """Parallel collection stores runs in any order; the training set (and so a seeded model) is the same."""
+    from trainer.vision.data import frames_from_source
+
+    class Reversed:
+        def runs(self, track: str | None = None) -> list[RunInfo]:
+            return runs.runs(track)[::-1]
+
+        def samples(self, run_id: str) -> Iterator[Sample]:
+            return runs.samples(run_id)
+
+    assert len(runs.runs()) > 1
+    a, b = frames_from_source(runs, (W, H)), frames_from_source(Reversed(), (W, H))
+    assert [r.run_id for r in a.runs] == sorted(r.run_id for r in runs.runs()) == [r.run_id for r in b.runs]
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+
+
 def test_resize_averages_when_shrinking() -> None:
     images = torch.zeros(1, 3, 4, 4)
     images[..., ::2, ::2] = 1.0

@@ -190,8 +190,11 @@ def frames_from_samples(runs: Iterable[tuple[RunInfo, Iterable[Sample]]], size: 
 def frames_from_source(
     source: FrameSource, size: tuple[int, int], tracks: Sequence[str] = (), progress: bool = False
 ) -> FrameSet:
-    """All runs of a trainer.data source (Redis or shards), optionally only those on `tracks`."""
-    runs = [r for r in source.runs() if not tracks or r.track in tracks]
+    """All runs of a trainer.data source (Redis or shards), optionally only those on `tracks`.
+
+    Runs are taken in run-id order, not the source's start-time order: episodes recorded in parallel start
+    in whatever order the pool ran them, and a seeded training run must depend on the data alone."""
+    runs = sorted((r for r in source.runs() if not tracks or r.track in tracks), key=lambda r: r.run_id)
     return frames_from_samples(
         ((r, source.samples(r.run_id)) for r in tqdm(runs, desc="load runs", disable=not progress)),
         size,
