@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,6 +123,11 @@ def cmd_play(args: argparse.Namespace) -> int:
     from game_server.core.tracks import load_track
     from game_server.play import run_play
 
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise SystemExit(
+            "rrp play: no display to open a window on (DISPLAY is not set); on a headless machine run it under "
+            "a virtual one: xvfb-run -s '-screen 0 1280x720x24' .venv/bin/rrp play"
+        )
     if not args.record:
         run_play(load_track(args.track), physics.step)
         return 0

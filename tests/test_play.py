@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -114,3 +115,11 @@ def test_run_play_drives_in_an_offscreen_window(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_play_without_a_display_says_how_to_get_one() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    rrp = str(Path(sys.executable).with_name("rrp"))
+    done = subprocess.run([rrp, "play", "--track", "oval"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no display" in done.stderr and "xvfb-run" in done.stderr and "Traceback" not in done.stderr
