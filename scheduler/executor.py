@@ -488,10 +488,11 @@ class EvaluationPool(Executor):
             self._work.notify_all()
             self._space.notify_all()  # wait_ready()
             stranded = self._take_stranded_locked()
+            members = ", ".join(sorted(self._ledger.servers)) or "none"
         for address, healthy, capacity in changed:
             log.info("%s is %s", address, f"healthy with {capacity} slots" if healthy else "unhealthy")
         if stranded:
-            self._fail_stranded(stranded)
+            self._fail_stranded(stranded, members)
 
     def _take_stranded_locked(self) -> list[_Job]:
         """The queue, once no server has been healthy for `unavailable_timeout_s`; otherwise nothing."""
@@ -509,9 +510,8 @@ class EvaluationPool(Executor):
         self._space.notify_all()
         return stranded
 
-    def _fail_stranded(self, jobs: list[_Job]) -> None:
+    def _fail_stranded(self, jobs: list[_Job], members: str) -> None:
         limit = self.config.unavailable_timeout_s
-        members = ", ".join(sorted(self._ledger.servers)) or "none"
         details = f"no healthy game server for {limit:g} s (pool members: {members})"
         log.error("failing %d queued task(s): %s", len(jobs), details)
         for job in jobs:
