@@ -22,7 +22,7 @@ typecheck: setup
 	.venv/bin/mypy
 
 protos: setup
-	.venv/bin/python -m rrp.protogen
+	.venv/bin/python -m plumbing.protogen
 
 bench: setup
 	for b in benchmarks/bench_*.py; do .venv/bin/python $$b || exit 1; done

@@ -16,9 +16,9 @@ from PIL import Image
 
 from collector.client import RunProducer
 from collector.store import FrameStore, RedisConfig, stream_id
+from plumbing.procs import ServiceProcess, start_service
+from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, ImageEncoding, RunEnd, RunSource, RunStart
-from rrp.procs import ServiceProcess, start_service
-from rrp.redis_local import LocalRedis
 
 W, H = 128, 96
 STREAMS = 4

@@ -15,8 +15,8 @@ from game_server.core.physics import run_program
 from game_server.core.pilot import drive_lap
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
+from plumbing.procs import start_service
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import start_service
 
 
 def rss_mb(pid: int) -> float:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from game_server.client import GameClient
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
+from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import LapTask, evaluate_locally
 

@@ -13,9 +13,9 @@ from types import TracebackType
 import grpc
 from opentelemetry import context as otel_context
 
+from plumbing import errors, telemetry
 from rallyrobopilot.v1 import collector_pb2_grpc
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, IngestRequest, IngestResponse, RunEnd, RunStart
-from rrp import errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RunProducer:
     (backpressure). A background thread runs the Ingest stream; when it breaks (collector restarted,
     UNAVAILABLE) it reconnects with backoff and resends every unacknowledged record, which the collector
     skips if Redis already holds it. After `reconnect_attempts` attempts in a row without progress, or on a
-    status that retrying cannot fix (INVALID_ARGUMENT, ...), the next call raises the matching `rrp.errors`
+    status that retrying cannot fix (INVALID_ARGUMENT, ...), the next call raises the matching `plumbing.errors`
     exception with the collector's message. No acknowledgement for `timeout_s` while records wait counts as
     a broken stream.
     """

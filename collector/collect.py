@@ -15,8 +15,8 @@ import numpy as np
 
 from collector.tasks import Episode, RecordSettings, RecordTask
 from game_server.core.tracks import load_track, random_state
+from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import game_pb2
-from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import EvaluationError
 from trainer.driver_file import SavedDriver, load_driver

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from collector.store import AppendResult
+from plumbing.errors import FailedPrecondition, InvalidArgument
 from rallyrobopilot.v1.collector_pb2 import (
     FrameRecord,
     ImageEncoding,
@@ -20,7 +21,6 @@ from rallyrobopilot.v1.collector_pb2 import (
     RunSource,
     RunStart,
 )
-from rrp.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 

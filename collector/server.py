@@ -11,9 +11,9 @@ import grpc
 from collector.ingest import IngestLimits, Ingestor
 from collector.servicer import CollectorServicer
 from collector.store import FrameStore, RedisConfig
+from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+from plumbing.errors import Unavailable
 from rallyrobopilot.v1 import collector_pb2, collector_pb2_grpc
-from rrp.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
-from rrp.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

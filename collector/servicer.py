@@ -1,4 +1,4 @@
-"""CollectorService over gRPC: converts messages to ingest and store calls; errors map to codes in rrp.bootstrap."""
+"""CollectorService over gRPC: converts messages to ingest and store calls; errors carry their status codes."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from plumbing.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, ImageEncoding, RunEnd, RunSource, RunStart
-from rrp.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def stream_id(tick: int) -> str:
 
 
 class FrameStore:
-    """Reads and writes the collector's keys; every method turns Redis failures into `rrp.errors`."""
+    """Reads and writes the collector's keys; every method turns Redis failures into `plumbing.errors`."""
 
     def __init__(self, client: redis.Redis, prefix: str = "rrp:", where: str = "Redis") -> None:
         self.r = client

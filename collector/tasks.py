@@ -6,11 +6,12 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import grpc
+
 from game_server import convert
 from game_server.core.state import SimState
+from plumbing.errors import DomainError, status_name
 from rallyrobopilot.v1 import collector_pb2, game_pb2, sim_pb2
-from rrp.bootstrap import status_of
-from rrp.errors import DomainError
 from scheduler.tasks import EvaluationError
 from trainer.driver_file import SavedDriver
 
@@ -119,7 +120,7 @@ class RecordTask:
             # GameServicer.Record reads nothing from its context.
             response: game_pb2.RecordResponse = _local_servicer().Record(self.request(episode), None)
         except DomainError as exc:
-            raise EvaluationError(status_of(exc), str(exc)) from exc
+            raise EvaluationError(grpc.StatusCode[status_name(exc)], str(exc)) from exc
         return self.result(response)
 
     def __repr__(self) -> str:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from plumbing import telemetry
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
-from rrp import telemetry
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 

@@ -8,8 +8,8 @@ import numpy as np
 
 from game_server.core.state import CarState, Gate, LapState, SimState, mask_of
 from game_server.core.track import Track
+from plumbing.errors import InvalidArgument
 from rallyrobopilot.v1 import sim_pb2
-from rrp.errors import InvalidArgument
 
 MAX_FRAME_W, MAX_FRAME_H = 640, 480
 DEFAULT_FRAME_W, DEFAULT_FRAME_H = 128, 96

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import grpc
+
 from game_server import convert
 from game_server.core.drivers import RayDriver
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, Gate, SimState
 from game_server.game import evaluate
+from plumbing.errors import DomainError, status_name
 from rallyrobopilot.v1 import game_pb2, sim_pb2
-from rrp.bootstrap import status_of
-from rrp.errors import DomainError
 
 MAX_BATCH = 1024
 
@@ -70,4 +71,6 @@ def evaluate_item(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateBatchIt
     try:
         return game_pb2.EvaluateBatchItem(response=evaluate_in_process(request))
     except DomainError as exc:
-        return game_pb2.EvaluateBatchItem(error=game_pb2.TaskError(code=status_of(exc).value[0], message=str(exc)))
+        return game_pb2.EvaluateBatchItem(
+            error=game_pb2.TaskError(code=grpc.StatusCode[status_name(exc)].value[0], message=str(exc))
+        )

@@ -19,7 +19,7 @@ from game_server.core.state import TICK_S, Gate, SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.sessions import Session, SessionStore
-from rrp.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from plumbing.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.recording import FrameSink, OpenProducer, Render, connect_collector, encode_image, frame_record
 from game_server.render.renderer import FrameSpec
+from plumbing.errors import InvalidArgument
 from rallyrobopilot.v1 import collector_pb2
-from rrp.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.evaluation import result_to_pb
 from game_server.render.renderer import FrameSpec
+from plumbing.errors import InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
-from rrp.errors import InvalidArgument, Unavailable
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RECORD_TICKS = 100_000

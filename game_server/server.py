@@ -11,8 +11,8 @@ import grpc
 
 from game_server.game import FrameRenderer, Game, GameConfig
 from game_server.servicer import GameServicer
+from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
-from rrp.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
 
 log = logging.getLogger(__name__)
 

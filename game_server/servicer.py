@@ -1,4 +1,4 @@
-"""GameService over gRPC: converts messages to core calls and back; errors map to codes in rrp.bootstrap."""
+"""GameService over gRPC: converts messages to core calls and back; errors map to codes in plumbing.bootstrap."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from game_server.evaluation import MAX_BATCH, evaluate_item, evaluation_args, ev
 from game_server.game import DriveEvent, Game, Observation
 from game_server.recording import outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
+from plumbing import __version__
+from plumbing.errors import FailedPrecondition, InvalidArgument
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
-from rrp import __version__
-from rrp.errors import FailedPrecondition, InvalidArgument
 
 
 def observation_to_pb(obs: Observation) -> sim_pb2.Observation:

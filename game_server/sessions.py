@@ -12,7 +12,7 @@ from typing import Any
 
 from game_server.core.state import SimState
 from game_server.core.track import Track
-from rrp.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 
 @dataclass

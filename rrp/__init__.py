@@ -1,3 +1,1 @@
-"""RallyRoboPilot: the `rrp` command and the plumbing every service shares."""
-
-__version__ = "0.1.0"
+"""The `rrp` command line: one module per command group; nothing else lives here."""

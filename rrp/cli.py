@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rrp.config import env
+from plumbing.config import env
 
 if TYPE_CHECKING:
     from trainer.data.records import FrameSource
@@ -35,7 +35,7 @@ def _add_server_flags(p: argparse.ArgumentParser, default_port: int) -> None:
 def cmd_game_server(args: argparse.Namespace) -> int:
     from game_server.game import GameConfig
     from game_server.server import GameServerConfig, serve
-    from rrp.bootstrap import ServerConfig
+    from plumbing.bootstrap import ServerConfig
 
     config = GameServerConfig(
         server=ServerConfig(host=args.host, port=args.port, max_workers=args.workers, service_name="game-server"),
@@ -50,7 +50,7 @@ def cmd_game_server(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from rrp.bootstrap import ServerConfig
+    from plumbing.bootstrap import ServerConfig
     from scheduler.executor import PoolConfig
     from scheduler.server import SchedulerConfig, serve
 
@@ -79,8 +79,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
     from collector.ingest import IngestLimits
     from collector.server import MAX_MESSAGE_BYTES, CollectorConfig, serve
     from collector.store import RedisConfig
-    from rrp.bootstrap import ServerConfig
-    from rrp.redis_local import LocalRedis
+    from plumbing.bootstrap import ServerConfig
+    from plumbing.redis_local import LocalRedis
 
     log = logging.getLogger("rrp.collector")
     local: LocalRedis | None = None
@@ -154,7 +154,7 @@ _ENCODINGS = {"raw": 1, "png": 2, "jpeg": 3}  # collector.proto ImageEncoding
 def cmd_collect(args: argparse.Namespace) -> int:
     from collector.collect import CollectConfig, run_collect
     from collector.tasks import RecordSettings
-    from rrp.errors import DomainError
+    from plumbing.errors import DomainError
 
     settings = RecordSettings(
         collector_address="",
@@ -785,7 +785,7 @@ def _user_error(exc: BaseException) -> str | None:
     None for anything else, which is a bug and keeps its traceback."""
     import grpc
 
-    from rrp.errors import DomainError
+    from plumbing.errors import DomainError
     from scheduler.tasks import EvaluationError
 
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):

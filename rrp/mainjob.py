@@ -21,9 +21,9 @@ from game_server.core.state import TICK_HZ
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps, save_frame_strip
+from plumbing.procs import ServiceProcess, start_service
+from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import ServiceProcess, start_service
-from rrp.redis_local import LocalRedis
 from trainer.data.redis_source import RedisRuns
 from trainer.data.validate import DataRequirements, validate_source
 from trainer.evolve import KIND_DRIVER, EvolveConfig

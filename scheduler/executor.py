@@ -18,8 +18,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 
+from plumbing import telemetry
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
-from rrp import telemetry
 from scheduler.core import Ledger, PoolStatus, RetryPolicy, join_host_port, parse_target
 from scheduler.tasks import EvaluationError, RemoteTask
 

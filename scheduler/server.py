@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
 from rallyrobopilot.v1 import scheduler_pb2, scheduler_pb2_grpc
-from rrp.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.servicer import SchedulerServicer
 

@@ -8,8 +8,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import grpc
 
+from plumbing.errors import InvalidArgument
 from rallyrobopilot.v1 import game_pb2, scheduler_pb2, scheduler_pb2_grpc
-from rrp.errors import InvalidArgument
 from scheduler.core import PoolStatus
 from scheduler.executor import EvaluationPool
 from scheduler.tasks import EvaluationError, RequestTask

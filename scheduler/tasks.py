@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 import grpc
 
+from plumbing.errors import DomainError, status_name
 from rallyrobopilot.v1 import game_pb2, sim_pb2
-from rrp.bootstrap import status_of
-from rrp.errors import DomainError
 
 if TYPE_CHECKING:
     from game_server.servicer import GameServicer
@@ -62,7 +61,7 @@ def evaluate_locally(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateResp
         # GameServicer.Evaluate reads nothing from its context.
         response: game_pb2.EvaluateResponse = _local_servicer().Evaluate(request, None)
     except DomainError as exc:
-        raise EvaluationError(status_of(exc), str(exc)) from exc
+        raise EvaluationError(grpc.StatusCode[status_name(exc)], str(exc)) from exc
     return response
 
 

@@ -9,8 +9,8 @@ import pytest
 from game_server.client import GameClient
 from game_server.game import GameConfig
 from game_server.server import GameServer, GameServerConfig, create_game_server
-from rrp.bootstrap import ServerConfig
-from rrp.procs import ServiceProcess, start_service
+from plumbing.bootstrap import ServerConfig
+from plumbing.procs import ServiceProcess, start_service
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,12 @@ from PIL import Image
 from collector.client import ProducerStats, RunProducer
 from collector.server import CollectorConfig, CollectorServer, create_collector_server
 from collector.store import FrameStore, RedisConfig
+from plumbing import errors
+from plumbing.bootstrap import ServerConfig
+from plumbing.procs import ServiceProcess, start_service
+from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1 import collector_pb2, collector_pb2_grpc
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, ImageEncoding, IngestRequest, RunEnd, RunSource, RunStart
-from rrp import errors
-from rrp.bootstrap import ServerConfig
-from rrp.procs import ServiceProcess, start_service
-from rrp.redis_local import LocalRedis
 
 GRPCURL = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "grpcurl")
 W, H = 128, 96

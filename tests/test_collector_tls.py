@@ -12,10 +12,10 @@ import pytest
 
 from collector.server import CollectorConfig, create_collector_server
 from collector.store import FrameStore, RedisConfig
-from rrp import errors
-from rrp.bootstrap import ServerConfig
-from rrp.procs import start_service
-from rrp.redis_local import LocalRedis
+from plumbing import errors
+from plumbing.bootstrap import ServerConfig
+from plumbing.procs import start_service
+from plumbing.redis_local import LocalRedis
 from tests.test_collector import assert_exactly_once, produce, run_start
 
 OPENSSL = shutil.which("openssl")

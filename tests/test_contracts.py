@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rrp import protogen
+from plumbing import protogen
 
 REPO = Path(__file__).resolve().parent.parent
 

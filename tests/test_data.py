@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from game_server.core.tracks import load_track
+from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1 import collector_pb2 as pb
 from rrp.cli import main
-from rrp.redis_local import LocalRedis
 from trainer.data.dataset import FrameDataset, resize_images, split_runs
 from trainer.data.records import DataError, RunInfo, Sample, decode_image
 from trainer.data.redis_source import RedisRuns

@@ -8,8 +8,8 @@ from game_server.client import GameClient
 from game_server.core.physics import run_program
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
+from plumbing.procs import ServiceProcess
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import ServiceProcess
 from tests.test_game_service import random_program
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rrp.procs import ServiceProcess
+from plumbing.procs import ServiceProcess
 from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import SavedDriver, load_driver, save_driver
 from trainer.evolve import Evolution, EvolveConfig, load_checkpoint, save_checkpoint

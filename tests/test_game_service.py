@@ -15,8 +15,8 @@ from game_server.client import GameClient, frame_array
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
 from game_server.game import GameConfig
 from game_server.server import GameServerConfig, create_game_server
+from plumbing.bootstrap import ServerConfig
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
-from rrp.bootstrap import ServerConfig
 
 
 def random_program(seed: int, n: int) -> bytes:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from game_server.client import GameClient
-from rrp.procs import ServiceProcess, start_service
+from plumbing.procs import ServiceProcess, start_service
 
 BIN = Path(sys.executable).parent
 
@@ -93,8 +93,8 @@ def test_one_trace_spans_scheduler_game_server_and_collector(tmp_path: Path) -> 
     """A Record call on a game server and the Ingest stream it opens to the collector share one trace."""
     from collector.store import FrameStore
     from game_server.core import drivers
+    from plumbing.redis_local import LocalRedis
     from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
-    from rrp.redis_local import LocalRedis
 
     receiver, otlp, env = _otlp_receiver()
     with LocalRedis(tmp_path / "redis") as redis:

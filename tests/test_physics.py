@@ -13,7 +13,7 @@ from game_server.core.physics import CAR_RADIUS, raycast, step, turn_radius, val
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, TICK_S, CarState, LapState, SimState
 from game_server.core.track import Track, build_track
 from game_server.core.trig import sincos, sincos_array
-from rrp.errors import InvalidArgument
+from plumbing.errors import InvalidArgument
 
 
 @functools.cache

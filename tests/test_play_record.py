@@ -17,10 +17,10 @@ from PIL import Image
 from collector.server import CollectorConfig, create_collector_server
 from collector.store import FrameStore, RedisConfig
 from game_server.core.state import FORWARD
+from plumbing.bootstrap import ServerConfig
+from plumbing.procs import rrp_command
+from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1 import collector_pb2
-from rrp.bootstrap import ServerConfig
-from rrp.procs import rrp_command
-from rrp.redis_local import LocalRedis
 
 pytestmark = pytest.mark.skipif(
     shutil.which("Xvfb") is None or shutil.which("xdotool") is None, reason="needs Xvfb and xdotool"

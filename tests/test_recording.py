@@ -23,10 +23,10 @@ from game_server.core import drivers, physics
 from game_server.core.tracks import load_track
 from game_server.recording import Perturbation, PerturbationSchedule, RecordSpec, record_episode
 from game_server.render.renderer import FrameSpec
+from plumbing.bootstrap import ServerConfig
+from plumbing.procs import ServiceProcess, rrp_command, start_service
+from plumbing.redis_local import LocalRedis, free_port
 from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
-from rrp.bootstrap import ServerConfig
-from rrp.procs import ServiceProcess, rrp_command, start_service
-from rrp.redis_local import LocalRedis, free_port
 from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import SavedDriver, save_driver
 

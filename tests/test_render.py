@@ -19,7 +19,7 @@ from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.render import FrameSpec, Renderer, shared_renderer
 from game_server.render.renderer import _worker as render_thread
-from rrp.errors import InvalidArgument
+from plumbing.errors import InvalidArgument
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def test_closed_renderer_is_replaced_in_the_same_app() -> None:
         import ursina
         from game_server.core.tracks import load_track
         from game_server.render import FrameSpec, Renderer
-        from rrp.errors import FailedPrecondition
+        from plumbing.errors import FailedPrecondition
         track, first = load_track("oval"), Renderer()
         before = first.render(track, track.base_state, FrameSpec(width=64, height=48))
         app = ursina.application.base

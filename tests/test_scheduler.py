@@ -16,8 +16,8 @@ import pytest
 
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
+from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import game_pb2, sim_pb2
-from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import EvaluationError, LapTask, RequestTask
 

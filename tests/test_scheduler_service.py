@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import game_pb2, scheduler_pb2, scheduler_pb2_grpc, sim_pb2
-from rrp.procs import ServiceProcess, start_service
 from scheduler.tasks import RequestTask
 
 GRPCURL = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "grpcurl")

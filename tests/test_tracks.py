@@ -12,7 +12,7 @@ from game_server.core.pilot import drive_lap
 from game_server.core.state import Gate
 from game_server.core.track import Track, min_radius_m, radius_fits, stretches_clear, walls_intersect
 from game_server.core.tracks import builtin_tracks, generate_track, load_track
-from rrp.errors import InvalidArgument, NotFound
+from plumbing.errors import InvalidArgument, NotFound
 
 GENERATED = [f"gen-{i}" for i in range(20)]
 BUILTIN = ["oval", "kidney", "alpine"]

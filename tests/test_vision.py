@@ -14,8 +14,8 @@ import torch
 
 from game_server.core.drivers import default_driver
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from plumbing.procs import ServiceProcess, start_service
 from rrp.cli import main
-from rrp.procs import ServiceProcess, start_service
 from trainer.vision.data import AugmentConfig, FrameSet, augment, generate_samples
 from trainer.vision.evaluate import EvalConfig, VisionPilot, run_evaluation
 from trainer.vision.model import STEER_NONE, THROTTLE_NONE, VisionConfig, build_model, decide, mask_targets
@@ -126,8 +126,8 @@ def test_dagger_labels_the_learners_states_collects_them_and_retrains(
     """One DAgger iteration: the model drives, the expert labels what it sees, the collector stores the
     labelled run like any other (source DAGGER), the model is retrained on the union and raced again."""
     from collector.store import FrameStore
+    from plumbing.redis_local import LocalRedis
     from rallyrobopilot.v1 import collector_pb2
-    from rrp.redis_local import LocalRedis
     from scheduler.executor import EvaluationPool, PoolConfig
     from trainer.driver_file import SavedDriver, save_driver
     from trainer.vision.dagger import DaggerConfig, run_dagger

@@ -20,7 +20,7 @@ from game_server.core import drivers, physics
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps
-from rrp.procs import ServiceProcess, start_service
+from plumbing.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import SavedDriver, save_driver
 from trainer.evolve import (

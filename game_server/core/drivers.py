@@ -16,7 +16,7 @@ from game_server.core import physics
 from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
-from rrp.errors import InvalidArgument
+from plumbing.errors import InvalidArgument
 
 RAYS_V1 = "rays-v1"
 _PAIRS = N_RAYS // 2  # ray i (left side) pairs with ray 14 - i (right side); ray 7 looks straight ahead

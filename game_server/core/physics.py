@@ -22,7 +22,7 @@ from game_server.core.state import (
 )
 from game_server.core.track import Track
 from game_server.core.trig import HALF_PI, PI, TWO_PI, sincos, sincos_array
-from rrp.errors import InvalidArgument
+from plumbing.errors import InvalidArgument
 
 # The car model (units: m, s, rad). Speed changes are applied per tick, so they are precomputed per tick.
 TOP_SPEED = 50.0

@@ -12,7 +12,7 @@ import numpy as np
 from game_server.core.state import CarState, LapState, SimState
 from game_server.core.track import Track, build_track, curvature_of, geometry_ok
 from game_server.core.trig import PI, TWO_PI, sincos_array
-from rrp.errors import InvalidArgument, NotFound
+from plumbing.errors import InvalidArgument, NotFound
 
 SPACING_M = 3.0  # centre-line point spacing after resampling
 _GEN_NAME = re.compile(r"gen-(\d{1,18})")

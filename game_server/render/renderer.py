@@ -27,7 +27,7 @@ import numpy as np
 
 from game_server.core.state import SimState
 from game_server.core.track import Track
-from rrp.errors import FailedPrecondition, InvalidArgument
+from plumbing.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
     from game_server.render.scene import Appearance

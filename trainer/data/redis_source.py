@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
+from plumbing.errors import NotFound
 from rallyrobopilot.v1 import collector_pb2 as pb
-from rrp.errors import NotFound
 from trainer.data.records import DataError, RunInfo, Sample, run_info_from_start, sample_from_record
 
 log = logging.getLogger(__name__)

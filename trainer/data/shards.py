@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from rrp.errors import NotFound
+from plumbing.errors import NotFound
 from trainer.data.records import RAY_COUNT, DataError, FrameSource, RunInfo, Sample
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from game_server.core.tracks import load_track
-from rrp.errors import DomainError
+from plumbing.errors import DomainError
 from trainer.data.records import LABEL_KEYS, DataError, FrameSource, RunInfo
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
 from game_server.trackmap import plot_laps
+from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import sim_pb2
-from rrp.procs import ServiceProcess, start_service
 from scheduler.executor import EvaluationPool, PoolConfig
 from trainer.driver_file import load_driver
 from trainer.vision.data import expert_label, resize_frames

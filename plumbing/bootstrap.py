@@ -14,17 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rrp import errors, telemetry
+from plumbing import errors, telemetry
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[errors.DomainError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
 
 
 @dataclass(frozen=True)
@@ -40,10 +32,8 @@ class ServerConfig:
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
+    """The status code a domain error carries; INTERNAL for anything else."""
+    return grpc.StatusCode[errors.status_name(exc)]
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
