@@ -20,6 +20,7 @@ from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.sessions import Session, SessionStore
 from plumbing.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class FrameRenderer(Protocol):
 
 @dataclass(frozen=True)
 class GameConfig:
-    max_sessions: int = 32
-    idle_timeout_s: float = 300.0
-    # Concurrent Evaluate calls; physics holds the GIL, so more than a couple only adds queueing.
-    evaluate_slots: int = 2
+    max_sessions: int = setting(32, "sessions open at once; past it CreateSession answers RESOURCE_EXHAUSTED")
+    idle_timeout_s: float = setting(300.0, "seconds before an idle session is closed")
+    # Physics holds the GIL, so more than a couple only adds queueing.
+    evaluate_slots: int = setting(2, "concurrent Evaluate/Record calls before RESOURCE_EXHAUSTED")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import io
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
@@ -25,6 +25,13 @@ from game_server.render.renderer import FrameSpec
 from plumbing.errors import InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
 
+# Image encodings by the name a person types (`--encoding png`).
+ENCODINGS: dict[str, int] = {
+    "raw": collector_pb2.IMAGE_ENCODING_RAW_RGB,
+    "png": collector_pb2.IMAGE_ENCODING_PNG,
+    "jpeg": collector_pb2.IMAGE_ENCODING_JPEG,
+}
+EncodingName = Literal["raw", "png", "jpeg"]
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RECORD_TICKS = 100_000
 DEFAULT_JPEG_QUALITY = 90
@@ -229,6 +236,13 @@ def record_episode(spec: RecordSpec, render: Render, open_producer: OpenProducer
     if stats.acked < frames:
         raise Unavailable(f"the collector acknowledged {stats.acked} of {frames} frames of run {spec.run_id}")
     return RecordOutcome(spec.run_id, frames, result, stats.resent, run.perturbed_ticks)
+
+
+def record_in_process(request: game_pb2.RecordRequest) -> game_pb2.RecordResponse:
+    """What a game server answers to `request`, recorded here with this process's renderer."""
+    from game_server.render import shared_renderer
+
+    return outcome_to_pb(record_episode(spec_from_pb(request), shared_renderer().render))
 
 
 def spec_from_pb(request: game_pb2.RecordRequest) -> RecordSpec:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from plumbing import errors, telemetry
+from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,12 @@ log = logging.getLogger(__name__)
 class ServerConfig:
     """Transport settings shared by every service."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_workers: int = 16
-    max_message_bytes: int = 8 * 1024 * 1024
-    grace_s: float = 5.0
-    service_name: str = "rrp"
+    host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface (in a pod)")
+    port: int = setting(0, "port to listen on; 0 takes any free one")
+    max_workers: int = setting(16, "RPC worker threads", flag="workers", env="workers")
+    max_message_bytes: int = setting(8 * 1024 * 1024, "largest request or response message, bytes")
+    grace_s: float = setting(5.0, "seconds in-flight calls get to finish after SIGTERM")
+    service_name: str = setting("rrp", "name in logs and traces", cli=False)
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:

@@ -18,6 +18,7 @@ from game_server.core.state import LEFT, RIGHT
 from game_server.core.track import Track
 from game_server.core.tracks import load_track, random_state
 from game_server.render.renderer import FrameSpec, shared_renderer
+from plumbing.settings import setting
 from trainer.data.dataset import split_runs
 from trainer.data.records import FrameSource, RunInfo, Sample
 from trainer.vision.model import N_CLASSES, mask_targets
@@ -219,11 +220,11 @@ def class_weights(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class AugmentConfig:
     """Photometric and geometric jitter applied to training batches."""
 
-    brightness: float = 0.3
-    contrast: float = 0.3
-    colour: float = 0.1
-    shift_px: int = 4
-    flip_prob: float = 0.5
+    brightness: float = setting(0.3, "brightness jitter, a share of the mean")
+    contrast: float = setting(0.3, "contrast jitter, a share")
+    colour: float = setting(0.1, "per-channel colour jitter, a share")
+    shift_px: int = setting(4, "largest horizontal and vertical shift, pixels")
+    flip_prob: float = setting(0.5, "probability of a mirrored frame (left and right keys swapped)")
 
 
 def augment(
