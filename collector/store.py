@@ -30,7 +30,9 @@ _DUPLICATE_ID = "equal or smaller than the target stream top item"
 class RedisConfig:
     """Where Redis is and how to log in; secrets come from the environment or files, filled in by main()."""
 
-    url: str = setting("", "Redis URL, redis:// or rediss:// for TLS; none: a private redis-server", flag="redis")
+    url: str = setting(
+        "", "Redis URL, redis:// or rediss:// for TLS; none: a private redis-server", flag="redis", env="redis_url"
+    )
     username: str | None = setting(None, "Redis ACL user")
     password: str | None = field(default=None, repr=False, metadata={"cli": False, "env": "redis_password"})
     # Read when the client is made, so a rotated secret is picked up.

@@ -44,7 +44,7 @@ class CollectConfig:
     # Neither: a collector and a Redis of its own are started here, the Redis data kept under out_dir/redis.
     collector: str | None = setting(None, "collector host:port; none: one is started here")
     redis_url: str | None = setting(
-        None, "Redis URL for a collector started here; none: a private Redis in --out", flag="redis"
+        None, "Redis URL for a collector started here; none: a private Redis in --out", flag="redis", env="redis_url"
     )
     run_prefix: str = setting("", "run id prefix (default collect-s<seed>)")
     recovery_share: float = setting(

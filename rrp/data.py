@@ -20,7 +20,10 @@ class SourceConfig:
     """Where the frames are: a collector's Redis, or an export folder."""
 
     redis_url: str = setting(
-        "redis://127.0.0.1:6379/0", "Redis URL (the password, if any, from RRP_REDIS_PASSWORD)", flag="redis"
+        "redis://127.0.0.1:6379/0",
+        "Redis URL (the password, if any, from RRP_REDIS_PASSWORD)",
+        flag="redis",
+        env="redis_url",
     )
     redis_prefix: str = setting("rrp:", "key prefix of the collector's Redis data")
     track: str | None = setting(None, "only the runs of this track")

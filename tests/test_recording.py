@@ -302,7 +302,7 @@ def test_record_retried_after_its_server_is_killed_stores_every_tick_once(stack:
     servers = [start_service(["game-server", "--port", "0", "--evaluate-slots", "1"]) for _ in range(2)]
     d = drivers.default_driver()
     saved = SavedDriver(kind=d.kind, track="alpine", lap_ticks=0, cost=0.0, generation=0, params=d.params)
-    settings = RecordSettings(stack.collector.address, max_ticks=1500, width_px=96, height_px=64)
+    settings = RecordSettings(stack.collector.address, max_ticks=1500, width_px=96, height_px=64, perturb_probability=0)
     task = RecordTask(settings)
     episode = Episode("rec-killed", "alpine", saved, 0, 7)
     pool = EvaluationPool(PoolConfig(servers=tuple(s.address for s in servers), health_interval_s=0.2, max_attempts=3))

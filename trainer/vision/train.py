@@ -54,7 +54,7 @@ class DataConfig:
     """Where training frames come from: Redis, exported shards, or rolled out in this process (the fallback)."""
 
     redis_url: str | None = setting(
-        None, "read recorded runs from this Redis URL (password from RRP_REDIS_PASSWORD)", flag="redis"
+        None, "read recorded runs from this Redis URL (password from RRP_REDIS_PASSWORD)", flag="redis", env="redis_url"
     )
     redis_prefix: str = setting("rrp:", "key prefix of the collector's Redis data")
     shards: Path | None = setting(None, "read runs exported by `rrp data export` from this folder")
