@@ -10,7 +10,6 @@ The play loop never waits for either: a writer thread drains a queue into the pi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -119,7 +118,7 @@ class PlayRecorder:
         self._finish_tick = 0
         self._outbox: queue.SimpleQueue[collector_pb2.IngestRequest | None] = queue.SimpleQueue()
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "game_server.play_recording", "--collector", config.collector],
+            [sys.executable, "-m", "game_server.play_recording", config.collector],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -236,13 +235,13 @@ def serve_pipe(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="helper of `rrp play --record`: reads ticks on stdin")
-    parser.add_argument("--collector", required=True, help="collector address host:port")
-    args = parser.parse_args()
+    """The helper process of `rrp play --record` (never run by hand): ticks on stdin, one argument, the collector."""
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m game_server.play_recording COLLECTOR_HOST:PORT  (ticks on stdin)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from game_server.render import shared_renderer
 
-    serve_pipe(sys.stdin.buffer, args.collector, shared_renderer().render, sys.stdout)
+    serve_pipe(sys.stdin.buffer, sys.argv[1], shared_renderer().render, sys.stdout)
 
 
 if __name__ == "__main__":
