@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -225,3 +226,27 @@ def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProc
     assert failed.returncode == 1
     assert "rrp evaluate: error:" in failed.stderr and "missing.safetensors" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_with_the_other_core_kept_busy(tmp_path: Path) -> None:
+    """Training ends by epochs and early stopping, never by the clock: a seeded `rrp train` writes the same
+    bytes whether the machine is idle or both cores are busy."""
+    rrp = str(Path(sys.executable).with_name("rrp"))
+    tiny = ["--generate", "--tracks", "oval", "--episodes", "2", "--ticks", "80", "--width", "64", "--height", "48"]
+
+    def train(out: Path) -> str:
+        done = subprocess.run([rrp, "train", *tiny, "--epochs", "2", "--seed", "5", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    idle = train(tmp_path / "idle")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = train(tmp_path / "busy")
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert idle == busy
