@@ -94,7 +94,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         )  # fmt: skip
         for proc in [*procs, collector, scheduler]:
             proc.wait_for(r"listening on", timeout_s=90)
-        redis_url = collector.wait_for(r"redis-server at (redis://\S+)", timeout_s=5).group(1)
+        redis_url = next(m.group(1) for line in collector.lines if (m := re.search(r"redis-server at (redis://\S+)", line)))
         m = Mesh(
             lab, games, sched, coll, f"{sched.address}:50052", f"{coll.address}:50053", redis_url,
             lab.agent(sched), lab.agent(coll),
@@ -171,7 +171,9 @@ def test_ga_generation_across_hosts_matches_in_process(mesh: Mesh, tmp_path: Pat
     a = json.loads((remote / "checkpoint.json").read_text())
     b = json.loads((tmp_path / "local" / "checkpoint.json").read_text())
     assert [i["cost"] for i in a["population"]] == [i["cost"] for i in b["population"]]
-    assert a["population"] == b["population"] and a["history"] == b["history"]
+    assert a["population"] == b["population"]
+    timeless = lambda history: [{k: v for k, v in g.items() if k != "seconds"} for g in history]  # noqa: E731
+    assert timeless(a["history"]) == timeless(b["history"])
     report("ga-generation", population=len(a["population"]), costs=[i["cost"] for i in a["population"]])
 
 
@@ -223,20 +225,20 @@ def test_a_fourth_host_added_to_the_name_joins_while_it_runs(
             mesh.lab.set_name(GAME_NAME, [*mesh.games, gs4])
             added["seconds"] = event["seconds"]
 
-    reply = run_map(mesh, requests * 3, on_progress=add)
-    assert decoded(reply) == expected * 3
+    reply = run_map(mesh, requests * 2, on_progress=add)
+    assert decoded(reply) == expected * 2
     status = mesh.client.call("pool_status", address=mesh.scheduler)
     joined = {s["address"]: s for s in status["servers"]}
     assert new in joined and joined[new]["healthy"], status["servers"]
     assert joined[new]["done"] > 0, "the new host took no work while the generation ran"
     report(
-        "host-joins", tasks=len(requests) * 3, seconds=round(reply["seconds"], 2), added_after_s=round(added["seconds"], 2),
+        "host-joins", tasks=len(requests) * 2, seconds=round(reply["seconds"], 2), added_after_s=round(added["seconds"], 2),
         done_by_new_host=joined[new]["done"],
     )  # fmt: skip
 
 
 def test_a_recording_survives_the_collector_host_link_going_down_and_up(mesh: Mesh) -> None:
-    ticks = 1500
+    ticks = 1000
     run_id = f"netns-{mesh.lab.tag}"
     rng = np.random.default_rng(7)
     request = game_pb2.RecordRequest(

