@@ -17,8 +17,6 @@ spec:
       labels:
         {{- include "rrp.labels" $c | nindent 8 }}
         {{- include "rrp.peerLabels" (dict "peers" .job.peers) | nindent 8 }}
-      annotations:
-        {{- include "rrp.metricsAnnotations" $root | nindent 8 }}
     spec:
       restartPolicy: Never
       {{- include "rrp.imagePullSecrets" $root | nindent 6 }}
