@@ -58,12 +58,21 @@ class Buildah:
         env = {**os.environ, "STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
         proc = subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=timeout_s, env=env)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"buildah {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"buildah {' '.join(args[:3])} failed ({proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return proc
 
 
 def base_key(mirror: str) -> str:
-    inputs = {"suite": SUITE, "variant": "minbase", "packages": BASE_PACKAGES, "mirror": mirror, "arch": os.uname().machine}
+    inputs = {
+        "suite": SUITE,
+        "variant": "minbase",
+        "packages": BASE_PACKAGES,
+        "mirror": mirror,
+        "arch": os.uname().machine,
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -108,7 +117,16 @@ def base_python(b: Buildah, image: str) -> str:
     """The Python version of a base image (its markers decide which wheels the build needs)."""
     ctr = b.run("from", "--pull-never", image).stdout.strip()
     try:
-        out = b.run("run", "--isolation", "chroot", ctr, "--", "python3", "-c", "import platform; print(platform.python_version())")
+        out = b.run(
+            "run",
+            "--isolation",
+            "chroot",
+            ctr,
+            "--",
+            "python3",
+            "-c",
+            "import platform; print(platform.python_version())",
+        )
         return out.stdout.strip()
     finally:
         b.run("rm", ctr, check=False)

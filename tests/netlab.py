@@ -113,7 +113,12 @@ class Agent:
         return message
 
     def call(
-        self, op: str, *, timeout_s: float = 120.0, on_event: Callable[[dict[str, Any]], None] | None = None, **args: Any
+        self,
+        op: str,
+        *,
+        timeout_s: float = 120.0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        **args: Any,
     ) -> dict[str, Any]:
         assert self.popen.stdin is not None
         self.popen.stdin.write(json.dumps({"op": op, **args}) + "\n")

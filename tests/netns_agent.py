@@ -100,7 +100,9 @@ def record_start(cmd: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         try:
             with grpc.insecure_channel(cmd["address"]) as channel:
-                response = game_pb2_grpc.GameServiceStub(channel).Record(request, timeout=float(cmd.get("timeout", 120)))
+                response = game_pb2_grpc.GameServiceStub(channel).Record(
+                    request, timeout=float(cmd.get("timeout", 120))
+                )
             result.update(ok=True, response=_b64(response.SerializeToString()))
         except grpc.RpcError as exc:
             result.update(ok=False, error=f"{exc.code().name}: {exc.details()}")

@@ -83,7 +83,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         rrp = [sys.executable, "-m", "rrp.cli"]
         procs = [lab.run(g, [*rrp, "game-server", "--host", "0.0.0.0", "--port", str(GAME_PORT)]) for g in games]
         redis_dir = tmp_path_factory.mktemp("netns-redis")
-        collector = lab.run(coll, [*rrp, "collector", "--host", "0.0.0.0", "--port", "50053", "--redis-dir", str(redis_dir)])
+        collector = lab.run(
+            coll, [*rrp, "collector", "--host", "0.0.0.0", "--port", "50053", "--redis-dir", str(redis_dir)]
+        )
         scheduler = lab.run(
             sched,
             [
@@ -94,7 +96,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         )  # fmt: skip
         for proc in [*procs, collector, scheduler]:
             proc.wait_for(r"listening on", timeout_s=90)
-        redis_url = next(m.group(1) for line in collector.lines if (m := re.search(r"redis-server at (redis://\S+)", line)))
+        redis_url = next(
+            m.group(1) for line in collector.lines if (m := re.search(r"redis-server at (redis://\S+)", line))
+        )
         m = Mesh(
             lab, games, sched, coll, f"{sched.address}:50052", f"{coll.address}:50053", redis_url,
             lab.agent(sched), lab.agent(coll),
@@ -159,7 +163,8 @@ def test_ga_generation_across_hosts_matches_in_process(mesh: Mesh, tmp_path: Pat
     args = ["evolve", "--track", "oval", "--population", "8", "--generations", "1", "--seed", "3"]
     remote = tmp_path / "remote"
     proc = mesh.lab.run(
-        mesh.sched, [sys.executable, "-m", "rrp.cli", *args, "--discover", f"{GAME_NAME}:{GAME_PORT}", "--out", str(remote)]
+        mesh.sched,
+        [sys.executable, "-m", "rrp.cli", *args, "--discover", f"{GAME_NAME}:{GAME_PORT}", "--out", str(remote)],
     )
     local = subprocess.run(
         [sys.executable, "-m", "rrp.cli", *args, "--in-process", "--out", str(tmp_path / "local")],
@@ -204,7 +209,8 @@ def test_a_host_cut_off_mid_generation_costs_time_not_results(
     assert f"{victim.address}:{GAME_PORT}" not in healthy
     report(
         "host-cut",
-        tasks=TASKS, ticks=TICKS, seconds_without_cut=round(calm["seconds"], 2), seconds_with_cut=round(stormy["seconds"], 2),
+        tasks=TASKS, ticks=TICKS,
+        seconds_without_cut=round(calm["seconds"], 2), seconds_with_cut=round(stormy["seconds"], 2),
         cut_after_s=round(cut_at["seconds"], 2), retried=status["retried"] - retried_before, identical=True,
     )  # fmt: skip
 
@@ -214,7 +220,9 @@ def test_a_fourth_host_added_to_the_name_joins_while_it_runs(
 ) -> None:
     requests, expected = generation
     gs4 = mesh.lab.add_host("gs4", 14)
-    proc = mesh.lab.run(gs4, [sys.executable, "-m", "rrp.cli", "game-server", "--host", "0.0.0.0", "--port", str(GAME_PORT)])
+    proc = mesh.lab.run(
+        gs4, [sys.executable, "-m", "rrp.cli", "game-server", "--host", "0.0.0.0", "--port", str(GAME_PORT)]
+    )
     proc.wait_for(r"listening on", timeout_s=90)
     new = f"{gs4.address}:{GAME_PORT}"
     assert mesh.client.call("health", address=new, wait=30)["ok"]
@@ -232,7 +240,8 @@ def test_a_fourth_host_added_to_the_name_joins_while_it_runs(
     assert new in joined and joined[new]["healthy"], status["servers"]
     assert joined[new]["done"] > 0, "the new host took no work while the generation ran"
     report(
-        "host-joins", tasks=len(requests) * 2, seconds=round(reply["seconds"], 2), added_after_s=round(added["seconds"], 2),
+        "host-joins", tasks=len(requests) * 2,
+        seconds=round(reply["seconds"], 2), added_after_s=round(added["seconds"], 2),
         done_by_new_host=joined[new]["done"],
     )  # fmt: skip
 

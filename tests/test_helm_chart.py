@@ -86,7 +86,7 @@ def test_helm_lint_is_clean(name: str) -> None:
 
 
 def test_every_manifest_is_valid_for_kubernetes_1_33_strict(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    name, docs = rendered
+    _, docs = rendered
     assert len(docs) >= 8
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -109,7 +109,9 @@ def test_the_cli_validates_the_rendered_files_too(tmp_path: Path) -> None:
         path = tmp_path / f"{i:02d}-{doc['kind']}.yaml"
         path.write_text(yaml.safe_dump(doc))
         files.append(str(path))
-    proc = subprocess.run([exe, "-k", KUBE_VERSION, "--strict", "--quiet", *files], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "-k", KUBE_VERSION, "--strict", "--quiet", *files], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -207,11 +209,15 @@ def test_jaeger_is_optional_and_receives_every_pods_spans() -> None:
 
 def test_disruption_budgets_and_autoscalers() -> None:
     docs = render(values("production"))
-    pdbs = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    pdbs = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
     assert {"game-server", "scheduler", "collector", "torchserve"} <= pdbs
     hpas = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
     assert set(hpas) == {"rrp-rallyrobopilot-game-server", "rrp-rallyrobopilot-torchserve"}
-    for name, hpa in hpas.items():  # an autoscaled Deployment leaves replicas to the HPA
+    for name in hpas:  # an autoscaled Deployment leaves replicas to the HPA
         assert "replicas" not in by_kind(docs, "Deployment")[name]["spec"]
 
 
@@ -254,7 +260,11 @@ def test_pipeline_jobs_are_all_there_in_production() -> None:
     docs = render(values("production"))
     jobs = {component(d["spec"]["template"]): d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Job"}
     assert set(jobs) == {"evolve", "collect", "train", "deploy-model"}
-    assert jobs["evolve"]["containers"][0]["args"][:3] == ["evolve", "--discover", "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051"]
+    assert jobs["evolve"]["containers"][0]["args"][:3] == [
+        "evolve",
+        "--discover",
+        "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051",
+    ]
     assert jobs["deploy-model"]["initContainers"][0]["args"][0] == "package"
     train_env = {e["name"] for e in jobs["train"]["containers"][0]["env"]}
     assert "RRP_REDIS_PASSWORD" in train_env
@@ -291,7 +301,12 @@ def reachable(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
         for source, source_labels in pods.items():
             for policy in selecting:
                 for rule in policy["spec"].get("ingress", []):
-                    if any("podSelector" in peer and "namespaceSelector" not in peer and _selects(peer["podSelector"], source_labels) for peer in rule.get("from", [])):
+                    if any(
+                        "podSelector" in peer
+                        and "namespaceSelector" not in peer
+                        and _selects(peer["podSelector"], source_labels)
+                        for peer in rule.get("from", [])
+                    ):
                         allowed.add((source, target))
     return allowed
 
@@ -312,7 +327,9 @@ def test_prometheus_may_scrape_the_metrics_ports() -> None:
     docs = render(values("production"))
     policy = by_kind(docs, "NetworkPolicy")["rrp-rallyrobopilot-game-server"]
     metrics_rules = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
-    assert metrics_rules[0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert metrics_rules[0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
     for workload, pod in workloads(docs):  # long-running services; Jobs end before a scrape would matter
         if workload["kind"] == "Deployment" and any(is_rrp(c) for c in pod["spec"]["containers"]):
             annotations = pod["metadata"]["annotations"]

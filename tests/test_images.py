@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,7 +143,7 @@ def test_game_server_image_builds_without_a_daemon_and_answers_its_health_check(
             b.run("rm", ctr, check=False)
         b.run("rmi", "--force", tag, check=False)
     timings["total_s"] = time.monotonic() - started
-    figures = {k: round(v, 1) for k, v in timings.items()}
+    figures: dict[str, Any] = {k: round(v, 1) for k, v in timings.items()}
     figures |= {"image_mb": round(size_bytes / 1e6), "base_mb": round(base_bytes / 1e6), "python": python}
     print(json.dumps(figures))
     out_dir = ROOT / "out" / "cluster"
