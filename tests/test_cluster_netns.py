@@ -97,7 +97,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         for proc in [*procs, collector, scheduler]:
             proc.wait_for(r"listening on", timeout_s=90)
         redis_url = next(
-            m.group(1) for line in collector.lines if (m := re.search(r"redis-server at (redis://\S+)", line))
+            found.group(1) for line in collector.lines if (found := re.search(r"redis-server at (redis://\S+)", line))
         )
         m = Mesh(
             lab, games, sched, coll, f"{sched.address}:50052", f"{coll.address}:50053", redis_url,
