@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from plumbing.redis_local import free_port
 from tests import image_build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,16 @@ DOCKERFILES = [IMAGES / "Dockerfile", IMAGES / "Dockerfile.torchserve"]
 # In the image, as the image's user: a game server, its health check, a rendered frame over gRPC, a graceful stop.
 IN_IMAGE_CHECK = r"""
 set -u
-rrp game-server --port 50071 > /tmp/game.log 2>&1 &
+rrp game-server --port "$PORT" > /tmp/game.log 2>&1 &
 pid=$!
-python /opt/rrp/healthcheck.py --address 127.0.0.1:50071 --service rallyrobopilot.v1.GameService --wait 90 || exit 11
-python - <<'PY' || exit 12
+trap 'kill $pid 2>/dev/null' EXIT
+python /opt/rrp/healthcheck.py --address "127.0.0.1:$PORT" --service rallyrobopilot.v1.GameService --wait 90 \
+    || { cat /tmp/game.log; exit 11; }
+python - <<'PY'
+import os
 import grpc
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
-with grpc.insecure_channel("127.0.0.1:50071") as channel:
+with grpc.insecure_channel(f"127.0.0.1:{os.environ['PORT']}") as channel:
     game = game_pb2_grpc.GameServiceStub(channel)
     session = game.CreateSession(game_pb2.CreateSessionRequest(track="oval"), timeout=30).session_id
     step = game.Step(
@@ -45,6 +49,7 @@ with grpc.insecure_channel("127.0.0.1:50071") as channel:
     assert len(frame.rgb) == frame.width_px * frame.height_px * 3 > 0, frame.width_px
     print(f"frame {frame.width_px}x{frame.height_px}, {len(set(frame.rgb))} distinct byte values")
 PY
+[ $? -eq 0 ] || { cat /tmp/game.log; exit 12; }
 kill -TERM $pid
 wait $pid
 echo "exit $?"
@@ -129,7 +134,11 @@ def test_game_server_image_builds_without_a_daemon_and_answers_its_health_check(
         size_bytes, base_bytes = image_size(b, tag), image_size(b, base)
         ctr = b.run("from", "--pull-never", tag).stdout.strip()
         t = time.monotonic()
-        run = b.run("run", "--isolation", "chroot", ctr, "--", "sh", "-c", IN_IMAGE_CHECK, timeout_s=300, check=False)
+        # chroot isolation shares this machine's network: a port nobody uses now
+        env = ["--env", f"PORT={free_port()}"]
+        run = b.run(
+            "run", "--isolation", "chroot", *env, ctr, "--", "sh", "-c", IN_IMAGE_CHECK, timeout_s=300, check=False
+        )
         timings["run_s"] = time.monotonic() - t
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
