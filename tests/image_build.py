@@ -135,8 +135,9 @@ def base_python(b: Buildah, image: str) -> str:
 def build_context(dest: Path, role: str, python: str) -> Path:
     """The repository's files the Dockerfile copies, with this environment's pins and their wheels."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.whl")
-    for name in ("plumbing", "rrp", "rallyrobopilot", "game_server", "scheduler", "collector", "trainer"):
-        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    for package in sorted(p.parent for p in ROOT.glob("*/__init__.py")):
+        if package.name not in ("tests", "benchmarks"):
+            shutil.copytree(package, dest / package.name, ignore=ignore)
     for name in ("pyproject.toml", "README.md", ".dockerignore"):
         shutil.copy2(ROOT / name, dest / name)
     shutil.copytree(ROOT / "deploy" / "images", dest / "deploy" / "images", ignore=ignore)
