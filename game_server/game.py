@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from game_server.core import physics
-from game_server.core.drivers import RayDriver, run_driver
+from game_server.core import episode, physics
+from game_server.core.drivers import RayDriver
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_S, Gate, SimState
 from game_server.core.track import Track
@@ -83,11 +83,19 @@ def evaluate(
     if start is not None:
         physics.validate_state(track, start)
     begin = track.base_state if start is None else start
-    if isinstance(policy, bytes):
-        return physics.run_program(
-            track, begin, policy, gate=gate, max_ticks=max_ticks, record_trajectory=record_trajectory
-        )
-    return run_driver(track, begin, policy, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory)
+    return episode.run_episode(
+        track,
+        begin,
+        as_policy(policy),
+        max_ticks=max(len(policy), max_ticks) if isinstance(policy, bytes) else max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+    ).result
+
+
+def as_policy(policy: bytes | RayDriver) -> episode.Policy:
+    """A request's policy for the episode loop: an open-loop program or a sensor driver."""
+    return episode.Program(policy) if isinstance(policy, bytes) else episode.SensorPolicy(policy.act_on)
 
 
 class Game:

@@ -21,7 +21,8 @@ from collector.tasks import Episode, RecordSettings, RecordTask
 from game_server.client import GameClient
 from game_server.core import drivers, physics
 from game_server.core.tracks import load_track
-from game_server.recording import Perturbation, PerturbationSchedule, RecordSpec, record_episode
+from game_server.core.episode import Perturbation, PerturbationSchedule
+from game_server.recording import RecordSpec, record_episode
 from game_server.render.renderer import FrameSpec
 from plumbing.bootstrap import ServerConfig
 from plumbing.procs import ServiceProcess, rrp_command, start_service

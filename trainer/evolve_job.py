@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from game_server.core import drivers, physics
+from game_server.core import drivers, episode
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps
@@ -138,7 +138,7 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
     _plot_fitness(state, baseline, out_dir / "fitness.png")
     laps = []
     if config.kind == KIND_PROGRAM:
-        run = physics.run_program(track, track.base_state, saved.masks, record_trajectory=True)
+        run = episode.run_program(track, track.base_state, saved.masks, record_trajectory=True)
     else:
         run = drivers.run_driver(
             track,
@@ -147,7 +147,7 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
             max_ticks=evolution.budgets[config.track],
             record_trajectory=True,
         )
-    base_run = physics.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
+    base_run = episode.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
     for label, r in ((f"GA best ({_secs(lap_ticks)})", run), (f"baseline ({_secs(baseline)})", base_run)):
         assert r.trajectory is not None
         laps.append((label, r.trajectory.x, r.trajectory.y, r.trajectory.speed))

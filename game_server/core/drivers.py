@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from game_server.core import physics
+from game_server.core import episode, physics
 from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
@@ -98,20 +98,17 @@ def run_policy(
     gate: Gate | None = None,
     record_trajectory: bool = False,
 ) -> tuple[RunResult, bytes]:
-    """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose."""
-    state = start
-    masks = bytearray()
-    recorder = physics.TrajectoryRecorder() if record_trajectory else None
-    for _ in range(0 if start.lap.finished else max_ticks):
-        mask = policy(track, state)
-        masks.append(mask)
-        state, contact = physics.step(track, state, mask, gate)
-        if recorder is not None:
-            recorder.add(state.car, contact)
-        if state.lap.finished:
-            break
-    trajectory = recorder.trajectory() if recorder is not None else None
-    return physics.result_of(track, start, state, trajectory), bytes(masks)
+    """Runs a privileged policy (it reads the state) until the finish or `max_ticks`; returns the result
+    and the masks it chose."""
+    run = episode.run_episode(
+        track,
+        start,
+        episode.StatePolicy(policy, track),
+        max_ticks=max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+    )
+    return run.result, run.applied
 
 
 def run_driver(
@@ -123,7 +120,12 @@ def run_driver(
     gate: Gate | None = None,
     record_trajectory: bool = False,
 ) -> RunResult:
-    result, _ = run_policy(
-        track, start, driver.act, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory
-    )
-    return result
+    """Runs a sensor driver until the finish or `max_ticks`."""
+    return episode.run_episode(
+        track,
+        start,
+        episode.SensorPolicy(driver.act_on),
+        max_ticks=max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+    ).result

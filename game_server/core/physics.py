@@ -395,31 +395,3 @@ def result_of(track: Track, start: SimState, final: SimState, trajectory: Trajec
         final_state=final,
         trajectory=trajectory,
     )
-
-
-def run_program(
-    track: Track,
-    start: SimState,
-    masks: bytes,
-    *,
-    gate: Gate | None = None,
-    max_ticks: int = 0,
-    record_trajectory: bool = False,
-) -> RunResult:
-    """Runs max(len(masks), max_ticks) ticks (coasting past the program), stopping at the finish.
-
-    Inputs are trusted: call validate_masks / validate_state at the edge. A start state that is already
-    finished simulates nothing.
-    """
-    n_ticks = 0 if start.lap.finished else max(len(masks), max_ticks)
-    state = start
-    recorder = TrajectoryRecorder() if record_trajectory else None
-    program = masks[:n_ticks] + bytes(n_ticks - min(len(masks), n_ticks))
-    for mask in program:
-        state, contact = step(track, state, mask, gate)
-        if recorder is not None:
-            recorder.add(state.car, contact)
-        if state.lap.finished:
-            break
-    trajectory = recorder.trajectory() if recorder is not None else None
-    return result_of(track, start, state, trajectory)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from game_server.client import GameClient, frame_array
-from game_server.core import drivers, physics
+from game_server.core import drivers, episode, physics
 from game_server.core.pilot import drive_lap
-from game_server.core.state import TICK_HZ
+from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
 from game_server.trackmap import plot_laps
@@ -197,24 +197,35 @@ def drive_in_process(
     """The same drive with the simulation and renderer in this process: for learning curves, where many short
     evaluations matter more than the network hop (the server path renders the same frames)."""
     track = load_track(track_name)
-    episode = _Episode(track_name, pilot, max_ticks, expert, keep_frames=False)
+    bookkeeping = _Episode(track_name, pilot, max_ticks, expert, keep_frames=False)
     renderer = shared_renderer()
-    state = track.base_state
-    while True:
-        frame = renderer.render(track, state, FrameSpec(pilot.width, pilot.height, randomize, seed))
+    spec = FrameSpec(pilot.width, pilot.height, randomize, seed)
+
+    def observe(state: SimState) -> int | None:
         lap = state.lap
-        mask = episode.observe(
+        return bookkeeping.observe(
             state.tick,
-            frame,
+            renderer.render(track, state, spec),
             state.car.speed,
             (state.car.x, state.car.y),
             physics.progress_fraction(track, lap),
             (lap.finished, lap.finish_tick, lap.wall_contacts),
             physics.raycast(track, state.car, lap.segment) if expert else (),
         )
-        if mask is None:
-            return episode.record
-        state, _ = physics.step(track, state, mask)
+
+    class FramePilot(episode.Policy):
+        needs_rays = False
+
+        def act(self, index: int, state: SimState, rays: Sequence[float]) -> int:
+            mask = observe(state)
+            if mask is None:
+                raise episode.Stop
+            return mask
+
+    run = episode.run_episode(track, track.base_state, FramePilot(), max_ticks=max_ticks + 1)
+    if run.result.final_state.lap.finished:
+        observe(run.result.final_state)  # the finish: its line and time
+    return bookkeeping.record
 
 
 @contextlib.contextmanager
