@@ -110,8 +110,8 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: bool) -> DomainError:
     """TorchServe's statuses (often INTERNAL or an empty UNKNOWN) as errors that say what to do."""
-    code = exc.code()  # type: ignore[attr-defined]
-    details = (exc.details() or "").strip()  # type: ignore[attr-defined]
+    code = exc.code()
+    details = (exc.details() or "").strip()
     low = details.lower()
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or "token" in low:
         if not has_token:
@@ -119,7 +119,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: 
                 f"the model server at {address} requires a token: pass --token-file (TorchServe's key_file.json)"
             )
         return PermissionDenied(f"the model server at {address} refused the token: is the key file current?")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.CANCELLED and "rst_stream" in low):
+        # TorchServe's frontend resets a stream whose deadline passed: grpc reports that as CANCELLED.
         return DeadlineExceeded(f"no answer from the model server at {address} within the deadline")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the model server at {address} is unreachable or restarting: {details or code.name}")

@@ -8,8 +8,8 @@ cannot disagree on a byte. A request is a map of named byte strings, as TorchSer
 - `shape` (optional): `b"<height>x<width>"`, checked against the model's input so a frame of another size
   fails with a message that says which size was expected.
 
-A response is either `rrp-error:<message>` for a malformed request, or the 6 logits as little-endian float32 (24 bytes) followed by the keys, one byte (the control
-mask: bit 0 forward, 1 back, 2 left, 3 right).
+A response is either `rrp-error:<message>` for a malformed request, or the 6 logits as little-endian
+float32 (24 bytes) followed by the keys, one byte (the control mask: bit 0 forward, 1 back, 2 left, 3 right).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,10 +192,8 @@ class LocalTorchServe:
             self._check_alive()
             if self.key_file.is_file():
                 self.key_file.chmod(0o600)
-                try:
+                with contextlib.suppress(ValueError, KeyError):
                     self.keys = read_keys(self.key_file)
-                except (ValueError, KeyError):
-                    pass
             if time.monotonic() > deadline:
                 raise Unavailable(f"TorchServe wrote no key file in {self.config.startup_timeout_s:.0f} s")
             time.sleep(0.1)
@@ -327,7 +326,7 @@ def management_call(address: str, key: str, method: str, request: Any, timeout_s
 
 
 def _management_error(exc: grpc.RpcError, method: str, request: Any) -> DomainError:
-    code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+    code, details = exc.code(), exc.details() or ""
     name = getattr(request, "model_name", "") or getattr(request, "url", "")
     if code == grpc.StatusCode.NOT_FOUND or "not found" in details.lower():
         return NotFound(f"{method}: {quote(name)} not found on the model server: {details}")
@@ -355,10 +354,8 @@ def _torchserve_exe() -> str:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
