@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STUCK_TICKS = 250  # 10 s without new progress: the car is lost; the lap stops there
 FALLBACKS = ("hold", "coast")
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # worth another try on the next tick
 
 
 @dataclass(frozen=True)
@@ -310,11 +311,14 @@ def _drive_realtime(
     base_tick = int(first.state.tick)
     last_keys = 0
 
-    # The first command is decided before the stream opens: the clock starts with the start message.
+    # The first command is decided before the stream opens (the clock starts with the start message). An
+    # error here that retrying cannot fix (no token, a wrong one, an unknown model, a refused input) stops the
+    # car with that error; once racing, every failure gets the fallback and the car keeps driving.
     try:
-        decision = _infer(model, first, timeout_s=5.0)
-        last_keys = decision.keys
+        last_keys = _infer(model, first, timeout_s=10.0).keys
     except DomainError as exc:
+        if exc.code not in TRANSIENT:
+            raise
         record.inference_errors += 1
         log.warning("car %d: first inference failed: %s", record.car, exc)
     record.keys.append(last_keys)
