@@ -80,8 +80,8 @@ def build_archive(model_dir: Path, version: str, out_dir: Path, config: ArchiveC
 
     try:
         model = load_model(weights)  # refuses anything that is not an rrp-vision safetensors file
-    except (ValueError, OSError) as exc:
-        raise InvalidArgument(f"{weights}: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type for a file that is not one
+        raise InvalidArgument(f"{weights}: not an rrp-vision safetensors file ({exc})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{config.name}-{version}.mar"
     with tempfile.TemporaryDirectory() as tmp:
