@@ -1,8 +1,10 @@
 """The autopilot: drives game sessions through the Drive stream from camera frames alone, asking a model server.
 
 Each tick's frame goes to the model server; the keys come back as the command for a named tick. In real time
-(25 Hz of wall clock) the autopilot owns the 40 ms budget: each inference has a deadline, and a late or
-failed inference gets the fallback command instead, so that every tick has a command; the game server counts
+(25 Hz of wall clock) the autopilot owns the 40 ms budget: each inference has a deadline, and the fallback
+command of each tick is sent ahead, with the previous tick's command, so that a late or failed inference
+leaves the tick its fallback rather than no command at all (the server keeps the last command it got for a
+tick before simulating it); the game server counts
 late commands and missed ticks, the autopilot counts fallbacks, skipped frames and the latency of each hop.
 """
 
@@ -183,6 +185,10 @@ def _controls(mask: int) -> sim_pb2.Controls:
     return sim_pb2.Controls(forward=bool(mask & 1), back=bool(mask & 2), left=bool(mask & 4), right=bool(mask & 8))
 
 
+def _command(tick: int, keys: int) -> game_pb2.DriveRequest:
+    return game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=tick, controls=_controls(keys)))
+
+
 class _Lap:
     """The stop rules of one lap: finish line, tick budget, no progress."""
 
@@ -330,7 +336,8 @@ def _drive_realtime(
     start = game_pb2.DriveStart(session_id=session, mode=game_pb2.DRIVE_MODE_REALTIME, with_frames=True)
     outbox.put(game_pb2.DriveRequest(start=start))
     t0 = time.perf_counter()
-    outbox.put(game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=base_tick, controls=_controls(last_keys))))
+    outbox.put(_command(base_tick, last_keys))
+    outbox.put(_command(base_tick + 1, fallback_keys(config, last_keys)))
     responses = game.stub.Drive(requests(), timeout=config.max_ticks * TICK_S * 2 + 60.0)
     latest = _Latest()
 
@@ -365,8 +372,11 @@ def _drive_realtime(
             with tracer.tick(record.car, tick):
                 with tracer.span("autopilot.frame", **{"rrp.frame_ms": record.frame_ms[-1]}):
                     pass
+                # This tick's fallback is already on the server (sent with the previous command): the model's
+                # answer replaces it only if it comes within the deadline.
                 keys = fallback_keys(config, last_keys)
                 budget = min(deadline_s - (time.perf_counter() - received), due(tick) - time.perf_counter() - 0.002)
+                answered = False
                 if budget <= 0.001:
                     record.fallbacks += 1
                 else:
@@ -375,16 +385,16 @@ def _drive_realtime(
                         with tracer.span("autopilot.inference", **{"rrp.model": model.model}):
                             keys = _infer(model, obs, timeout_s=budget).keys
                         record.inference_ms.append((time.perf_counter() - t_inf) * 1e3)
-                        last_keys = keys
+                        last_keys, answered = keys, True
                     except DomainError as exc:
                         record.fallbacks += 1
                         if exc.code != "DEADLINE_EXCEEDED":
                             record.inference_errors += 1
                             log.warning("car %d tick %d: inference failed, fallback: %s", record.car, tick, exc)
-                with tracer.span("autopilot.command", **{"rrp.keys": keys}):
-                    outbox.put(
-                        game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=tick, controls=_controls(keys)))
-                    )
+                with tracer.span("autopilot.command", **{"rrp.keys": keys, "rrp.fallback": not answered}):
+                    if answered:
+                        outbox.put(_command(tick, keys))
+                    outbox.put(_command(tick + 1, fallback_keys(config, keys)))
                 record.slack_ms.append((due(tick) - time.perf_counter()) * 1e3)
                 record.keys.append(keys)
         if latest.error is not None and not lap.record.stop_reason:
