@@ -8,10 +8,11 @@ stateless handler's worker. Every failure a user can act on becomes a distinct d
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -139,6 +140,42 @@ def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: 
     return Unavailable(f"model server at {address}: {code.name} {quote(details, 200)}")
 
 
+RPC_TIMEOUT_S = 30.0  # the call's own gRPC deadline: far beyond any wait, so TorchServe never sees it expire
+
+
+class _Calls:
+    """Unary calls that are waited for, never cancelled, and at most one at a time.
+
+    TorchServe 0.12 answers a call whose client deadline has passed with an IllegalStateException in the
+    worker's thread ("call already closed"), and the worker is then restarted with back-off: seconds without
+    a model. So the autopilot's deadline is a wait on the answer, not the call's gRPC deadline: a late answer
+    is dropped when it comes, and while it is outstanding this client sends nothing new (the caller falls
+    back), which also keeps an overloaded server from queueing more than one request per car.
+    """
+
+    def __init__(self, address: str, model: ModelRef, has_token: bool) -> None:
+        self.address, self.model, self.has_token = address, model, has_token
+        self._pending: grpc.Future | None = None
+
+    def call(self, method: Any, request: Any, wait_s: float, metadata: tuple[tuple[str, str], ...]) -> Any:
+        if self._pending is not None and not self._pending.done():
+            raise DeadlineExceeded(f"the previous inference on {self.address} is still unanswered")
+        future = method.future(request, timeout=max(wait_s, RPC_TIMEOUT_S), metadata=metadata)
+        self._pending = future
+        try:
+            return future.result(timeout=wait_s)
+        except grpc.FutureTimeoutError:
+            raise DeadlineExceeded(f"no answer from the model server at {self.address} within the deadline") from None
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address, self.model, self.has_token) from None
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Waits for an outstanding call before the channel closes (closing would cancel it)."""
+        if self._pending is not None:
+            with contextlib.suppress(grpc.FutureTimeoutError, grpc.RpcError):
+                self._pending.exception(timeout=timeout_s)
+
+
 class TorchServeClient:
     """TorchServe's own gRPC inference API: one unary `Predictions` per frame."""
 
@@ -148,18 +185,17 @@ class TorchServeClient:
         self.channel = _channel(address)
         self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
         self._metadata = _metadata(token)
+        self._calls = _Calls(address, model, token is not None)
 
     def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
         request = inference_pb2.PredictionsRequest(
             model_name=self.model, model_version=self.version, input=encode_request(frame, speed_m_per_s)
         )
-        try:
-            response = self.stub.Predictions(request, timeout=timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, self.address, self.model_ref, self.token is not None) from None
+        response = self._calls.call(self.stub.Predictions, request, timeout_s, self._metadata)
         return decode_response(response.prediction)
 
     def close(self) -> None:
+        self._calls.settle()
         self.channel.close()
 
 
@@ -177,6 +213,7 @@ class OpenInferenceClient:
         self.channel = _channel(address)
         self.stub = open_inference_grpc_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._metadata = _metadata(token)
+        self._calls = _Calls(address, model, token is not None)
 
     def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
         check_frame_array(frame)
@@ -196,10 +233,7 @@ class OpenInferenceClient:
                 tensor(name="speed", datatype="FP32", shape=[1], contents=contents(fp32_contents=[speed_m_per_s])),
             ],
         )
-        try:
-            response = self.stub.ModelInfer(request, timeout=timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, self.address, self.model_ref, self.token is not None) from None
+        response = self._calls.call(self.stub.ModelInfer, request, timeout_s, self._metadata)
         outputs = {o.name: o for o in response.outputs}
         if "error" in outputs:
             message = b"".join(outputs["error"].contents.bytes_contents).decode(errors="replace")
@@ -211,6 +245,7 @@ class OpenInferenceClient:
         return Decision(logits, int(keys[0]) if keys else 0)
 
     def close(self) -> None:
+        self._calls.settle()
         self.channel.close()
 
 
