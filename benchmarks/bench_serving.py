@@ -154,14 +154,22 @@ def main() -> int:
             results["batching"][label] = rows
         results["memory_after_load"] = ts.memory_mb()
 
-        pilot = AutopilotConfig(track=args.track, mode="realtime", width=w, height=h, max_ticks=int(realtime_s * 25))
+        pilot = AutopilotConfig(
+            track=args.track, mode="realtime", width=w, height=h, max_ticks=int(realtime_s * 25), stuck_ticks=0
+        )
         with game_servers(2) as games:
             one_car = run_autopilot(pilot, games[:1], lambda: TorchServeClient(address, ModelRef("rrp-vision"), key))
             results["realtime_1_car"] = one_car.totals()
             counts = []
             for cars in range(2, args.max_cars + 1):
                 cfg = AutopilotConfig(
-                    track=args.track, mode="realtime", width=w, height=h, cars=cars, max_ticks=int(cars_s * 25)
+                    track=args.track,
+                    mode="realtime",
+                    width=w,
+                    height=h,
+                    cars=cars,
+                    max_ticks=int(cars_s * 25),
+                    stuck_ticks=0,
                 )
                 run = run_autopilot(cfg, games, lambda: TorchServeClient(address, ModelRef("rrp-vision-b8"), key))
                 counts.append(run.totals())

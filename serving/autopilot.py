@@ -34,7 +34,6 @@ from serving.codec import Decision
 
 log = logging.getLogger(__name__)
 
-STUCK_TICKS = 250  # 10 s without new progress: the car is lost; the lap stops there
 FALLBACKS = ("hold", "coast")
 TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # worth another try on the next tick
 
@@ -50,6 +49,7 @@ class AutopilotConfig:
     laps: int = setting(1, "laps per car, each from the track's start line")
     cars: int = setting(1, "cars racing at once, spread over the game servers, sharing the model server")
     max_ticks: int = setting(3000, "tick budget per lap (120 s at 25 Hz)")
+    stuck_ticks: int = setting(250, "end a lap after this many ticks without new progress (0: never)")
     width: int = setting(128, "frame width the model takes, pixels")
     height: int = setting(96, "frame height the model takes, pixels")
     deadline_ms: float = setting(
@@ -192,8 +192,8 @@ def _command(tick: int, keys: int) -> game_pb2.DriveRequest:
 class _Lap:
     """The stop rules of one lap: finish line, tick budget, no progress."""
 
-    def __init__(self, record: LapRecord, max_ticks: int) -> None:
-        self.record, self.max_ticks = record, max_ticks
+    def __init__(self, record: LapRecord, max_ticks: int, stuck_ticks: int) -> None:
+        self.record, self.max_ticks, self.stuck_ticks = record, max_ticks, stuck_ticks
         self.best_progress, self.best_tick = -1.0, 0
 
     def done(self, obs: sim_pb2.Observation) -> bool:
@@ -207,8 +207,8 @@ class _Lap:
             return True
         if obs.progress_fraction > self.best_progress + 1e-6:
             self.best_progress, self.best_tick = obs.progress_fraction, int(s.tick)
-        if s.tick - self.best_tick >= STUCK_TICKS:
-            r.stop_reason = f"no progress for {STUCK_TICKS} ticks"
+        if self.stuck_ticks and s.tick - self.best_tick >= self.stuck_ticks:
+            r.stop_reason = f"no progress for {self.stuck_ticks} ticks"
             return True
         if s.tick >= self.max_ticks:
             r.stop_reason = f"tick budget {self.max_ticks} spent"
@@ -256,7 +256,7 @@ def _drive_lockstep(
     config: AutopilotConfig,
     record: LapRecord,
 ) -> None:
-    lap = _Lap(record, config.max_ticks)
+    lap = _Lap(record, config.max_ticks, config.stuck_ticks)
 
     def policy(obs: sim_pb2.Observation) -> int | None:
         if lap.done(obs):
@@ -311,7 +311,7 @@ def _drive_realtime(
     stop: threading.Event | None,
 ) -> None:
     """Real time: the server ticks at 25 Hz from the start message; tick k is due at t0 + (k + 1) * 40 ms."""
-    lap = _Lap(record, config.max_ticks)
+    lap = _Lap(record, config.max_ticks, config.stuck_ticks)
     deadline_s = config.deadline_ms / 1e3
     outbox: queue.SimpleQueue[game_pb2.DriveRequest | None] = queue.SimpleQueue()
     base_tick = int(first.state.tick)
