@@ -358,3 +358,31 @@ def test_serve_and_autopilot_stop_on_sigterm_leaving_nothing_behind_with_traced_
     assert any({"autopilot.frame", "autopilot.inference", "autopilot.command"} <= n for n in ticks)
     # The inference call itself is a gRPC client span inside the tick's trace.
     assert any(any("Predictions" in s for s in n) for n in ticks)
+
+
+def test_commands_register_with_complete_help_and_package_builds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from rrp import serving as commands
+    from trainer.vision.model import build_model
+
+    parser = argparse.ArgumentParser(prog="rrp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands.register(sub)
+    assert set(sub.choices) == {"package", "serve", "autopilot"}
+    for name, flags in {
+        "package": ("--model", "--version", "--batch-size", "--max-batch-delay-ms", "--workers"),
+        "serve": ("--archive", "--grpc-port", "--grpc-management-port", "--metrics-port"),
+        "autopilot": ("--game", "--model-server", "--token-file", "--lockstep", "--realtime", "--cars", "--laps"),
+    }.items():
+        text = sub.choices[name].format_help()
+        assert all(flag in text for flag in flags), name
+    args = parser.parse_args(["autopilot", "--game", "a:1,b:2", "--model-server", "m:3", "--lockstep"])
+    assert args.mode == "lockstep" and args.game == ("a:1", "b:2")
+    (tmp_path / "model").mkdir()
+    save_weights(build_model(SMALL), tmp_path / "model" / "model.safetensors")
+    code = commands.main(["package", "--model", str(tmp_path / "model"), "--version", "7", "--out", str(tmp_path)])
+    assert code == 0 and (tmp_path / "rrp-vision-7.mar").is_file()
+    assert str(tmp_path / "rrp-vision-7.mar") in capsys.readouterr().out
