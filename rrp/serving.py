@@ -83,8 +83,8 @@ def register(sub: Any) -> None:
         description="Starts a real TorchServe (Java) with a generated config: gRPC inference and management "
         "ports, metrics, a model store, token authorisation on (its key_file.json private, mode 0600, never "
         "logged), management on loopback only. Registers --archive (or packages the newest model.safetensors "
-        "under --models-root), waits until the model answers, prints the addresses, and stops TorchServe and "
-        "its workers on SIGTERM or Ctrl-C.",
+        "under --models-root), waits until the model answers an inference, prints the addresses, and stops "
+        "TorchServe and its workers on SIGTERM or Ctrl-C.",
     )
     _setup_parser(p, ServeConfig)
     p.set_defaults(run=lambda args: run_serve(from_args(ServeConfig, args)))
@@ -133,7 +133,7 @@ def weights_version(model_dir: Path) -> str:
 
 
 def run_serve(config: ServeConfig) -> int:
-    from serving.archive import build_archive
+    from serving.archive import archive_info, build_archive
     from serving.torchserve import LocalTorchServe
 
     stop = threading.Event()
@@ -152,8 +152,10 @@ def run_serve(config: ServeConfig) -> int:
             model_dir = latest_model(config.models_root)
             version = config.version or weights_version(model_dir)
             archive = build_archive(model_dir, version, server.model_store, config.packaging)
+        info = archive_info(archive)
         print(f"[serve] registering {archive}", flush=True)
         server.register(archive)
+        server.wait_model(info["name"], info["version"], info["input"]["width"], info["input"]["height"])
         print(
             f"torchserve listening on {server.inference_address} (management {server.management_address}, "
             f"metrics {server.metrics_url}); inference token in {server.key_file}",

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from plumbing.settings import setting
@@ -116,3 +117,14 @@ def build_archive(model_dir: Path, version: str, out_dir: Path, config: ArchiveC
         tmp_target.replace(target)
     log.info("model archive %s (%d KB)", target, target.stat().st_size // 1024)
     return target
+
+
+def archive_info(archive: Path) -> dict[str, Any]:
+    """What `build_archive` recorded in the archive: name, version and the model's input size."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return dict(json.loads(z.read("serving.json")))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise InvalidArgument(f"{archive}: not an archive built by rrp package ({exc})") from None

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from plumbing.errors import DomainError, FailedPrecondition, NotFound, Unavailable, quote
+from plumbing.errors import DeadlineExceeded, DomainError, FailedPrecondition, NotFound, Unavailable, quote
 from plumbing.settings import setting
 from serving.torchserve_v1 import management_pb2, management_pb2_grpc
 
@@ -293,6 +293,27 @@ class LocalTorchServe:
             ),
             timeout_s=timeout_s,
         )
+
+    def wait_model(self, name: str, version: str, width: int, height: int, timeout_s: float = 60.0) -> None:
+        """Returns once the model answers a real inference (a black frame); its errors otherwise."""
+        import numpy as np
+
+        from serving.client import ModelRef, TorchServeClient
+
+        assert self.keys is not None
+        client = TorchServeClient(self.inference_address, ModelRef(name, version), self.keys.inference)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    client.infer(np.zeros((height, width, 3), np.uint8), 0.0, timeout_s=10.0)
+                    return
+                except (Unavailable, DeadlineExceeded):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            client.close()
 
     def set_default(self, name: str, version: str) -> str:
         assert self.keys is not None
