@@ -2,9 +2,9 @@
 
 Each tick's frame goes to the model server; the keys come back as the command for a named tick. In real time
 (25 Hz of wall clock) the autopilot owns the 40 ms budget: each inference has a deadline, and the fallback
-command of each tick is sent ahead, with the previous tick's command, so that a late or failed inference
-leaves the tick its fallback rather than no command at all (the server keeps the last command it got for a
-tick before simulating it); the game server counts
+command of the next `fallback_ticks` ticks is sent ahead with each tick's command, so that a late or failed
+inference, or a stall of either side, leaves a tick its fallback rather than no command at all (the server
+keeps the last command it got for a tick before simulating it); the game server counts
 late commands and missed ticks, the autopilot counts fallbacks, skipped frames and the latency of each hop.
 """
 
@@ -58,6 +58,11 @@ class AutopilotConfig:
     fallback: Literal["hold", "coast"] = setting(
         "hold", "command of a late tick: hold the last keys the model chose, or coast (no keys)"
     )
+    fallback_ticks: int = setting(
+        5,
+        "real time: ticks ahead that already hold the fallback command, so a stall of the autopilot or the "
+        "game server up to this long drives on the fallback instead of missing ticks",
+    )
     randomize: bool = setting(False, "domain-randomised frames")
     seed: int = setting(0, "seed of the frames' randomisation")
     trace_every: int = setting(25, "with tracing on, one tick in this many becomes a trace (frame, inference, command)")
@@ -69,6 +74,8 @@ class AutopilotConfig:
             raise InvalidArgument(f"fallback {quote(self.fallback)}: one of {', '.join(FALLBACKS)}")
         if self.laps < 1 or self.cars < 1 or self.max_ticks < 1:
             raise InvalidArgument("laps, cars and max ticks must be at least 1")
+        if not 1 <= self.fallback_ticks <= 100:
+            raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:
             raise InvalidArgument("the inference deadline must be 1..1000 ms")
 
@@ -337,7 +344,8 @@ def _drive_realtime(
     outbox.put(game_pb2.DriveRequest(start=start))
     t0 = time.perf_counter()
     outbox.put(_command(base_tick, last_keys))
-    outbox.put(_command(base_tick + 1, fallback_keys(config, last_keys)))
+    for ahead in range(1, config.fallback_ticks + 1):
+        outbox.put(_command(base_tick + ahead, fallback_keys(config, last_keys)))
     responses = game.stub.Drive(requests(), timeout=config.max_ticks * TICK_S * 2 + 60.0)
     latest = _Latest()
 
@@ -372,7 +380,7 @@ def _drive_realtime(
             with tracer.tick(record.car, tick):
                 with tracer.span("autopilot.frame", **{"rrp.frame_ms": record.frame_ms[-1]}):
                     pass
-                # This tick's fallback is already on the server (sent with the previous command): the model's
+                # This tick's fallback is already on the server (sent with the previous commands): the model's
                 # answer replaces it only if it comes within the deadline.
                 keys = fallback_keys(config, last_keys)
                 budget = min(deadline_s - (time.perf_counter() - received), due(tick) - time.perf_counter() - 0.002)
@@ -394,19 +402,21 @@ def _drive_realtime(
                 with tracer.span("autopilot.command", **{"rrp.keys": keys, "rrp.fallback": not answered}):
                     if answered:
                         outbox.put(_command(tick, keys))
-                    outbox.put(_command(tick + 1, fallback_keys(config, keys)))
+                    for ahead in range(1, config.fallback_ticks + 1):
+                        outbox.put(_command(tick + ahead, fallback_keys(config, keys)))
                 record.slack_ms.append((due(tick) - time.perf_counter()) * 1e3)
                 record.keys.append(keys)
         if latest.error is not None and not lap.record.stop_reason:
             raise latest.error
     finally:
+        # Counted now: after the lap the server still simulates the ticks that hold a fallback ahead.
+        record.skipped_frames = latest.skipped
         outbox.put(None)  # half-close: the server ends the stream at its next tick without a command
         deadline = time.monotonic() + 5.0
         while reader.is_alive() and time.monotonic() < deadline:
             reader.join(0.1)
         if reader.is_alive():
             responses.cancel()
-        record.skipped_frames = latest.skipped
         if last_response is not None:
             record.late_commands = int(last_response.late_commands)
             record.missed_ticks = int(last_response.missed_ticks)
