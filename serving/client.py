@@ -126,7 +126,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: 
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the model server at {address} is unreachable or restarting: {details or code.name}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in low or "overload" in low:
-        return ResourceExhausted(f"the model server at {address} is overloaded: {details}")
+        # TorchServe answers a full job queue and a worker being restarted alike ("no worker to serve").
+        return ResourceExhausted(f"the model server at {address} is overloaded or restarting a worker: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"model {model} refused the input: {details}")
     if "version" in low and ("not found" in low or "doesn't exist" in low or "does not exist" in low):

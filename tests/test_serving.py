@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from game_server.core.drivers import default_driver
-from plumbing.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from plumbing.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from plumbing.procs import ServiceProcess
 from serving import codec
 from serving.archive import ArchiveConfig, build_archive
@@ -231,6 +231,32 @@ def test_a_server_that_is_down_is_unavailable() -> None:
 def test_a_late_answer_is_deadline_exceeded(served: TorchServeClient) -> None:
     with pytest.raises(DeadlineExceeded):
         served.infer(_frame(), 1.0, 0.0001)
+
+
+@pytest.mark.slow
+def test_an_overloaded_server_is_resource_exhausted(archive: Path) -> None:
+    errors: list[BaseException] = []
+    with LocalTorchServe(TorchServeConfig(job_queue_size=1)) as server:
+        server.register(archive)
+        assert server.keys is not None
+        key = server.keys.inference
+
+        def hammer() -> None:
+            client = TorchServeClient(server.inference_address, ModelRef(NAME), key)
+            for _ in range(15):
+                try:
+                    client.infer(_frame(), 1.0, 10.0)
+                except Exception as exc:
+                    errors.append(exc)
+            client.close()
+
+        threads = [threading.Thread(target=hammer) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors, "12 clients against a queue of 1 were all served"
+    assert all(isinstance(e, ResourceExhausted) and "overloaded" in str(e) for e in errors), errors[:3]
 
 
 @pytest.mark.slow
