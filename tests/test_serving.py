@@ -412,3 +412,23 @@ def test_commands_register_with_complete_help_and_package_builds(
     code = commands.main(["package", "--model", str(tmp_path / "model"), "--version", "7", "--out", str(tmp_path)])
     assert code == 0 and (tmp_path / "rrp-vision-7.mar").is_file()
     assert str(tmp_path / "rrp-vision-7.mar") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_main_jobs_serving_step_writes_its_figures_and_plot(
+    model_dir: Path, game_server_processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    from pipeline.serving_job import ServingJobConfig, run_serving_job
+
+    figures = run_serving_job(
+        model_dir,
+        (game_server_processes[0].address,),
+        tmp_path,
+        ServingJobConfig(track="oval", max_ticks=50),
+    )
+    assert figures["ticks"] == 50 and figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
+    assert figures["torchserve_memory_mb"]["jvm_mb"] > 0
+    assert "late commands" in figures["markdown"] and "latency.png" in figures["markdown"]
+    for name in ("serving.json", "serving.md", "latency.png"):
+        assert (tmp_path / name).is_file()
+    assert list((tmp_path / "model-store").glob("rrp-vision-*.mar"))
