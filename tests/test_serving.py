@@ -229,8 +229,14 @@ def test_a_server_that_is_down_is_unavailable() -> None:
 
 
 def test_a_late_answer_is_deadline_exceeded(served: TorchServeClient) -> None:
-    with pytest.raises(DeadlineExceeded):
-        served.infer(_frame(), 1.0, 0.0001)
+    # A thread preempted long enough can find even a 0.1 ms wait answered: ask a few times.
+    late = []
+    for _ in range(5):
+        try:
+            served.infer(_frame(), 1.0, 0.0001)
+        except DeadlineExceeded as exc:
+            late.append(exc)
+    assert late and all("deadline" in str(e) or "unanswered" in str(e) for e in late)
 
 
 @pytest.mark.slow
