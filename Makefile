@@ -34,6 +34,7 @@ typecheck: setup
 
 protos: setup
 	.venv/bin/python -m plumbing.protogen
+	.venv/bin/python -m serving.protogen
 
 bench: setup
 	for b in benchmarks/bench_*.py; do .venv/bin/python $$b || exit 1; done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from pipeline.collect import CollectConfig, run_collect
 from pipeline.evolve import EvolveJobConfig, EvolveOutcome, run_evolve_job
 from pipeline.pools import PoolSpec, local_game_servers, service
 from pipeline.record_task import RecordSettings
+from pipeline.serving_job import ServingJobConfig, run_serving_job
 from plumbing.redis_local import LocalRedis
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
@@ -56,6 +58,8 @@ class MainJobConfig:
     # The vision model: its training epochs, and tracks it never saw for the closed-loop evaluation.
     epochs: int = setting(12, "vision model training epochs at most")
     unseen_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS, "tracks never trained on, raced by the model")
+    # Serving: the trained model packaged, served by a private TorchServe and raced in real time.
+    serving: ServingJobConfig = nested(ServingJobConfig, prefix="serving_")
 
 
 @dataclass
@@ -98,11 +102,20 @@ def run_main_job(config: MainJobConfig) -> int:
         data_ok = _validate(config, redis.url, report)
         model_path = _train(config, redis.url, report)
         targets_met = _evaluate(config, model_path, addresses, evolved, report)
+        _serve(config, model_path.parent, addresses, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
     print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
     print(f"[run] targets met: {targets_met}", flush=True)
     return 0 if finished and data_ok else 1
+
+
+def _serve(config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], report: Report) -> None:
+    """Packages the model, serves it with TorchServe and races the training track through it in real time."""
+    serving = dataclasses.replace(config.serving, track=config.track)
+    figures = run_serving_job(model_dir, addresses, config.out_dir / "serving", serving)
+    report.add("Serving: TorchServe, real time", figures.pop("markdown"))
+    report.figures["serving"] = figures
 
 
 def _train(config: MainJobConfig, redis_url: str, report: Report) -> Path:

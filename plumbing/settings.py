@@ -36,12 +36,15 @@ def setting(
     metavar: str | None = None,
     cli: bool = True,
     repeat: bool = False,
+    switches: bool = False,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A dataclass field that also describes its flag; `cli=False` keeps it out of the command line, and
-    `repeat=True` makes a tuple field a repeatable flag (`--x a --x b`) instead of a comma-separated one."""
+    `repeat=True` makes a tuple field a repeatable flag (`--x a --x b`) instead of a comma-separated one, and
+    `switches=True` gives each choice of a Literal field a flag of its own (`--realtime | --lockstep`)."""
     meta = {"help": help, "env": env, "flag": flag, "choices": choices, "metavar": metavar, "cli": cli}
     meta["repeat"] = repeat
+    meta["switches"] = switches
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -189,7 +192,15 @@ def add_flags(
             if optional and not required and default is None:
                 shown = "none"
         kwargs["help"] = f"{help_text} (RRP_{env_name.upper()}; default {shown})"
-        parser.add_argument(f"--{flag}", **kwargs)
+        if f.metadata.get("switches"):
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(f"--{flag}", **kwargs)
+            for choice in kwargs["choices"]:
+                group.add_argument(
+                    f"--{choice}", dest=dest, action="store_const", const=choice, help=f"--{flag} {choice}"
+                )
+        else:
+            parser.add_argument(f"--{flag}", **kwargs)
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:

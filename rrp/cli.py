@@ -8,12 +8,12 @@ import sys
 from types import ModuleType
 
 from plumbing.settings import env_value
-from rrp import data, evolve, play, run, services, vision
+from rrp import data, evolve, play, run, services, serving, vision
 from rrp.command import Commands, command_path
 
 
 def _groups() -> tuple[ModuleType, ...]:
-    return (services, play, evolve, run, data, vision)
+    return (services, play, evolve, run, data, vision, serving)
 
 
 def _setup_logging(level: str) -> None:

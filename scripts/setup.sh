@@ -8,6 +8,8 @@ missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# TorchServe (rrp serve) is a Java program: it needs a Java 11+ runtime; Debian 12 ships 17.
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${missing[*]}"

@@ -1,0 +1,151 @@
+"""The model-serving commands' jobs: package a trained model, serve it with TorchServe, race it with cars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.serving_job import weights_version
+from plumbing.settings import nested, setting
+from serving.archive import ArchiveConfig
+from serving.autopilot import AutopilotConfig
+from serving.client import PROTOCOLS
+from serving.torchserve import TorchServeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    """`rrp package`: a trained model directory in, a .mar archive out."""
+
+    model: Path = setting(help="trained model directory (model.safetensors and its model card)")
+    version: str = setting(help="human version of the archive, e.g. 1 or 2026.11.28")
+    out: Path = setting(
+        Path("out/serving/model-store"), "directory to write <name>-<version>.mar into", env="archive_out"
+    )
+    archive: ArchiveConfig = nested(ArchiveConfig)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`rrp serve`: a real TorchServe on loopback with a given archive, or the latest trained model."""
+
+    archive: Path | None = setting(None, "model archive (.mar) to register; the latest trained model when absent")
+    models_root: Path = setting(Path("out"), "where to look for the latest trained model (newest model.safetensors)")
+    version: str | None = setting(None, "version for a model packaged here (default: a hash of its weights)")
+    torchserve: TorchServeConfig = nested(TorchServeConfig)
+    packaging: ArchiveConfig = nested(ArchiveConfig)
+
+
+@dataclass(frozen=True)
+class AutopilotCommandConfig:
+    """`rrp autopilot`: cars racing game servers with a served model."""
+
+    game: tuple[str, ...] = setting(help="game server address(es), comma-separated", metavar="ADDR[,ADDR]")
+    model_server: str = setting(help="model server gRPC inference address (rrp serve prints it)", metavar="ADDR")
+    model: str = setting("rrp-vision", "model to ask, NAME or NAME:VERSION (no version: the server's default)")
+    token_file: Path | None = setting(
+        None, "the model server's inference token: TorchServe's key_file.json or a file holding the bare token"
+    )
+    protocol: str = setting("torchserve", "inference protocol: TorchServe's own API or the Open Inference Protocol",
+                            choices=PROTOCOLS)  # fmt: skip
+    out: Path | None = setting(None, "directory for autopilot.json and the per-hop latency plot", env="autopilot_out")
+    autopilot: AutopilotConfig = nested(AutopilotConfig)
+
+
+def run_package(config: PackageConfig) -> int:
+    from serving.archive import build_archive
+
+    path = build_archive(config.model, config.version, config.out, config.archive)
+    print(path, flush=True)
+    return 0
+
+
+def latest_model(root: Path) -> Path:
+    """The directory of the newest model.safetensors under `root`."""
+    from plumbing.errors import NotFound
+
+    found = sorted(root.rglob("model.safetensors"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise NotFound(f"no trained model (model.safetensors) under {root}: give --archive, or train one (rrp train)")
+    return found[-1].parent
+
+
+def run_serve(config: ServeConfig) -> int:
+    from serving.archive import archive_info, build_archive
+    from serving.torchserve import LocalTorchServe
+
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping TorchServe", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    server = LocalTorchServe(config.torchserve)
+    try:
+        server.start()
+        archive = config.archive
+        if archive is None:
+            model_dir = latest_model(config.models_root)
+            version = config.version or weights_version(model_dir)
+            archive = build_archive(model_dir, version, server.model_store, config.packaging)
+        info = archive_info(archive)
+        print(f"[serve] registering {archive}", flush=True)
+        server.register(archive)
+        server.wait_model(info["name"], info["version"], info["input"]["width"], info["input"]["height"])
+        print(
+            f"torchserve listening on {server.inference_address} (management {server.management_address}, "
+            f"metrics {server.metrics_url}); inference token in {server.key_file}",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if server.proc is None or server.proc.poll() is not None:
+                print(f"[serve] TorchServe exited:\n{server.log_tail()}", file=sys.stderr, flush=True)
+                return 1
+    finally:
+        server.stop()
+        print("[serve] TorchServe stopped", flush=True)
+    return 0
+
+
+def run_autopilot_command(config: AutopilotCommandConfig) -> int:
+    from serving.autopilot import plot_latency, result_json, run_autopilot
+    from serving.client import ModelRef, connect, read_token
+
+    model = ModelRef.parse(config.model)
+    token = read_token(config.token_file)
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping the cars", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+    def on_lap(r: Any) -> None:
+        print(f"[autopilot] {json.dumps(r.summary())}", flush=True)
+
+    result = run_autopilot(
+        config.autopilot,
+        config.game,
+        lambda: connect(config.protocol, config.model_server, model, token),
+        stop=stop,
+        on_lap=on_lap,
+    )
+    report = result_json(result)
+    print(json.dumps(report["totals"]), flush=True)
+    if config.out is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / "autopilot.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        plot_latency(result, config.out / "latency.png")
+    return 0

@@ -1,0 +1,112 @@
+"""The TorchServe handler: raw uint8 frames and speeds in, logits and keys out; nothing else.
+
+TorchServe copies this file into the model archive and imports it in each worker, with the Python that
+started TorchServe (where this project is installed). It loads `model.safetensors` from the archive (no
+pickle), validates every request of a batch on its own, and answers a malformed one with an error payload for
+that request alone (TorchServe's gRPC frontend answers OK whatever per-request status a handler sets, and
+a raised exception would fail the whole batch as INTERNAL); the client turns it into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from plumbing.errors import DomainError
+from serving.codec import (
+    decode_oip_request,
+    decode_request,
+    encode_error,
+    encode_oip_error,
+    encode_oip_response,
+    encode_response,
+)
+from trainer.vision.model import decide
+from trainer.vision.train import load_model
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+THREADS_ENV = "RRP_SERVING_THREADS"  # torch threads per worker; 1 keeps workers from fighting over cores
+
+
+class VisionHandler:
+    """One worker's model; `handle` takes TorchServe's batch (a list of request maps) and answers each."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.width = self.height = 0
+
+    def initialize(self, context: Any) -> None:
+        model_dir = context.system_properties.get("model_dir")
+        torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+        self.model = load_model(_weights_path(model_dir))
+        self.width, self.height = self.model.config.width, self.model.config.height
+        log.info("vision model loaded: %dx%d input, %d threads", self.width, self.height, torch.get_num_threads())
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | dict[str, Any]]:
+        answers: list[bytes | dict[str, Any]] = [b"" for _ in data]
+        good: list[int] = []
+        frames: list[np.ndarray] = []
+        speeds: list[float] = []
+        oip = [_oip_body(item) for item in data]
+        for i, item in enumerate(data):
+            try:
+                body = oip[i]
+                if body is not None:
+                    frame, speed = decode_oip_request(body, self.height, self.width)
+                else:
+                    frame, speed = decode_request(_inputs(item), self.height, self.width)
+            except DomainError as exc:
+                body = oip[i]
+                answers[i] = (
+                    encode_oip_error(str(exc), _meta(body, context)) if body is not None else encode_error(str(exc))
+                )
+                continue
+            good.append(i)
+            frames.append(frame)
+            speeds.append(speed)
+        if good:
+            with torch.inference_mode():
+                logits = self.model(torch.from_numpy(np.stack(frames)), torch.tensor(speeds, dtype=torch.float32))
+                keys = decide(logits)
+            for row, i in enumerate(good):
+                body = oip[i]
+                values = logits[row].numpy()
+                if body is not None:
+                    answers[i] = encode_oip_response(values, int(keys[row]), _meta(body, context))
+                else:
+                    answers[i] = encode_response(values, int(keys[row]))
+        return answers
+
+
+def _weights_path(model_dir: str) -> Any:
+    from pathlib import Path
+
+    return Path(model_dir) / WEIGHTS
+
+
+def _inputs(item: Any) -> dict[str, bytes | bytearray]:
+    """TorchServe hands each request's inputs as a dict of name -> bytes (gRPC) or bytearray (HTTP)."""
+    if not isinstance(item, dict):
+        return {}
+    return {str(k): v for k, v in item.items() if isinstance(v, bytes | bytearray)}
+
+
+def _oip_body(item: Any) -> dict[str, Any] | None:
+    """The JSON body TorchServe makes of an Open Inference Protocol request, or None for a Predictions one."""
+    body = item.get("body") if isinstance(item, dict) else None
+    return body if isinstance(body, dict) and "inputs" in body else None
+
+
+def _meta(body: dict[str, Any], context: Any) -> dict[str, str]:
+    model = (getattr(context, "manifest", None) or {}).get("model", {})
+    return {
+        "id": str(body.get("id", "")),
+        "model_name": str(model.get("modelName", "")),
+        "model_version": str(model.get("modelVersion", "")),
+    }

@@ -1,0 +1,37 @@
+"""The same `InferenceClient` interface over the model in this process: the baseline that served must equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.codec import Decision, check_frame_array, encode_speed
+from trainer.vision.model import DrivingNet, decide
+from trainer.vision.train import load_model
+
+
+class InProcessClient:
+    """Runs the trained model here, with the inputs as the handler sees them (uint8 frame, float32 speed)."""
+
+    def __init__(self, model: DrivingNet, name: str = "in-process") -> None:
+        self.net = model.eval()
+        self.model, self.version = name, ""
+
+    @classmethod
+    def load(cls, weights: Path) -> InProcessClient:
+        return cls(load_model(weights))
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        check_frame_array(frame)
+        encode_speed(speed_m_per_s)
+        with torch.inference_mode():
+            logits = self.net(
+                torch.from_numpy(np.array(frame))[None], torch.tensor([speed_m_per_s], dtype=torch.float32)
+            )
+            keys = int(decide(logits)[0])
+        return Decision(tuple(float(v) for v in logits[0]), keys)
+
+    def close(self) -> None:
+        pass
