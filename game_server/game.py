@@ -69,10 +69,15 @@ def evaluate(
     gate: Gate | None,
     max_ticks: int,
     record_trajectory: bool,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """The one evaluation every caller uses, on a server or in process, so that both give the same result."""
-    if max_ticks > MAX_PROGRAM_TICKS or (isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS):
-        raise InvalidArgument(f"a program runs at most {MAX_PROGRAM_TICKS} ticks")
+    """The one evaluation every caller uses, on a server or in process, so that both give the same result.
+
+    `stop` answers True once the caller has left; the run then ends with Cancelled within ~1,000 ticks."""
+    if max_ticks > MAX_PROGRAM_TICKS:
+        raise InvalidArgument(f"max_ticks is at most {MAX_PROGRAM_TICKS}, got {max_ticks}")
+    if isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS:
+        raise InvalidArgument(f"a program holds at most {MAX_PROGRAM_TICKS} ticks, got {len(policy)}")
     if isinstance(policy, bytes):
         if not policy and max_ticks == 0:
             raise InvalidArgument("give a program or max_ticks")
@@ -85,9 +90,11 @@ def evaluate(
     begin = track.base_state if start is None else start
     if isinstance(policy, bytes):
         return physics.run_program(
-            track, begin, policy, gate=gate, max_ticks=max_ticks, record_trajectory=record_trajectory
+            track, begin, policy, gate=gate, max_ticks=max_ticks, record_trajectory=record_trajectory, stop=stop
         )
-    return run_driver(track, begin, policy, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory)
+    return run_driver(
+        track, begin, policy, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory, stop=stop
+    )
 
 
 class Game:
@@ -176,10 +183,11 @@ class Game:
         gate: Gate | None,
         max_ticks: int,
         record_trajectory: bool,
+        stop: Callable[[], bool] | None = None,
     ) -> RunResult:
         """Runs a control program (bytes) or a closed-loop driver, physics only, in one of the evaluation slots."""
         with self.evaluation_slot():
-            return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory)
+            return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory, stop)
 
     # -- driving --------------------------------------------------------------------------------
     def drive_lockstep(

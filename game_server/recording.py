@@ -20,7 +20,7 @@ from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.evaluation import result_to_pb
 from game_server.render.renderer import FrameSpec
-from plumbing.errors import InvalidArgument, Unavailable
+from plumbing.errors import Cancelled, InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -31,6 +31,7 @@ MAX_PERTURBATION_TICKS = 100
 MAX_LABELS = 32
 MAX_LABEL_BYTES = 256
 MAX_DRIVER_ID = 64
+MAX_ADDRESS_CHARS = 256
 # What a perturbation holds: swerves, braking, releasing the throttle; never forward and back at once,
 # which no person presses and which teaches nothing.
 PERTURBATION_MASKS = (0, LEFT, RIGHT, FORWARD | LEFT, FORWARD | RIGHT, BACK, BACK | LEFT, BACK | RIGHT)
@@ -162,6 +163,8 @@ def validate(spec: RecordSpec) -> None:
         raise InvalidArgument("jpeg_quality must be in [1, 100] (0: the default)")
     if not spec.collector_address:
         raise InvalidArgument("collector_address is required")
+    if len(spec.collector_address) > MAX_ADDRESS_CHARS:
+        raise InvalidArgument(f"collector_address is at most {MAX_ADDRESS_CHARS} characters")
     if len(spec.driver_id) > MAX_DRIVER_ID:
         raise InvalidArgument(f"driver_id is at most {MAX_DRIVER_ID} characters")
     if len(spec.labels) > MAX_LABELS or any(
@@ -223,12 +226,18 @@ def run_start(spec: RecordSpec, quality: int) -> collector_pb2.RunStart:
     )
 
 
-def record_episode(spec: RecordSpec, render: Render, open_producer: OpenProducer = connect_collector) -> RecordOutcome:
+def record_episode(
+    spec: RecordSpec,
+    render: Render,
+    open_producer: OpenProducer = connect_collector,
+    stop: Callable[[], bool] | None = None,
+) -> RecordOutcome:
     """Drives the episode tick by tick and streams each tick's frame, returning once all are acknowledged.
 
     Each tick: the frame of the current state (before the controls), the policy's intended mask (the label),
     the applied mask (the label, or the perturbation's keys), then one physics step with the applied mask.
     Without perturbations the trajectory and lap are exactly those of Evaluate with the same policy.
+    `stop`, looked at every tick, ends the episode with Cancelled once the caller has left.
     """
     validate(spec)
     track = load_track(spec.track)
@@ -244,6 +253,8 @@ def record_episode(spec: RecordSpec, render: Render, open_producer: OpenProducer
         for i in range(spec.max_ticks):
             if state.lap.finished:
                 break
+            if stop is not None and stop():
+                raise Cancelled(f"run {spec.run_id}: stopped after {i} ticks, the caller left")
             rays = physics.raycast(track, state.car, state.lap.segment)
             if isinstance(policy, bytes):
                 label = policy[i] if i < len(policy) else 0  # past its end a program coasts, as in Evaluate

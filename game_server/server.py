@@ -55,7 +55,7 @@ def create_game_server(config: GameServerConfig) -> GameServer:
     game = Game(config.game, _default_renderer)
 
     def register(server: grpc.Server) -> Sequence[str]:
-        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game), server)
+        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game, config.server.max_message_bytes), server)
         return [SERVICE_NAME]
 
     running = create_server(config.server, register)

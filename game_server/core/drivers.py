@@ -16,7 +16,7 @@ from game_server.core import physics
 from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
-from plumbing.errors import InvalidArgument
+from plumbing.errors import Cancelled, InvalidArgument, quote
 
 RAYS_V1 = "rays-v1"
 _PAIRS = N_RAYS // 2  # ray i (left side) pairs with ray 14 - i (right side); ray 7 looks straight ahead
@@ -75,7 +75,7 @@ class RayDriver:
 
 def validate_params(kind: str, params: Sequence[float]) -> None:
     if kind != RAYS_V1:
-        raise InvalidArgument(f"unknown driver kind {kind!r}; known: {RAYS_V1}")
+        raise InvalidArgument(f"unknown driver kind {quote(kind)}; known: {RAYS_V1}")
     if len(params) != N_PARAMS:
         raise InvalidArgument(f"driver {kind} takes {N_PARAMS} parameters, got {len(params)}")
     for (name, lo, hi), value in zip(PARAM_SPEC, params, strict=True):
@@ -97,12 +97,17 @@ def run_policy(
     max_ticks: int,
     gate: Gate | None = None,
     record_trajectory: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[RunResult, bytes]:
-    """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose."""
+    """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose.
+
+    `stop` is looked at every physics.STOP_CHECK_TICKS ticks; True ends the run with Cancelled."""
     state = start
     masks = bytearray()
     recorder = physics.TrajectoryRecorder() if record_trajectory else None
-    for _ in range(0 if start.lap.finished else max_ticks):
+    for i in range(0 if start.lap.finished else max_ticks):
+        if stop is not None and i % physics.STOP_CHECK_TICKS == 0 and stop():
+            raise Cancelled(f"stopped after {i} ticks: the caller left")
         mask = policy(track, state)
         masks.append(mask)
         state, contact = physics.step(track, state, mask, gate)
@@ -122,8 +127,9 @@ def run_driver(
     max_ticks: int,
     gate: Gate | None = None,
     record_trajectory: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     result, _ = run_policy(
-        track, start, driver.act, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory
+        track, start, driver.act, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory, stop=stop
     )
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from game_server.core.state import (
 )
 from game_server.core.track import Track
 from game_server.core.trig import HALF_PI, PI, TWO_PI, sincos, sincos_array
-from plumbing.errors import InvalidArgument
+from plumbing.errors import Cancelled, InvalidArgument
 
 # The car model (units: m, s, rad). Speed changes are applied per tick, so they are precomputed per tick.
 TOP_SPEED = 50.0
@@ -303,6 +304,15 @@ def validate_masks(masks: bytes) -> None:
         raise InvalidArgument(f"control mask at tick {bad} is {masks[bad]:#04x}; only the low 4 bits are valid")
 
 
+# The largest tick a restored state may carry (~1,400 years at 25 Hz): every later tick, lap time and
+# stream ID derived from it still fits the 64-bit fields that carry it.
+MAX_STATE_TICK = 2**40
+# How often a long run looks whether its caller is still there: ~1,000 ticks is well under 100 ms.
+STOP_CHECK_TICKS = 1024
+# The largest count (wall contacts, checkpoints) a state may carry: uint32 fields with room to grow.
+MAX_STATE_COUNT = 2**31
+
+
 def validate_state(track: Track, state: SimState) -> None:
     """Rejects a state that the simulation could not have produced on this track."""
     car, lap = state.car, state.lap
@@ -315,10 +325,24 @@ def validate_state(track: Track, state: SimState) -> None:
         raise InvalidArgument("heading must be within [-pi, pi)")
     if not 0 <= lap.segment < track.n_points:
         raise InvalidArgument(f"segment must be within [0, {track.n_points})")
-    if state.tick < 0 or lap.wall_contacts < 0 or lap.finish_tick < 0:
-        raise InvalidArgument("tick counts must be >= 0")
-    if not 0 <= lap.next_checkpoint <= len(track.checkpoints) or lap.checkpoints_passed < 0:
-        raise InvalidArgument(f"next_checkpoint must be within [0, {len(track.checkpoints)}]")
+    if not 0 <= state.tick <= MAX_STATE_TICK:
+        raise InvalidArgument(f"tick must be within [0, {MAX_STATE_TICK}]")
+    if not 0 <= lap.wall_contacts <= min(state.tick, MAX_STATE_COUNT):
+        raise InvalidArgument("wall_contacts must be within [0, tick]: at most one contact a tick")
+    if lap.finished:
+        if not 1 <= lap.finish_tick <= state.tick:
+            raise InvalidArgument("a finished lap's finish_tick must be within [1, tick]")
+    elif lap.finish_tick != 0:
+        raise InvalidArgument("finish_tick must be 0 unless the lap is finished")
+    n_cp = len(track.checkpoints)
+    if not 0 <= lap.next_checkpoint <= n_cp or not 0 <= lap.checkpoints_passed <= n_cp:
+        raise InvalidArgument(f"next_checkpoint and checkpoints_passed must be within [0, {n_cp}]")
+    # The car covers at most TOP_SPEED * TICK_S metres a tick, forwards or back, from the base state.
+    reach = (state.tick + 1) * TOP_SPEED * TICK_S + track.length_m
+    if not 0.0 <= lap.progress_m <= reach:
+        raise InvalidArgument(f"progress_m must be within [0, {reach:g}] m at tick {state.tick}")
+    if not -reach <= lap.arc_m <= lap.progress_m:
+        raise InvalidArgument("arc_m must be within [-reach, progress_m]: progress is the furthest arc reached")
     k = kernel(track)
     seg = lap.segment
     if locate(k, car.x, car.y, seg) != seg:
@@ -390,7 +414,7 @@ def result_of(track: Track, start: SimState, final: SimState, trajectory: Trajec
         progress_m=lap.progress_m,
         progress_fraction=progress_fraction(track, lap),
         checkpoints_passed=lap.checkpoints_passed,
-        wall_contacts=lap.wall_contacts,
+        wall_contacts=lap.wall_contacts - start.lap.wall_contacts,  # this run's, as in its trajectory
         ticks=final.tick - start.tick,
         final_state=final,
         trajectory=trajectory,
@@ -405,17 +429,22 @@ def run_program(
     gate: Gate | None = None,
     max_ticks: int = 0,
     record_trajectory: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Runs max(len(masks), max_ticks) ticks (coasting past the program), stopping at the finish.
+    """Runs `max_ticks` ticks (coasting past the program's end, or cutting it short), or the whole program
+    when max_ticks is 0, stopping at the finish.
 
     Inputs are trusted: call validate_masks / validate_state at the edge. A start state that is already
-    finished simulates nothing.
+    finished simulates nothing. `stop`, looked at every STOP_CHECK_TICKS ticks, ends the run with
+    Cancelled when it answers True (its caller left).
     """
-    n_ticks = 0 if start.lap.finished else max(len(masks), max_ticks)
+    n_ticks = 0 if start.lap.finished else (max_ticks or len(masks))
     state = start
     recorder = TrajectoryRecorder() if record_trajectory else None
     program = masks[:n_ticks] + bytes(n_ticks - min(len(masks), n_ticks))
-    for mask in program:
+    for i, mask in enumerate(program):
+        if stop is not None and i % STOP_CHECK_TICKS == 0 and stop():
+            raise Cancelled(f"stopped after {i} ticks: the caller left")
         state, contact = step(track, state, mask, gate)
         if recorder is not None:
             recorder.add(state.car, contact)
