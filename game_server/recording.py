@@ -35,10 +35,12 @@ MAX_ADDRESS_CHARS = 256
 # What a perturbation holds: swerves, braking, releasing the throttle; never forward and back at once,
 # which no person presses and which teaches nothing.
 PERTURBATION_MASKS = (0, LEFT, RIGHT, FORWARD | LEFT, FORWARD | RIGHT, BACK, BACK | LEFT, BACK | RIGHT)
-# A producer connection's patience: how long a send or the final acknowledgement may wait, and how many
-# reconnections it tries before the recording fails with UNAVAILABLE.
+# A producer connection's patience: how long a send or the final acknowledgement may wait, how many
+# reconnections it tries, and for how long a collector (or its Redis) may be down, before the recording
+# fails with UNAVAILABLE: a restart of up to 30 s is ridden out, resuming after the last acknowledged tick.
 COLLECTOR_TIMEOUT_S = 10.0
 COLLECTOR_RECONNECTS = 3
+COLLECTOR_OUTAGE_BUDGET_S = 45.0
 PRODUCER_WINDOW = 256
 
 Render = Callable[[Track, SimState, FrameSpec], np.ndarray]
@@ -72,7 +74,12 @@ def connect_collector(address: str, start: collector_pb2.RunStart) -> FrameSink:
     from collector.client import RunProducer
 
     return RunProducer(
-        address, start, window=PRODUCER_WINDOW, timeout_s=COLLECTOR_TIMEOUT_S, reconnect_attempts=COLLECTOR_RECONNECTS
+        address,
+        start,
+        window=PRODUCER_WINDOW,
+        timeout_s=COLLECTOR_TIMEOUT_S,
+        reconnect_attempts=COLLECTOR_RECONNECTS,
+        outage_budget_s=COLLECTOR_OUTAGE_BUDGET_S,
     )
 
 

@@ -307,8 +307,8 @@ def validate_masks(masks: bytes) -> None:
 # The largest tick a restored state may carry (~1,400 years at 25 Hz): every later tick, lap time and
 # stream ID derived from it still fits the 64-bit fields that carry it.
 MAX_STATE_TICK = 2**40
-# How often a long run looks whether its caller is still there: ~1,000 ticks is well under 100 ms.
-STOP_CHECK_TICKS = 1024
+# How often a long run looks whether its caller is still there: 256 driver ticks take ~25 ms.
+STOP_CHECK_TICKS = 256
 # The largest count (wall contacts, checkpoints) a state may carry: uint32 fields with room to grow.
 MAX_STATE_COUNT = 2**31
 
