@@ -350,3 +350,32 @@ def test_health_stays_fast_while_evaluations_run(channel: grpc.Channel, stub: ga
             f.cancel()
         threading.Event().wait(0.1)
     wait_free(stub, within_s=1.0)
+
+
+def rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_under_repeated_maximum_trajectories() -> None:
+    from plumbing.procs import start_service
+
+    proc = start_service(["game-server", "--port", "0"])
+    try:
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        with grpc.insecure_channel(proc.address, options=options) as ch:
+            stub = game_pb2_grpc.GameServiceStub(ch)
+            task = trajectory_task(100_000)
+            peak = 0
+            for _ in range(2):
+                batch = stub.EvaluateBatch.future(game_pb2.EvaluateBatchRequest(tasks=[task] * 6), timeout=120)
+                single = [stub.Evaluate(task, timeout=120) for _ in range(2)]
+                assert batch.result().ByteSize() <= 8 * 1024 * 1024 and len(single) == 2
+                peak = max(peak, rss_mb(proc.pid))
+            assert peak <= 400, peak
+    finally:
+        proc.stop()
