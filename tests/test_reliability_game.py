@@ -379,3 +379,18 @@ def test_memory_stays_bounded_under_repeated_maximum_trajectories() -> None:
             assert peak <= 400, peak
     finally:
         proc.stop()
+
+
+def test_readme_examples_are_as_long_as_they_say() -> None:
+    import base64
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    evaluate = re.search(r'# 50 ticks of "forward".*?"masks": "([^"]+)"', readme, re.S)
+    step = re.search(r'stepped 25 ticks.*?"masks": "([^"]+)"', readme, re.S)
+    assert evaluate and step
+    assert base64.b64decode(evaluate.group(1)) == b"\x01" * 50
+    assert base64.b64decode(step.group(1)) == b"\x01" * 25
+    map_line = next(line for line in readme.splitlines() if "grpcurl" in line and '"tasks"' in line)
+    assert "-emit-defaults" in map_line
