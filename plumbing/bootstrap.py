@@ -43,7 +43,9 @@ class ServerConfig:
         256, "streaming calls served at once; more are refused with RESOURCE_EXHAUSTED (health is never refused)"
     )
     stream_idle_timeout_s: float = setting(
-        60.0, "a stream on which no message moved either way for this many seconds is closed (DEADLINE_EXCEEDED)"
+        60.0,
+        "a client-streaming call on which no message moved either way for this many seconds is closed"
+        " (DEADLINE_EXCEEDED)",
     )
 
 
@@ -213,7 +215,9 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         streaming = bool(handler.request_streaming or handler.response_streaming)
         gate = (self._streams if streaming else self._unary) if limited else None
         limit = self.config.max_streams if streaming else self.config.max_workers
-        watch = self._watch if streaming else None
+        # Only a stream that waits on its client can be idle: a server-streaming call (MapEvaluate) whose
+        # request has arrived is working, however long its first result takes.
+        watch = self._watch if handler.request_streaming else None
 
         def admit(context: grpc.ServicerContext) -> None:
             if gate is not None and not gate.acquire(blocking=False):

@@ -86,7 +86,12 @@ def test_replies_too_big_to_share_a_batch_still_arrive(game: GameServer) -> None
 
 
 def test_one_bad_item_fails_alone_through_map_evaluate(game: GameServer) -> None:
-    bad = program_task(start_state=sim_pb2.SimState(tick=2**64 - 1))
+    from game_server import convert
+    from game_server.core.tracks import load_track
+
+    state = convert.state_to_pb(load_track("oval").base_state)
+    state.tick = 2**64 - 1  # a valid state in every other way: on main it overflowed mid-batch (INTERNAL)
+    bad = program_task(start_state=state)
     tasks = [program_task()] * 5 + [bad] + [program_task()] * 5
     scheduler = create_scheduler_server(
         SchedulerConfig(pool=PoolConfig(servers=(game.address,)), server=ServerConfig(port=0))
@@ -103,5 +108,23 @@ def test_one_bad_item_fails_alone_through_map_evaluate(game: GameServer) -> None
                 assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             else:
                 assert reply.WhichOneof("outcome") == "response", reply.error.message
+    finally:
+        scheduler.stop(0.5)
+
+
+def test_a_long_map_evaluate_is_working_not_idle(game: GameServer) -> None:
+    """The idle timeout closes streams that wait on their client, never a call computing its first result."""
+    scheduler = create_scheduler_server(
+        SchedulerConfig(
+            pool=PoolConfig(servers=(game.address,)), server=ServerConfig(port=0, stream_idle_timeout_s=0.3)
+        )
+    )
+    try:
+        scheduler.pool.wait_ready()
+        with grpc.insecure_channel(scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            request = scheduler_pb2.MapEvaluateRequest(tasks=[driver_task(8_000)])
+            replies = list(stub.MapEvaluate(request, timeout=60))
+        assert [r.response.result.ticks for r in replies] == [8_000]
     finally:
         scheduler.stop(0.5)
