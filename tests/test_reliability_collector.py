@@ -245,3 +245,40 @@ def test_a_dead_collector_still_fails_once_the_outage_budget_is_spent(tmp_path: 
         with pytest.raises(Exception, match="unreachable"):
             producer.finish(RunEnd())
     assert 1.5 <= time.monotonic() - t0 < 10
+
+
+def test_an_abandoned_record_frees_its_slot(collector: CollectorServer) -> None:
+    from game_server.game import GameConfig
+    from game_server.server import GameServerConfig, create_game_server
+    from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
+
+    game = create_game_server(
+        GameServerConfig(server=ServerConfig(port=0, service_name="game-record"), game=GameConfig(max_sessions=2))
+    )
+    try:
+        with grpc.insecure_channel(game.address) as channel:
+            stub = game_pb2_grpc.GameServiceStub(channel)
+
+            def record(run_id: str, ticks: int, timeout: float) -> game_pb2.RecordResponse:
+                request = game_pb2.RecordRequest(
+                    run_id=run_id,
+                    track="oval",
+                    driver=sim_pb2.DriverParams(
+                        kind="rays-v1", params=[0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 0.05, 8.0, 0.45, 3.0]
+                    ),
+                    max_ticks=ticks,
+                    encoding=ImageEncoding.IMAGE_ENCODING_RAW_RGB,
+                    collector_address=collector.address,
+                )
+                return stub.Record(request, timeout=timeout)  # type: ignore[no-any-return]
+
+            assert record(f"warm-{uuid.uuid4().hex[:8]}", 3, 60).frames == 3  # the renderer starts here
+            with pytest.raises(grpc.RpcError) as err:
+                record(f"cut-{uuid.uuid4().hex[:8]}", 100_000, 1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            t0 = time.monotonic()
+            while stub.GetServerInfo(game_pb2.GetServerInfoRequest(), timeout=2).evaluate_running:
+                assert time.monotonic() - t0 < 0.5, "the recording went on after its caller left"
+                time.sleep(0.01)
+    finally:
+        game.stop(0.2)
