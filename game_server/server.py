@@ -58,7 +58,8 @@ def create_game_server(config: GameServerConfig) -> GameServer:
         game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game, config.server.max_message_bytes), server)
         return [SERVICE_NAME]
 
-    running = create_server(config.server, register)
+    # The scheduler's health probe reads GetServerInfo beside the health check: never refuse it for capacity.
+    running = create_server(config.server, register, always_admitted=[f"/{SERVICE_NAME}/GetServerInfo"])
     stop = threading.Event()
 
     def reap() -> None:

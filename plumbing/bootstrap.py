@@ -196,8 +196,9 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
     it is refused at once with RESOURCE_EXHAUSTED, never queued, so no client can make another wait.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, always_admitted: Sequence[str] = ()) -> None:
         self.config = config
+        self._always = (*_ALWAYS_ADMITTED, *always_admitted)
         self._unary = threading.BoundedSemaphore(config.max_workers)
         self._streams = threading.BoundedSemaphore(config.max_streams)
         self._watch = _StreamWatch(config.stream_idle_timeout_s)
@@ -211,7 +212,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        limited = not method.startswith(_ALWAYS_ADMITTED)
+        limited = not method.startswith(self._always)
         streaming = bool(handler.request_streaming or handler.response_streaming)
         gate = (self._streams if streaming else self._unary) if limited else None
         limit = self.config.max_streams if streaming else self.config.max_workers
@@ -326,15 +327,19 @@ def create_server(
     config: ServerConfig,
     register: Callable[[grpc.Server], Sequence[str]],
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    always_admitted: Sequence[str] = (),
 ) -> RunningServer:
-    """Builds and starts a server; `register` adds the servicers and returns their full service names."""
+    """Builds and starts a server; `register` adds the servicers and returns their full service names.
+
+    `always_admitted` names methods ("/package.Service/Method") as cheap as a health check, which
+    schedulers call to decide whether a server is usable: they are never refused for capacity."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     chain = [
-        AdmissionInterceptor(config),
+        AdmissionInterceptor(config, always_admitted),
         *telemetry.server_interceptors(config.service_name),
         ErrorMappingInterceptor(),
         *interceptors,

@@ -394,3 +394,30 @@ def test_readme_examples_are_as_long_as_they_say() -> None:
     assert base64.b64decode(step.group(1)) == b"\x01" * 25
     map_line = next(line for line in readme.splitlines() if "grpcurl" in line and '"tasks"' in line)
     assert "-emit-defaults" in map_line
+
+
+def test_unary_calls_past_the_limit_are_refused_but_health_and_server_info_never() -> None:
+    small = create_game_server(
+        GameServerConfig(server=ServerConfig(port=0, service_name="game-unary", max_workers=2), game=GameConfig())
+    )
+    try:
+        with grpc.insecure_channel(small.address) as ch:
+            stub = game_pb2_grpc.GameServiceStub(ch)
+            sids = [stub.CreateSession(game_pb2.CreateSessionRequest(track="oval")).session_id for _ in range(2)]
+            steps = [
+                stub.Step.future(
+                    game_pb2.StepRequest(session_id=sid, controls=sim_pb2.ControlProgram(masks=b"\x01" * 100_000)),
+                    timeout=60,
+                )
+                for sid in sids
+            ]
+            time.sleep(0.2)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ListTracks(game_pb2.ListTracksRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert health_of(ch) == health_pb2.HealthCheckResponse.SERVING
+            assert stub.GetServerInfo(game_pb2.GetServerInfoRequest(), timeout=2).max_sessions > 0
+            for step in steps:
+                assert step.result().observation.state.tick == 100_000
+    finally:
+        small.stop(0.2)
