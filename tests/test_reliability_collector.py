@@ -282,3 +282,20 @@ def test_an_abandoned_record_frees_its_slot(collector: CollectorServer) -> None:
                 time.sleep(0.01)
     finally:
         game.stop(0.2)
+
+
+def test_list_runs_never_answers_more_than_fits_in_a_reply(redis_server: LocalRedis) -> None:
+    server = make_collector(redis_server, max_message_bytes=256 * 1024)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = collector_pb2_grpc.CollectorServiceStub(channel)
+            labels = {f"k{i:02d}": "v" * 200 for i in range(30)}  # ~7 KB a run
+            for _ in range(60):
+                start = run_start()
+                start.labels.update(labels)
+                start.track = "fat-labels"
+                ingest(stub, [IngestRequest(start=start)])
+            reply = stub.ListRuns(ListRunsRequest(track="fat-labels", limit=60), timeout=10)
+            assert 0 < len(reply.runs) < 60 and reply.ByteSize() <= 256 * 1024
+    finally:
+        server.stop(0.2)
