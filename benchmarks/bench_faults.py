@@ -32,12 +32,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from collector.store import FrameStore, RedisConfig
-from collector.tasks import Episode, RecordSettings, RecordTask
+from game_server.core.driver_file import SavedDriver
 from game_server.core.drivers import default_driver
+from pipeline.record_task import Episode, RecordSettings, RecordTask
 from plumbing.procs import ServiceProcess, start_service
 from plumbing.redis_local import LocalRedis, free_port
 from scheduler.executor import EvaluationPool, PoolConfig
-from trainer.driver_file import SavedDriver
 from trainer.evolve import Evolution, EvolveConfig
 
 STOP_S = 20.0

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from game_server.client import GameClient
-from game_server.core.physics import run_program
+from game_server.core.episode import run_program
 from game_server.core.pilot import drive_lap
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import numpy as np
 
 from game_server.core.batch import run_programs
-from game_server.core.physics import raycast, run_program, step
+from game_server.core.episode import run_program
+from game_server.core.physics import raycast, step
 from game_server.core.pilot import drive_lap
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from collector.store import AppendResult
 from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, quote
+from plumbing.settings import setting
 from rallyrobopilot.v1.collector_pb2 import (
     FrameRecord,
     ImageEncoding,
@@ -43,15 +44,17 @@ _WAIT_SLICE_S = 0.25  # how often blocked threads look whether their stream is s
 class IngestLimits:
     """Bounds on what one stream may send, and on the memory the collector spends on all streams together."""
 
-    max_width_px: int = 640
-    max_height_px: int = 480
-    max_encoded_image_bytes: int = 2 * 1024 * 1024
-    max_labels: int = 32
-    max_label_bytes: int = 256
-    max_text_bytes: int = 256  # track, driver_id
-    batch_records: int = 64  # records per Redis round trip
-    queue_records: int = 256  # records read ahead of Redis, per stream
-    inflight_bytes: int = 64 * 1024 * 1024  # read but not yet stored, all streams together
+    max_width_px: int = setting(640, "widest frame accepted, pixels")
+    max_height_px: int = setting(480, "tallest frame accepted, pixels")
+    max_encoded_image_bytes: int = setting(2 * 1024 * 1024, "largest encoded image accepted, bytes")
+    max_labels: int = setting(32, "labels per run at most")
+    max_label_bytes: int = setting(256, "longest label key or value, bytes")
+    max_text_bytes: int = setting(256, "longest track name or driver id, bytes")
+    batch_records: int = setting(64, "records written per Redis round trip")
+    queue_records: int = setting(256, "records read ahead of Redis, per stream")
+    inflight_bytes: int = setting(
+        64 * 1024 * 1024, "bytes read from all streams but not yet stored before reading pauses"
+    )
 
 
 class FrameSink(Protocol):

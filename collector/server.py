@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import grpc
 
@@ -13,6 +16,8 @@ from collector.servicer import CollectorServicer
 from collector.store import FrameStore, RedisConfig
 from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
 from plumbing.errors import Unavailable
+from plumbing.redis_local import LocalRedis
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import collector_pb2, collector_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,11 +28,18 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages are refused by gRPC itsel
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    server: ServerConfig = field(
-        default_factory=lambda: ServerConfig(service_name="collector", max_message_bytes=MAX_MESSAGE_BYTES)
+    redis: RedisConfig = nested(RedisConfig, prefix="redis_")
+    server: ServerConfig = nested(
+        lambda: ServerConfig(port=50053, service_name="collector", max_message_bytes=MAX_MESSAGE_BYTES)
     )
-    limits: IngestLimits = field(default_factory=IngestLimits)
+    limits: IngestLimits = nested(IngestLimits)
+    # Without a Redis URL: a private redis-server of its own, stopped with the collector.
+    redis_dir: Path = setting(Path("out/redis"), "data folder of the private redis-server")
+    redis_appendfsync: Literal["always", "everysec"] = setting(
+        "always",
+        "private redis-server: fsync its append-only file on every write (power-cut safe) or once a second "
+        "(3x faster for raw frames; a crash of Redis alone still loses nothing)",
+    )
 
 
 @dataclass
@@ -65,6 +77,19 @@ def create_collector_server(config: CollectorConfig) -> CollectorServer:
         return [SERVICE_NAME]
 
     return CollectorServer(create_server(config.server, register), store)
+
+
+def run(config: CollectorConfig) -> None:
+    """Serves until SIGTERM; on a private redis-server when the config names no Redis."""
+    if config.redis.url:
+        serve(config)
+        return
+    local = LocalRedis(config.redis_dir, appendfsync=config.redis_appendfsync, die_with_parent=True).start()
+    log.info("no --redis given: started a private redis-server at %s (data in %s)", local.url, local.data_dir)
+    try:
+        serve(dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=local.url)), on_stop=local.stop)
+    finally:
+        local.stop()
 
 
 def serve(config: CollectorConfig, on_stop: Callable[[], None] | None = None) -> None:

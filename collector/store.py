@@ -16,6 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from plumbing.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, quote
+from plumbing.settings import setting
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, ImageEncoding, RunEnd, RunSource, RunStart
 
 log = logging.getLogger(__name__)
@@ -30,17 +31,20 @@ _DUPLICATE_ID = "equal or smaller than the target stream top item"
 class RedisConfig:
     """Where Redis is and how to log in; secrets come from the environment or files, filled in by main()."""
 
-    url: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    password_file: Path | None = None  # read when the client is made, so a rotated secret is picked up
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    prefix: str = "rrp:"
-    connect_timeout_s: float = 2.0
-    socket_timeout_s: float = 10.0
-    max_connections: int = 64
+    url: str = setting(
+        "", "Redis URL, redis:// or rediss:// for TLS; none: a private redis-server", flag="redis", env="redis_url"
+    )
+    username: str | None = setting(None, "Redis ACL user")
+    password: str | None = field(default=None, repr=False, metadata={"cli": False, "env": "redis_password"})
+    # Read when the client is made, so a rotated secret is picked up.
+    password_file: Path | None = setting(None, "file holding the Redis password (or set RRP_REDIS_PASSWORD)")
+    tls_ca_file: Path | None = setting(None, "CA bundle for rediss://", flag="redis-tls-ca", env="redis_tls_ca")
+    tls_cert_file: Path | None = setting(None, "client certificate", flag="redis-tls-cert", env="redis_tls_cert")
+    tls_key_file: Path | None = setting(None, "client key", flag="redis-tls-key", env="redis_tls_key")
+    prefix: str = setting("rrp:", "key prefix of every stream and set")
+    connect_timeout_s: float = setting(2.0, "seconds to connect to Redis")
+    socket_timeout_s: float = setting(10.0, "seconds one Redis command may take")
+    max_connections: int = setting(64, "Redis connections at most")
 
     @property
     def safe_url(self) -> str:

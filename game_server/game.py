@@ -12,14 +12,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from game_server.core import physics
-from game_server.core.drivers import RayDriver, run_driver
+from game_server.core import episode, physics
+from game_server.core.drivers import RayDriver
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_S, Gate, SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.sessions import Session, SessionStore
 from plumbing.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class FrameRenderer(Protocol):
 
 @dataclass(frozen=True)
 class GameConfig:
-    max_sessions: int = 32
-    idle_timeout_s: float = 300.0
-    # Concurrent Evaluate calls; physics holds the GIL, so more than a couple only adds queueing.
-    evaluate_slots: int = 2
+    max_sessions: int = setting(32, "sessions open at once; past it CreateSession answers RESOURCE_EXHAUSTED")
+    idle_timeout_s: float = setting(300.0, "seconds before an idle session is closed")
+    # Physics holds the GIL, so more than a couple only adds queueing.
+    evaluate_slots: int = setting(2, "concurrent Evaluate/Record calls before RESOURCE_EXHAUSTED")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def evaluate(
 ) -> RunResult:
     """The one evaluation every caller uses, on a server or in process, so that both give the same result.
 
-    `stop` answers True once the caller has left; the run then ends with Cancelled within ~1,000 ticks."""
+    `stop` answers True once the caller has left; the run then ends with Cancelled within ~256 ticks."""
     if max_ticks > MAX_PROGRAM_TICKS:
         raise InvalidArgument(f"max_ticks is at most {MAX_PROGRAM_TICKS}, got {max_ticks}")
     if isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS:
@@ -88,13 +89,20 @@ def evaluate(
     if start is not None:
         physics.validate_state(track, start)
     begin = track.base_state if start is None else start
-    if isinstance(policy, bytes):
-        return physics.run_program(
-            track, begin, policy, gate=gate, max_ticks=max_ticks, record_trajectory=record_trajectory, stop=stop
-        )
-    return run_driver(
-        track, begin, policy, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory, stop=stop
-    )
+    return episode.run_episode(
+        track,
+        begin,
+        as_policy(policy),
+        max_ticks=episode.program_ticks(policy, max_ticks) if isinstance(policy, bytes) else max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+        cancelled=stop,
+    ).result
+
+
+def as_policy(policy: bytes | RayDriver) -> episode.Policy:
+    """A request's policy for the episode loop: an open-loop program or a sensor driver."""
+    return episode.Program(policy) if isinstance(policy, bytes) else episode.SensorPolicy(policy.act_on)
 
 
 class Game:

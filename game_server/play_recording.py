@@ -10,7 +10,6 @@ The play loop never waits for either: a writer thread drains a queue into the pi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -22,15 +21,26 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, BinaryIO, TextIO
 
 from game_server import convert
 from game_server.core.state import SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
-from game_server.recording import FrameSink, OpenProducer, Render, connect_collector, encode_image, frame_record
+from game_server.recording import (
+    ENCODINGS,
+    EncodingName,
+    FrameSink,
+    OpenProducer,
+    Render,
+    connect_collector,
+    encode_image,
+    frame_record,
+)
 from game_server.render.renderer import FrameSpec
 from plumbing.errors import InvalidArgument
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import collector_pb2
 
 log = logging.getLogger(__name__)
@@ -42,11 +52,25 @@ HUMAN_DRIVER_ID = "keyboard"
 
 @dataclass(frozen=True)
 class PlayRecordConfig:
-    collector: str
-    encoding: int = collector_pb2.IMAGE_ENCODING_PNG
-    jpeg_quality: int = 90
-    width_px: int = 128
-    height_px: int = 96
+    collector: str = setting("", "collector host:port; none: one is started here with a Redis in --out")
+    encoding: EncodingName = setting("png", "image encoding of the recorded frames")
+    jpeg_quality: int = setting(90, "JPEG quality 1..100")
+    width_px: int = setting(128, "frame width, pixels", flag="width", env="width")
+    height_px: int = setting(96, "frame height, pixels", flag="height", env="height")
+
+
+@dataclass(frozen=True)
+class PlayConfig:
+    """`rrp play`: a person at the keyboard, which track, and whether their laps become training data."""
+
+    track: str = setting("oval", "track name: a built-in or gen-<seed>")
+    record: bool = setting(
+        False,
+        "stream every tick (frame rendered offscreen from the tick's state, keys as labels) to a collector; "
+        "R starts a new run",
+    )
+    recording: PlayRecordConfig = nested(PlayRecordConfig)
+    out_dir: Path = setting(Path("out/play"), "with --record and no --collector: Redis data", flag="out", env="out")
 
 
 @dataclass(frozen=True)
@@ -94,7 +118,7 @@ class PlayRecorder:
         self._finish_tick = 0
         self._outbox: queue.SimpleQueue[collector_pb2.IngestRequest | None] = queue.SimpleQueue()
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "game_server.play_recording", "--collector", config.collector],
+            [sys.executable, "-m", "game_server.play_recording", config.collector],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -140,8 +164,8 @@ class PlayRecorder:
             driver_id=HUMAN_DRIVER_ID,
             width_px=c.width_px,
             height_px=c.height_px,
-            encoding=c.encoding,  # type: ignore[arg-type]
-            jpeg_quality=c.jpeg_quality if c.encoding == collector_pb2.IMAGE_ENCODING_JPEG else 0,
+            encoding=ENCODINGS[c.encoding],  # type: ignore[arg-type]
+            jpeg_quality=c.jpeg_quality if c.encoding == "jpeg" else 0,
             labels={"input": "keyboard"},
         )
         self._outbox.put(collector_pb2.IngestRequest(start=start))
@@ -211,13 +235,13 @@ def serve_pipe(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="helper of `rrp play --record`: reads ticks on stdin")
-    parser.add_argument("--collector", required=True, help="collector address host:port")
-    args = parser.parse_args()
+    """The helper process of `rrp play --record` (never run by hand): ticks on stdin, one argument, the collector."""
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m game_server.play_recording COLLECTOR_HOST:PORT  (ticks on stdin)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from game_server.render import shared_renderer
 
-    serve_pipe(sys.stdin.buffer, args.collector, shared_renderer().render, sys.stdout)
+    serve_pipe(sys.stdin.buffer, sys.argv[1], shared_renderer().render, sys.stdout)
 
 
 if __name__ == "__main__":

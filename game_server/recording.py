@@ -4,37 +4,41 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
 from game_server import convert
-from game_server.core import physics
+from game_server.core import episode, physics
 from game_server.core.drivers import RayDriver
+from game_server.core.episode import Perturbation
 from game_server.core.physics import RunResult
-from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, SimState
+from game_server.core.state import SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
 from game_server.evaluation import result_to_pb
+from game_server.game import as_policy
 from game_server.render.renderer import FrameSpec
 from plumbing.errors import Cancelled, InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
 
+# Image encodings by the name a person types (`--encoding png`).
+ENCODINGS: dict[str, int] = {
+    "raw": collector_pb2.IMAGE_ENCODING_RAW_RGB,
+    "png": collector_pb2.IMAGE_ENCODING_PNG,
+    "jpeg": collector_pb2.IMAGE_ENCODING_JPEG,
+}
+EncodingName = Literal["raw", "png", "jpeg"]
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RECORD_TICKS = 100_000
 DEFAULT_JPEG_QUALITY = 90
-MAX_START_PROBABILITY = 0.5
-MAX_PERTURBATION_TICKS = 100
 MAX_LABELS = 32
 MAX_LABEL_BYTES = 256
 MAX_DRIVER_ID = 64
 MAX_ADDRESS_CHARS = 256
-# What a perturbation holds: swerves, braking, releasing the throttle; never forward and back at once,
-# which no person presses and which teaches nothing.
-PERTURBATION_MASKS = (0, LEFT, RIGHT, FORWARD | LEFT, FORWARD | RIGHT, BACK, BACK | LEFT, BACK | RIGHT)
 # A producer connection's patience: how long a send or the final acknowledgement may wait, how many
 # reconnections it tries, and for how long a collector (or its Redis) may be down, before the recording
 # fails with UNAVAILABLE: a restart of up to 30 s is ridden out, resuming after the last acknowledged tick.
@@ -81,41 +85,6 @@ def connect_collector(address: str, start: collector_pb2.RunStart) -> FrameSink:
         reconnect_attempts=COLLECTOR_RECONNECTS,
         outage_budget_s=COLLECTOR_OUTAGE_BUDGET_S,
     )
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """Seeded disturbances of the applied controls, so that the data shows how to recover from mistakes."""
-
-    seed: int
-    start_probability: float
-    max_duration_ticks: int
-
-    def validate(self) -> None:
-        if not 0.0 <= self.start_probability <= MAX_START_PROBABILITY:
-            raise InvalidArgument(f"perturbation start_probability must be in [0, {MAX_START_PROBABILITY}]")
-        if not 1 <= self.max_duration_ticks <= MAX_PERTURBATION_TICKS:
-            raise InvalidArgument(f"perturbation max_duration_ticks must be in [1, {MAX_PERTURBATION_TICKS}]")
-
-
-class PerturbationSchedule:
-    """Per tick: the keys a perturbation holds, or None. Its draws never depend on the car, only on the seed,
-    so the same seed perturbs the same ticks in the same way whatever the driver does."""
-
-    def __init__(self, p: Perturbation) -> None:
-        self._p = p
-        self._rng = np.random.default_rng(p.seed)
-        self._left = 0
-        self._mask = 0
-
-    def next(self) -> int | None:
-        if self._left == 0 and self._rng.random() < self._p.start_probability:
-            self._left = int(self._rng.integers(1, self._p.max_duration_ticks + 1))
-            self._mask = PERTURBATION_MASKS[int(self._rng.integers(len(PERTURBATION_MASKS)))]
-        if self._left == 0:
-            return None
-        self._left -= 1
-        return self._mask
 
 
 @dataclass(frozen=True)
@@ -200,7 +169,7 @@ def frame_record(
     applied: int,
     label: int,
     wall_contact: bool,
-    rays: tuple[float, ...] | None = None,
+    rays: Sequence[float] | None = None,
 ) -> collector_pb2.FrameRecord:
     """The record of one tick: the state the frame shows, its sensors, and the controls applied to it."""
     return collector_pb2.FrameRecord(
@@ -252,29 +221,30 @@ def record_episode(
         physics.validate_state(track, spec.start)
     start = track.base_state if spec.start is None else spec.start
     quality = (spec.jpeg_quality or DEFAULT_JPEG_QUALITY) if spec.encoding == collector_pb2.IMAGE_ENCODING_JPEG else 0
-    schedule = PerturbationSchedule(spec.perturbation) if spec.perturbation is not None else None
-    policy = spec.policy
     producer = open_producer(spec.collector_address, run_start(spec, quality))
+    frames = 0
+
+    def send(tick: episode.Tick) -> None:
+        nonlocal frames
+        if stop is not None and stop():
+            raise Cancelled(f"run {spec.run_id}: stopped after {tick.index} ticks, the caller left")
+        image = encode_image(render(track, tick.state, spec.frame), spec.encoding, quality)
+        producer.send(
+            frame_record(spec.run_id, track, tick.state, image, tick.applied, tick.intended, tick.contact, tick.rays)
+        )
+        frames += 1
+
     try:
-        state, contact, frames, perturbed = start, False, 0, 0
-        for i in range(spec.max_ticks):
-            if state.lap.finished:
-                break
-            if stop is not None and stop():
-                raise Cancelled(f"run {spec.run_id}: stopped after {i} ticks, the caller left")
-            rays = physics.raycast(track, state.car, state.lap.segment)
-            if isinstance(policy, bytes):
-                label = policy[i] if i < len(policy) else 0  # past its end a program coasts, as in Evaluate
-            else:
-                label = policy.act_on(rays, state.car.speed)
-            forced = schedule.next() if schedule is not None else None
-            applied = label if forced is None else forced
-            perturbed += forced is not None
-            image = encode_image(render(track, state, spec.frame), spec.encoding, quality)
-            producer.send(frame_record(spec.run_id, track, state, image, applied, label, contact, rays))
-            frames += 1
-            state, contact = physics.step(track, state, applied)
-        result = physics.result_of(track, start, state, None)
+        run = episode.run_episode(
+            track,
+            start,
+            as_policy(spec.policy),
+            max_ticks=spec.max_ticks,
+            perturbation=spec.perturbation,
+            on_tick=send,
+            with_rays=True,
+        )
+        result = run.result
         end = collector_pb2.RunEnd(
             run_id=spec.run_id, frames=frames, finished=result.finished, lap_ticks=result.lap_ticks
         )
@@ -283,7 +253,14 @@ def record_episode(
         producer.close()
     if stats.acked < frames:
         raise Unavailable(f"the collector acknowledged {stats.acked} of {frames} frames of run {spec.run_id}")
-    return RecordOutcome(spec.run_id, frames, result, stats.resent, perturbed)
+    return RecordOutcome(spec.run_id, frames, result, stats.resent, run.perturbed_ticks)
+
+
+def record_in_process(request: game_pb2.RecordRequest) -> game_pb2.RecordResponse:
+    """What a game server answers to `request`, recorded here with this process's renderer."""
+    from game_server.render import shared_renderer
+
+    return outcome_to_pb(record_episode(spec_from_pb(request), shared_renderer().render))
 
 
 def spec_from_pb(request: game_pb2.RecordRequest) -> RecordSpec:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from game_server.game import FrameRenderer, Game, GameConfig
 from game_server.servicer import GameServicer
 from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,9 @@ SERVICE_NAME = game_pb2.DESCRIPTOR.services_by_name["GameService"].full_name
 
 @dataclass(frozen=True)
 class GameServerConfig:
-    server: ServerConfig = field(default_factory=lambda: ServerConfig(service_name="game-server"))
-    game: GameConfig = field(default_factory=GameConfig)
-    reap_interval_s: float = 10.0
+    server: ServerConfig = nested(lambda: ServerConfig(port=50051, service_name="game-server"))
+    game: GameConfig = nested(GameConfig)
+    reap_interval_s: float = setting(10.0, "seconds between sweeps that close idle sessions")
 
 
 def _default_renderer() -> FrameRenderer:

@@ -32,13 +32,18 @@ _ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class ServerConfig:
     """Transport settings shared by every service."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    # Unary calls served at once (health checks aside); more are refused with RESOURCE_EXHAUSTED.
-    max_workers: int = 16
-    max_message_bytes: int = 8 * 1024 * 1024
-    grace_s: float = 5.0
-    service_name: str = "rrp"
+    host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface (in a pod)")
+    port: int = setting(0, "port to listen on; 0 takes any free one")
+    # Unary calls served at once (health checks and the like aside); more are refused with RESOURCE_EXHAUSTED.
+    max_workers: int = setting(
+        16,
+        "unary calls served at once; more are refused with RESOURCE_EXHAUSTED (health is never refused)",
+        flag="workers",
+        env="workers",
+    )
+    max_message_bytes: int = setting(8 * 1024 * 1024, "largest request or response message, bytes")
+    grace_s: float = setting(5.0, "seconds in-flight calls get to finish after SIGTERM")
+    service_name: str = setting("rrp", "name in logs and traces", cli=False)
     max_streams: int = setting(
         256, "streaming calls served at once; more are refused with RESOURCE_EXHAUSTED (health is never refused)"
     )

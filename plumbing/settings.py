@@ -2,8 +2,12 @@
 
 A field made with `setting(default, "help")` becomes `--field-name` (or `flag=`), filled from the command
 line first, then `RRP_<ENV>` (the field name upper-cased unless `env=` says otherwise), then the default.
+A unit suffix `_s` is left out of both names (`idle_timeout_s` is `--idle-timeout`, `RRP_IDLE_TIMEOUT`).
 A field whose type is itself a dataclass is flattened into the same parser, its defaults taken from the
-parent's default instance, so a service can say "my port is 50051" once, in its own config.
+parent's default instance, so a service can say "my port is 50051" once, in its own config. Fields of the
+same name in several nested configs share one flag (one `--seed` seeds data, model and training alike);
+they must then agree on their default. A field with `cli=False` and an `env=` (a secret) is read from the
+environment only, never from a flag.
 """
 
 from __future__ import annotations
@@ -31,18 +35,25 @@ def setting(
     choices: tuple[Any, ...] | None = None,
     metavar: str | None = None,
     cli: bool = True,
+    repeat: bool = False,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A dataclass field that also describes its flag; `cli=False` keeps it out of the command line."""
+    """A dataclass field that also describes its flag; `cli=False` keeps it out of the command line, and
+    `repeat=True` makes a tuple field a repeatable flag (`--x a --x b`) instead of a comma-separated one."""
     meta = {"help": help, "env": env, "flag": flag, "choices": choices, "metavar": metavar, "cli": cli}
+    meta["repeat"] = repeat
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def nested(factory: Callable[[], Any], *, prefix: str = "", cli: bool = True) -> Any:
-    """A sub-config flattened into the parent's flags, optionally under `--prefix-...`."""
-    return dataclasses.field(default_factory=factory, metadata={"nested_prefix": prefix, "cli": cli})
+def nested(factory: Callable[[], Any] | None = None, *, prefix: str = "", cli: bool = True) -> Any:
+    """A sub-config flattened into the parent's flags, optionally under `--prefix-...`; without a factory
+    the sub-config is required (it has required settings of its own)."""
+    meta = {"nested_prefix": prefix, "cli": cli}
+    if factory is None:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default_factory=factory, metadata=meta)
 
 
 def env_value(name: str) -> str | None:
@@ -100,8 +111,16 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _dest(prefix: str, name: str) -> str:
-    return f"{prefix}{name}".replace("-", "_")
+def _dest(prefix: str, f: dataclasses.Field[Any]) -> str:
+    """The parsed-args attribute of a field: its flag's name, so that one flag is one setting."""
+    flag = f.metadata.get("flag")
+    return flag.replace("-", "_") if flag else f"{prefix}{f.name}".replace("-", "_")
+
+
+def _base_name(prefix: str, name: str) -> str:
+    """The flag and env stem of a field: its prefixed name without a trailing unit `_s`."""
+    full = prefix + name
+    return full[:-2] if full.endswith("_s") else full
 
 
 def add_flags(
@@ -121,17 +140,30 @@ def add_flags(
         tp, optional = _unwrap_optional(hints[f.name])
         if _is_config(tp):
             sub_default = getattr(instance, f.name) if instance is not None else _field_default(f)
+            sub_default = None if sub_default is _MISSING else sub_default  # a required sub-config
             sub_prefix = prefix + f.metadata.get("nested_prefix", "")
             add_flags(parser, tp, defaults=sub_default, prefix=sub_prefix)
             continue
-        flag = f.metadata.get("flag") or (prefix + f.name).replace("_", "-")
-        env_name = f.metadata.get("env") or (prefix + f.name).replace("-", "_")
+        flag = f.metadata.get("flag") or _base_name(prefix, f.name).replace("_", "-")
+        env_name = f.metadata.get("env") or flag.replace("-", "_")
         default = getattr(instance, f.name) if instance is not None else _field_default(f)
+        dest = _dest(prefix, f)
+        shared = next((a for a in parser._actions if a.dest == dest), None)
+        if shared is not None:  # the same setting in two nested configs: one flag sets both
+            if shared.default != default and not (env_value(env_name) is not None):
+                raise TypeError(f"--{flag}: nested configs disagree on its default ({shared.default!r}, {default!r})")
+            continue
         required = default is _MISSING
         help_text = f.metadata.get("help", "")
         env_raw = env_value(env_name)
-        kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name)}
-        if tp is bool:
+        kwargs: dict[str, Any] = {"dest": dest}
+        if f.metadata.get("repeat"):
+            item = _parser_of(typing.get_args(tp)[0])
+            kwargs.update(action="append", type=item, default=None)
+            if f.metadata.get("metavar"):
+                kwargs["metavar"] = f.metadata["metavar"]
+            shown = " ".join(str(v) for v in default) or "none"
+        elif tp is bool:
             env_default = _parse_bool(env_raw) if env_raw is not None else default
             kwargs.update(action=argparse.BooleanOptionalAction, default=env_default)
             shown = "on" if default else "off"
@@ -152,8 +184,7 @@ def add_flags(
                 choices = typing.get_args(tp)
             if choices:
                 kwargs["choices"] = choices
-            if f.metadata.get("metavar"):
-                kwargs["metavar"] = f.metadata["metavar"]
+            kwargs["metavar"] = f.metadata.get("metavar") or flag.upper().replace("-", "_")
             shown = "required" if required else _shown(default)
             if optional and not required and default is None:
                 shown = "none"
@@ -182,11 +213,18 @@ def from_args(cls: type[T], args: argparse.Namespace, *, prefix: str = "", defau
         tp, _ = _unwrap_optional(hints[f.name])
         base = getattr(defaults, f.name) if defaults is not None else _field_default(f)
         if _is_config(tp) and f.metadata.get("cli", True):
-            values[f.name] = from_args(tp, args, prefix=prefix + f.metadata.get("nested_prefix", ""), defaults=base)
+            sub_prefix = prefix + f.metadata.get("nested_prefix", "")
+            values[f.name] = from_args(tp, args, prefix=sub_prefix, defaults=None if base is _MISSING else base)
             continue
-        dest = _dest(prefix, f.name)
+        dest = _dest(prefix, f)
+        secret_env = f.metadata.get("env") if not f.metadata.get("cli", True) else None
         if f.metadata.get("cli", True) and hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
+            value = getattr(args, dest)
+            if f.metadata.get("repeat"):
+                value = tuple(value) if value is not None else base
+            values[f.name] = value
+        elif secret_env and env_value(secret_env) is not None:
+            values[f.name] = env_value(secret_env)
         elif base is not _MISSING:
             values[f.name] = base
     return cls(**values)

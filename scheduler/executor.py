@@ -41,15 +41,16 @@ Resolver = Callable[[str, int], list[str]]
 class PoolConfig:
     """Where the game servers are and how patiently to use them."""
 
-    # Fixed pool: "host:port" addresses. Exactly one of `servers` and `discover` is given.
-    servers: tuple[str, ...] = ()
-    # DNS name ("name[:port]") resolving to many addresses, e.g. a Kubernetes headless Service.
-    discover: str | None = None
-    discover_interval_s: float = 5.0
-    evaluate_timeout_s: float = 60.0
-    health_timeout_s: float = 2.0
-    health_interval_s: float = 1.0
-    max_attempts: int = 4
+    # Exactly one of `servers` and `discover` is given.
+    servers: tuple[str, ...] = setting((), "game servers, host:port,host:port")
+    discover: str | None = setting(None, "DNS name[:port] resolving to the game servers (a headless Service)")
+    discover_interval_s: float = setting(5.0, "seconds between DNS resolutions")
+    evaluate_timeout_s: float = setting(
+        60.0, "deadline of one Evaluate call, seconds, before the allowance for the ticks it carries"
+    )
+    health_timeout_s: float = setting(2.0, "deadline of one health check, seconds")
+    health_interval_s: float = setting(1.0, "seconds between health checks of every server")
+    max_attempts: int = setting(4, "attempts per evaluation when servers fail")
     # A call's deadline: evaluate_timeout_s plus this allowance per tick of the work it carries (a
     # closed-loop driver takes ~0.13 ms a tick on one core; the allowance leaves room for a loaded machine).
     tick_timeout_s: float = setting(0.0005, "deadline allowance per simulated tick, on top of evaluate_timeout_s")
@@ -58,15 +59,16 @@ class PoolConfig:
     max_batch_ticks: int = setting(100_000, "simulated ticks one EvaluateBatch call may carry")
     # A busy server (its slots taken by abandoned or foreign work) is retried after a back-off, without
     # using up an attempt, until the task has waited this long for a slot.
-    busy_timeout_s: float = setting(300.0, "how long a task may be refused by busy servers before it fails")
-    # Evaluations sent together in one EvaluateBatch call when many wait: short laps then pay one round
-    # trip per batch instead of one each. Batches shrink as the queue drains so that slots share work.
-    max_batch: int = 16
-    # Tasks waiting for a slot; submit() blocks beyond this, so a producer cannot outrun the pool.
-    max_pending: int = 4096
-    # How long queued tasks wait while no server is healthy before they fail with UNAVAILABLE; a pool
-    # whose servers are all gone should say so, not hang. None waits for ever (servers still starting).
-    unavailable_timeout_s: float | None = 120.0
+    busy_timeout_s: float = setting(300.0, "seconds a task may be refused by busy servers before it fails")
+    # Short laps sent together pay one round trip per batch; batches shrink as the queue drains.
+    max_batch: int = setting(16, "evaluations sent together in one EvaluateBatch call when many wait")
+    # submit() blocks beyond this, so a producer cannot outrun the pool.
+    max_pending: int = setting(4096, "evaluations queued before submitters wait")
+    # A pool whose servers are all gone should say so, not hang.
+    unavailable_timeout_s: float | None = setting(
+        120.0,
+        "seconds queued evaluations wait while no game server is healthy, then fail UNAVAILABLE; 0: for ever",
+    )
 
     def __post_init__(self) -> None:
         if bool(self.servers) == bool(self.discover):
@@ -75,7 +77,9 @@ class PoolConfig:
             raise ValueError("timeouts and intervals must be positive")
         if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
-        if self.unavailable_timeout_s is not None and self.unavailable_timeout_s <= 0:
+        if self.unavailable_timeout_s == 0:
+            object.__setattr__(self, "unavailable_timeout_s", None)
+        if self.unavailable_timeout_s is not None and self.unavailable_timeout_s < 0:
             raise ValueError("unavailable_timeout_s must be positive, or None to wait for ever")
 
 

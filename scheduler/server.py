@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+from plumbing.settings import nested
 from rallyrobopilot.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.servicer import SchedulerServicer
@@ -21,7 +22,7 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].ful
 @dataclass(frozen=True)
 class SchedulerConfig:
     pool: PoolConfig
-    server: ServerConfig = field(default_factory=lambda: ServerConfig(service_name="scheduler"))
+    server: ServerConfig = nested(lambda: ServerConfig(port=50052, service_name="scheduler"))
 
 
 @dataclass

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 
+from game_server.evaluation import evaluate_in_process
 from plumbing.errors import DomainError, status_name
 from rallyrobopilot.v1 import game_pb2, sim_pb2
-
-if TYPE_CHECKING:
-    from game_server.servicer import GameServicer
 
 R_co = TypeVar("R_co", covariant=True)
 R = TypeVar("R")
@@ -42,24 +39,10 @@ class RemoteTask(Protocol[R_co]):
     def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...
 
 
-@functools.cache
-def _local_servicer() -> GameServicer:
-    # The game server's own Evaluate handler, so that in-process and remote results share every line of
-    # conversion and validation; imported late because a scheduler process never evaluates locally.
-    from game_server.game import Game, GameConfig
-    from game_server.servicer import GameServicer
-
-    def no_renderer() -> Any:
-        raise RuntimeError("evaluation is physics only and never renders")
-
-    return GameServicer(Game(GameConfig(evaluate_slots=1024), no_renderer))
-
-
 def evaluate_locally(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateResponse:
     """Runs an Evaluate call in this process; a task's error raises EvaluationError, as a remote one does."""
     try:
-        # GameServicer.Evaluate reads nothing from its context.
-        response: game_pb2.EvaluateResponse = _local_servicer().Evaluate(request, None)
+        response = evaluate_in_process(request)
     except DomainError as exc:
         raise EvaluationError(grpc.StatusCode[status_name(exc)], str(exc)) from exc
     return response

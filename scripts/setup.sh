@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server xvfb xdotool openssl)
+APT_PACKAGES=(redis-server xvfb xdotool openssl iproute2 buildah mmdebstrap prometheus)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from game_server.core.batch import BatchSimulation, run_programs
-from game_server.core.physics import RunResult, run_program, step
+from game_server.core.episode import run_program
+from game_server.core.physics import RunResult, step
 from game_server.core.pilot import drive_lap
 from game_server.core.state import FORWARD, SimState
 from game_server.core.tracks import load_track
@@ -132,7 +133,7 @@ def test_batch_simulation_steps_like_scalar(name: str, data: st.DataObject) -> N
 def test_fresh_process_reproduces_the_run() -> None:
     code = (
         "from game_server.core.tracks import load_track\n"
-        "from game_server.core.physics import run_program\n"
+        "from game_server.core.episode import run_program\n"
         "import numpy as np\n"
         "for name in ('alpine', 'gen-11'):\n"
         "    t = load_track(name)\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from game_server.client import GameClient
-from game_server.core.physics import run_program
+from game_server.core.episode import run_program
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
 from plumbing.procs import ServiceProcess

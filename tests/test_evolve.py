@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from game_server.core.driver_file import SavedDriver, load_driver, save_driver
+from pipeline.evolve import EvolveJobConfig, run_evolve_job
 from plumbing.procs import ServiceProcess
 from scheduler.executor import EvaluationPool, PoolConfig
-from trainer.driver_file import SavedDriver, load_driver, save_driver
 from trainer.evolve import Evolution, EvolveConfig, load_checkpoint, save_checkpoint
-from trainer.evolve_job import PoolSpec, run_evolve_job
 
 SMALL = EvolveConfig(track="kidney", population=12, generations=3, seed=7)
 
@@ -27,7 +27,7 @@ def _history(evolution: Evolution, generations: int) -> list[tuple[float, float]
 
 def test_program_ga_beats_the_baseline(tmp_path: Path) -> None:
     config = EvolveConfig(track="kidney", population=24, generations=8, seed=0)
-    outcome = run_evolve_job(config, tmp_path, PoolSpec(in_process=True))
+    outcome = run_evolve_job(EvolveJobConfig(evolve=config, in_process=True, out_dir=tmp_path))
     assert 0 < outcome.best.lap_ticks < outcome.baseline_lap_ticks
     summary = json.loads((tmp_path / "evolve_summary.json").read_text())
     assert summary["beats_baseline"] is True

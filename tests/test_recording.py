@@ -17,18 +17,19 @@ from PIL import Image
 
 from collector.server import CollectorConfig, CollectorServer, create_collector_server
 from collector.store import FrameStore, RedisConfig
-from collector.tasks import Episode, RecordSettings, RecordTask
 from game_server.client import GameClient
 from game_server.core import drivers, physics
+from game_server.core.driver_file import SavedDriver, save_driver
+from game_server.core.episode import Perturbation, PerturbationSchedule
 from game_server.core.tracks import load_track
-from game_server.recording import Perturbation, PerturbationSchedule, RecordSpec, record_episode
+from game_server.recording import RecordSpec, record_episode
 from game_server.render.renderer import FrameSpec
+from pipeline.record_task import Episode, RecordSettings, RecordTask
 from plumbing.bootstrap import ServerConfig
 from plumbing.procs import ServiceProcess, rrp_command, start_service
 from plumbing.redis_local import LocalRedis, free_port
 from rallyrobopilot.v1 import collector_pb2, game_pb2, game_pb2_grpc, sim_pb2
 from scheduler.executor import EvaluationPool, PoolConfig
-from trainer.driver_file import SavedDriver, save_driver
 
 TICKS = 150
 
@@ -275,9 +276,9 @@ def test_record_task_in_process_records_what_a_server_records(stack: Stack) -> N
 
 def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
     """Later episodes of a pair start off the line, misaligned; the server records them from that state."""
-    from collector.collect import plan_episodes
     from game_server.core import physics
     from game_server.core.tracks import load_track
+    from pipeline.collect import plan_episodes
 
     d = drivers.default_driver()
     saved = SavedDriver(kind=d.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=d.params)
@@ -301,7 +302,7 @@ def test_record_retried_after_its_server_is_killed_stores_every_tick_once(stack:
     servers = [start_service(["game-server", "--port", "0", "--evaluate-slots", "1"]) for _ in range(2)]
     d = drivers.default_driver()
     saved = SavedDriver(kind=d.kind, track="alpine", lap_ticks=0, cost=0.0, generation=0, params=d.params)
-    settings = RecordSettings(stack.collector.address, max_ticks=1500, width_px=96, height_px=64)
+    settings = RecordSettings(stack.collector.address, max_ticks=1500, width_px=96, height_px=64, perturb_probability=0)
     task = RecordTask(settings)
     episode = Episode("rec-killed", "alpine", saved, 0, 7)
     pool = EvaluationPool(PoolConfig(servers=tuple(s.address for s in servers), health_interval_s=0.2, max_attempts=3))

@@ -278,7 +278,7 @@ def test_an_abandoned_record_frees_its_slot(collector: CollectorServer) -> None:
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             t0 = time.monotonic()
             while stub.GetServerInfo(game_pb2.GetServerInfoRequest(), timeout=2).evaluate_running:
-                assert time.monotonic() - t0 < 0.5, "the recording went on after its caller left"
+                assert time.monotonic() - t0 < 2.0, "the recording went on after its caller left"
                 time.sleep(0.01)
     finally:
         game.stop(0.2)

@@ -297,7 +297,8 @@ def test_pool_config_is_validated() -> None:
     with pytest.raises(ValueError):
         PoolConfig(servers=("a:1",), evaluate_timeout_s=0)
     with pytest.raises(ValueError):
-        PoolConfig(servers=("a:1",), unavailable_timeout_s=0)
+        PoolConfig(servers=("a:1",), unavailable_timeout_s=-1)
+    assert PoolConfig(servers=("a:1",), unavailable_timeout_s=0).unavailable_timeout_s is None  # 0: for ever
 
 
 def test_evaluate_request_is_sent_unchanged(pool: EvaluationPool) -> None:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from game_server.core.physics import crosses, gate_params, run_program
+from game_server.core.episode import run_program
+from game_server.core.physics import crosses, gate_params
 from game_server.core.pilot import drive_lap
 from game_server.core.state import Gate
 from game_server.core.track import Track, min_radius_m, radius_fits, stretches_clear, walls_intersect

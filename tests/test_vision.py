@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import torch
 
 from game_server.core.drivers import default_driver
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from pipeline.evaluate import EvalConfig, run_evaluation
+from pipeline.pools import PoolSpec
 from plumbing.procs import ServiceProcess, start_service
 from rrp.cli import main
 from trainer.vision.data import AugmentConfig, FrameSet, augment, generate_samples
-from trainer.vision.evaluate import EvalConfig, VisionPilot, run_evaluation
 from trainer.vision.model import STEER_NONE, THROTTLE_NONE, VisionConfig, build_model, decide, mask_targets
+from trainer.vision.pilot import VisionPilot
 from trainer.vision.train import TrainConfig, export_torchscript, load_model, save_weights, train
 
 SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
@@ -101,7 +104,9 @@ def test_closed_loop_reports_a_model_that_never_drives_as_failed(game_server: Se
         last.bias.zero_()
         last.bias[THROTTLE_NONE] = 1.0
         last.bias[3 + STEER_NONE] = 1.0
-    config = EvalConfig(training_tracks=("oval",), unseen_tracks=("gen-1001",), servers=(game_server.address,))
+    config = EvalConfig(
+        training_tracks=("oval",), unseen_tracks=("gen-1001",), pool=PoolSpec(servers=(game_server.address,))
+    )
     report = run_evaluation(VisionPilot(model, SMALL.width, SMALL.height), config)
     assert report["unseen_laps_completed"] == 0
     for row in report["tracks"]:
@@ -126,11 +131,11 @@ def test_dagger_labels_the_learners_states_collects_them_and_retrains(
     """One DAgger iteration: the model drives, the expert labels what it sees, the collector stores the
     labelled run like any other (source DAGGER), the model is retrained on the union and raced again."""
     from collector.store import FrameStore
+    from game_server.core.driver_file import SavedDriver, save_driver
+    from pipeline.dagger import DaggerConfig, run_dagger
     from plumbing.redis_local import LocalRedis
     from rallyrobopilot.v1 import collector_pb2
     from scheduler.executor import EvaluationPool, PoolConfig
-    from trainer.driver_file import SavedDriver, save_driver
-    from trainer.vision.dagger import DaggerConfig, run_dagger
 
     expert = default_driver()
     driver_path = save_driver(
@@ -169,7 +174,7 @@ def test_dagger_labels_the_learners_states_collects_them_and_retrains(
 
 
 def test_lap_ratios_leave_out_baselines_without_a_lap() -> None:
-    from trainer.vision.evaluate import lap_ratios
+    from pipeline.evaluate import lap_ratios
 
     base = {"reference_lap_ticks": 500, "driver_lap_ticks": 0, "driver_finished": False}
     # a tiny GA budget can end with no finishing lap (lap_ticks 0): nothing to divide by, nothing reported
@@ -184,7 +189,7 @@ def test_lap_ratios_leave_out_baselines_without_a_lap() -> None:
 
 def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProcess, tmp_path: Path) -> None:
     """The installed `rrp train`, `rrp evaluate` and `rrp dagger`, each in its own process, chained by files."""
-    from trainer.driver_file import SavedDriver, save_driver
+    from game_server.core.driver_file import SavedDriver, save_driver
 
     rrp = str(Path(sys.executable).with_name("rrp"))
     expert = default_driver()
@@ -221,3 +226,27 @@ def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProc
     assert failed.returncode == 1
     assert "rrp evaluate: error:" in failed.stderr and "missing.safetensors" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_with_the_other_core_kept_busy(tmp_path: Path) -> None:
+    """Training ends by epochs and early stopping, never by the clock: a seeded `rrp train` writes the same
+    bytes whether the machine is idle or both cores are busy."""
+    rrp = str(Path(sys.executable).with_name("rrp"))
+    tiny = ["--generate", "--tracks", "oval", "--episodes", "2", "--ticks", "80", "--width", "64", "--height", "48"]
+
+    def train(out: Path) -> str:
+        done = subprocess.run([rrp, "train", *tiny, "--epochs", "2", "--seed", "5", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    idle = train(tmp_path / "idle")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = train(tmp_path / "busy")
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert idle == busy

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from deap import base, creator, tools
 
@@ -21,14 +21,15 @@ from game_server.core import drivers
 from game_server.core.pilot import drive_lap
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, TICK_HZ
 from game_server.core.tracks import load_track
+from plumbing.settings import setting
 from trainer.fitness import DriverLap, ProgramCost, relative_cost
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "rrp-evolve-checkpoint"
 CHECKPOINT_VERSION = 1
-KIND_PROGRAM = "program"
-KIND_DRIVER = "driver"
+KIND_PROGRAM: Final = "program"
+KIND_DRIVER: Final = "driver"
 # The nine key combinations a driver would press (forward+back together is just coasting).
 SENSIBLE_MASKS = tuple(t | s for t in (0, FORWARD, BACK) for s in (0, LEFT, RIGHT))
 
@@ -43,19 +44,18 @@ if not hasattr(creator, "RRPFitness"):
 class EvolveConfig:
     """Settings of one evolution; stored in the checkpoint so that a resumed run is the same run."""
 
-    track: str = "kidney"
-    kind: str = KIND_PROGRAM
-    population: int = 32
-    generations: int = 10
-    seed: int = 0
+    track: str = setting("kidney", "training track: a built-in or gen-<seed>")
+    kind: Literal["program", "driver"] = setting(KIND_PROGRAM, "individuals: open-loop programs or ray drivers")
+    population: int = setting(32, "individuals per generation")
+    generations: int = setting(10, "generations after the initial one")
+    seed: int = setting(0, "seed of the whole run")
     # Closed-loop drivers are also scored on these tracks, so that they generalise.
-    extra_tracks: tuple[str, ...] = ()
-    crossover_prob: float = 0.5
-    mutation_prob: float = 0.6
-    elite: int = 2
-    tournament: int = 3
-    # Tick budget of a lap as a multiple of the reference lap.
-    budget_factor: float = 1.6
+    extra_tracks: tuple[str, ...] = setting((), "driver kind: more tracks to average over, a,b,...")
+    crossover_prob: float = setting(0.5, "probability that a pair is crossed over")
+    mutation_prob: float = setting(0.6, "probability that an individual mutates")
+    elite: int = setting(2, "best individuals kept unchanged each generation")
+    tournament: int = setting(3, "tournament size of the selection")
+    budget_factor: float = setting(1.6, "tick budget of a lap as a multiple of the reference lap")
 
     def __post_init__(self) -> None:
         if self.kind not in (KIND_PROGRAM, KIND_DRIVER):

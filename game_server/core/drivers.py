@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from game_server.core import physics
+from game_server.core import episode, physics
 from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
-from plumbing.errors import Cancelled, InvalidArgument, quote
+from plumbing.errors import InvalidArgument, quote
 
 RAYS_V1 = "rays-v1"
 _PAIRS = N_RAYS // 2  # ray i (left side) pairs with ray 14 - i (right side); ray 7 looks straight ahead
@@ -97,26 +97,18 @@ def run_policy(
     max_ticks: int,
     gate: Gate | None = None,
     record_trajectory: bool = False,
-    stop: Callable[[], bool] | None = None,
 ) -> tuple[RunResult, bytes]:
-    """Runs a closed-loop policy until the finish or `max_ticks`; returns the result and the masks it chose.
-
-    `stop` is looked at every physics.STOP_CHECK_TICKS ticks; True ends the run with Cancelled."""
-    state = start
-    masks = bytearray()
-    recorder = physics.TrajectoryRecorder() if record_trajectory else None
-    for i in range(0 if start.lap.finished else max_ticks):
-        if stop is not None and i % physics.STOP_CHECK_TICKS == 0 and stop():
-            raise Cancelled(f"stopped after {i} ticks: the caller left")
-        mask = policy(track, state)
-        masks.append(mask)
-        state, contact = physics.step(track, state, mask, gate)
-        if recorder is not None:
-            recorder.add(state.car, contact)
-        if state.lap.finished:
-            break
-    trajectory = recorder.trajectory() if recorder is not None else None
-    return physics.result_of(track, start, state, trajectory), bytes(masks)
+    """Runs a privileged policy (it reads the state) until the finish or `max_ticks`; returns the result
+    and the masks it chose."""
+    run = episode.run_episode(
+        track,
+        start,
+        episode.StatePolicy(policy, track),
+        max_ticks=max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+    )
+    return run.result, run.applied
 
 
 def run_driver(
@@ -127,9 +119,13 @@ def run_driver(
     max_ticks: int,
     gate: Gate | None = None,
     record_trajectory: bool = False,
-    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    result, _ = run_policy(
-        track, start, driver.act, max_ticks=max_ticks, gate=gate, record_trajectory=record_trajectory, stop=stop
-    )
-    return result
+    """Runs a sensor driver until the finish or `max_ticks`."""
+    return episode.run_episode(
+        track,
+        start,
+        episode.SensorPolicy(driver.act_on),
+        max_ticks=max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+    ).result

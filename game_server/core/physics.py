@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ from game_server.core.state import (
 )
 from game_server.core.track import Track
 from game_server.core.trig import HALF_PI, PI, TWO_PI, sincos, sincos_array
-from plumbing.errors import Cancelled, InvalidArgument
+from plumbing.errors import InvalidArgument
 
 # The car model (units: m, s, rad). Speed changes are applied per tick, so they are precomputed per tick.
 TOP_SPEED = 50.0
@@ -307,8 +306,6 @@ def validate_masks(masks: bytes) -> None:
 # The largest tick a restored state may carry (~1,400 years at 25 Hz): every later tick, lap time and
 # stream ID derived from it still fits the 64-bit fields that carry it.
 MAX_STATE_TICK = 2**40
-# How often a long run looks whether its caller is still there: 256 driver ticks take ~25 ms.
-STOP_CHECK_TICKS = 256
 # The largest count (wall contacts, checkpoints) a state may carry: uint32 fields with room to grow.
 MAX_STATE_COUNT = 2**31
 
@@ -419,36 +416,3 @@ def result_of(track: Track, start: SimState, final: SimState, trajectory: Trajec
         final_state=final,
         trajectory=trajectory,
     )
-
-
-def run_program(
-    track: Track,
-    start: SimState,
-    masks: bytes,
-    *,
-    gate: Gate | None = None,
-    max_ticks: int = 0,
-    record_trajectory: bool = False,
-    stop: Callable[[], bool] | None = None,
-) -> RunResult:
-    """Runs `max_ticks` ticks (coasting past the program's end, or cutting it short), or the whole program
-    when max_ticks is 0, stopping at the finish.
-
-    Inputs are trusted: call validate_masks / validate_state at the edge. A start state that is already
-    finished simulates nothing. `stop`, looked at every STOP_CHECK_TICKS ticks, ends the run with
-    Cancelled when it answers True (its caller left).
-    """
-    n_ticks = 0 if start.lap.finished else (max_ticks or len(masks))
-    state = start
-    recorder = TrajectoryRecorder() if record_trajectory else None
-    program = masks[:n_ticks] + bytes(n_ticks - min(len(masks), n_ticks))
-    for i, mask in enumerate(program):
-        if stop is not None and i % STOP_CHECK_TICKS == 0 and stop():
-            raise Cancelled(f"stopped after {i} ticks: the caller left")
-        state, contact = step(track, state, mask, gate)
-        if recorder is not None:
-            recorder.add(state.car, contact)
-        if state.lap.finished:
-            break
-    trajectory = recorder.trajectory() if recorder is not None else None
-    return result_of(track, start, state, trajectory)

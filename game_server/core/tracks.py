@@ -121,6 +121,13 @@ def _alpine() -> Track:
 
 _BUILTINS: dict[str, Callable[[], Track]] = {"oval": _oval, "kidney": _kidney, "alpine": _alpine}
 
+# Named track sets, defined here once. Models train and drivers evolve on TRAINING_TRACKS only; UNSEEN_TRACKS
+# are never trained on, so a lap there measures generalisation. EVOLVE_TRACKS is the GA's smaller set.
+TRAINING_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10)))
+EVOLVE_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2")
+DAGGER_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3")
+UNSEEN_TRACKS: tuple[str, ...] = tuple(f"gen-{i}" for i in range(1001, 1006))
+
 
 def _bspline_closed(ctrl: np.ndarray, per_span: int = 64) -> np.ndarray:
     """Uniform periodic cubic B-spline through control polygon `ctrl` (C2-smooth, closed)."""

@@ -12,17 +12,16 @@ import torch
 from torch.nn import functional
 from tqdm import tqdm
 
-from game_server.core import physics
+from game_server.core import episode
 from game_server.core.drivers import RayDriver
-from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from game_server.core.state import LEFT, RIGHT
+from game_server.core.track import Track
 from game_server.core.tracks import load_track, random_state
 from game_server.render.renderer import FrameSpec, shared_renderer
+from plumbing.settings import setting
 from trainer.data.dataset import split_runs
 from trainer.data.records import FrameSource, RunInfo, Sample
 from trainer.vision.model import N_CLASSES, mask_targets
-
-_STEERS = (0, LEFT, RIGHT)
-_THROTTLES = (0, FORWARD, BACK)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,41 +131,34 @@ def generate_samples(
     size: tuple[int, int] = (128, 96),
     randomize: bool = True,
     progress: bool = False,
+    perturb_max_ticks: int = 12,
 ) -> FrameSet:
     """Rolls out `driver` in process and renders what the camera sees: the fallback and test data source.
 
-    Each tick is labelled with the driver's intended keys (expert_label) on the state the car is in; with probability
-    `perturb_prob` per tick a burst of 3-12 random keys is applied instead, so the data holds recoveries.
-    Episode 0 of a track starts on the start line, later ones at random places (see random_start).
-    Everything is a function of `seed`.
+    The same episode loop and perturbation model as a game server's Record: each tick is labelled with the
+    driver's intended keys on the state the car is in, while a seeded perturbation sometimes applies other
+    keys, so the data holds recoveries. Episode 0 of a track starts on the start line, later ones at random
+    places. Everything is a function of `seed`.
     """
     width, height = size
     renderer = shared_renderer()
     builder = FrameSetBuilder()
     rng = np.random.default_rng(seed)
     total = len(tracks) * episodes
-    for name, episode in tqdm(
+    policy = episode.SensorPolicy(driver.act_on)
+    for name, index in tqdm(
         [(t, e) for t in tracks for e in range(episodes)], desc="generate", total=total, disable=not progress
     ):
         track = load_track(name)
-        state = track.base_state if episode == 0 else random_state(track, rng)
-        frame_seed = int(rng.integers(2**62))
-        builder.start_run(in_process_run(f"generated-{name}-{seed}-{episode}", name, "driver", width, height))
-        burst, burst_mask = 0, 0
-        for _ in range(ticks):
-            rays = physics.raycast(track, state.car, state.lap.segment)
-            label = expert_label(driver, rays, state.car.speed)
-            if burst == 0 and rng.random() < perturb_prob:
-                burst = int(rng.integers(3, 13))
-                burst_mask = int(rng.choice(_THROTTLES)) | int(rng.choice(_STEERS))
-            # Unperturbed, the expert's own keys drive (its laps stay the GA driver's laps).
-            applied = burst_mask if burst > 0 else driver.act_on(rays, state.car.speed)
-            burst = max(burst - 1, 0)
-            frame = renderer.render(track, state, FrameSpec(width, height, randomize, frame_seed))
-            builder.add(frame, state.car.speed, label)
-            state, _ = physics.step(track, state, applied)
-            if state.lap.finished:
-                break
+        state = track.base_state if index == 0 else random_state(track, rng)
+        frame = FrameSpec(width, height, randomize, int(rng.integers(2**62)))
+        perturbation = episode.Perturbation(int(rng.integers(2**62)), perturb_prob, perturb_max_ticks)
+        builder.start_run(in_process_run(f"generated-{name}-{seed}-{index}", name, "driver", width, height))
+
+        def add(tick: episode.Tick, track: Track = track, frame: FrameSpec = frame) -> None:
+            builder.add(renderer.render(track, tick.state, frame), tick.state.car.speed, tick.intended)
+
+        episode.run_episode(track, state, policy, max_ticks=ticks, perturbation=perturbation, on_tick=add)
     return builder.build(width, height)
 
 
@@ -228,11 +220,11 @@ def class_weights(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class AugmentConfig:
     """Photometric and geometric jitter applied to training batches."""
 
-    brightness: float = 0.3
-    contrast: float = 0.3
-    colour: float = 0.1
-    shift_px: int = 4
-    flip_prob: float = 0.5
+    brightness: float = setting(0.3, "brightness jitter, a share of the mean")
+    contrast: float = setting(0.3, "contrast jitter, a share")
+    colour: float = setting(0.1, "per-channel colour jitter, a share")
+    shift_px: int = setting(4, "largest horizontal and vertical shift, pixels")
+    flip_prob: float = setting(0.5, "probability of a mirrored frame (left and right keys swapped)")
 
 
 def augment(

@@ -9,6 +9,7 @@ from torch import nn
 
 from game_server.core.physics import TOP_SPEED
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
+from plumbing.settings import setting
 
 # Head classes. Two 3-way heads instead of four independent keys: the net cannot ask for forward and
 # back (or left and right) at once, and "no key" is a class of its own rather than the absence of two.
@@ -22,11 +23,11 @@ N_LOGITS = 2 * N_CLASSES  # [throttle logits (3), steering logits (3)]
 class VisionConfig:
     """The network's shape: input resolution, conv channel widths, hidden units and the init seed."""
 
-    width: int = 128
-    height: int = 96
-    channels: tuple[int, ...] = (16, 32, 48, 64)
-    hidden: int = 128
-    seed: int = 0
+    width: int = setting(128, "model input width, pixels")
+    height: int = setting(96, "model input height, pixels")
+    channels: tuple[int, ...] = setting((16, 32, 48, 64), "channels of each conv layer")
+    hidden: int = setting(128, "hidden units of the head")
+    seed: int = setting(0, "seed of data, initialisation, order and augmentation")
 
     def __post_init__(self) -> None:
         stride = 2 ** len(self.channels)

@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,9 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from game_server.core import drivers
-from trainer.driver_file import load_driver
+from game_server.core.driver_file import load_driver
+from game_server.core.tracks import TRAINING_TRACKS
+from plumbing.settings import nested, setting
 from trainer.vision.data import (
     AugmentConfig,
     FrameSet,
@@ -51,17 +53,25 @@ HISTORY_PNG = "training_curve.png"
 class DataConfig:
     """Where training frames come from: Redis, exported shards, or rolled out in this process (the fallback)."""
 
-    redis_url: str | None = None
-    redis_prefix: str = "rrp:"
-    shards: Path | None = None
-    # In-process generation (used when neither Redis nor shards is given).
-    tracks: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10)))
-    episodes: int = 3
-    ticks: int = 500
-    perturb_prob: float = 0.04
-    randomize: bool = True
-    driver_path: Path | None = None  # the evolved driver (best_driver.json); the hand-set default otherwise
-    seed: int = 0
+    redis_url: str | None = setting(
+        None, "read recorded runs from this Redis URL (password from RRP_REDIS_PASSWORD)", flag="redis", env="redis_url"
+    )
+    redis_prefix: str = setting("rrp:", "key prefix of the collector's Redis data")
+    shards: Path | None = setting(None, "read runs exported by `rrp data export` from this folder")
+    generate: bool = setting(False, "roll the driver out in this process (the source when no other is given)")
+    # In-process generation: the same episode loop and perturbation model as recording on a game server.
+    tracks: tuple[str, ...] = setting(TRAINING_TRACKS, "generated data: tracks to drive (never the unseen ones)")
+    episodes: int = setting(3, "generated data: episodes per track (the first from the start line)")
+    ticks: int = setting(500, "generated data: ticks per episode at most")
+    perturb_prob: float = setting(0.04, "generated data: per-tick probability that a perturbation starts")
+    randomize: bool = setting(True, "generated data: domain randomisation of the frames")
+    # The evolved driver labels and drives; the hand-set default driver otherwise.
+    driver_path: Path | None = setting(None, "evolved driver file (best_driver.json)", flag="driver")
+    seed: int = setting(0, "seed of data, initialisation, order and augmentation")
+
+    def __post_init__(self) -> None:
+        if sum((bool(self.redis_url), self.shards is not None, self.generate)) > 1:
+            raise ValueError("give one data source: --redis, --shards or --generate")
 
     def driver(self) -> drivers.RayDriver:
         return load_driver(self.driver_path).ray_driver() if self.driver_path else drivers.default_driver()
@@ -109,25 +119,27 @@ def load_frames(
 class TrainConfig:
     """Settings of one training run; the defaults train on 2 CPU cores in a few minutes."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    epochs: int = 12
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    vision: VisionConfig = nested(VisionConfig)
+    epochs: int = setting(12, "epochs at most")
+    batch_size: int = setting(128, "frames per step")
+    lr: float = setting(2e-3, "peak learning rate (one-cycle)")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
     # Epochs without a better validation exact-mask accuracy before stopping. Accuracy, not loss: the loss
     # rises as the net grows confident on ambiguous bang-bang frames while the keys it picks still improve.
-    patience: int = 4
+    patience: int = setting(4, "epochs without a better validation exact-mask accuracy before stopping")
     # "best": the epoch with the best validation exact-mask accuracy; "last": the end of the schedule, for
     # fine-tuning (DAgger), where a mid-schedule epoch at peak learning rate drives worse than the end.
-    keep: Literal["best", "last"] = "best"
-    val_fraction: float = 0.2
-    split_by: Literal["run", "track"] = "run"
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-    balance: bool = True
-    threads: int = 2
-    seed: int = 0
-    time_limit_s: float = 540.0  # a safety net: training stops after the epoch that crosses it
-    progress: bool = True
+    keep: Literal["best", "last"] = setting("best", "weights kept: the best validation epoch, or the last")
+    val_fraction: float = setting(0.2, "share of runs (or tracks) held out for validation")
+    split_by: Literal["run", "track"] = setting("run", "hold out whole runs or whole tracks")
+    augment: bool = setting(True, "photometric and geometric jitter of training batches")
+    augmentation: AugmentConfig = nested(AugmentConfig, prefix="augment_")
+    balance: bool = setting(True, "class weights in the loss, so rare keys count")
+    threads: int = setting(2, "torch threads (fixed, for reproducibility)")
+    seed: int = setting(0, "seed of data, initialisation, order and augmentation")
+    # Off by default: a model must depend on its seed and data, never on how busy the machine was.
+    time_limit_s: float | None = setting(None, "optional: stop after the epoch that crosses this many seconds")
+    progress: bool = setting(True, "progress bars", cli=False)
 
 
 @dataclass(frozen=True)
@@ -241,8 +253,8 @@ def train(
         for start in bar:
             idx = order[start : start + config.batch_size]
             x, m = images[idx], labels[idx]
-            if config.augment is not None:
-                x, m = augment(x, m, config.augment, generator)
+            if config.augment:
+                x, m = augment(x, m, config.augmentation, generator)
             loss = head_losses(model(x, speeds[idx]), m, weights)
             optimiser.zero_grad()
             loss.backward()
@@ -280,7 +292,7 @@ def train(
         elif config.keep == "best" and epoch - best_epoch >= config.patience:
             log.info("early stop: no better validation exact-mask accuracy for %d epochs", config.patience)
             break
-        if time.perf_counter() - t_start > config.time_limit_s:
+        if config.time_limit_s is not None and time.perf_counter() - t_start > config.time_limit_s:
             log.warning("time limit of %.0f s reached after epoch %d", config.time_limit_s, epoch)
             break
     if config.keep == "best":

@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from game_server.core.pilot import drive_lap
-from game_server.core.tracks import load_track
+from game_server.core.tracks import UNSEEN_TRACKS, load_track
+from pipeline.evaluate import drive_in_process
 from trainer.vision.data import FrameSet, resize_frames, split_frames
-from trainer.vision.evaluate import UNSEEN_TRACKS, VisionPilot, drive_in_process
+from trainer.vision.pilot import VisionPilot
 from trainer.vision.train import DataConfig, TrainConfig, load_frames, train
 
 log = logging.getLogger(__name__)

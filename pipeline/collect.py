@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from collector.tasks import Episode, RecordSettings, RecordTask
+from game_server.core.driver_file import SavedDriver, load_driver
 from game_server.core.tracks import load_track, random_state
-from plumbing.procs import ServiceProcess, start_service
+from pipeline.pools import PoolSpec, collector_for, open_pool
+from pipeline.record_task import Episode, RecordSettings, RecordTask
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import game_pb2
-from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import EvaluationError
-from trainer.driver_file import SavedDriver, load_driver
-from trainer.evolve_job import PoolSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +30,27 @@ REDIS_DIR = "redis"
 class CollectConfig:
     """A collection: which episodes, how they are recorded, and where the frames go."""
 
-    episodes: int
-    driver_paths: tuple[Path, ...]
-    tracks: tuple[str, ...]
-    out_dir: Path
-    seed: int = 0
-    settings: RecordSettings = field(default_factory=lambda: RecordSettings(collector_address=""))
-    # Where the collector is: an address, or a Redis URL for a collector started here; neither: a collector
-    # and a Redis of its own are started here, the Redis data kept under out_dir/redis.
-    collector: str | None = None
-    redis_url: str | None = None
-    run_prefix: str = ""
-    # Share of the later episodes of each (driver, track) that start from a random state, and their length.
-    recovery_share: float = 0.0
-    recovery_ticks: int = 500
+    driver_paths: tuple[Path, ...] = setting(
+        help="driver files (rrp evolve's best_driver.json), PATH[,PATH]", flag="drivers"
+    )
+    episodes: int = setting(8, "episodes to record")
+    tracks: tuple[str, ...] = setting(("oval",), "tracks to record on, a,b,c")
+    out_dir: Path = setting(
+        Path("out/collect"), "folder for the summary (and the private Redis data)", flag="out", env="out"
+    )
+    seed: int = setting(0, "seed of every episode's seeds")
+    settings: RecordSettings = nested(RecordSettings)
+    pool: PoolSpec = nested(PoolSpec)
+    # Neither: a collector and a Redis of its own are started here, the Redis data kept under out_dir/redis.
+    collector: str | None = setting(None, "collector host:port; none: one is started here")
+    redis_url: str | None = setting(
+        None, "Redis URL for a collector started here; none: a private Redis in --out", flag="redis", env="redis_url"
+    )
+    run_prefix: str = setting("", "run id prefix (default collect-s<seed>)")
+    recovery_share: float = setting(
+        0.0, "share of each driver/track pair's later episodes that start from a random state (recoveries)"
+    )
+    recovery_ticks: int = setting(500, "length of a recovery episode, ticks")
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not self.driver_paths or not self.tracks:
@@ -121,43 +126,7 @@ def plan_episodes(
     return plan
 
 
-@contextlib.contextmanager
-def collector_for(address: str | None, redis_url: str | None, data_dir: Path) -> Iterator[tuple[str, str | None]]:
-    """Yields a collector address and the private Redis data folder (None if there is none), starting a
-    collector here unless `address` is given: on `redis_url`, or on a private Redis whose data stays in
-    `data_dir`. The URL goes through the environment, never the command line, as it may hold a password."""
-    if address:
-        yield address, None
-        return
-    service = start_service(
-        ["collector", "--port", "0", "--redis-dir", str(data_dir)], env={"RRP_REDIS_URL": redis_url or ""}
-    )
-    try:
-        yield service.address, None if redis_url else str(data_dir)
-    finally:
-        service.stop()
-
-
-@contextlib.contextmanager
-def _pool(spec: PoolSpec, timeout_s: float) -> Iterator[tuple[EvaluationPool, str]]:
-    procs: list[ServiceProcess] = []
-    try:
-        if spec.servers or spec.discover:
-            servers, where = spec.servers, ",".join(spec.servers) or f"dns:{spec.discover}"
-        else:
-            procs = [start_service(["game-server", "--port", "0"]) for _ in range(spec.local_servers)]
-            servers = tuple(p.address for p in procs)
-            where = f"{len(procs)} local game servers ({', '.join(servers)})"
-        config = PoolConfig(servers=servers, discover=spec.discover, evaluate_timeout_s=timeout_s)
-        with EvaluationPool(config) as pool:
-            pool.wait_ready(1, timeout_s=60)
-            yield pool, where
-    finally:
-        for p in procs:
-            p.stop()
-
-
-def run_collect(config: CollectConfig, pool_spec: PoolSpec) -> CollectSummary:
+def run_collect(config: CollectConfig) -> CollectSummary:
     """Records every planned episode on the pool, many servers streaming at once; writes collect_summary.json."""
     for track in config.tracks:
         load_track(track)  # an unknown track fails here, before any process starts
@@ -169,7 +138,7 @@ def run_collect(config: CollectConfig, pool_spec: PoolSpec) -> CollectSummary:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
         task = RecordTask(_with_address(config.settings, address))
-        with _pool(pool_spec, task.timeout_s) as (pool, where):
+        with open_pool(config.pool, task.timeout_s) as (pool, where):
             print(f"[collect] {len(plan)} episodes on {where}, frames to the collector at {address}", flush=True)
             t0 = time.perf_counter()
             futures = [pool.submit(task, episode) for episode in plan]

@@ -18,16 +18,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from collector.client import RunProducer
+from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
 from game_server.core.state import TICK_HZ
-from game_server.core.tracks import load_track
+from game_server.core.tracks import DAGGER_TRACKS, load_track
+from pipeline.evaluate import DriveRecord, EvalConfig, VisionPilot, drive_on_server, run_evaluation
+from pipeline.pools import open_pool
+from plumbing.settings import env_value, nested, setting
 from rallyrobopilot.v1 import collector_pb2 as cpb
 from scheduler.executor import EvaluationPool
-from trainer.driver_file import load_driver
 from trainer.vision.data import FrameSet, FrameSetBuilder, concat, in_process_run
-from trainer.vision.evaluate import DriveRecord, EvalConfig, VisionPilot, drive_on_server, run_evaluation
 from trainer.vision.model import DrivingNet
-from trainer.vision.train import TrainConfig, train
+from trainer.vision.train import DataConfig, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,19 @@ log = logging.getLogger(__name__)
 class DaggerConfig:
     """DAgger settings; the tracks are training tracks only, so the unseen ones stay unseen."""
 
-    driver_path: Path  # the expert that labels: the evolved ray driver
-    tracks: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3")
-    iterations: int = 3
-    epochs_per_iteration: int = 4
-    lr_scale: float = 0.25  # fine-tuning learning rate as a share of the training one
-    budget_factor: float = 2.0
-    randomize: bool = True  # DAgger frames get their own domain randomisation seeds
-    collector: str | None = None  # stream the labelled runs to this collector (RunSource DAGGER)
-    seed: int = 0
+    # The expert that labels: the evolved ray driver.
+    driver_path: Path = setting(help="evolved driver file (best_driver.json): expert and baseline", flag="driver")
+    tracks: tuple[str, ...] = setting(
+        DAGGER_TRACKS, "training tracks the model drives to collect", flag="dagger-tracks"
+    )
+    iterations: int = setting(3, "DAgger iterations")
+    epochs_per_iteration: int = setting(4, "retraining epochs per iteration")
+    lr_scale: float = setting(0.25, "fine-tuning learning rate as a share of the training one")
+    budget_factor: float = setting(2.0, "tick budget as a multiple of the reference driver's lap")
+    # DAgger frames get their own domain randomisation seeds.
+    randomize: bool = setting(True, "domain-randomised frames while the model drives")
+    collector: str | None = setting(None, "stream the labelled runs to this collector host:port")
+    seed: int = setting(0, "seed of data, initialisation, order and augmentation")
 
 
 def collect_dagger_runs(
@@ -220,3 +226,32 @@ def plot_dagger(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class DaggerJobConfig:
+    """`rrp dagger`: the model to improve, the expert, its data and training, and the evaluation."""
+
+    dagger: DaggerConfig = nested()
+    model: Path = setting(Path("out/vision/model/model.safetensors"), "weights (safetensors) of the model")
+    data: DataConfig = nested(DataConfig)
+    train: TrainConfig = nested(TrainConfig)
+    eval: EvalConfig = nested(EvalConfig)
+    out_dir: Path = setting(Path("out/vision/dagger"), "output folder", flag="out", env="out")
+
+
+def run_dagger_job(config: DaggerJobConfig) -> int:
+    """DAgger from a trained model; saves the final weights and TorchScript beside the iteration reports."""
+    from trainer.vision.train import TORCHSCRIPT, WEIGHTS, export_torchscript, load_frames, load_model, save_weights
+
+    model = load_model(config.model)
+    train_config = dataclasses.replace(config.train, vision=model.config)  # retrain the same net
+    size = (model.config.width, model.config.height)
+    frames = load_frames(config.data, size, redis_password=env_value("redis_password"))
+    out = config.out_dir
+    with open_pool(config.eval.pool) as (pool, _):
+        model, _ = run_dagger(model, frames, train_config, config.dagger, config.eval, pool, out)
+    save_weights(model, out / WEIGHTS)
+    export_torchscript(model, out / TORCHSCRIPT)
+    print((out / "dagger.md").read_text() + f"final model: {out / WEIGHTS}", flush=True)
+    return 0

@@ -6,28 +6,28 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from collector.collect import CollectConfig, run_collect
-from collector.tasks import RecordSettings
 from game_server.client import GameClient, frame_array
 from game_server.core.drivers import RayDriver
 from game_server.core.state import TICK_HZ
 from game_server.core.track import Track
-from game_server.core.tracks import load_track
+from game_server.core.tracks import EVOLVE_TRACKS, TRAINING_TRACKS, UNSEEN_TRACKS, load_track
 from game_server.trackmap import plot_laps, save_frame_strip
-from plumbing.procs import ServiceProcess, start_service
+from pipeline.collect import CollectConfig, run_collect
+from pipeline.evolve import EvolveJobConfig, EvolveOutcome, run_evolve_job
+from pipeline.pools import PoolSpec, local_game_servers, service
+from pipeline.record_task import RecordSettings
 from plumbing.redis_local import LocalRedis
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
 from trainer.data.redis_source import RedisRuns
 from trainer.data.validate import DataRequirements, validate_source
 from trainer.evolve import KIND_DRIVER, EvolveConfig
-from trainer.evolve_job import EvolveOutcome, PoolSpec, run_evolve_job
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,24 @@ MAX_LAP_TICKS = 5_000
 class MainJobConfig:
     """The main job's embedded defaults; every one can be changed from `rrp run`'s flags."""
 
-    track: str = "kidney"
-    extra_tracks: tuple[str, ...] = ("oval", "alpine", "gen-1", "gen-2")
-    out_dir: Path = Path("out/run")
-    game_servers: int = 2
-    population: int = 24
-    generations: int = 10
-    seed: int = 0
-    frames: int = 12
-    # Data collection: recording episodes of the evolved driver on these tracks, perturbed and randomised.
-    collect_tracks: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for i in range(1, 10)))
-    episodes: int = 36
-    perturb_probability: float = 0.04
-    recovery_share: float = 1.0
+    track: str = setting("kidney", "training track: the GA's main track, raced over gRPC and by the model")
+    extra_tracks: tuple[str, ...] = setting(
+        tuple(t for t in EVOLVE_TRACKS if t != "kidney"), "more tracks the evolved driver is scored on"
+    )
+    out_dir: Path = setting(Path("out/run"), "output folder", flag="out", env="out")
+    game_servers: int = setting(2, "local game servers")
+    population: int = setting(24, "GA population")
+    generations: int = setting(10, "GA generations")
+    seed: int = setting(0, "seed of the whole run")
+    frames: int = setting(12, "camera frames shown in the report's strip")
+    # Data collection: recording episodes of the evolved driver, perturbed and randomised.
+    collect_tracks: tuple[str, ...] = setting(TRAINING_TRACKS, "tracks the evolved driver is recorded on")
+    episodes: int = setting(36, "recording episodes")
+    recovery_share: float = setting(1.0, "share of later episodes that start from a random state (recoveries)")
+    record: RecordSettings = nested(RecordSettings)
     # The vision model: its training epochs, and tracks it never saw for the closed-loop evaluation.
-    epochs: int = 12
-    unseen_tracks: tuple[str, ...] = tuple(f"gen-{i}" for i in range(1001, 1006))
+    epochs: int = setting(12, "vision model training epochs at most")
+    unseen_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS, "tracks never trained on, raced by the model")
 
 
 @dataclass
@@ -74,18 +76,6 @@ class Report:
         (out_dir / "report.md").write_text("\n".join(body))
 
 
-@contextlib.contextmanager
-def local_game_servers(n: int) -> Iterator[list[ServiceProcess]]:
-    procs: list[ServiceProcess] = []
-    try:
-        for _ in range(n):
-            procs.append(start_service(["game-server", "--port", "0"]))
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
-
-
 def run_main_job(config: MainJobConfig) -> int:
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +83,7 @@ def run_main_job(config: MainJobConfig) -> int:
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(LocalRedis(out / "redis"))
-        collector = stack.enter_context(_service(["collector", "--port", "0"], {"RRP_REDIS_URL": redis.url}))
+        collector = stack.enter_context(service(["collector", "--port", "0"], {"RRP_REDIS_URL": redis.url}))
         servers = stack.enter_context(local_game_servers(config.game_servers))
         addresses = tuple(s.address for s in servers)
         print(
@@ -156,7 +146,7 @@ def _evaluate(
 ) -> bool:
     import torch
 
-    from trainer.vision.evaluate import EvalConfig, VisionPilot, run_evaluation
+    from pipeline.evaluate import EvalConfig, VisionPilot, run_evaluation
     from trainer.vision.train import load_model
 
     torch.set_num_threads(1)  # the game servers need the other core
@@ -166,7 +156,7 @@ def _evaluate(
         training_tracks=(config.track,),
         unseen_tracks=config.unseen_tracks,
         driver_path=evolved.driver_path,
-        servers=addresses,
+        pool=PoolSpec(servers=addresses),
     )
     out = config.out_dir / "evaluation"
     result = run_evaluation(pilot, eval_config, out)
@@ -206,30 +196,21 @@ def _evaluate(
     return met
 
 
-@contextlib.contextmanager
-def _service(args: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
-    service = start_service(args, env=env)
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 def _collect(
     config: MainJobConfig, addresses: tuple[str, ...], collector: str, evolved: EvolveOutcome, report: Report
 ) -> None:
-    settings = RecordSettings(collector_address=collector, perturb_probability=config.perturb_probability)
     collect_config = CollectConfig(
         episodes=config.episodes,
         driver_paths=(evolved.driver_path,),
         tracks=config.collect_tracks,
         out_dir=config.out_dir / "collect",
         seed=config.seed,
-        settings=settings,
+        settings=config.record,
+        pool=PoolSpec(servers=addresses),
         collector=collector,
         recovery_share=config.recovery_share,
     )
-    summary = run_collect(collect_config, PoolSpec(servers=addresses))
+    summary = run_collect(collect_config)
     report.figures["collect"] = {
         "runs": summary.runs,
         "failed": summary.failed,
@@ -243,8 +224,8 @@ def _collect(
         f"{summary.runs} recording episodes of the evolved driver on {', '.join(config.collect_tracks)}, spread "
         f"over {len(addresses)} game servers by the scheduler, each streaming its frames (128x96 PNG, domain "
         f"randomisation on) to the collector from inside its simulation loop; the applied controls were "
-        f"perturbed on {summary.perturbed_ticks} ticks (probability {config.perturb_probability} per tick) while "
-        f"the driver's intended keys were recorded as labels. After each track's first lap, episodes start "
+        f"perturbed on {summary.perturbed_ticks} ticks (probability {config.record.perturb_probability} per tick) "
+        f"while the driver's intended keys were recorded as labels. After each track's first lap, episodes start "
         f"from random states (off the centre line, misaligned, at some speed) to show recoveries. "
         f"{summary.frames} frames in {summary.seconds:.1f} s "
         f"({summary.frames_per_s:.0f} frames/s); {summary.laps_finished} laps finished; {summary.failed} failed.",
@@ -275,7 +256,7 @@ def _evolve(config: MainJobConfig, addresses: tuple[str, ...], out: Path, report
         seed=config.seed,
         extra_tracks=config.extra_tracks,
     )
-    outcome = run_evolve_job(evolve_config, out, PoolSpec(servers=addresses))
+    outcome = run_evolve_job(EvolveJobConfig(evolve=evolve_config, pool=PoolSpec(servers=addresses), out_dir=out))
     best, base = outcome.best.lap_ticks, outcome.baseline_lap_ticks
     report.figures["evolve"] = {
         "tracks": list(evolve_config.tracks),

@@ -7,55 +7,32 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 
 from game_server.client import GameClient, frame_array
-from game_server.core import drivers, physics
+from game_server.core import drivers, episode, physics
+from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
-from game_server.core.state import TICK_HZ
-from game_server.core.tracks import load_track
+from game_server.core.state import TICK_HZ, SimState
+from game_server.core.tracks import UNSEEN_TRACKS, load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
 from game_server.trackmap import plot_laps
-from plumbing.procs import ServiceProcess, start_service
+from pipeline.pools import PoolSpec, open_pool
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
-from scheduler.executor import EvaluationPool, PoolConfig
-from trainer.driver_file import load_driver
-from trainer.vision.data import expert_label, resize_frames
-from trainer.vision.model import decide
+from scheduler.executor import EvaluationPool
+from trainer.vision.data import expert_label
+from trainer.vision.pilot import VisionPilot
 
 log = logging.getLogger(__name__)
 
-UNSEEN_TRACKS = tuple(f"gen-{i}" for i in range(1001, 1006))
 STUCK_TICKS = 250  # 10 s without new progress: the car is stuck or lost; the run stops there
-
-
-class Model(Protocol):
-    """An eager DrivingNet or its TorchScript export: frames + speeds -> logits."""
-
-    def __call__(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor: ...
-
-
-class VisionPilot:
-    """The policy: a camera frame and the dashboard speed in, the keys out. Nothing else is read."""
-
-    def __init__(self, model: Model, width: int, height: int) -> None:
-        self.model = model
-        self.width = width
-        self.height = height
-
-    def act(self, frame: np.ndarray, speed_m_per_s: float) -> int:
-        if frame.shape[:2] != (self.height, self.width):
-            frame = resize_frames(frame[None], self.width, self.height)[0]
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.array(frame))[None], torch.tensor([speed_m_per_s]))
-        return int(decide(logits)[0])
 
 
 @dataclass
@@ -197,55 +174,50 @@ def drive_in_process(
     """The same drive with the simulation and renderer in this process: for learning curves, where many short
     evaluations matter more than the network hop (the server path renders the same frames)."""
     track = load_track(track_name)
-    episode = _Episode(track_name, pilot, max_ticks, expert, keep_frames=False)
+    bookkeeping = _Episode(track_name, pilot, max_ticks, expert, keep_frames=False)
     renderer = shared_renderer()
-    state = track.base_state
-    while True:
-        frame = renderer.render(track, state, FrameSpec(pilot.width, pilot.height, randomize, seed))
+    spec = FrameSpec(pilot.width, pilot.height, randomize, seed)
+
+    def observe(state: SimState) -> int | None:
         lap = state.lap
-        mask = episode.observe(
+        return bookkeeping.observe(
             state.tick,
-            frame,
+            renderer.render(track, state, spec),
             state.car.speed,
             (state.car.x, state.car.y),
             physics.progress_fraction(track, lap),
             (lap.finished, lap.finish_tick, lap.wall_contacts),
             physics.raycast(track, state.car, lap.segment) if expert else (),
         )
-        if mask is None:
-            return episode.record
-        state, _ = physics.step(track, state, mask)
 
+    class FramePilot(episode.Policy):
+        needs_rays = False
 
-@contextlib.contextmanager
-def game_pool(servers: Sequence[str], local_servers: int) -> Iterator[EvaluationPool]:
-    """A pool over the given game servers, or over `local_servers` started here and stopped afterwards."""
-    procs: list[ServiceProcess] = []
-    try:
-        if not servers:
-            procs = [start_service(["game-server", "--port", "0"]) for _ in range(local_servers)]
-            servers = [p.address for p in procs]
-        with EvaluationPool(PoolConfig(servers=tuple(servers))) as pool:
-            pool.wait_ready(1, timeout_s=60)
-            yield pool
-    finally:
-        for p in procs:
-            p.stop()
+        def act(self, index: int, state: SimState, rays: Sequence[float]) -> int:
+            mask = observe(state)
+            if mask is None:
+                raise episode.Stop
+            return mask
+
+    run = episode.run_episode(track, track.base_state, FramePilot(), max_ticks=max_ticks + 1)
+    if run.result.final_state.lap.finished:
+        observe(run.result.final_state)  # the finish: its line and time
+    return bookkeeping.record
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What to drive, where, and what to compare against."""
 
-    training_tracks: tuple[str, ...] = ("kidney",)
-    unseen_tracks: tuple[str, ...] = UNSEEN_TRACKS
-    driver_path: Path | None = None  # the evolved driver: its lap on each track, and the GA's best lap
-    servers: tuple[str, ...] = ()
-    local_servers: int = 2
-    budget_factor: float = 2.0  # tick budget: this times the reference driver's lap
-    randomize: bool = False
-    seed: int = 0
-    timeout_s: float = 600.0
+    training_tracks: tuple[str, ...] = setting(("kidney",), "training track(s) to drive on", flag="eval-tracks")
+    unseen_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS, "tracks never used in training", flag="unseen")
+    # The evolved driver: its lap on each track, and the GA's best lap.
+    driver_path: Path | None = setting(None, "evolved driver file (best_driver.json) to compare with", flag="driver")
+    pool: PoolSpec = nested(PoolSpec)
+    budget_factor: float = setting(2.0, "tick budget as a multiple of the reference driver's lap")
+    randomize: bool = setting(False, "domain-randomised frames while driving", flag="randomize-frames")
+    seed: int = setting(0, "seed of that randomisation", flag="frame-seed", env="frame_seed")
+    timeout_s: float = setting(600.0, "seconds one drive may take")
 
 
 def baselines(track_name: str, driver: drivers.RayDriver | None, max_ticks: int) -> dict[str, Any]:
@@ -286,7 +258,7 @@ def run_evaluation(
     budgets = {t: int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks) for t in tracks}
     with contextlib.ExitStack() as stack:
         if pool is None:
-            pool = stack.enter_context(game_pool(config.servers, config.local_servers))
+            pool, _ = stack.enter_context(open_pool(config.pool))
         futures: dict[str, Future[DriveRecord]] = {
             t: pool.run_with_server(
                 functools.partial(
@@ -361,3 +333,33 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"# Vision autopilot, closed loop\n\n{head}Unseen tracks completed: "
         f"{report['unseen_laps_completed']} of {report['unseen_tracks']}.\n\n" + "\n".join(lines) + "\n"
     )
+
+
+@dataclass(frozen=True)
+class EvaluateJobConfig:
+    """`rrp evaluate`: which model drives, where, and where the report goes."""
+
+    model: Path = setting(Path("out/vision/model/model.safetensors"), "weights (safetensors) of the model")
+    torchscript: bool = setting(False, "drive with the TorchScript export beside the weights")
+    eval: EvalConfig = nested(EvalConfig)
+    out_dir: Path = setting(Path("out/vision/eval"), "folder for JSON, Markdown, maps", flag="out", env="out")
+
+
+def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
+    """The trained model as a policy, on one torch thread: the game servers need the other core."""
+    import torch
+
+    from trainer.vision.train import TORCHSCRIPT, load_model
+
+    torch.set_num_threads(1)
+    model = load_model(model_path)
+    c = model.config
+    if torchscript:
+        return VisionPilot(torch.jit.load(str(model_path.with_name(TORCHSCRIPT))), c.width, c.height)
+    return VisionPilot(model, c.width, c.height)
+
+
+def run_evaluate_job(config: EvaluateJobConfig) -> int:
+    report = run_evaluation(load_pilot(config.model, config.torchscript), config.eval, config.out_dir)
+    print(markdown_report(report), flush=True)
+    return 0

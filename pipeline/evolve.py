@@ -16,13 +16,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from game_server.core import drivers, physics
+from game_server.core import drivers, episode
+from game_server.core.driver_file import SavedDriver, save_driver
 from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps
-from plumbing.procs import ServiceProcess, start_service
-from scheduler.executor import EvaluationPool, PoolConfig
-from trainer.driver_file import SavedDriver, save_driver
+from pipeline.pools import PoolSpec, open_pool
+from plumbing.settings import nested, setting
 from trainer.evolve import (
     KIND_PROGRAM,
     Evolution,
@@ -40,14 +40,14 @@ BEST_DRIVER = "best_driver.json"
 
 
 @dataclass(frozen=True)
-class PoolSpec:
-    """Where evaluations run: given servers, a DNS name, N local servers started here, or in process."""
+class EvolveJobConfig:
+    """`rrp evolve`: the evolution, where its individuals are evaluated, and where its files go."""
 
-    servers: tuple[str, ...] = ()
-    discover: str | None = None
-    local_servers: int = 2
-    in_process: bool = False
-    evaluate_timeout_s: float = 60.0
+    evolve: EvolveConfig = nested(EvolveConfig)
+    pool: PoolSpec = nested(PoolSpec)
+    in_process: bool = setting(False, "evaluate in this process with the builtin map, no servers")
+    out_dir: Path = setting(Path("out/evolve"), "folder for checkpoint, plots, driver", flag="out", env="out")
+    resume: bool = setting(False, "continue from the checkpoint in --out")
 
 
 @dataclass(frozen=True)
@@ -59,34 +59,20 @@ class EvolveOutcome:
 
 
 @contextlib.contextmanager
-def evaluation_map(spec: PoolSpec) -> Iterator[tuple[Any, str]]:
-    """Yields a `map` for DEAP and a description; starts and stops local servers when asked to."""
-    if spec.in_process:
+def evaluation_map(spec: PoolSpec, in_process: bool) -> Iterator[tuple[Any, str]]:
+    """Yields a `map` for DEAP and a description: the builtin map in process, or the pool's."""
+    if in_process:
         yield map, "in process (builtin map)"
         return
-    procs: list[ServiceProcess] = []
-    try:
-        if spec.servers or spec.discover:
-            config = PoolConfig(
-                servers=spec.servers, discover=spec.discover, evaluate_timeout_s=spec.evaluate_timeout_s
-            )
-            where = ",".join(spec.servers) if spec.servers else f"dns:{spec.discover}"
-        else:
-            procs = [start_service(["game-server", "--port", "0"]) for _ in range(spec.local_servers)]
-            config = PoolConfig(servers=tuple(p.address for p in procs), evaluate_timeout_s=spec.evaluate_timeout_s)
-            where = f"{len(procs)} local game servers ({', '.join(p.address for p in procs)})"
-        with EvaluationPool(config) as pool:
-            pool.wait_ready(1, timeout_s=60)
-            yield pool.map, f"pool of {where}"
-    finally:
-        for p in procs:
-            p.stop()
+    with open_pool(spec) as (pool, where):
+        yield pool.map, f"pool of {where}"
 
 
-def run_evolve_job(config: EvolveConfig, out_dir: Path, pool: PoolSpec, resume: bool = False) -> EvolveOutcome:
+def run_evolve_job(job: EvolveJobConfig) -> EvolveOutcome:
+    config, out_dir, resume = job.evolve, job.out_dir, job.resume
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT
-    with evaluation_map(pool) as (map_fn, where):
+    with evaluation_map(job.pool, job.in_process) as (map_fn, where):
         if resume and checkpoint.exists():
             state = load_checkpoint(checkpoint)
             if _identity(state.config) != _identity(config):
@@ -138,7 +124,7 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
     _plot_fitness(state, baseline, out_dir / "fitness.png")
     laps = []
     if config.kind == KIND_PROGRAM:
-        run = physics.run_program(track, track.base_state, saved.masks, record_trajectory=True)
+        run = episode.run_program(track, track.base_state, saved.masks, record_trajectory=True)
     else:
         run = drivers.run_driver(
             track,
@@ -147,7 +133,7 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
             max_ticks=evolution.budgets[config.track],
             record_trajectory=True,
         )
-    base_run = physics.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
+    base_run = episode.run_program(track, track.base_state, evolution.reference.masks, record_trajectory=True)
     for label, r in ((f"GA best ({_secs(lap_ticks)})", run), (f"baseline ({_secs(baseline)})", base_run)):
         assert r.trajectory is not None
         laps.append((label, r.trajectory.x, r.trajectory.y, r.trajectory.speed))

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
 
 from game_server import convert
+from game_server.core.driver_file import SavedDriver
 from game_server.core.state import SimState
+from game_server.recording import ENCODINGS, EncodingName, record_in_process
 from plumbing.errors import DomainError, status_name
-from rallyrobopilot.v1 import collector_pb2, game_pb2, sim_pb2
+from plumbing.settings import setting
+from rallyrobopilot.v1 import game_pb2, sim_pb2
 from scheduler.tasks import EvaluationError
-from trainer.driver_file import SavedDriver
-
-if TYPE_CHECKING:
-    from game_server.servicer import GameServicer
 
 # Deadline of a Record call: rendering and streaming take about 2 ms a tick on one core; leave room for a
 # busy machine and for reconnections to the collector.
@@ -42,27 +39,16 @@ class Episode:
 class RecordSettings:
     """What every episode of a collection shares."""
 
-    collector_address: str
-    max_ticks: int = 3000
-    encoding: int = collector_pb2.IMAGE_ENCODING_PNG
-    jpeg_quality: int = 0
-    width_px: int = 128
-    height_px: int = 96
-    domain_randomization: bool = True
-    perturb_probability: float = 0.0
-    perturb_max_ticks: int = 12
-    labels: tuple[tuple[str, str], ...] = ()
-
-
-@functools.cache
-def _local_servicer() -> GameServicer:
-    # The game server's own Record handler with this process's renderer, so that running a task in process
-    # records exactly what a server would; imported late because the scheduler never records itself.
-    from game_server.game import Game, GameConfig
-    from game_server.render import shared_renderer
-    from game_server.servicer import GameServicer
-
-    return GameServicer(Game(GameConfig(), shared_renderer))
+    collector_address: str = setting("", "collector host:port", cli=False)
+    max_ticks: int = setting(3000, "ticks per episode at most (it stops at the finish)")
+    encoding: EncodingName = setting("png", "image encoding of the frames")
+    jpeg_quality: int = setting(0, "JPEG quality 1..100; 0: the game server's default (90)")
+    width_px: int = setting(128, "frame width, pixels", flag="width", env="width")
+    height_px: int = setting(96, "frame height, pixels", flag="height", env="height")
+    domain_randomization: bool = setting(True, "domain randomisation of the frames", flag="randomize")
+    perturb_probability: float = setting(0.04, "per-tick probability that a perturbation of the controls starts")
+    perturb_max_ticks: int = setting(12, "longest perturbation, ticks")
+    labels: tuple[tuple[str, str], ...] = setting((), "labels stored with every run", cli=False)
 
 
 class RecordTask:
@@ -86,7 +72,7 @@ class RecordTask:
                 domain_randomization=s.domain_randomization,
                 randomization_seed=episode.randomization_seed,
             ),
-            encoding=s.encoding,  # type: ignore[arg-type]
+            encoding=ENCODINGS[s.encoding],  # type: ignore[arg-type]
             jpeg_quality=s.jpeg_quality,
             collector_address=s.collector_address,
             driver_id=d.driver_id,
@@ -117,8 +103,7 @@ class RecordTask:
     def __call__(self, episode: Episode) -> game_pb2.RecordResponse:
         """Records in this process, as a server would; a task's error raises EvaluationError, as remotely."""
         try:
-            # GameServicer.Record reads nothing from its context.
-            response: game_pb2.RecordResponse = _local_servicer().Record(self.request(episode), None)
+            response = record_in_process(self.request(episode))
         except DomainError as exc:
             raise EvaluationError(grpc.StatusCode[status_name(exc)], str(exc)) from exc
         return self.result(response)

@@ -1,0 +1,101 @@
+{{/* One Job of the pipeline. .job: name, args (list), peers (list), initArgs (optional list), redis (bool), token (bool), modelStore (bool). */}}
+{{- define "rrp.job" -}}
+{{- $root := .root }}
+{{- $c := dict "root" $root "name" .job.name }}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  # A new name each release revision: a Job's pod template is immutable.
+  name: {{ printf "%s-%d" (include "rrp.component" $c) (int $root.Release.Revision) | trunc 63 | trimSuffix "-" }}
+  labels:
+    {{- include "rrp.labels" $c | nindent 4 }}
+spec:
+  backoffLimit: {{ $root.Values.jobs.backoffLimit }}
+  ttlSecondsAfterFinished: {{ $root.Values.jobs.ttlSecondsAfterFinished }}
+  template:
+    metadata:
+      labels:
+        {{- include "rrp.labels" $c | nindent 8 }}
+        {{- include "rrp.peerLabels" (dict "peers" .job.peers) | nindent 8 }}
+    spec:
+      restartPolicy: Never
+      {{- include "rrp.imagePullSecrets" $root | nindent 6 }}
+      automountServiceAccountToken: false
+      terminationGracePeriodSeconds: 30
+      securityContext:
+        {{- include "rrp.podSecurityContext" $root | nindent 8 }}
+      {{- include "rrp.scheduling" $root | nindent 6 }}
+      {{- if .job.initArgs }}
+      initContainers:
+        - name: {{ .job.name }}-prepare
+          image: {{ include "rrp.image" (dict "root" $root "image" "trainer") }}
+          imagePullPolicy: {{ $root.Values.pullPolicy }}
+          args:
+            {{- toYaml .job.initArgs | nindent 12 }}
+          env:
+            {{- include "rrp.commonEnv" $c | nindent 12 }}
+          resources:
+            {{- toYaml $root.Values.jobs.resources | nindent 12 }}
+          securityContext:
+            {{- include "rrp.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            {{- include "rrp.tmpMount" $root | nindent 12 }}
+            - name: artifacts
+              mountPath: /artifacts
+      {{- end }}
+      containers:
+        - name: {{ .job.name }}
+          image: {{ include "rrp.image" (dict "root" $root "image" "trainer") }}
+          imagePullPolicy: {{ $root.Values.pullPolicy }}
+          args:
+            {{- toYaml .job.args | nindent 12 }}
+          env:
+            {{- include "rrp.commonEnv" $c | nindent 12 }}
+            {{- if .job.redis }}
+            - name: RRP_REDIS_PASSWORD
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "rrp.redisSecretName" $root }}
+                  key: password
+            {{- end }}
+            {{- if .job.token }}
+            - name: RRP_MODEL_SERVER_TOKEN_FILE
+              value: /var/run/secrets/rrp/torchserve/token
+            {{- end }}
+          resources:
+            {{- toYaml $root.Values.jobs.resources | nindent 12 }}
+          securityContext:
+            {{- include "rrp.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            {{- include "rrp.tmpMount" $root | nindent 12 }}
+            - name: artifacts
+              mountPath: /artifacts
+            {{- if .job.modelStore }}
+            - name: model-store
+              mountPath: /models
+            {{- end }}
+            {{- if .job.token }}
+            - name: token
+              mountPath: /var/run/secrets/rrp/torchserve
+              readOnly: true
+            {{- end }}
+      volumes:
+        {{- include "rrp.tmpVolume" $root | nindent 8 }}
+        - name: artifacts
+          persistentVolumeClaim:
+            claimName: {{ include "rrp.component" (dict "root" $root "name" "artifacts") }}
+        {{- if .job.modelStore }}
+        - name: model-store
+          persistentVolumeClaim:
+            claimName: {{ include "rrp.component" (dict "root" $root "name" "model-store") }}
+        {{- end }}
+        {{- if .job.token }}
+        - name: token
+          secret:
+            secretName: {{ include "rrp.torchserveSecretName" $root }}
+            defaultMode: 0400
+            items:
+              - key: token
+                path: token
+        {{- end }}
+{{- end }}

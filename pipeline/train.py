@@ -1,0 +1,42 @@
+"""`rrp train`: the vision model from recorded (or generated) frames, or its learning curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.curves import CurvesConfig, run_learning_curves
+from plumbing.settings import env_value, nested, setting
+from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """One training run: the data, the training settings, and where the model, card and plots go."""
+
+    data: DataConfig = nested(DataConfig)
+    train: TrainConfig = nested(TrainConfig)
+    out_dir: Path = setting(Path("out/vision/model"), "folder for weights, TorchScript, card", flag="out", env="out")
+    learning_curves: bool = setting(False, "instead: sweep training frames x resolution (64x48, 128x96)")
+    curves: CurvesConfig = nested(CurvesConfig)
+
+
+def run_train_job(config: TrainJobConfig) -> int:
+    """Trains and saves the model (or the learning curves); the Redis password comes from the environment."""
+    data, settings, out = config.data, config.train, config.out_dir
+    password = env_value("redis_password")
+    if config.learning_curves:
+        rows = run_learning_curves(data, settings, config.curves, out, password)
+        print(f"[train] learning curves ({len(rows)} points) written to {out}", flush=True)
+        return 0
+    frames = load_frames(data, (settings.vision.width, settings.vision.height), redis_password=password)
+    result = train(settings, frames)
+    card = save_training_run(result, settings, data, frames, out)
+    m = card["metrics"]
+    print(
+        f"[train] {result.train_frames} training frames, best epoch {result.best_epoch}: throttle "
+        f"{m['throttle_acc']:.3f}, steering {m['steer_acc']:.3f}, exact {m['exact_acc']:.3f} in "
+        f"{result.seconds:.0f} s; model and card in {out}",
+        flush=True,
+    )
+    return 0

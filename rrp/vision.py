@@ -1,0 +1,48 @@
+"""`rrp train`, `rrp evaluate`, `rrp dagger`: the vision autopilot's training and closed-loop races."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rrp.command import Commands
+
+
+def _train() -> tuple[type[Any], Any]:
+    from pipeline.train import TrainJobConfig, run_train_job
+
+    return TrainJobConfig, run_train_job
+
+
+def _evaluate() -> tuple[type[Any], Any]:
+    from pipeline.evaluate import EvaluateJobConfig, run_evaluate_job
+
+    return EvaluateJobConfig, run_evaluate_job
+
+
+def _dagger() -> tuple[type[Any], Any]:
+    from pipeline.dagger import DaggerJobConfig, run_dagger_job
+
+    return DaggerJobConfig, run_dagger_job
+
+
+def register(commands: Commands) -> None:
+    commands.add(
+        "train",
+        _train,
+        help="train the vision autopilot on recorded or generated frames",
+        description="Trains a CNN from camera frame and speed to keys, on runs read from Redis (--redis), an "
+        "export (--shards) or rolled out here (--generate, the default); saves safetensors weights, a TorchScript "
+        "export and a model card in --out. Epochs and early stopping decide when it ends, never the clock.",
+    )
+    commands.add(
+        "evaluate",
+        _evaluate,
+        help="let the vision model drive on game servers, from frames only",
+        description="Races the model in lockstep on the training and unseen tracks, spread over the pool, and "
+        "compares it with the evolved driver and the reference driver.",
+    )
+    commands.add(
+        "dagger",
+        _dagger,
+        help="DAgger: the model drives, the evolved driver labels, the model retrains",
+    )

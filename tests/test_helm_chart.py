@@ -1,0 +1,383 @@
+"""The Helm chart (deploy/helm/rallyrobopilot): rendered and linted by Helm's own engine (helm-python-sdk), every
+manifest checked against the Kubernetes 1.33 schemas (kubernetes-validate, strict), and the operators' rules checked
+over the rendered manifests, for the default, minimal and production values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (dev extra) renders the chart")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "rallyrobopilot"
+KUBE_VERSION = "1.33.0"
+VALUES = {
+    "default": None,
+    "minimal": ROOT / "deploy" / "helm" / "values-minimal.yaml",
+    "production": ROOT / "deploy" / "helm" / "values-production.yaml",
+}
+RRP_IMAGES = ("rrp-services", "rrp-trainer")
+SERVER_GRACE_S = 5  # plumbing.bootstrap.ServerConfig.grace_s: NOT_SERVING, then this long for in-flight calls
+
+
+def values(name: str) -> dict[str, Any] | None:
+    path = VALUES[name]
+    return yaml.safe_load(path.read_text()) if path else None
+
+
+def render(vals: dict[str, Any] | None) -> list[dict[str, Any]]:
+    chart = helm.Chart.load(str(CHART))
+    manifests = chart.render(values=vals, name="rrp", namespace="racing", is_install=True)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+@pytest.fixture(scope="module", params=list(VALUES))
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(values(request.param))
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, pod template) for Deployments, StatefulSets, Jobs and the chart's test Pods."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield d, d["spec"]["template"]
+        elif d["kind"] == "Pod":
+            yield d, d
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+
+
+def component(pod: dict[str, Any]) -> str:
+    return str(pod["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def is_rrp(container: dict[str, Any]) -> bool:
+    return any(name in container["image"] for name in RRP_IMAGES)
+
+
+# -- Helm's engine and the Kubernetes schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VALUES))
+def test_helm_lint_is_clean(name: str) -> None:
+    report = helm.lint(str(CHART), values=values(name), strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_every_manifest_is_valid_for_kubernetes_1_33_strict(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    assert len(docs) >= 8
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_strict_validation_does_refuse_an_unknown_field() -> None:
+    """The check above can fail: a field Kubernetes does not know is refused."""
+    deployment = next(d for d in render(None) if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["grpcProbe"] = {"port": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+def test_the_cli_validates_the_rendered_files_too(tmp_path: Path) -> None:
+    """`kubernetes-validate -k 1.33.0 --strict`, as an operator would run it on `helm template` output."""
+    exe = shutil.which("kubernetes-validate", path=str(Path(__import__("sys").executable).parent))
+    assert exe, "kubernetes-validate is not installed"
+    files = []
+    for i, doc in enumerate(render(values("production"))):
+        path = tmp_path / f"{i:02d}-{doc['kind']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    proc = subprocess.run(
+        [exe, "-k", KUBE_VERSION, "--strict", "--quiet", *files], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"gameServer": {"replicas": "three"}},
+        {"gameServer": {"replica": 3}},
+        {"redis": {"appendfsync": "sometimes"}},
+        {"metrics": {"port": 70000}},
+        {"jobs": {"evolve": {"kind": "neural"}}},
+        {"autopilot": {"enabled": True}},  # needs TorchServe
+    ],
+)
+def test_values_schema_and_guards_refuse_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError):
+        render(bad)
+
+
+# -- what operators expect ----------------------------------------------------------------------------------------
+
+
+def test_game_servers_sit_behind_a_headless_service_that_the_scheduler_discovers(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    service = by_kind(docs, "Service")["rrp-rallyrobopilot-game-server"]
+    assert service["spec"]["clusterIP"] == "None"
+    port = service["spec"]["ports"][0]["port"]
+    deployments = by_kind(docs, "Deployment")
+    assert "rrp-rallyrobopilot-game-server" in deployments
+    if "rrp-rallyrobopilot-scheduler" in deployments:
+        args = deployments["rrp-rallyrobopilot-scheduler"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        target = args[args.index("--discover") + 1]
+        assert target == f"rrp-rallyrobopilot-game-server.racing.svc.cluster.local:{port}"
+
+
+def test_rrp_servers_have_native_grpc_probes_and_resources(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    servers = {"game-server": "GameService", "scheduler": "SchedulerService", "collector": "CollectorService"}
+    for workload, pod in workloads(docs):
+        for c in containers(pod):
+            res = c.get("resources", {})
+            assert res.get("requests") and res.get("limits"), f"{workload['metadata']['name']}/{c['name']}"
+            assert {"cpu", "memory"} <= res["limits"].keys()
+        if component(pod) in servers and workload["kind"] == "Deployment":
+            c = pod["spec"]["containers"][0]
+            assert c["livenessProbe"]["grpc"]["port"] == c["ports"][0]["containerPort"]
+            assert c["readinessProbe"]["grpc"]["service"] == f"rallyrobopilot.v1.{servers[component(pod)]}"
+            assert "grpc" in c["startupProbe"]
+
+
+def test_every_pod_is_locked_down(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for workload, pod in workloads(docs):
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, workload["metadata"]["name"]
+        assert spec.get("automountServiceAccountToken") is False
+        for c in containers(pod):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert ":" in c["image"] and not c["image"].endswith(":latest")
+
+
+def test_termination_grace_outlasts_the_servers_sigterm_drain(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for workload, pod in workloads(docs):
+        if workload["kind"] == "Deployment" and any(is_rrp(c) for c in pod["spec"]["containers"]):
+            assert pod["spec"]["terminationGracePeriodSeconds"] > SERVER_GRACE_S + 2, workload["metadata"]["name"]
+
+
+def test_every_rrp_container_carries_the_opentelemetry_settings(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, docs = rendered
+    for workload, pod in workloads(docs):
+        for c in containers(pod):
+            if not is_rrp(c) or workload["kind"] == "Pod":
+                continue
+            env = {e["name"]: e for e in c["env"]}
+            assert env["OTEL_SERVICE_NAME"]["value"] == component(pod)
+            assert {"OTEL_TRACES_SAMPLER", "OTEL_PROPAGATORS", "OTEL_RESOURCE_ATTRIBUTES"} <= env.keys()
+            if name == "production":
+                assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://otel-collector.")
+
+
+def test_jaeger_is_optional_and_receives_every_pods_spans() -> None:
+    docs = render({"jaeger": {"enabled": True}})
+    assert "rrp-rallyrobopilot-jaeger" in by_kind(docs, "Deployment")
+    for workload, pod in workloads(docs):
+        for c in containers(pod):
+            if is_rrp(c) and workload["kind"] != "Pod":
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://rrp-rallyrobopilot-jaeger:4317"
+
+
+def test_disruption_budgets_and_autoscalers() -> None:
+    docs = render(values("production"))
+    pdbs = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert {"game-server", "scheduler", "collector", "torchserve"} <= pdbs
+    hpas = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    assert set(hpas) == {"rrp-rallyrobopilot-game-server", "rrp-rallyrobopilot-torchserve"}
+    for name in hpas:  # an autoscaled Deployment leaves replicas to the HPA
+        assert "replicas" not in by_kind(docs, "Deployment")[name]["spec"]
+
+
+def test_redis_is_a_statefulset_with_aof_on_a_volume_and_a_password_from_a_secret(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    sets = by_kind(docs, "StatefulSet")
+    if name == "minimal":
+        assert not sets
+        return
+    redis = sets["rrp-rallyrobopilot-redis"]
+    pod = redis["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--dir") + 1] == "/data"
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert "requirepass" not in " ".join(command)  # the password is read from the Secret into a file
+    secret = "rrp-redis-auth" if name == "production" else "rrp-rallyrobopilot-redis"
+    assert any(v.get("secret", {}).get("secretName") == secret for v in pod["volumes"])
+    if name == "default":
+        assert len(by_kind(docs, "Secret")["rrp-rallyrobopilot-redis"]["data"]["password"]) > 20
+    collector = by_kind(docs, "Deployment")["rrp-rallyrobopilot-collector"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in collector["containers"][0]["env"] if "value" in e}
+    assert env["RRP_REDIS_URL"] == "redis://rrp-rallyrobopilot-redis:6379/0"
+    assert env["RRP_REDIS_PASSWORD_FILE"].startswith("/var/run/secrets/")
+
+
+def test_torchserve_has_a_model_store_volume_and_its_token_from_a_secret() -> None:
+    docs = render(values("production"))
+    pod = by_kind(docs, "Deployment")["rrp-rallyrobopilot-torchserve"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == "rrp-rallyrobopilot-model-store"
+    assert volumes["token"]["secret"]["secretName"] == "rrp-torchserve-token"
+    args = pod["containers"][0]["args"]
+    assert args[0] == "serve" and args[args.index("--token-file") + 1].startswith("/var/run/secrets/")
+
+
+def test_pipeline_jobs_are_all_there_in_production() -> None:
+    docs = render(values("production"))
+    jobs = {component(d["spec"]["template"]): d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Job"}
+    assert set(jobs) == {"evolve", "collect", "train", "deploy-model"}
+    assert jobs["evolve"]["containers"][0]["args"][:3] == [
+        "evolve",
+        "--discover",
+        "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051",
+    ]
+    assert jobs["deploy-model"]["initContainers"][0]["args"][0] == "package"
+    train_env = {e["name"] for e in jobs["train"]["containers"][0]["env"]}
+    assert "RRP_REDIS_PASSWORD" in train_env
+
+
+# -- NetworkPolicies: who reaches whom ----------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        if expr["operator"] == "In" and (not present or labels[expr["key"]] not in expr["values"]):
+            return False
+        if expr["operator"] == "NotIn" and present and labels[expr["key"]] in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and not present:
+            return False
+        if expr["operator"] == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def reachable(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(from component, to component) pairs the NetworkPolicies allow, same namespace, pod peers only."""
+    pods = {component(pod): pod["metadata"]["labels"] for w, pod in workloads(docs) if w["kind"] != "Pod"}
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    allowed = set()
+    for target, target_labels in pods.items():
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], target_labels)]
+        assert selecting, f"{target} is not covered by any NetworkPolicy"
+        for source, source_labels in pods.items():
+            for policy in selecting:
+                for rule in policy["spec"].get("ingress", []):
+                    if any(
+                        "podSelector" in peer
+                        and "namespaceSelector" not in peer
+                        and _selects(peer["podSelector"], source_labels)
+                        for peer in rule.get("from", [])
+                    ):
+                        allowed.add((source, target))
+    return allowed
+
+
+def test_network_policies_open_exactly_the_meshs_edges() -> None:
+    docs = render(values("production"))
+    allowed = reachable(docs)
+    into = lambda target: {s for s, t in allowed if t == target}  # noqa: E731
+    assert into("game-server") == {"scheduler", "autopilot", "deployer", "evolve", "collect", "deploy-model"}
+    assert into("collector") == {"game-server"}
+    assert into("redis") == {"collector", "train"}
+    assert into("torchserve") == {"autopilot", "deployer", "deploy-model"}
+    for quiet in ("scheduler", "autopilot", "deployer", "evolve", "collect", "train", "deploy-model"):
+        assert into(quiet) == set(), quiet  # the scheduler's clients come from outside (networkPolicy.schedulerFrom)
+
+
+def test_prometheus_may_scrape_the_metrics_ports() -> None:
+    docs = render(values("production"))
+    policy = by_kind(docs, "NetworkPolicy")["rrp-rallyrobopilot-game-server"]
+    metrics_rules = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
+    assert metrics_rules[0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    for workload, pod in workloads(docs):  # long-running services; Jobs end before a scrape would matter
+        if workload["kind"] == "Deployment" and any(is_rrp(c) for c in pod["spec"]["containers"]):
+            annotations = pod["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
+            args = pod["spec"]["containers"][0]["args"]
+            assert args[args.index("--metrics-port") + 1] == "9100"
+
+
+# -- monitoring files ---------------------------------------------------------------------------------------------
+
+
+def _configmap_file(docs: list[dict[str, Any]], name: str, key: str) -> str:
+    return str(by_kind(docs, "ConfigMap")[name]["data"][key])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus package (setup)")
+def test_alert_rules_and_scrape_config_pass_promtool(tmp_path: Path) -> None:
+    docs = render(None)
+    rules = tmp_path / "rallyrobopilot.rules.yml"
+    rules.write_text(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-rules", "rallyrobopilot.rules.yml"))
+    proc = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "SUCCESS: 7 rules found" in proc.stdout, proc.stdout + proc.stderr
+    config = yaml.safe_load(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-scrape", "prometheus.yml"))
+    job = config["scrape_configs"][0]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["racing"]}}]
+    # Debian builds Prometheus without Kubernetes service discovery: check the rest of the job (relabelling
+    # included) with a static target in its place.
+    job.pop("kubernetes_sd_configs")
+    job["static_configs"] = [{"targets": ["127.0.0.1:9100"]}]
+    config["rule_files"] = [str(rules)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_grafana_dashboard_ships_as_a_labelled_configmap() -> None:
+    docs = render(None)
+    cm = by_kind(docs, "ConfigMap")["rrp-rallyrobopilot-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["rallyrobopilot.json"])
+    assert dashboard["uid"] == "rallyrobopilot"
+    assert all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
+def test_chart_tests_check_every_service_health() -> None:
+    docs = render(None)
+    tests = [d for d in docs if d["kind"] == "Pod"]
+    assert {t["metadata"]["annotations"]["helm.sh/hook"] for t in tests} == {"test"}
+    checked = {t["spec"]["containers"][0]["args"][1].split(":")[0] for t in tests}
+    assert checked == {"rrp-rallyrobopilot-game-server", "rrp-rallyrobopilot-scheduler", "rrp-rallyrobopilot-collector"}
