@@ -84,7 +84,7 @@ class CollectorServiceServicer:
         stored in increasing order, so a record for a tick the run skipped, below the run's last stored
         tick, cannot be stored any more: the stream ends with FAILED_PRECONDITION, never acknowledging it.
         FAILED_PRECONDITION also for a second RunStart, a record before the RunStart, or a run id reused
-        with other metadata. A stream idle for --stream-idle-timeout-s (60 s) is closed with DEADLINE_EXCEEDED.
+        with other metadata. A stream idle for --stream-idle-timeout (60 s) is closed with DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

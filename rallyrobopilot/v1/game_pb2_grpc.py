@@ -34,7 +34,7 @@ class GameServiceStub:
 
     Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
     request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
-    of unary calls (--max-workers) or of streams (--max-streams); those refusals are immediate, never a
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
     queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
     stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
     Besides these, each RPC names the codes of its own below. Error messages quote at most a short
@@ -113,7 +113,7 @@ class GameServiceServicer:
 
     Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
     request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
-    of unary calls (--max-workers) or of streams (--max-streams); those refusals are immediate, never a
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
     queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
     stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
     Besides these, each RPC names the codes of its own below. Error messages quote at most a short
@@ -180,7 +180,7 @@ class GameServiceServicer:
         with INVALID_ARGUMENT, and a tick without a command repeats the previous controls (counted missed).
         Half-close: when the client closes its side, the server applies the commands it received and then
         ends the stream with OK (real time: at the first tick with no command left).
-        A stream on which no message moved either way for --stream-idle-timeout-s (60 s) is closed with
+        A stream on which no message moved either way for --stream-idle-timeout (60 s) is closed with
         DEADLINE_EXCEEDED. NOT_FOUND for an unknown session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -301,7 +301,7 @@ class GameService:
 
     Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
     request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
-    of unary calls (--max-workers) or of streams (--max-streams); those refusals are immediate, never a
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
     queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
     stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
     Besides these, each RPC names the codes of its own below. Error messages quote at most a short
