@@ -193,7 +193,7 @@ def main() -> None:
                         rows.append((job, name, "(reference)", f"{seconds:.1f} s"))
                     else:
                         same = "yes" if result == base[job][0] else "NO"
-                        rows.append((job, name, same, f"+{seconds - base[job][1]:.1f} s"))
+                        rows.append((job, name, same, f"{seconds - base[job][1]:+.1f} s"))
                     print(f"  {job:<10} {name:<34} {rows[-1][2]:<14} {rows[-1][3]}", flush=True)
             print()
             print(f"{'run':<10} | {'fault':<34} | {'results identical':<24} | extra seconds")
