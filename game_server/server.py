@@ -28,9 +28,10 @@ class GameServerConfig:
 
 
 def _default_renderer() -> FrameRenderer:
-    from game_server.render.renderer import Renderer
+    # The process's one renderer: a second in-process server (tests, tools) shares it instead of failing.
+    from game_server.render.renderer import shared_renderer
 
-    return Renderer()
+    return shared_renderer()
 
 
 @dataclass

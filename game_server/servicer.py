@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 
 from game_server import convert
+from game_server.core.state import SimState
+from game_server.core.track import Track
 from game_server.core.tracks import builtin_tracks, load_track
 from game_server.evaluation import MAX_BATCH, evaluate_batch, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
@@ -154,4 +157,9 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
     def Record(self, request: game_pb2.RecordRequest, context: grpc.ServicerContext) -> game_pb2.RecordResponse:
         spec = spec_from_pb(request)
         with self.game.evaluation_slot():
-            return outcome_to_pb(record_episode(spec, self.game.renderer().render, stop=_left(context)))
+            # The renderer is looked up at the first frame, so that a request refused by validation never
+            # starts one.
+            def render(track: Track, state: SimState, frame: FrameSpec) -> np.ndarray:
+                return self.game.renderer().render(track, state, frame)
+
+            return outcome_to_pb(record_episode(spec, render, stop=_left(context)))
