@@ -53,7 +53,8 @@ class RunProducer:
     `send()` returns at once while fewer than `window` records await acknowledgement and blocks otherwise
     (backpressure). A background thread runs the Ingest stream; when it breaks (collector restarted,
     UNAVAILABLE) it reconnects with backoff and resends every unacknowledged record, which the collector
-    skips if Redis already holds it. After `reconnect_attempts` attempts in a row without progress, or on a
+    skips if Redis already holds it. After `reconnect_attempts` attempts in a row without progress, once
+    `outage_budget_s` has passed since the last progress (a collector or Redis restart is ridden out), or on a
     status that retrying cannot fix (INVALID_ARGUMENT, ...), the next call raises the matching `plumbing.errors`
     exception with the collector's message. No acknowledgement for `timeout_s` while records wait counts as
     a broken stream.
@@ -68,6 +69,7 @@ class RunProducer:
         timeout_s: float = 30.0,
         reconnect_attempts: int = 8,
         stream_deadline_s: float = 6 * 3600.0,
+        outage_budget_s: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -76,6 +78,7 @@ class RunProducer:
         self.window = window
         self.timeout_s = timeout_s
         self.reconnect_attempts = reconnect_attempts
+        self.outage_budget_s = outage_budget_s
         self.stream_deadline_s = stream_deadline_s
         self._cond = threading.Condition()
         self._pending: deque[FrameRecord] = deque()  # sent, not yet acknowledged, in tick order
@@ -201,6 +204,7 @@ class RunProducer:
     # background side
     def _run(self) -> None:
         failures = 0
+        outage_since = time.monotonic()
         while True:
             over = threading.Event()
             progressed = False
@@ -232,8 +236,11 @@ class RunProducer:
                     self._done = True
                     self._cond.notify_all()
                     return
-            failures = 0 if progressed else failures + 1
-            if failures > self.reconnect_attempts:
+            if progressed:
+                failures, outage_since = 0, time.monotonic()
+            else:
+                failures += 1
+            if failures > self.reconnect_attempts and time.monotonic() - outage_since >= self.outage_budget_s:
                 with self._cond:
                     reason = f"{code.name}: {details}" if code is not None else "the stream ended early"
                     self._fail(errors.Unavailable, f"unreachable after {self.reconnect_attempts} reconnects: {reason}")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from collector.store import AppendResult
-from plumbing.errors import FailedPrecondition, InvalidArgument
+from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, quote
 from plumbing.settings import setting
 from rallyrobopilot.v1.collector_pb2 import (
     FrameRecord,
@@ -32,6 +33,10 @@ _MAGIC = {
 }
 _MAX_MASK = 15
 _MAX_RAYS = 64
+_MAX_RAY_M = 1e6
+_MAX_ABS = 1e12  # any coordinate, speed or distance of a real state is far inside this
+# The largest tick a record may carry: its Redis entry ID (tick + 1) must fit in 64 bits, with room.
+MAX_TICK = 2**48
 _WAIT_SLICE_S = 0.25  # how often blocked threads look whether their stream is still alive
 
 
@@ -134,7 +139,7 @@ class _ReadAhead:
 
 def validate_start(start: RunStart, limits: IngestLimits) -> None:
     if not RUN_ID.fullmatch(start.run_id):
-        raise InvalidArgument(f"run_id must be 1..64 characters of [A-Za-z0-9._-], got {start.run_id[:80]!r}")
+        raise InvalidArgument(f"run_id must be 1..64 characters of [A-Za-z0-9._-], got {quote(start.run_id)}")
     if start.encoding not in ImageEncoding.values() or start.encoding == ImageEncoding.IMAGE_ENCODING_UNSPECIFIED:
         raise InvalidArgument("RunStart.encoding must be RAW_RGB, PNG or JPEG")
     if start.source not in RunSource.values() or start.source == RunSource.RUN_SOURCE_UNSPECIFIED:
@@ -158,12 +163,22 @@ def validate_start(start: RunStart, limits: IngestLimits) -> None:
         raise InvalidArgument(f"at most {limits.max_labels} labels, got {len(start.labels)}")
     for key, value in start.labels.items():
         if len(key.encode()) > limits.max_label_bytes or len(value.encode()) > limits.max_label_bytes:
-            raise InvalidArgument(f"label {key[:40]!r}: keys and values are limited to {limits.max_label_bytes} bytes")
+            raise InvalidArgument(
+                f"label {quote(key, 40)}: keys and values are limited to {limits.max_label_bytes} bytes"
+            )
+
+
+def _finite(tick: int, name: str, values: Iterable[float], low: float, high: float) -> None:
+    for value in values:
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidArgument(f"tick {tick}: {name} must be finite and within [{low:g}, {high:g}], got {value!r}")
 
 
 def validate_record(record: FrameRecord, start: RunStart, last_tick: int | None, limits: IngestLimits) -> None:
     if record.run_id != start.run_id:
-        raise InvalidArgument(f"record of run {record.run_id[:80]!r} on the stream of run {start.run_id!r}")
+        raise InvalidArgument(f"record of run {quote(record.run_id)} on the stream of run {start.run_id!r}")
+    if record.tick > MAX_TICK:
+        raise InvalidArgument(f"tick {record.tick} is beyond the largest tick a run may hold, {MAX_TICK}")
     if last_tick is not None and record.tick <= last_tick:
         raise InvalidArgument(f"tick {record.tick} after tick {last_tick}: ticks must strictly increase")
     if record.applied_mask > _MAX_MASK or record.label_mask > _MAX_MASK:
@@ -172,6 +187,12 @@ def validate_record(record: FrameRecord, start: RunStart, last_tick: int | None,
         )
     if len(record.rays_m) > _MAX_RAYS:
         raise InvalidArgument(f"tick {record.tick}: at most {_MAX_RAYS} rays, got {len(record.rays_m)}")
+    _finite(record.tick, "rays_m", record.rays_m, 0.0, _MAX_RAY_M)
+    _finite(record.tick, "progress_fraction", (record.progress_fraction,), 0.0, 1.0)
+    if record.HasField("state"):
+        car, lap = record.state.car, record.state.lap
+        _finite(record.tick, "state", (car.x_m, car.y_m, car.heading_rad, car.speed_m_per_s), -_MAX_ABS, _MAX_ABS)
+        _finite(record.tick, "state", (lap.progress_m, lap.arc_m), -_MAX_ABS, _MAX_ABS)
     size = len(record.image)
     if start.encoding == ImageEncoding.IMAGE_ENCODING_RAW_RGB:
         expected = start.width_px * start.height_px * 3
@@ -264,6 +285,8 @@ class _Stream:
                 for item in items:
                     request = item.request
                     if request is None:
+                        if isinstance(item.error, DomainError):
+                            raise item.error  # e.g. bytes that do not decode: the client hears why
                         if item.error is not None:
                             log.debug("ingest stream broke off: %r", item.error)
                             return
@@ -320,7 +343,7 @@ class _Stream:
         if self.start is None:
             raise FailedPrecondition("the first message of an Ingest stream must be a RunStart")
         if end.run_id != self.start.run_id:
-            raise InvalidArgument(f"RunEnd of run {end.run_id[:80]!r} on the stream of run {self.start.run_id!r}")
+            raise InvalidArgument(f"RunEnd of run {quote(end.run_id)} on the stream of run {self.start.run_id!r}")
         self.stored_frames = self.sink.end_run(end)
         self.ended = True
         log.info("run %s: ended, %d frames stored", end.run_id, self.stored_frames)

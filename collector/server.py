@@ -71,7 +71,9 @@ def create_collector_server(config: CollectorConfig) -> CollectorServer:
     ingestor = Ingestor(store, config.limits)
 
     def register(server: grpc.Server) -> Sequence[str]:
-        collector_pb2_grpc.add_CollectorServiceServicer_to_server(CollectorServicer(ingestor, store), server)
+        collector_pb2_grpc.add_CollectorServiceServicer_to_server(
+            CollectorServicer(ingestor, store, config.server.max_message_bytes), server
+        )
         return [SERVICE_NAME]
 
     return CollectorServer(create_server(config.server, register), store)

@@ -21,9 +21,11 @@ def run_summary(info: RunInfo) -> collector_pb2.RunSummary:
 
 
 class CollectorServicer(collector_pb2_grpc.CollectorServiceServicer):
-    def __init__(self, ingestor: Ingestor, store: FrameStore) -> None:
+    def __init__(self, ingestor: Ingestor, store: FrameStore, max_message_bytes: int = 4 * 1024 * 1024) -> None:
         self.ingestor = ingestor
         self.store = store
+        # Room kept for the reply's own framing: a reply never exceeds the message limit.
+        self.max_reply_bytes = max_message_bytes - 64 * 1024
 
     def Ingest(
         self, request_iterator: Iterator[collector_pb2.IngestRequest], context: grpc.ServicerContext
@@ -33,8 +35,15 @@ class CollectorServicer(collector_pb2_grpc.CollectorServiceServicer):
     def ListRuns(
         self, request: collector_pb2.ListRunsRequest, context: grpc.ServicerContext
     ) -> collector_pb2.ListRunsResponse:
-        runs = self.store.list_runs(request.track, request.limit)
-        return collector_pb2.ListRunsResponse(runs=[run_summary(r) for r in runs])
+        reply = collector_pb2.ListRunsResponse()
+        used = 0
+        for run in self.store.list_runs(request.track, request.limit):
+            summary = run_summary(run)
+            used += summary.ByteSize() + 8
+            if used > self.max_reply_bytes:
+                break  # the newest runs that fit; ask by track, or with a smaller limit, for the rest
+            reply.runs.append(summary)
+        return reply
 
     def GetRun(
         self, request: collector_pb2.GetRunRequest, context: grpc.ServicerContext

@@ -15,7 +15,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from plumbing.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from plumbing.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, quote
 from plumbing.settings import setting
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, ImageEncoding, RunEnd, RunSource, RunStart
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_LIST_RUNS = 10_000
 DEFAULT_LIST_RUNS = 1_000
+MAX_NAME_CHARS = 256  # no run id or track name is longer (collector.ingest refuses them)
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 
 
@@ -214,17 +215,38 @@ class FrameStore:
                 pipe.xadd(key, {"pb": record.SerializeToString()}, id=stream_id(record.tick))
             pipe.xlen(key)
             results = pipe.execute(raise_on_error=False)
-            stored = duplicates = 0
-            for result in results:
+            stored = 0
+            refused: list[int] = []
+            for record, result in zip(records, results, strict=False):
                 if isinstance(result, redis.ResponseError) and _DUPLICATE_ID in str(result):
-                    duplicates += 1
+                    refused.append(record.tick)
                 elif isinstance(result, Exception):
                     raise result  # classified by _translated: OOM, read-only, ...
                 else:
                     stored += 1
-            stored -= 1  # the XLEN reply
             stored_frames = int(results[-1])
-        return AppendResult(stored, duplicates, records[-1].tick, int(stored_frames))
+            if refused:
+                self._require_stored(run_id, refused)
+        return AppendResult(stored, len(refused), records[-1].tick, int(stored_frames))
+
+    def _require_stored(self, run_id: str, ticks: list[int]) -> None:
+        """Redis refuses an entry at or below the stream's last one: a duplicate only if that tick is there.
+
+        A record for a tick the run skipped (below its last stored tick, but never stored) cannot be inserted
+        into a Redis stream; it is refused, never acknowledged as if stored."""
+        key = self._frames(run_id)
+        pipe = self.r.pipeline(transaction=False)
+        for tick in ticks:
+            pipe.xrange(key, min=stream_id(tick), max=stream_id(tick), count=1)
+        missing = [tick for tick, found in zip(ticks, pipe.execute(), strict=True) if not found]
+        if missing:
+            last = cast(list[tuple[bytes, Any]], self.r.xrevrange(key, count=1))
+            top = int(_text(last[0][0]).split("-")[0]) - 1 if last else -1
+            raise FailedPrecondition(
+                f"run {run_id}: tick {missing[0]} was never stored and the run already holds tick {top}; "
+                "a run's ticks are stored in increasing order, so a skipped tick cannot be filled in later "
+                "(resend only from the tick after the last acknowledged one, or start a new run)"
+            )
 
     def end_run(self, end: RunEnd) -> int:
         """Stores the run's end and returns the frames Redis holds for it."""
@@ -242,14 +264,16 @@ class FrameStore:
             return int(self.r.xlen(self._frames(run_id)))
 
     def get_run(self, run_id: str) -> RunInfo:
-        runs = self._load([run_id])
+        runs = self._load([run_id]) if 0 < len(run_id) <= MAX_NAME_CHARS else []
         if not runs:
-            raise NotFound(f"no run {run_id!r} in Redis")
+            raise NotFound(f"no run {quote(run_id)} in Redis")
         return runs[0]
 
     def list_runs(self, track: str = "", limit: int = 0) -> list[RunInfo]:
         """Runs newest first, optionally of one track only."""
         limit = DEFAULT_LIST_RUNS if limit <= 0 else min(limit, MAX_LIST_RUNS)
+        if len(track) > MAX_NAME_CHARS:
+            return []  # no run's track is that long: ask Redis nothing
         with self._translated("list_runs"):
             if track:
                 ids = [_text(m) for m in cast(set[bytes], self.r.smembers(self._track_runs(track)))]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+
 import grpc
 
 from game_server import convert
@@ -9,8 +12,10 @@ from game_server.core.drivers import RayDriver
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, Gate, SimState
 from game_server.game import evaluate
-from plumbing.errors import DomainError, status_name
+from plumbing.errors import Cancelled, DomainError, ResourceExhausted, status_name
 from rallyrobopilot.v1 import game_pb2, sim_pb2
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 
@@ -59,18 +64,54 @@ def evaluation_response(result: RunResult, with_trajectory: bool) -> game_pb2.Ev
     return response
 
 
-def evaluate_in_process(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateResponse:
+def evaluate_in_process(
+    request: game_pb2.EvaluateRequest, stop: Callable[[], bool] | None = None
+) -> game_pb2.EvaluateResponse:
     """What a game server answers to `request`, computed here: for local runs of the same tasks."""
     track, start, policy, gate = evaluation_args(request)
-    result = evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
+    result = evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory, stop)
     return evaluation_response(result, request.return_trajectory)
 
 
-def evaluate_item(request: game_pb2.EvaluateRequest) -> game_pb2.EvaluateBatchItem:
+def _item_error(exc: Exception) -> game_pb2.EvaluateBatchItem:
+    return game_pb2.EvaluateBatchItem(
+        error=game_pb2.TaskError(code=grpc.StatusCode[status_name(exc)].value[0], message=str(exc)[:1024])
+    )
+
+
+def evaluate_item(
+    request: game_pb2.EvaluateRequest, stop: Callable[[], bool] | None = None
+) -> game_pb2.EvaluateBatchItem:
     """One item of a batch: its response, or its own error; a bad item never fails its neighbours."""
     try:
-        return game_pb2.EvaluateBatchItem(response=evaluate_in_process(request))
+        return game_pb2.EvaluateBatchItem(response=evaluate_in_process(request, stop))
+    except Cancelled:
+        raise  # the caller left: nobody waits for the rest of the batch either
     except DomainError as exc:
-        return game_pb2.EvaluateBatchItem(
-            error=game_pb2.TaskError(code=grpc.StatusCode[status_name(exc)].value[0], message=str(exc))
-        )
+        return _item_error(exc)
+    except Exception:  # a bug hit by this item alone: its neighbours still get their results
+        log.exception("evaluation of a batch item failed")
+        return _item_error(RuntimeError("internal error"))
+
+
+def evaluate_batch(
+    tasks: Sequence[game_pb2.EvaluateRequest], max_response_bytes: int, stop: Callable[[], bool] | None = None
+) -> game_pb2.EvaluateBatchResponse:
+    """Every item evaluated alone; an item whose response would push the batch's reply past
+    `max_response_bytes` is answered RESOURCE_EXHAUSTED instead (sent alone, or in a smaller batch, it fits)."""
+    response = game_pb2.EvaluateBatchResponse()
+    used = 0
+    for task in tasks:
+        item = evaluate_item(task, stop)
+        size = item.ByteSize() + 16  # the item's tag and length prefix
+        if used + size > max_response_bytes and item.WhichOneof("outcome") == "response":
+            item = _item_error(
+                ResourceExhausted(
+                    f"this item's response ({size} bytes) does not fit in the batch's reply of at most "
+                    f"{max_response_bytes} bytes; send it alone or in a smaller batch"
+                )
+            )
+            size = item.ByteSize() + 16
+        used += size
+        response.items.append(item)
+    return response

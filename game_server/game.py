@@ -70,10 +70,15 @@ def evaluate(
     gate: Gate | None,
     max_ticks: int,
     record_trajectory: bool,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """The one evaluation every caller uses, on a server or in process, so that both give the same result."""
-    if max_ticks > MAX_PROGRAM_TICKS or (isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS):
-        raise InvalidArgument(f"a program runs at most {MAX_PROGRAM_TICKS} ticks")
+    """The one evaluation every caller uses, on a server or in process, so that both give the same result.
+
+    `stop` answers True once the caller has left; the run then ends with Cancelled within ~256 ticks."""
+    if max_ticks > MAX_PROGRAM_TICKS:
+        raise InvalidArgument(f"max_ticks is at most {MAX_PROGRAM_TICKS}, got {max_ticks}")
+    if isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS:
+        raise InvalidArgument(f"a program holds at most {MAX_PROGRAM_TICKS} ticks, got {len(policy)}")
     if isinstance(policy, bytes):
         if not policy and max_ticks == 0:
             raise InvalidArgument("give a program or max_ticks")
@@ -88,9 +93,10 @@ def evaluate(
         track,
         begin,
         as_policy(policy),
-        max_ticks=max(len(policy), max_ticks) if isinstance(policy, bytes) else max_ticks,
+        max_ticks=episode.program_ticks(policy, max_ticks) if isinstance(policy, bytes) else max_ticks,
         gate=gate,
         record_trajectory=record_trajectory,
+        cancelled=stop,
     ).result
 
 
@@ -185,10 +191,11 @@ class Game:
         gate: Gate | None,
         max_ticks: int,
         record_trajectory: bool,
+        stop: Callable[[], bool] | None = None,
     ) -> RunResult:
         """Runs a control program (bytes) or a closed-loop driver, physics only, in one of the evaluation slots."""
         with self.evaluation_slot():
-            return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory)
+            return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory, stop)
 
     # -- driving --------------------------------------------------------------------------------
     def drive_lockstep(

@@ -22,7 +22,7 @@ from game_server.core.tracks import load_track
 from game_server.evaluation import result_to_pb
 from game_server.game import as_policy
 from game_server.render.renderer import FrameSpec
-from plumbing.errors import InvalidArgument, Unavailable
+from plumbing.errors import Cancelled, InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
 
 # Image encodings by the name a person types (`--encoding png`).
@@ -38,10 +38,13 @@ DEFAULT_JPEG_QUALITY = 90
 MAX_LABELS = 32
 MAX_LABEL_BYTES = 256
 MAX_DRIVER_ID = 64
-# A producer connection's patience: how long a send or the final acknowledgement may wait, and how many
-# reconnections it tries before the recording fails with UNAVAILABLE.
+MAX_ADDRESS_CHARS = 256
+# A producer connection's patience: how long a send or the final acknowledgement may wait, how many
+# reconnections it tries, and for how long a collector (or its Redis) may be down, before the recording
+# fails with UNAVAILABLE: a restart of up to 30 s is ridden out, resuming after the last acknowledged tick.
 COLLECTOR_TIMEOUT_S = 10.0
 COLLECTOR_RECONNECTS = 3
+COLLECTOR_OUTAGE_BUDGET_S = 45.0
 PRODUCER_WINDOW = 256
 
 Render = Callable[[Track, SimState, FrameSpec], np.ndarray]
@@ -75,7 +78,12 @@ def connect_collector(address: str, start: collector_pb2.RunStart) -> FrameSink:
     from collector.client import RunProducer
 
     return RunProducer(
-        address, start, window=PRODUCER_WINDOW, timeout_s=COLLECTOR_TIMEOUT_S, reconnect_attempts=COLLECTOR_RECONNECTS
+        address,
+        start,
+        window=PRODUCER_WINDOW,
+        timeout_s=COLLECTOR_TIMEOUT_S,
+        reconnect_attempts=COLLECTOR_RECONNECTS,
+        outage_budget_s=COLLECTOR_OUTAGE_BUDGET_S,
     )
 
 
@@ -131,6 +139,8 @@ def validate(spec: RecordSpec) -> None:
         raise InvalidArgument("jpeg_quality must be in [1, 100] (0: the default)")
     if not spec.collector_address:
         raise InvalidArgument("collector_address is required")
+    if len(spec.collector_address) > MAX_ADDRESS_CHARS:
+        raise InvalidArgument(f"collector_address is at most {MAX_ADDRESS_CHARS} characters")
     if len(spec.driver_id) > MAX_DRIVER_ID:
         raise InvalidArgument(f"driver_id is at most {MAX_DRIVER_ID} characters")
     if len(spec.labels) > MAX_LABELS or any(
@@ -192,12 +202,18 @@ def run_start(spec: RecordSpec, quality: int) -> collector_pb2.RunStart:
     )
 
 
-def record_episode(spec: RecordSpec, render: Render, open_producer: OpenProducer = connect_collector) -> RecordOutcome:
+def record_episode(
+    spec: RecordSpec,
+    render: Render,
+    open_producer: OpenProducer = connect_collector,
+    stop: Callable[[], bool] | None = None,
+) -> RecordOutcome:
     """Drives the episode tick by tick and streams each tick's frame, returning once all are acknowledged.
 
     Each tick: the frame of the current state (before the controls), the policy's intended mask (the label),
     the applied mask (the label, or the perturbation's keys), then one physics step with the applied mask.
     Without perturbations the trajectory and lap are exactly those of Evaluate with the same policy.
+    `stop`, looked at every tick, ends the episode with Cancelled once the caller has left.
     """
     validate(spec)
     track = load_track(spec.track)
@@ -210,6 +226,8 @@ def record_episode(spec: RecordSpec, render: Render, open_producer: OpenProducer
 
     def send(tick: episode.Tick) -> None:
         nonlocal frames
+        if stop is not None and stop():
+            raise Cancelled(f"run {spec.run_id}: stopped after {tick.index} ticks, the caller left")
         image = encode_image(render(track, tick.state, spec.frame), spec.encoding, quality)
         producer.send(
             frame_record(spec.run_id, track, tick.state, image, tick.applied, tick.intended, tick.contact, tick.rays)

@@ -28,9 +28,10 @@ class GameServerConfig:
 
 
 def _default_renderer() -> FrameRenderer:
-    from game_server.render.renderer import Renderer
+    # The process's one renderer: a second in-process server (tests, tools) shares it instead of failing.
+    from game_server.render.renderer import shared_renderer
 
-    return Renderer()
+    return shared_renderer()
 
 
 @dataclass
@@ -56,10 +57,11 @@ def create_game_server(config: GameServerConfig) -> GameServer:
     game = Game(config.game, _default_renderer)
 
     def register(server: grpc.Server) -> Sequence[str]:
-        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game), server)
+        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game, config.server.max_message_bytes), server)
         return [SERVICE_NAME]
 
-    running = create_server(config.server, register)
+    # The scheduler's health probe reads GetServerInfo beside the health check: never refuse it for capacity.
+    running = create_server(config.server, register, always_admitted=[f"/{SERVICE_NAME}/GetServerInfo"])
     stop = threading.Event()
 
     def reap() -> None:

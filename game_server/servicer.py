@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 
 from game_server import convert
+from game_server.core.state import SimState
+from game_server.core.track import Track
 from game_server.core.tracks import builtin_tracks, load_track
-from game_server.evaluation import MAX_BATCH, evaluate_item, evaluation_args, evaluation_response
+from game_server.evaluation import MAX_BATCH, evaluate_batch, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
 from game_server.recording import outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
@@ -46,9 +49,23 @@ def _commands(requests: Iterator[game_pb2.DriveRequest]) -> Iterator[tuple[int, 
         yield req.command.tick, convert.controls_to_mask(req.command.controls)
 
 
+def _left(context: grpc.ServicerContext | None) -> Callable[[], bool]:
+    """True once the caller cancelled or its deadline passed: the work it asked for then stops.
+
+    In-process callers (local runs of the same tasks) pass no context and never leave."""
+    if context is None:
+        return lambda: False
+    return lambda: not context.is_active()
+
+
+# Room kept in a reply for the message's own framing beside its items.
+_REPLY_MARGIN_BYTES = 64 * 1024
+
+
 class GameServicer(game_pb2_grpc.GameServiceServicer):
-    def __init__(self, game: Game) -> None:
+    def __init__(self, game: Game, max_message_bytes: int = 8 * 1024 * 1024) -> None:
         self.game = game
+        self.max_reply_bytes = max_message_bytes - _REPLY_MARGIN_BYTES
 
     def ListTracks(
         self, request: game_pb2.ListTracksRequest, context: grpc.ServicerContext
@@ -117,7 +134,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
         if not 1 <= len(request.tasks) <= MAX_BATCH:
             raise InvalidArgument(f"a batch holds 1..{MAX_BATCH} tasks, got {len(request.tasks)}")
         with self.game.evaluation_slot():
-            return game_pb2.EvaluateBatchResponse(items=[evaluate_item(task) for task in request.tasks])
+            return evaluate_batch(request.tasks, self.max_reply_bytes, _left(context))
 
     def GetServerInfo(
         self, request: game_pb2.GetServerInfoRequest, context: grpc.ServicerContext
@@ -132,10 +149,17 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
 
     def Evaluate(self, request: game_pb2.EvaluateRequest, context: grpc.ServicerContext) -> game_pb2.EvaluateResponse:
         track, start, policy, gate = evaluation_args(request)
-        result = self.game.evaluate(track, start, policy, gate, request.max_ticks, request.return_trajectory)
+        result = self.game.evaluate(
+            track, start, policy, gate, request.max_ticks, request.return_trajectory, _left(context)
+        )
         return evaluation_response(result, request.return_trajectory)
 
     def Record(self, request: game_pb2.RecordRequest, context: grpc.ServicerContext) -> game_pb2.RecordResponse:
         spec = spec_from_pb(request)
         with self.game.evaluation_slot():
-            return outcome_to_pb(record_episode(spec, self.game.renderer().render))
+            # The renderer is looked up at the first frame, so that a request refused by validation never
+            # starts one.
+            def render(track: Track, state: SimState, frame: FrameSpec) -> np.ndarray:
+                return self.game.renderer().render(track, state, frame)
+
+            return outcome_to_pb(record_episode(spec, render, stop=_left(context)))

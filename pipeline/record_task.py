@@ -9,15 +9,15 @@ import grpc
 from game_server import convert
 from game_server.core.driver_file import SavedDriver
 from game_server.core.state import SimState
-from game_server.recording import ENCODINGS, EncodingName, record_in_process
+from game_server.recording import COLLECTOR_OUTAGE_BUDGET_S, ENCODINGS, EncodingName, record_in_process
 from plumbing.errors import DomainError, status_name
 from plumbing.settings import setting
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from scheduler.tasks import EvaluationError
 
 # Deadline of a Record call: rendering and streaming take about 2 ms a tick on one core; leave room for a
-# busy machine and for reconnections to the collector.
-RECORD_BASE_TIMEOUT_S = 30.0
+# busy machine and for a collector or Redis outage the game server's producer rides out.
+RECORD_BASE_TIMEOUT_S = 30.0 + COLLECTOR_OUTAGE_BUDGET_S
 RECORD_TIMEOUT_PER_TICK_S = 0.05
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
 
+# A status message never carries more than this: gRPC refuses trailing metadata over 16 KiB.
+MAX_DETAILS_CHARS = 1024
+# Threads kept free of all limited work, so that health checks and refusals are always answered at once.
+RESERVED_THREADS = 4
+# Calls that are never refused for capacity: they cost microseconds and say whether the server lives.
+_ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -26,10 +34,24 @@ class ServerConfig:
 
     host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface (in a pod)")
     port: int = setting(0, "port to listen on; 0 takes any free one")
-    max_workers: int = setting(16, "RPC worker threads", flag="workers", env="workers")
+    # Unary calls served at once (health checks and the like aside); more are refused with RESOURCE_EXHAUSTED.
+    max_workers: int = setting(
+        16,
+        "unary calls served at once; more are refused with RESOURCE_EXHAUSTED (health is never refused)",
+        flag="workers",
+        env="workers",
+    )
     max_message_bytes: int = setting(8 * 1024 * 1024, "largest request or response message, bytes")
     grace_s: float = setting(5.0, "seconds in-flight calls get to finish after SIGTERM")
     service_name: str = setting("rrp", "name in logs and traces", cli=False)
+    max_streams: int = setting(
+        256, "streaming calls served at once; more are refused with RESOURCE_EXHAUSTED (health is never refused)"
+    )
+    stream_idle_timeout_s: float = setting(
+        60.0,
+        "a client-streaming call on which no message moved either way for this many seconds is closed"
+        " (DEADLINE_EXCEEDED)",
+    )
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -39,7 +61,7 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, errors.DomainError):
-        context.abort(status_of(exc), str(exc))
+        context.abort(status_of(exc), _clipped(str(exc)))
     if not context.is_active():  # the client cancelled or its deadline passed: nobody to answer
         log.debug("%s ended after the client left: %r", method, exc)
         return
@@ -98,6 +120,183 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def _clipped(details: str) -> str:
+    """A status message short enough for gRPC's metadata limit, however long the input it names."""
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    return details[:MAX_DETAILS_CHARS] + f"... ({len(details)} chars)"
+
+
+class _Undecodable:
+    """Stands for request bytes that do not parse: gRPC would answer INTERNAL for a None."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def message(self) -> str:
+        return f"request bytes do not decode as the method's message: {errors.quote(str(self.error))}"
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+class _StreamWatch:
+    """Closes streams on which nothing moved for the idle timeout; one thread watches them all."""
+
+    def __init__(self, idle_timeout_s: float) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._active: dict[int, tuple[grpc.ServicerContext, list[float]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, context: grpc.ServicerContext) -> list[float]:
+        stamp = [time.monotonic()]
+        with self._lock:
+            self._active[id(context)] = (context, stamp)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True, name="stream-idle-watch")
+                self._thread.start()
+        return stamp
+
+    def remove(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._active.pop(id(context), None)
+
+    def _watch(self) -> None:
+        period = max(0.05, min(1.0, self.idle_timeout_s / 4))
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                idle = [c for c, stamp in self._active.values() if now - stamp[0] > self.idle_timeout_s]
+            for context in idle:
+                self.remove(context)
+                _close_idle(context, self.idle_timeout_s)
+
+
+def _close_idle(context: grpc.ServicerContext, idle_timeout_s: float) -> None:
+    """Ends the call with DEADLINE_EXCEEDED and a reason; the blocked handler then wakes and unwinds."""
+    details = f"no message on this stream for {idle_timeout_s:g} s: closed as idle".encode()
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details)  # type: ignore[union-attr]
+    except Exception:
+        context.cancel()
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Bounds unary and streaming work separately, closes idle streams, and refuses undecodable bytes.
+
+    Health checks and reflection are always admitted. Each limit is a non-blocking semaphore: a call past
+    it is refused at once with RESOURCE_EXHAUSTED, never queued, so no client can make another wait.
+    """
+
+    def __init__(self, config: ServerConfig, always_admitted: Sequence[str] = ()) -> None:
+        self.config = config
+        self._always = (*_ALWAYS_ADMITTED, *always_admitted)
+        self._unary = threading.BoundedSemaphore(config.max_workers)
+        self._streams = threading.BoundedSemaphore(config.max_streams)
+        self._watch = _StreamWatch(config.stream_idle_timeout_s)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        limited = not method.startswith(self._always)
+        streaming = bool(handler.request_streaming or handler.response_streaming)
+        gate = (self._streams if streaming else self._unary) if limited else None
+        limit = self.config.max_streams if streaming else self.config.max_workers
+        # Only a stream that waits on its client can be idle: a server-streaming call (MapEvaluate) whose
+        # request has arrived is working, however long its first result takes.
+        watch = self._watch if handler.request_streaming else None
+
+        def admit(context: grpc.ServicerContext) -> None:
+            if gate is not None and not gate.acquire(blocking=False):
+                kind = "streams" if streaming else "calls"
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is serving its maximum of {limit} {kind}; retry later",
+                )
+
+        def done() -> None:
+            if gate is not None:
+                gate.release()
+
+        def requests_of(it: Iterator[Any], stamp: list[float] | None) -> Iterator[Any]:
+            for request in it:
+                if stamp is not None:
+                    stamp[0] = time.monotonic()
+                if isinstance(request, _Undecodable):
+                    raise errors.InvalidArgument(request.message())
+                yield request
+
+        def unary_in(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+            return request
+
+        def wrap(fn: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
+            if response_streaming:
+
+                def stream_out(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    admit(context)
+                    stamp = watch.add(context) if watch is not None else None
+                    try:
+                        arg = requests_of(request, stamp) if request_streaming else unary_in(request, context)
+                        for response in fn(arg, context):
+                            if stamp is not None:
+                                stamp[0] = time.monotonic()
+                            yield response
+                    finally:
+                        if watch is not None:
+                            watch.remove(context)
+                        done()
+
+                return stream_out
+
+            def unary_out(request: Any, context: grpc.ServicerContext) -> Any:
+                admit(context)
+                stamp = watch.add(context) if watch is not None else None
+                try:
+                    arg = requests_of(request, stamp) if request_streaming else unary_in(request, context)
+                    return fn(arg, context)
+                finally:
+                    if watch is not None:
+                        watch.remove(context)
+                    done()
+
+            return unary_out
+
+        kwargs = {
+            "request_deserializer": _lenient(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False, False), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False, True), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True, False), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True, True), **kwargs)
+        return handler
+
+
 def _is_abort(exc: BaseException) -> bool:
     # context.abort() raises a bare, argument-less Exception after setting the status: let it through.
     return type(exc) is Exception and not exc.args
@@ -133,19 +332,30 @@ def create_server(
     config: ServerConfig,
     register: Callable[[grpc.Server], Sequence[str]],
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    always_admitted: Sequence[str] = (),
 ) -> RunningServer:
-    """Builds and starts a server; `register` adds the servicers and returns their full service names."""
+    """Builds and starts a server; `register` adds the servicers and returns their full service names.
+
+    `always_admitted` names methods ("/package.Service/Method") as cheap as a health check, which
+    schedulers call to decide whether a server is usable: they are never refused for capacity."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    chain = [*telemetry.server_interceptors(config.service_name), ErrorMappingInterceptor(), *interceptors]
+    chain = [
+        AdmissionInterceptor(config, always_admitted),
+        *telemetry.server_interceptors(config.service_name),
+        ErrorMappingInterceptor(),
+        *interceptors,
+    ]
+    # Admission bounds the limited work to max_workers + max_streams threads, so that the reserve is always
+    # free for health checks and for refusals; gRPC's own concurrency limit would refuse health checks too.
+    threads = config.max_workers + config.max_streams + RESERVED_THREADS
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.service_name),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=config.service_name),
         options=options,
         interceptors=chain,
-        maximum_concurrent_rpcs=config.max_workers * 8,
     )
     names = tuple(register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

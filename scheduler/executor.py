@@ -45,10 +45,21 @@ class PoolConfig:
     servers: tuple[str, ...] = setting((), "game servers, host:port,host:port")
     discover: str | None = setting(None, "DNS name[:port] resolving to the game servers (a headless Service)")
     discover_interval_s: float = setting(5.0, "seconds between DNS resolutions")
-    evaluate_timeout_s: float = setting(60.0, "deadline of one Evaluate call, seconds")
+    evaluate_timeout_s: float = setting(
+        60.0, "deadline of one Evaluate call, seconds, before the allowance for the ticks it carries"
+    )
     health_timeout_s: float = setting(2.0, "deadline of one health check, seconds")
     health_interval_s: float = setting(1.0, "seconds between health checks of every server")
     max_attempts: int = setting(4, "attempts per evaluation when servers fail")
+    # A call's deadline: evaluate_timeout_s plus this allowance per tick of the work it carries (a
+    # closed-loop driver takes ~0.13 ms a tick on one core; the allowance leaves room for a loaded machine).
+    tick_timeout_s: float = setting(0.0005, "deadline allowance per simulated tick, on top of evaluate_timeout_s")
+    # Ticks of work one EvaluateBatch may carry, so that heavy tasks travel alone and a batch's deadline
+    # stays short; the first task of a batch is always taken, however heavy.
+    max_batch_ticks: int = setting(100_000, "simulated ticks one EvaluateBatch call may carry")
+    # A busy server (its slots taken by abandoned or foreign work) is retried after a back-off, without
+    # using up an attempt, until the task has waited this long for a slot.
+    busy_timeout_s: float = setting(300.0, "seconds a task may be refused by busy servers before it fails")
     # Short laps sent together pay one round trip per batch; batches shrink as the queue drains.
     max_batch: int = setting(16, "evaluations sent together in one EvaluateBatch call when many wait")
     # submit() blocks beyond this, so a producer cannot outrun the pool.
@@ -87,6 +98,12 @@ class _Job:
     timeout_s: float | None = None
     attempts: int = 0
     last_server: str | None = None
+    started: bool = False  # its future runs: it can no longer be cancelled
+    busy: int = 0  # refusals by busy servers so far
+    busy_since: float | None = None
+    alone: bool = False  # its response did not fit in a batch's reply: it travels alone
+    ticks: int = 0  # the simulated ticks it asks for, which size its deadline
+    reply_bytes: int = 0  # a guess at its response's size (trajectories are ~40 bytes a tick)
     # The submitter's trace context: the call made on a pool thread joins the submitter's trace.
     trace_context: Any = field(default_factory=otel_context.get_current)
 
@@ -94,6 +111,17 @@ class _Job:
 # One call's outcome for one job: (response, None, "") or (None, code, details).
 _Outcome = tuple[Any, grpc.StatusCode | None, str]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_TRAJECTORY_BYTES_PER_TICK = 48
+_BUSY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
+_BUSY_BACKOFF_S = (0.05, 1.0)  # first and longest wait before a busy server is asked again
+
+
+def _work_of(method: str, request: Any) -> tuple[int, int]:
+    """The ticks an evaluation asks for and a guess at its reply's size, from its request alone."""
+    if method != "Evaluate" or not isinstance(request, game_pb2.EvaluateRequest):
+        return 0, 0
+    ticks = request.max_ticks or len(request.program.masks)
+    return ticks, (ticks * _TRAJECTORY_BYTES_PER_TICK if request.return_trajectory else 0) + 1024
 
 
 @dataclass
@@ -204,7 +232,9 @@ class EvaluationPool(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new evaluations after shutdown")
             method = str(getattr(task, "method", "Evaluate"))
-            self._queue.append(_Job(future, task, request, method, getattr(task, "timeout_s", None)))
+            job = _Job(future, task, request, method, getattr(task, "timeout_s", None))
+            job.ticks, job.reply_bytes = _work_of(method, request)
+            self._queue.append(job)
             self._unresolved += 1
             self._work.notify()
         return future
@@ -227,8 +257,8 @@ class EvaluationPool(Executor):
             self._shutdown = True
             if cancel_futures:
                 # Retries have started (their futures run): they go on.
-                cancelled = [job for job in self._queue if job.attempts == 0]
-                self._queue = deque(job for job in self._queue if job.attempts > 0)
+                cancelled = [job for job in self._queue if not job.started]
+                self._queue = deque(job for job in self._queue if job.started)
             self._space.notify_all()
         for job in cancelled:
             job.future.cancel()
@@ -283,7 +313,10 @@ class EvaluationPool(Executor):
                 connection = self._connections[address]
             first = jobs[0]
             token = otel_context.attach(first.trace_context)
-            timeout = first.timeout_s or self.config.evaluate_timeout_s
+            # Sized by the work it carries, so that a heavy batch is not cut off (and then computed twice).
+            timeout = (first.timeout_s or self.config.evaluate_timeout_s) + self.config.tick_timeout_s * sum(
+                job.ticks for job in jobs
+            )
             outcomes: list[_Outcome]
             call_code: grpc.StatusCode | None = None
             try:
@@ -313,6 +346,12 @@ class EvaluationPool(Executor):
                 outcomes = [(None, call_code, exc.details() or "")] * len(jobs)
             finally:
                 otel_context.detach(token)
+            busy = [job for job, outcome in zip(jobs, outcomes, strict=False) if outcome[1] in _BUSY_CODES]
+            if busy:
+                # The server's slots are taken (by work whose caller left, or another client's): hold this
+                # lease a moment, so that the retry does not find the same slot still busy.
+                wait = min(_BUSY_BACKOFF_S[1], _BUSY_BACKOFF_S[0] * 2 ** min(max(j.busy for j in busy), 5))
+                self._stopped.wait(wait)
             self._finished(jobs, address, outcomes, call_code)
 
     def _next_jobs(self) -> tuple[list[_Job], str] | None:
@@ -326,35 +365,69 @@ class EvaluationPool(Executor):
                 if self._queue and self._ledger.free_slots() > 0:
                     job = self._queue.popleft()
                     self._space.notify_all()
-                    if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
-                        self._unresolved -= 1  # cancelled while queued
+                    if not self._start_locked(job):
                         continue
                     jobs = [job]
-                    if job.method == "Evaluate":
+                    if job.method == "Evaluate" and not job.alone:
                         slots = max(1, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
                         want = min(self.config.max_batch, math.ceil((len(self._queue) + 1) / slots))
-                        while len(jobs) < want and self._queue and self._queue[0].method == "Evaluate":
-                            mate = self._queue.popleft()
-                            if mate.attempts == 0 and not mate.future.set_running_or_notify_cancel():
-                                self._unresolved -= 1
+                        ticks, reply = job.ticks, job.reply_bytes
+                        while len(jobs) < want and self._queue:
+                            mate = self._queue[0]
+                            if (
+                                mate.method != "Evaluate"
+                                or mate.alone
+                                or ticks + mate.ticks > self.config.max_batch_ticks
+                                or reply + mate.reply_bytes > MAX_MESSAGE_BYTES // 2
+                            ):
+                                break
+                            self._queue.popleft()
+                            if not self._start_locked(mate):
                                 continue
+                            ticks, reply = ticks + mate.ticks, reply + mate.reply_bytes
                             jobs.append(mate)
                     address = self._ledger.lease(avoid=job.last_server)
                     assert address is not None  # free_slots() > 0
                     return jobs, address
                 self._work.wait()
 
+    def _start_locked(self, job: _Job) -> bool:
+        """Marks a job taken from the queue as running; False (and forgotten) if it was cancelled there."""
+        if job.started:
+            return True
+        if not job.future.set_running_or_notify_cancel():
+            self._unresolved -= 1
+            return False
+        job.started = True
+        return True
+
+    def _busy_retry(self, job: _Job, details: str) -> bool:
+        """Whether a task refused by a busy server goes back to the queue; it uses up no attempt."""
+        now = time.monotonic()
+        job.busy += 1
+        if job.busy_since is None:
+            job.busy_since = now
+        if "does not fit" in details:
+            job.alone = True
+        return now - job.busy_since < self.config.busy_timeout_s
+
     def _finished(
         self, jobs: list[_Job], address: str, outcomes: list[_Outcome], call_code: grpc.StatusCode | None
     ) -> None:
-        server_fault = call_code is not None and self._retry.is_server_fault(call_code.name)
+        # A busy server is healthy: it answered. Only real faults set it aside until a health check passes.
+        server_fault = (
+            call_code is not None and call_code not in _BUSY_CODES and self._retry.is_server_fault(call_code.name)
+        )
         resolved: list[tuple[_Job, _Outcome]] = []
         with self._lock:
             self._ledger.release(address, server_fault, tasks=len(jobs))
             for job, outcome in zip(jobs, outcomes, strict=True):
                 code = outcome[1]
-                job.attempts += 1
-                retry = code is not None and self._retry.should_retry(code.name, job.attempts)
+                if code in _BUSY_CODES:
+                    retry = self._busy_retry(job, outcome[2])
+                else:
+                    job.attempts += 1
+                    retry = code is not None and self._retry.should_retry(code.name, job.attempts)
                 if code is None:
                     self._ledger.counters.done += 1
                 elif retry:
@@ -519,6 +592,6 @@ class EvaluationPool(Executor):
         log.error("failing %d queued task(s): %s", len(jobs), details)
         for job in jobs:
             # A retry's future is already running; a first attempt's is started here, unless cancelled.
-            if job.attempts > 0 or job.future.set_running_or_notify_cancel():
+            if job.started or job.future.set_running_or_notify_cancel():
                 job.future.set_exception(EvaluationError(grpc.StatusCode.UNAVAILABLE, details))
         self._resolved(len(jobs))

@@ -101,9 +101,10 @@ def test_batched_equals_scalar_on_finished_laps_and_odd_starts() -> None:
         mid = run_program(track, track.base_state, masks[:300]).final_state
         programs = [masks, noisy, masks[300:], b""]
         starts = [track.base_state, track.base_state, mid, mid]
-        batched = run_programs(track, starts, programs, max_ticks=50, record_trajectory=True)
+        budget = max(len(p) for p in programs) + 50  # max_ticks cuts programs short: leave them room
+        batched = run_programs(track, starts, programs, max_ticks=budget, record_trajectory=True)
         scalar = [
-            run_program(track, s, p, max_ticks=50, record_trajectory=True)
+            run_program(track, s, p, max_ticks=budget, record_trajectory=True)
             for s, p in zip(starts, programs, strict=True)
         ]
         for a, b in zip(scalar, batched, strict=True):

@@ -336,3 +336,45 @@ def test_record_retried_after_its_server_is_killed_stores_every_tick_once(stack:
     for got, want in zip(records, reference, strict=True):
         assert got.image == want.image and got.state == want.state
         assert (got.label_mask, got.applied_mask) == (want.label_mask, want.applied_mask)
+
+
+@pytest.mark.slow
+def test_rrp_collect_run_again_completes_a_partial_run(stack: Stack, tmp_path: Path) -> None:
+    """A run cut off mid-episode (its producer died) is completed, never duplicated, by running collect again."""
+    driver = drivers.default_driver()
+    path = save_driver(
+        tmp_path / "driver.json",
+        SavedDriver(kind=driver.kind, track="oval", lap_ticks=0, cost=0.0, generation=0, params=driver.params),
+    )
+
+    def collect(prefix: str) -> dict[str, object]:
+        args = ["--episodes", "1", "--drivers", str(path), "--tracks", "oval", "--max-ticks", "60", "--seed", "5"]
+        args += ["--servers", stack.servers[0].address, "--collector", stack.collector.address]
+        args += ["--run-prefix", prefix, "--out", str(tmp_path / prefix)]
+        proc = subprocess.run([*rrp_command(), "collect", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads((tmp_path / prefix / "collect_summary.json").read_text())  # type: ignore[no-any-return]
+
+    whole = collect("whole")
+    reference = frames_of(stack, "whole-oval-0000")
+    assert len(reference) == 60 and whole["failed"] == 0
+    # The partial run: the same episode's start and first 25 frames under the id a second collection uses.
+    start = collector_pb2.RunStart()
+    start.CopyFrom(stack.store.get_run("whole-oval-0000").start)
+    start.run_id = "again-oval-0000"
+    from collector.client import RunProducer
+
+    with RunProducer(stack.collector.address, start) as producer:
+        for record in reference[:25]:
+            copy = collector_pb2.FrameRecord()
+            copy.CopyFrom(record)
+            copy.run_id = start.run_id
+            producer.send(copy)
+        producer.finish(None)  # acknowledged, no RunEnd: what a producer that died mid-episode leaves
+    assert stack.store.get_run("again-oval-0000").end is None
+    again = collect("again")
+    assert again["failed"] == 0
+    completed = frames_of(stack, "again-oval-0000")
+    assert [r.tick for r in completed] == list(range(60))  # every tick once
+    assert [r.image for r in completed] == [r.image for r in reference]
+    assert stack.store.get_run("again-oval-0000").end is not None

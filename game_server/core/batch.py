@@ -284,7 +284,7 @@ def run_programs(
     finish = None if gate is None else gate_params(gate)
     p = len(starts)
     limits = np.array(
-        [0 if s.lap.finished else max(len(m), max_ticks) for s, m in zip(starts, masks_list, strict=True)],
+        [0 if s.lap.finished else (max_ticks or len(m)) for s, m in zip(starts, masks_list, strict=True)],
         dtype=np.int64,
     )
     horizon = int(limits.max(initial=0))

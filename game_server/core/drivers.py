@@ -16,7 +16,7 @@ from game_server.core import episode, physics
 from game_server.core.physics import N_RAYS, RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
-from plumbing.errors import InvalidArgument
+from plumbing.errors import InvalidArgument, quote
 
 RAYS_V1 = "rays-v1"
 _PAIRS = N_RAYS // 2  # ray i (left side) pairs with ray 14 - i (right side); ray 7 looks straight ahead
@@ -75,7 +75,7 @@ class RayDriver:
 
 def validate_params(kind: str, params: Sequence[float]) -> None:
     if kind != RAYS_V1:
-        raise InvalidArgument(f"unknown driver kind {kind!r}; known: {RAYS_V1}")
+        raise InvalidArgument(f"unknown driver kind {quote(kind)}; known: {RAYS_V1}")
     if len(params) != N_PARAMS:
         raise InvalidArgument(f"driver {kind} takes {N_PARAMS} parameters, got {len(params)}")
     for (name, lo, hi), value in zip(PARAM_SPEC, params, strict=True):

@@ -15,13 +15,15 @@ from game_server.core import physics
 from game_server.core.physics import RunResult
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, Gate, SimState
 from game_server.core.track import Track
-from plumbing.errors import InvalidArgument
+from plumbing.errors import Cancelled, InvalidArgument
 
 MAX_START_PROBABILITY = 0.5
 MAX_PERTURBATION_TICKS = 100
 # What a perturbation holds: swerves, braking, releasing the throttle; never forward and back at once,
 # which no person presses and which teaches nothing.
 PERTURBATION_MASKS = (0, LEFT, RIGHT, FORWARD | LEFT, FORWARD | RIGHT, BACK, BACK | LEFT, BACK | RIGHT)
+# How often a long episode looks whether its caller is still there: 256 driver ticks take ~30 ms.
+STOP_CHECK_TICKS = 256
 
 
 class Policy:
@@ -139,10 +141,13 @@ def run_episode(
     on_tick: Callable[[Tick], None] | None = None,
     with_rays: bool = False,
     record_trajectory: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Episode:
     """Runs up to `max_ticks` ticks from `start`, stopping at the finish (or when `Stop` is raised).
 
     Inputs are trusted: validate them at the edge. A start state that is already finished simulates nothing.
+    `cancelled`, looked at every STOP_CHECK_TICKS ticks, ends the episode with plumbing.errors.Cancelled
+    when it answers True (the caller left, so the work stops and frees its slot).
     """
     schedule = (
         PerturbationSchedule(perturbation) if perturbation is not None and perturbation.start_probability else None
@@ -154,6 +159,8 @@ def run_episode(
     state, contact = start, False
     no_rays: tuple[float, ...] = ()
     for index in range(0 if start.lap.finished else max_ticks):
+        if cancelled is not None and index % STOP_CHECK_TICKS == 0 and cancelled():
+            raise Cancelled(f"stopped after {index} ticks: the caller left")
         rays = physics.raycast(track, state.car, state.lap.segment) if rays_wanted else no_rays
         try:
             intended = policy.act(index, state, rays)
@@ -185,8 +192,18 @@ def run_program(
     max_ticks: int = 0,
     record_trajectory: bool = False,
 ) -> RunResult:
-    """Runs max(len(masks), max_ticks) ticks (coasting past the program), stopping at the finish."""
-    n_ticks = max(len(masks), max_ticks)
+    """Runs `max_ticks` ticks, stopping at the finish: a longer program is cut off there, a shorter one
+    coasts (no keys) past its end; 0 runs the whole program."""
     return run_episode(
-        track, start, Program(masks), max_ticks=n_ticks, gate=gate, record_trajectory=record_trajectory
+        track,
+        start,
+        Program(masks),
+        max_ticks=program_ticks(masks, max_ticks),
+        gate=gate,
+        record_trajectory=record_trajectory,
     ).result
+
+
+def program_ticks(masks: bytes, max_ticks: int) -> int:
+    """How long a program runs: `max_ticks` when given (cutting it short or coasting past its end), else its length."""
+    return max_ticks or len(masks)

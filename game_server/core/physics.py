@@ -303,6 +303,13 @@ def validate_masks(masks: bytes) -> None:
         raise InvalidArgument(f"control mask at tick {bad} is {masks[bad]:#04x}; only the low 4 bits are valid")
 
 
+# The largest tick a restored state may carry (~1,400 years at 25 Hz): every later tick, lap time and
+# stream ID derived from it still fits the 64-bit fields that carry it.
+MAX_STATE_TICK = 2**40
+# The largest count (wall contacts, checkpoints) a state may carry: uint32 fields with room to grow.
+MAX_STATE_COUNT = 2**31
+
+
 def validate_state(track: Track, state: SimState) -> None:
     """Rejects a state that the simulation could not have produced on this track."""
     car, lap = state.car, state.lap
@@ -315,10 +322,24 @@ def validate_state(track: Track, state: SimState) -> None:
         raise InvalidArgument("heading must be within [-pi, pi)")
     if not 0 <= lap.segment < track.n_points:
         raise InvalidArgument(f"segment must be within [0, {track.n_points})")
-    if state.tick < 0 or lap.wall_contacts < 0 or lap.finish_tick < 0:
-        raise InvalidArgument("tick counts must be >= 0")
-    if not 0 <= lap.next_checkpoint <= len(track.checkpoints) or lap.checkpoints_passed < 0:
-        raise InvalidArgument(f"next_checkpoint must be within [0, {len(track.checkpoints)}]")
+    if not 0 <= state.tick <= MAX_STATE_TICK:
+        raise InvalidArgument(f"tick must be within [0, {MAX_STATE_TICK}]")
+    if not 0 <= lap.wall_contacts <= min(state.tick, MAX_STATE_COUNT):
+        raise InvalidArgument("wall_contacts must be within [0, tick]: at most one contact a tick")
+    if lap.finished:
+        if not 1 <= lap.finish_tick <= state.tick:
+            raise InvalidArgument("a finished lap's finish_tick must be within [1, tick]")
+    elif lap.finish_tick != 0:
+        raise InvalidArgument("finish_tick must be 0 unless the lap is finished")
+    n_cp = len(track.checkpoints)
+    if not 0 <= lap.next_checkpoint <= n_cp or not 0 <= lap.checkpoints_passed <= n_cp:
+        raise InvalidArgument(f"next_checkpoint and checkpoints_passed must be within [0, {n_cp}]")
+    # The car covers at most TOP_SPEED * TICK_S metres a tick, forwards or back, from the base state.
+    reach = (state.tick + 1) * TOP_SPEED * TICK_S + track.length_m
+    if not 0.0 <= lap.progress_m <= reach:
+        raise InvalidArgument(f"progress_m must be within [0, {reach:g}] m at tick {state.tick}")
+    if not -reach <= lap.arc_m <= lap.progress_m:
+        raise InvalidArgument("arc_m must be within [-reach, progress_m]: progress is the furthest arc reached")
     k = kernel(track)
     seg = lap.segment
     if locate(k, car.x, car.y, seg) != seg:
@@ -390,7 +411,7 @@ def result_of(track: Track, start: SimState, final: SimState, trajectory: Trajec
         progress_m=lap.progress_m,
         progress_fraction=progress_fraction(track, lap),
         checkpoints_passed=lap.checkpoints_passed,
-        wall_contacts=lap.wall_contacts,
+        wall_contacts=lap.wall_contacts - start.lap.wall_contacts,  # this run's, as in its trajectory
         ticks=final.tick - start.tick,
         final_state=final,
         trajectory=trajectory,

@@ -31,6 +31,12 @@ class CollectorServiceStub:
     Delivery is at-least-once from the producer and exactly-once in Redis: a record is acknowledged
     only after Redis holds it, and writes are idempotent on (run_id, tick), so a producer that
     reconnects resends everything after its last acknowledgement without creating duplicates.
+
+    Status codes: INVALID_ARGUMENT for a malformed or out-of-range field (including undecodable bytes,
+    a tick above 2^48, and NaN, infinite or out-of-range rays, progress or state numbers);
+    RESOURCE_EXHAUSTED when the collector serves its maximum of streams or unary calls, or Redis is
+    full; UNAVAILABLE while Redis is unreachable (retry). Health checks are never refused. Error
+    messages quote at most a short prefix of any input.
     """
 
     def __init__(self, channel):
@@ -62,11 +68,23 @@ class CollectorServiceServicer:
     Delivery is at-least-once from the producer and exactly-once in Redis: a record is acknowledged
     only after Redis holds it, and writes are idempotent on (run_id, tick), so a producer that
     reconnects resends everything after its last acknowledgement without creating duplicates.
+
+    Status codes: INVALID_ARGUMENT for a malformed or out-of-range field (including undecodable bytes,
+    a tick above 2^48, and NaN, infinite or out-of-range rays, progress or state numbers);
+    RESOURCE_EXHAUSTED when the collector serves its maximum of streams or unary calls, or Redis is
+    full; UNAVAILABLE while Redis is unreachable (retry). Health checks are never refused. Error
+    messages quote at most a short prefix of any input.
     """
 
     def Ingest(self, request_iterator, context):
         """A producer's stream of one run: a RunStart first, then FrameRecords in increasing tick order,
-        then optionally a RunEnd. The collector answers with acknowledgements as Redis stores records.
+        then optionally a RunEnd. The collector answers with acknowledgements as Redis stores records:
+        an acknowledgement through tick T means every record the producer sent up to T is in Redis.
+        Resending records Redis already holds is harmless (they count as duplicates). A run's ticks are
+        stored in increasing order, so a record for a tick the run skipped, below the run's last stored
+        tick, cannot be stored any more: the stream ends with FAILED_PRECONDITION, never acknowledging it.
+        FAILED_PRECONDITION also for a second RunStart, a record before the RunStart, or a run id reused
+        with other metadata. A stream idle for --stream-idle-timeout (60 s) is closed with DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,7 +98,7 @@ class CollectorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Describes one run: its metadata and how many frames Redis holds.
+        """Describes one run: its metadata and how many frames Redis holds. NOT_FOUND for an unknown run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +136,12 @@ class CollectorService:
     Delivery is at-least-once from the producer and exactly-once in Redis: a record is acknowledged
     only after Redis holds it, and writes are idempotent on (run_id, tick), so a producer that
     reconnects resends everything after its last acknowledgement without creating duplicates.
+
+    Status codes: INVALID_ARGUMENT for a malformed or out-of-range field (including undecodable bytes,
+    a tick above 2^48, and NaN, infinite or out-of-range rays, progress or state numbers);
+    RESOURCE_EXHAUSTED when the collector serves its maximum of streams or unary calls, or Redis is
+    full; UNAVAILABLE while Redis is unreachable (retry). Health checks are never refused. Error
+    messages quote at most a short prefix of any input.
     """
 
     @staticmethod

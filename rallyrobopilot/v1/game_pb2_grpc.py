@@ -31,6 +31,14 @@ class GameServiceStub:
     A session is one independent world on the server. The simulation advances in fixed ticks of
     1/25 s and never reads the wall clock, so the same start state and controls give the same
     trajectory whether driven by Step, by Drive or evaluated in one Evaluate call.
+
+    Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
+    request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
+    queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
+    stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
+    Besides these, each RPC names the codes of its own below. Error messages quote at most a short
+    prefix of any input.
     """
 
     def __init__(self, channel):
@@ -102,45 +110,57 @@ class GameServiceServicer:
     A session is one independent world on the server. The simulation advances in fixed ticks of
     1/25 s and never reads the wall clock, so the same start state and controls give the same
     trajectory whether driven by Step, by Drive or evaluated in one Evaluate call.
+
+    Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
+    request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
+    queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
+    stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
+    Besides these, each RPC names the codes of its own below. Error messages quote at most a short
+    prefix of any input.
     """
 
     def ListTracks(self, request, context):
-        """Lists the built-in tracks.
+        """Lists the built-in tracks. Always OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTrack(self, request, context):
-        """Returns the full geometry of a built-in or generated track.
+        """Returns the full geometry of a built-in or generated track. NOT_FOUND for an unknown name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateSession(self, request, context):
-        """Creates a session on a track; RESOURCE_EXHAUSTED when the server holds its maximum.
+        """Creates a session on a track. NOT_FOUND for an unknown track; RESOURCE_EXHAUSTED when the server
+        holds its maximum of sessions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Closes a session and frees its resources.
+        """Closes a session and frees its resources. NOT_FOUND for an unknown (or expired) session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Reset(self, request, context):
-        """Puts a session back to the track's base state, or to a given state.
+        """Puts a session back to the track's base state, or to a given state (see LapState for the rules a
+        given state must satisfy). NOT_FOUND for an unknown session; FAILED_PRECONDITION while another call
+        (e.g. a Drive stream) holds the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """Applies controls for N ticks in lockstep, then observes.
+        """Applies controls for N ticks in lockstep, then observes. NOT_FOUND for an unknown session;
+        FAILED_PRECONDITION while another call holds the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +168,20 @@ class GameServiceServicer:
 
     def Drive(self, request_iterator, context):
         """Drives a session with a stream of tick-stamped commands, in lockstep or in 25 Hz real time.
+
+        The first message is a DriveStart, and only the first (FAILED_PRECONDITION otherwise). The stream
+        holds the session: other calls on it answer FAILED_PRECONDITION until the stream ends.
+        Lockstep: every command must name the session's current tick; the server applies it, advances one
+        tick and answers one DriveResponse. A client may send ahead (tick t, t+1, t+2, ... without waiting
+        for the answers); the commands are applied in order. A command for any other tick ends the stream
+        with FAILED_PRECONDITION (the ticks already applied stay applied).
+        Real time: the server advances every 1/25 s whether or not a command came; a command for a tick
+        already simulated is late (counted, not applied), one more than 250 ticks ahead ends the stream
+        with INVALID_ARGUMENT, and a tick without a command repeats the previous controls (counted missed).
+        Half-close: when the client closes its side, the server applies the commands it received and then
+        ends the stream with OK (real time: at the first tick with no command left).
+        A stream on which no message moved either way for --stream-idle-timeout (60 s) is closed with
+        DEADLINE_EXCEEDED. NOT_FOUND for an unknown session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +189,8 @@ class GameServiceServicer:
 
     def Evaluate(self, request, context):
         """Runs a whole control program server-side, physics only, and returns the lap result.
-        RESOURCE_EXHAUSTED when all of the server's evaluation slots are busy.
+        NOT_FOUND for an unknown track; RESOURCE_EXHAUSTED when all of the server's evaluation slots are
+        busy (retry after a short back-off, or lease capacity via GetServerInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +198,10 @@ class GameServiceServicer:
 
     def EvaluateBatch(self, request, context):
         """Runs several evaluations in one call, one after another in one evaluation slot, so that short
-        laps do not pay a round trip each. Each item succeeds or fails on its own.
+        laps do not pay a round trip each. Each item succeeds or fails on its own, with the codes of
+        Evaluate in its TaskError; an item whose response would push the reply past the message limit
+        (8 MiB) fails alone with RESOURCE_EXHAUSTED: send it alone. The call itself answers
+        INVALID_ARGUMENT for 0 or more than 1,024 tasks and RESOURCE_EXHAUSTED when no slot is free.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,14 +210,17 @@ class GameServiceServicer:
     def Record(self, request, context):
         """Drives an episode on the server with a driver or program and streams every tick's camera frame to a
         collector from inside the simulation loop; returns once the collector acknowledged every frame.
-        Occupies one evaluation slot. UNAVAILABLE when the collector cannot be reached.
+        Occupies one evaluation slot (RESOURCE_EXHAUSTED when none is free). A collector (or Redis)
+        restart of up to ~45 s is ridden out, resuming after the last acknowledged tick; UNAVAILABLE when
+        the collector stays unreachable longer. NOT_FOUND for an unknown track; the collector's own
+        refusals (INVALID_ARGUMENT, FAILED_PRECONDITION for a run id reused with other metadata) pass through.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Describes the server's capacity, so that schedulers lease it without oversubscribing.
+        """Describes the server's capacity, so that schedulers lease it without oversubscribing. Always OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +298,14 @@ class GameService:
     A session is one independent world on the server. The simulation advances in fixed ticks of
     1/25 s and never reads the wall clock, so the same start state and controls give the same
     trajectory whether driven by Step, by Drive or evaluated in one Evaluate call.
+
+    Status codes. Every RPC answers INVALID_ARGUMENT for a malformed or out-of-range field (including
+    request bytes that do not decode), and RESOURCE_EXHAUSTED when the server is serving its maximum
+    of unary calls (--workers) or of streams (--max-streams); those refusals are immediate, never a
+    queue, and the health service is never refused. Calls whose caller cancels or whose deadline passes
+    stop their work within ~256 ticks. No request answers INTERNAL; if one does, it is a bug.
+    Besides these, each RPC names the codes of its own below. Error messages quote at most a short
+    prefix of any input.
     """
 
     @staticmethod

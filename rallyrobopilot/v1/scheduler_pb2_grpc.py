@@ -66,6 +66,9 @@ class SchedulerServiceServicer:
         tagged with its index in the batch. A task that fails (for example INVALID_ARGUMENT for a bad
         mask byte, NOT_FOUND for an unknown track) answers its own error; the others still succeed.
         INVALID_ARGUMENT for the whole call when the batch is empty or holds more than 10,000 tasks.
+        Valid work always succeeds, however heavy: each call's deadline grows with the ticks it carries,
+        busy servers are waited for (not failed), and replies too large to share a batch travel alone.
+        Cancelling the call cancels the tasks that have not started.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
