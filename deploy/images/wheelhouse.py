@@ -24,8 +24,20 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
-# Distributions only the trainer image carries: training, the GA's plots, the model's weights.
-TRAINER_ONLY = {"torch", "deap", "matplotlib", "safetensors", "tqdm"}
+# Distributions only the trainer image carries: training, the GA's plots, the model's weights, serving.
+TRAINER_ONLY = {
+    "torch",
+    "deap",
+    "matplotlib",
+    "safetensors",
+    "tqdm",
+    # Serving: packaging, a local TorchServe and the autopilot run from the trainer image.
+    "torchserve",
+    "torch-model-archiver",
+    "pyyaml",
+    "googleapis-common-protos",
+    "psutil",
+}
 # What pip needs to build the project itself from source (no build isolation: nothing downloaded).
 BUILD = {"setuptools"}
 # The Python of the Dockerfile's default base image (python:3.11.11-slim-bookworm).

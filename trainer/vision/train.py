@@ -310,7 +310,10 @@ def train(
 def save_weights(model: DrivingNet, path: Path) -> None:
     """safetensors with the network config in its metadata, written atomically (no half-written weights)."""
     tmp = path.with_suffix(".tmp")
-    meta = {"format": "rrp-vision", "version": "1", "config": json.dumps(dataclasses.asdict(model.config))}
+    # One metadata entry: safetensors writes its metadata map in a per-process order, so several entries
+    # would make the same weights different bytes, and a content hash of the file would not identify them.
+    header = {"format": "rrp-vision", "version": "1", "config": dataclasses.asdict(model.config)}
+    meta = {"rrp-vision": json.dumps(header, sort_keys=True)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
@@ -319,10 +322,12 @@ def load_model(path: Path) -> DrivingNet:
     """A model from its safetensors file, in eval mode; refuses files of another format."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != "rrp-vision":
+        # The one-entry header; files written before it carry the same fields as separate entries.
+        header = json.loads(meta["rrp-vision"]) if "rrp-vision" in meta else dict(meta)
+        if header.get("format") != "rrp-vision":
             raise ValueError(f"{path}: not an rrp-vision weights file")
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    raw = json.loads(meta["config"])
+    raw = header["config"] if isinstance(header["config"], dict) else json.loads(header["config"])
     config = VisionConfig(**{**raw, "channels": tuple(raw["channels"])})
     model = DrivingNet(config)
     model.load_state_dict(state)
