@@ -110,6 +110,43 @@ def test_autopilot_counts_each_versions_ticks_missed_ticks_and_laps_once() -> No
     assert VersionMeter("").version == "default"  # a client of the server's default version
 
 
+class _AlternatingModel:
+    """An InferenceClient that answers every other inference at once and lets the others time out."""
+
+    def __init__(self, version: str) -> None:
+        self.model, self.version, self.calls = "fake", version, 0
+
+    def infer(self, frame: Any, speed_m_per_s: float, timeout_s: float) -> Any:
+        from plumbing.errors import DeadlineExceeded
+        from serving.codec import Decision
+
+        self.calls += 1
+        if self.calls % 2 == 0:
+            time.sleep(timeout_s)
+            raise DeadlineExceeded("too slow")
+        return Decision((0.0,) * 4, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_real_time_autopilot_run_moves_its_versions_series(game_server: Any) -> None:
+    from serving.autopilot import AutopilotConfig, run_autopilot
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"version": "alt-1", **labels}) or 0.0
+
+    config = AutopilotConfig(track="oval", mode="realtime", max_ticks=30, width=64, height=48)
+    result = run_autopilot(config, (game_server.address,), lambda: _AlternatingModel("alt-1"))
+    (lap,) = result.laps
+    assert value("rrp_autopilot_ticks_total") == lap.ticks >= 30  # a slow tick may skip a frame
+    assert value("rrp_autopilot_laps_total", finished="false") == 1
+    assert value("rrp_autopilot_fallbacks_total") == lap.fallbacks > 0
+    assert value("rrp_autopilot_inference_seconds_count") == len(lap.inference_ms)
+    assert value("rrp_autopilot_missed_ticks_total") == lap.missed_ticks
+    assert value("rrp_autopilot_wall_contacts_total") == lap.wall_contacts
+
+
 def _exported_names() -> set[str]:
     """Every metric name the services export, as Prometheus sees it (`_total`, `_bucket`, ...)."""
     for module in ("game_server.metrics", "scheduler.metrics", "collector.metrics", "serving.metrics"):
