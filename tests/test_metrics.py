@@ -71,6 +71,44 @@ def test_metrics_endpoint_serves_the_registry_and_stops() -> None:
         start_metrics("127.0.0.1", 70000)
 
 
+def test_a_server_serves_metrics_on_its_host_until_it_stops_and_a_taken_port_is_a_clear_error() -> None:
+    import socket
+
+    from plumbing.bootstrap import ServerConfig, create_server
+
+    port = free_port()
+    running = create_server(ServerConfig(port=0, metrics_port=port, service_name="metrics-test"), lambda s: [])
+    try:
+        assert running.metrics is not None and running.metrics.host == "127.0.0.1"
+        assert sample(scrape(port), "process_cpu_seconds_total") > 0
+    finally:
+        running.stop(0)
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{busy}"):
+            create_server(ServerConfig(port=0, metrics_port=busy), lambda s: [])
+
+
+def test_a_collector_stream_ended_by_an_error_is_counted_by_its_code() -> None:
+    from collector.ingest import Ingestor
+    from plumbing.errors import FailedPrecondition
+    from rallyrobopilot.v1 import collector_pb2
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("rrp_collector_errors_total", {"code": "FAILED_PRECONDITION"}) or 0.0
+
+    before = errors()
+    frame_first = [collector_pb2.IngestRequest(frame=collector_pb2.FrameRecord(run_id="r", tick=0))]
+    with pytest.raises(FailedPrecondition):
+        list(Ingestor(sink=None).run(iter(frame_first), lambda: True))  # type: ignore[arg-type]
+    assert errors() == before + 1
+    assert REGISTRY.get_sample_value("rrp_collector_streams_open") == 0
+
+
 def test_live_gauges_add_up_the_live_objects_and_forget_stopped_ones() -> None:
     class Server:
         def __init__(self, sessions: int) -> None:
