@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from scheduler.core import PoolStatus
 from scheduler.executor import EvaluationPool
@@ -18,10 +18,10 @@ from scheduler.executor import EvaluationPool
 class PoolCollector(Collector):
     """The pool's own counters (`GetPoolStatus`) as metrics: no bookkeeping on the dispatch path."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self._pools: weakref.WeakSet[EvaluationPool] = weakref.WeakSet()
         self._lock = threading.Lock()
-        REGISTRY.register(self)
+        registry.register(self)
 
     def track(self, pool: EvaluationPool) -> None:
         with self._lock:
@@ -62,13 +62,14 @@ class PoolCollector(Collector):
             "game servers that passed their last health check",
             value=sum(s.healthy for s in servers),
         )
-        per_server: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        per_server: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
         for server in servers:
             row = per_server[server.address]
             row[0] += server.healthy
             row[1] += server.in_flight
             row[2] += server.done
             row[3] += server.failed
+            row[4] += server.retried
         families: tuple[GaugeMetricFamily | CounterMetricFamily, ...] = (
             GaugeMetricFamily(
                 "rrp_scheduler_server_healthy", "1 if the server passed its last health check", labels=["server"]
@@ -80,6 +81,11 @@ class PoolCollector(Collector):
             CounterMetricFamily(
                 "rrp_scheduler_server_failures_total",
                 "evaluations lost to the server's faults (each retried elsewhere or failed)",
+                labels=["server"],
+            ),
+            CounterMetricFamily(
+                "rrp_scheduler_server_retries_total",
+                "evaluations the server failed or refused (busy) that were queued again",
                 labels=["server"],
             ),
         )

@@ -93,6 +93,44 @@ def test_a_server_serves_metrics_on_its_host_until_it_stops_and_a_taken_port_is_
             create_server(ServerConfig(port=0, metrics_port=busy), lambda s: [])
 
 
+def test_scheduler_metrics_are_its_pools_counters_per_server_and_summed() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from scheduler.core import PoolStatus, ServerStatus
+    from scheduler.metrics import PoolCollector
+
+    class Pool:
+        def __init__(self, status: PoolStatus) -> None:
+            self._status = status
+
+        def status(self) -> PoolStatus:
+            return self._status
+
+    a = ServerStatus("10.0.0.1:50051", True, 2, 1, done=40, failed=3, retried=3)
+    b = ServerStatus("10.0.0.2:50051", False, 2, 0, done=5, failed=0, retried=1)
+    pools = [
+        Pool(PoolStatus((a, b), in_flight=1, pending=7, done=45, retried=4, failed=1)),
+        Pool(PoolStatus((), 0, 2, 1, 0, 0)),
+    ]
+    registry = CollectorRegistry()
+    collector = PoolCollector(registry)
+    for pool in pools:
+        collector.track(pool)  # type: ignore[arg-type]
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("rrp_scheduler_queue_length") == 9
+    assert value("rrp_scheduler_done_total") == 46
+    assert value("rrp_scheduler_retries_total") == 4
+    assert value("rrp_scheduler_failed_total") == 1
+    assert value("rrp_scheduler_healthy_servers") == 1 and value("rrp_scheduler_servers") == 2
+    assert value("rrp_scheduler_server_retries_total", server="10.0.0.1:50051") == 3
+    assert value("rrp_scheduler_server_failures_total", server="10.0.0.1:50051") == 3
+    assert value("rrp_scheduler_server_healthy", server="10.0.0.2:50051") == 0
+    assert value("rrp_scheduler_server_done_total", server="10.0.0.2:50051") == 5
+
+
 def test_a_collector_stream_ended_by_an_error_is_counted_by_its_code() -> None:
     from collector.ingest import Ingestor
     from plumbing.errors import FailedPrecondition
