@@ -328,8 +328,9 @@ class RunningServer:
         """Reports NOT_SERVING first so that balancers drain, then lets in-flight calls finish."""
         self.set_serving(False)
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
-        if self.metrics is not None:
-            self.metrics.stop()
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.stop()
         telemetry.shutdown()
 
 
@@ -371,7 +372,7 @@ def create_server(
         raise OSError(f"cannot bind {config.host}:{config.port}")
     try:
         metrics = start_metrics(config.host, config.metrics_port, config.service_name)
-    except OSError:
+    except Exception:  # a taken or impossible port: release the gRPC port too
         server.stop(None)
         raise
     server.start()
