@@ -220,6 +220,8 @@ def run_monitor(config: MonitorConfig) -> int:
                 print(f"[monitor] Prometheus exited:\n{prometheus.log_tail()}", flush=True)
                 return 1
     finally:
+        started = prometheus.proc is not None
         prometheus.stop()
-        print("[monitor] Prometheus stopped", flush=True)
+        if started:
+            print("[monitor] Prometheus stopped", flush=True)
     return 0

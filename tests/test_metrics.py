@@ -270,6 +270,17 @@ def test_monitor_config_scrapes_each_component_under_the_clusters_job_name() -> 
             MonitorConfig(targets=(bad,))
 
 
+def test_rrp_monitor_says_what_is_missing() -> None:
+    for args, message in (
+        (["--prometheus", "no-such-prometheus"], "no-such-prometheus not found: apt-get install prometheus"),
+        (["--rules", "/no/such/rules.yml"], "rules file /no/such/rules.yml not found"),
+        (["--targets", "nohost"], "expected [COMPONENT=]HOST:PORT"),
+    ):
+        proc = subprocess.run([*rrp_command(), "monitor", *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+        assert "Prometheus stopped" not in proc.stdout
+
+
 @needs_promtool
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
