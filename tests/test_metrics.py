@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -33,8 +34,10 @@ RULE_TESTS = ROOT / "deploy/monitoring/alert-rules.test.yml"
 DASHBOARD = ROOT / "deploy/helm/rallyrobopilot/files/dashboard.json"
 
 needs_promtool = pytest.mark.skipif(
-    subprocess.run(["which", "promtool"], capture_output=True).returncode != 0,
-    reason="promtool is not installed (scripts/setup.sh installs Debian's prometheus)",
+    shutil.which("promtool") is None, reason="promtool is not installed (scripts/setup.sh installs Debian's prometheus)"
+)
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="prometheus is not installed (scripts/setup.sh installs it)"
 )
 
 
@@ -352,7 +355,7 @@ def _query(url: str, expr: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@needs_promtool
+@needs_prometheus
 def test_services_export_metrics_and_rrp_monitor_scrapes_them(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("game-server", "scheduler", "collector")}
     procs: list[ServiceProcess] = []
