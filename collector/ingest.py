@@ -6,13 +6,15 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from collector import metrics
 from collector.store import AppendResult
-from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, quote
+from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, quote, status_name
 from plumbing.settings import setting
 from rallyrobopilot.v1.collector_pb2 import (
     FrameRecord,
@@ -219,6 +221,7 @@ class Ingestor:
         self.sink = sink
         self.limits = limits or IngestLimits()
         self.budget = ByteBudget(self.limits.inflight_bytes)
+        metrics.INGESTORS.track(self)
 
     def run(self, requests: Iterator[IngestRequest], alive: Callable[[], bool]) -> Iterator[IngestResponse]:
         """Answers one stream: an acknowledgement after every batch Redis stored, then the stream's end.
@@ -230,7 +233,11 @@ class Ingestor:
         reader = threading.Thread(target=self._read, args=(requests, ahead, alive), daemon=True, name="ingest-read")
         reader.start()
         try:
-            yield from _Stream(self.sink, self.limits).serve(ahead, alive)
+            with metrics.STREAMS.track_inprogress():
+                yield from _Stream(self.sink, self.limits).serve(ahead, alive)
+        except Exception as exc:
+            metrics.ERRORS.labels(status_name(exc)).inc()
+            raise
         finally:
             ahead.close()
 
@@ -265,6 +272,7 @@ class _Stream:
 
     def ack(self) -> IngestResponse:
         assert self.start is not None
+        metrics.ACKS.inc()
         return IngestResponse(
             run_id=self.start.run_id,
             acked_through_tick=self.last_tick or 0,
@@ -334,7 +342,12 @@ class _Stream:
 
     def _store(self, frames: list[FrameRecord]) -> IngestResponse:
         assert self.start is not None
+        started = time.perf_counter()
         result = self.sink.append(self.start.run_id, frames)
+        metrics.REDIS_WRITE.observe(time.perf_counter() - started)
+        metrics.FRAMES_STORED.inc(result.stored)
+        metrics.BYTES_STORED.inc(result.stored_bytes)
+        metrics.DUPLICATES.inc(result.duplicates)
         self.stored_frames = result.stored_frames
         self.duplicates += result.duplicates
         return self.ack()

@@ -111,6 +111,7 @@ class AppendResult:
     duplicates: int
     last_tick: int
     stored_frames: int  # XLEN after the batch: every frame of the run, across reconnections
+    stored_bytes: int = 0  # serialised size of the records newly stored
 
 
 def stream_id(tick: int) -> str:
@@ -211,23 +212,27 @@ class FrameStore:
         key = self._frames(run_id)
         with self._translated("append"):
             pipe = self.r.pipeline(transaction=False)
+            sizes = []
             for record in records:
-                pipe.xadd(key, {"pb": record.SerializeToString()}, id=stream_id(record.tick))
+                data = record.SerializeToString()
+                sizes.append(len(data))
+                pipe.xadd(key, {"pb": data}, id=stream_id(record.tick))
             pipe.xlen(key)
             results = pipe.execute(raise_on_error=False)
-            stored = 0
+            stored = stored_bytes = 0
             refused: list[int] = []
-            for record, result in zip(records, results, strict=False):
+            for record, size, result in zip(records, sizes, results, strict=False):
                 if isinstance(result, redis.ResponseError) and _DUPLICATE_ID in str(result):
                     refused.append(record.tick)
                 elif isinstance(result, Exception):
                     raise result  # classified by _translated: OOM, read-only, ...
                 else:
                     stored += 1
+                    stored_bytes += size
             stored_frames = int(results[-1])
             if refused:
                 self._require_stored(run_id, refused)
-        return AppendResult(stored, len(refused), records[-1].tick, int(stored_frames))
+        return AppendResult(stored, len(refused), records[-1].tick, int(stored_frames), stored_bytes)
 
     def _require_stored(self, run_id: str, ticks: list[int]) -> None:
         """Redis refuses an entry at or below the stream's last one: a duplicate only if that tick is there.

@@ -6,9 +6,14 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import numpy as np
 
+from game_server import metrics
+from game_server.core.state import SimState
+from game_server.core.track import Track
 from game_server.game import FrameRenderer, Game, GameConfig
 from game_server.servicer import GameServicer
 from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
@@ -31,7 +36,19 @@ def _default_renderer() -> FrameRenderer:
     # The process's one renderer: a second in-process server (tests, tools) shares it instead of failing.
     from game_server.render.renderer import shared_renderer
 
-    return shared_renderer()
+    return _CountedRenderer(shared_renderer())
+
+
+class _CountedRenderer:
+    """Counts the frames a renderer makes, for the metrics."""
+
+    def __init__(self, inner: FrameRenderer) -> None:
+        self.inner = inner
+
+    def render(self, track: Track, state: SimState, spec: Any) -> np.ndarray:
+        frame = self.inner.render(track, state, spec)
+        metrics.FRAMES.inc()
+        return frame
 
 
 @dataclass
@@ -51,10 +68,12 @@ class GameServer:
     def stop(self, grace_s: float | None = None) -> None:
         self._stop.set()
         self.running.stop(grace_s)
+        metrics.GAMES.forget(self.game)
 
 
 def create_game_server(config: GameServerConfig) -> GameServer:
     game = Game(config.game, _default_renderer)
+    metrics.GAMES.track(game)
 
     def register(server: grpc.Server) -> Sequence[str]:
         game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game, config.server.max_message_bytes), server)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
-from game_server import convert
+from game_server import convert, metrics
 from game_server.core.state import SimState
 from game_server.core.track import Track
 from game_server.core.tracks import builtin_tracks, load_track
@@ -105,6 +105,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
 
     def Step(self, request: game_pb2.StepRequest, context: grpc.ServicerContext) -> game_pb2.StepResponse:
         obs = self.game.step(request.session_id, request.controls.masks, request.with_frame)
+        metrics.TICKS.labels("Step").inc(len(request.controls.masks))
         return game_pb2.StepResponse(observation=observation_to_pb(obs))
 
     def Drive(
@@ -125,7 +126,13 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             )
         else:
             raise InvalidArgument("Drive mode must be LOCKSTEP or REALTIME")
+        ticks, late, missed = metrics.TICKS.labels("Drive"), 0, 0
         for event in events:
+            ticks.inc()
+            if event.late_commands != late or event.missed_ticks != missed:  # counts so far: add what is new
+                metrics.LATE_COMMANDS.inc(event.late_commands - late)
+                metrics.MISSED_TICKS.inc(event.missed_ticks - missed)
+                late, missed = event.late_commands, event.missed_ticks
             yield _drive_event_to_pb(event)
 
     def EvaluateBatch(
@@ -134,7 +141,10 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
         if not 1 <= len(request.tasks) <= MAX_BATCH:
             raise InvalidArgument(f"a batch holds 1..{MAX_BATCH} tasks, got {len(request.tasks)}")
         with self.game.evaluation_slot():
-            return evaluate_batch(request.tasks, self.max_reply_bytes, _left(context))
+            response = evaluate_batch(request.tasks, self.max_reply_bytes, _left(context))
+        ticks = sum(item.response.result.ticks for item in response.items if item.HasField("response"))
+        metrics.TICKS.labels("EvaluateBatch").inc(ticks)
+        return response
 
     def GetServerInfo(
         self, request: game_pb2.GetServerInfoRequest, context: grpc.ServicerContext
@@ -152,6 +162,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
         result = self.game.evaluate(
             track, start, policy, gate, request.max_ticks, request.return_trajectory, _left(context)
         )
+        metrics.TICKS.labels("Evaluate").inc(result.ticks)
         return evaluation_response(result, request.return_trajectory)
 
     def Record(self, request: game_pb2.RecordRequest, context: grpc.ServicerContext) -> game_pb2.RecordResponse:
@@ -162,4 +173,6 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             def render(track: Track, state: SimState, frame: FrameSpec) -> np.ndarray:
                 return self.game.renderer().render(track, state, frame)
 
-            return outcome_to_pb(record_episode(spec, render, stop=_left(context)))
+            outcome = record_episode(spec, render, stop=_left(context))
+        metrics.TICKS.labels("Record").inc(outcome.result.ticks)
+        return outcome_to_pb(outcome)

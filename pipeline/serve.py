@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.serving_job import weights_version
+from plumbing.metrics import start_metrics
 from plumbing.settings import nested, setting
 from serving.archive import ArchiveConfig
 from serving.autopilot import AutopilotConfig
@@ -57,6 +58,10 @@ class AutopilotCommandConfig:
     protocol: str = setting("torchserve", "inference protocol: TorchServe's own API or the Open Inference Protocol",
                             choices=PROTOCOLS)  # fmt: skip
     out: Path | None = setting(None, "directory for autopilot.json and the per-hop latency plot", env="autopilot_out")
+    metrics_port: int = setting(0, "port of the Prometheus metrics endpoint (/metrics); 0: none")
+    metrics_host: str = setting(
+        "127.0.0.1", "address the metrics endpoint binds; 0.0.0.0 for every interface (in a pod)"
+    )
     autopilot: AutopilotConfig = nested(AutopilotConfig)
 
 
@@ -135,13 +140,18 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
     def on_lap(r: Any) -> None:
         print(f"[autopilot] {json.dumps(r.summary())}", flush=True)
 
-    result = run_autopilot(
-        config.autopilot,
-        config.game,
-        lambda: connect(config.protocol, config.model_server, model, token),
-        stop=stop,
-        on_lap=on_lap,
-    )
+    endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
+    try:
+        result = run_autopilot(
+            config.autopilot,
+            config.game,
+            lambda: connect(config.protocol, config.model_server, model, token),
+            stop=stop,
+            on_lap=on_lap,
+        )
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
     report = result_json(result)
     print(json.dumps(report["totals"]), flush=True)
     if config.out is not None:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from plumbing import errors, telemetry
+from plumbing.metrics import MetricsEndpoint, start_metrics
 from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ServerConfig:
         "a client-streaming call on which no message moved either way for this many seconds is closed"
         " (DEADLINE_EXCEEDED)",
     )
+    metrics_port: int = setting(0, "port of the Prometheus metrics endpoint (/metrics, on --host); 0: none")
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -311,6 +313,7 @@ class RunningServer:
     health: health.HealthServicer
     service_names: tuple[str, ...]
     config: ServerConfig
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -325,6 +328,9 @@ class RunningServer:
         """Reports NOT_SERVING first so that balancers drain, then lets in-flight calls finish."""
         self.set_serving(False)
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.stop()
         telemetry.shutdown()
 
 
@@ -364,8 +370,13 @@ def create_server(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
+    try:
+        metrics = start_metrics(config.host, config.metrics_port, config.service_name)
+    except Exception:  # a taken or impossible port: release the gRPC port too
+        server.stop(None)
+        raise
     server.start()
-    running = RunningServer(server, port, health_servicer, names, config)
+    running = RunningServer(server, port, health_servicer, names, config, metrics)
     running.set_serving(True)
     log.info("%s listening on %s:%d", config.service_name, config.host, port)
     return running

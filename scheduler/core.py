@@ -42,6 +42,7 @@ class ServerRecord:
     leased: int = 0
     done: int = 0
     failed: int = 0
+    retried: int = 0  # tasks it failed or refused that went back to the queue
     # False once discovery no longer lists it; it is forgotten when its last lease returns.
     member: bool = True
 
@@ -62,6 +63,7 @@ class ServerStatus:
     in_flight: int
     done: int
     failed: int
+    retried: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class Ledger:
 
     def status(self, pending: int) -> PoolStatus:
         servers = tuple(
-            ServerStatus(r.address, r.healthy, r.capacity, r.leased, r.done, r.failed)
+            ServerStatus(r.address, r.healthy, r.capacity, r.leased, r.done, r.failed, r.retried)
             for r in sorted(self.servers.values(), key=lambda r: r.address)
         )
         c = self.counters

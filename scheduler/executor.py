@@ -420,6 +420,7 @@ class EvaluationPool(Executor):
         )
         resolved: list[tuple[_Job, _Outcome]] = []
         with self._lock:
+            record = self._ledger.servers.get(address)  # gone after the release if it left the pool
             self._ledger.release(address, server_fault, tasks=len(jobs))
             for job, outcome in zip(jobs, outcomes, strict=True):
                 code = outcome[1]
@@ -432,6 +433,8 @@ class EvaluationPool(Executor):
                     self._ledger.counters.done += 1
                 elif retry:
                     self._ledger.counters.retried += 1
+                    if record is not None:
+                        record.retried += 1
                     job.last_server = address
                     self._queue.appendleft(job)
                     self._work.notify()

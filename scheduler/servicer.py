@@ -10,6 +10,7 @@ import grpc
 
 from plumbing.errors import InvalidArgument
 from rallyrobopilot.v1 import game_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler import metrics
 from scheduler.core import PoolStatus
 from scheduler.executor import EvaluationPool
 from scheduler.tasks import EvaluationError, RequestTask
@@ -57,6 +58,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, pool: EvaluationPool) -> None:
         self.pool = pool
         self.task = RequestTask()
+        metrics.POOLS.track(pool)
 
     def MapEvaluate(
         self, request: scheduler_pb2.MapEvaluateRequest, context: grpc.ServicerContext

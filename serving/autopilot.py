@@ -31,6 +31,7 @@ from plumbing.settings import setting
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from serving.client import InferenceClient
 from serving.codec import Decision
+from serving.metrics import VersionMeter
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class LapRecord:
     lap_ticks: int = 0
     ticks: int = 0
     progress_fraction: float = 0.0
+    wall_contacts: int = 0  # ticks touching a wall
     stop_reason: str = ""
     keys: list[int] = field(default_factory=list)  # the command sent for each tick, in tick order
     late_commands: int = 0  # the game server's count: commands that arrived after their tick
@@ -201,13 +203,14 @@ def _command(tick: int, keys: int) -> game_pb2.DriveRequest:
 class _Lap:
     """The stop rules of one lap: finish line, tick budget, no progress."""
 
-    def __init__(self, record: LapRecord, max_ticks: int, stuck_ticks: int) -> None:
-        self.record, self.max_ticks, self.stuck_ticks = record, max_ticks, stuck_ticks
+    def __init__(self, record: LapRecord, max_ticks: int, stuck_ticks: int, meter: VersionMeter) -> None:
+        self.record, self.max_ticks, self.stuck_ticks, self.meter = record, max_ticks, stuck_ticks, meter
         self.best_progress, self.best_tick = -1.0, 0
 
-    def done(self, obs: sim_pb2.Observation) -> bool:
+    def done(self, obs: sim_pb2.Observation, missed_ticks: int = 0) -> bool:
         r, s = self.record, obs.state
-        r.ticks, r.progress_fraction = int(s.tick), obs.progress_fraction
+        r.ticks, r.progress_fraction, r.wall_contacts = int(s.tick), obs.progress_fraction, int(s.lap.wall_contacts)
+        self.meter.tick(r.ticks, missed_ticks)
         if s.tick > 0:
             r.x.append(s.car.x_m)
             r.y.append(s.car.y_m)
@@ -241,15 +244,17 @@ def drive_lap(
         randomization_seed=config.seed,
     )
     session = game.create_session(config.track, options).session_id
+    meter = VersionMeter(model.version)
     try:
         first = game.reset(session, with_frame=True)
         if config.mode == "lockstep":
-            _drive_lockstep(game, session, first, model, config, record)
+            _drive_lockstep(game, session, first, model, config, record, meter)
         else:
-            _drive_realtime(game, session, first, model, config, record, tracer or _Tracer(0), stop)
+            _drive_realtime(game, session, first, model, config, record, meter, tracer or _Tracer(0), stop)
     finally:
         with contextlib.suppress(Exception):
             game.close_session(session)
+    meter.lap(record.finished, record.lap_ticks * TICK_S, record.wall_contacts)
     return record
 
 
@@ -264,8 +269,9 @@ def _drive_lockstep(
     model: InferenceClient,
     config: AutopilotConfig,
     record: LapRecord,
+    meter: VersionMeter,
 ) -> None:
-    lap = _Lap(record, config.max_ticks, config.stuck_ticks)
+    lap = _Lap(record, config.max_ticks, config.stuck_ticks, meter)
 
     def policy(obs: sim_pb2.Observation) -> int | None:
         if lap.done(obs):
@@ -273,6 +279,7 @@ def _drive_lockstep(
         t0 = time.perf_counter()
         keys = _infer(model, obs, timeout_s=30.0).keys
         record.inference_ms.append((time.perf_counter() - t0) * 1e3)
+        meter.inference.observe(record.inference_ms[-1] / 1e3)
         record.keys.append(keys)
         return keys
 
@@ -316,11 +323,12 @@ def _drive_realtime(
     model: InferenceClient,
     config: AutopilotConfig,
     record: LapRecord,
+    meter: VersionMeter,
     tracer: _Tracer,
     stop: threading.Event | None,
 ) -> None:
     """Real time: the server ticks at 25 Hz from the start message; tick k is due at t0 + (k + 1) * 40 ms."""
-    lap = _Lap(record, config.max_ticks, config.stuck_ticks)
+    lap = _Lap(record, config.max_ticks, config.stuck_ticks, meter)
     deadline_s = config.deadline_ms / 1e3
     outbox: queue.SimpleQueue[game_pb2.DriveRequest | None] = queue.SimpleQueue()
     base_tick = int(first.state.tick)
@@ -335,6 +343,7 @@ def _drive_realtime(
         if exc.code not in TRANSIENT:
             raise
         record.inference_errors += 1
+        meter.inference_errors.inc()
         log.warning("car %d: first inference failed: %s", record.car, exc)
     record.keys.append(last_keys)
 
@@ -377,7 +386,7 @@ def _drive_realtime(
             obs = response.observation
             tick = int(obs.state.tick)
             record.frame_ms.append((received - due(tick - 1)) * 1e3)
-            if lap.done(obs):
+            if lap.done(obs, int(response.missed_ticks)):
                 break
             with tracer.tick(record.car, tick):
                 with tracer.span("autopilot.frame", **{"rrp.frame_ms": record.frame_ms[-1]}):
@@ -389,17 +398,21 @@ def _drive_realtime(
                 answered = False
                 if budget <= 0.001:
                     record.fallbacks += 1
+                    meter.fallbacks.inc()
                 else:
                     t_inf = time.perf_counter()
                     try:
                         with tracer.span("autopilot.inference", **{"rrp.model": model.model}):
                             keys = _infer(model, obs, timeout_s=budget).keys
                         record.inference_ms.append((time.perf_counter() - t_inf) * 1e3)
+                        meter.inference.observe(record.inference_ms[-1] / 1e3)
                         last_keys, answered = keys, True
                     except DomainError as exc:
                         record.fallbacks += 1
+                        meter.fallbacks.inc()
                         if exc.code != "DEADLINE_EXCEEDED":
                             record.inference_errors += 1
+                            meter.inference_errors.inc()
                             log.warning("car %d tick %d: inference failed, fallback: %s", record.car, tick, exc)
                 with tracer.span("autopilot.command", **{"rrp.keys": keys, "rrp.fallback": not answered}):
                     if answered:
@@ -422,6 +435,7 @@ def _drive_realtime(
         if last_response is not None:
             record.late_commands = int(last_response.late_commands)
             record.missed_ticks = int(last_response.missed_ticks)
+            meter.tick(record.ticks, record.missed_ticks)
         if not record.stop_reason:
             record.stop_reason = "stopped"
 

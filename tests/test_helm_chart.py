@@ -351,7 +351,7 @@ def test_alert_rules_and_scrape_config_pass_promtool(tmp_path: Path) -> None:
     rules = tmp_path / "rallyrobopilot.rules.yml"
     rules.write_text(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-rules", "rallyrobopilot.rules.yml"))
     proc = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "SUCCESS: 7 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SUCCESS: 18 rules found" in proc.stdout, proc.stdout + proc.stderr
     config = yaml.safe_load(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-scrape", "prometheus.yml"))
     job = config["scrape_configs"][0]
     assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["racing"]}}]
