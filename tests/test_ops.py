@@ -12,6 +12,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
@@ -177,6 +178,7 @@ def test_cli_help_for_every_command() -> None:
         assert "usage: rrp" in result.stdout
 
 
+@pytest.mark.slow
 def test_main_job_smoke(tmp_path: Path) -> None:
     """`rrp run` on a tiny budget: services start, the GA runs on the pool, the lap is raced and reported."""
     result = subprocess.run(

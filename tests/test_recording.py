@@ -153,6 +153,7 @@ def test_unperturbed_record_drives_exactly_as_evaluate(stack: Stack) -> None:
     assert all(r.applied_mask == r.label_mask for r in records) and len(records[0].image) == 96 * 64 * 3
 
 
+@pytest.mark.slow
 def test_bad_requests_answer_their_codes_and_the_server_keeps_serving(stack: Stack) -> None:
     stub = stub_of(stack.servers[0])
     program = sim_pb2.ControlProgram(masks=bytes([1]) * 10)
@@ -296,6 +297,7 @@ def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
     assert first.state.car.x_m == start.car.x and first.state.car.speed_m_per_s == start.car.speed
 
 
+@pytest.mark.slow
 def test_record_retried_after_its_server_is_killed_stores_every_tick_once(stack: Stack) -> None:
     """SIGKILL the server in the middle of a pooled Record: the pool retries on the other server, the episode
     replays identically and the collector skips the ticks Redis already holds, so each tick is stored once."""

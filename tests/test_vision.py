@@ -187,6 +187,7 @@ def test_lap_ratios_leave_out_baselines_without_a_lap() -> None:
     assert lap_ratios(None, base, 500) == {}
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProcess, tmp_path: Path) -> None:
     """The installed `rrp train`, `rrp evaluate` and `rrp dagger`, each in its own process, chained by files."""
     from game_server.core.driver_file import SavedDriver, save_driver
