@@ -53,7 +53,7 @@ class PoolConfig:
     max_attempts: int = setting(4, "attempts per evaluation when servers fail")
     # A call's deadline: evaluate_timeout_s plus this allowance per tick of the work it carries (a
     # closed-loop driver takes ~0.13 ms a tick on one core; the allowance leaves room for a loaded machine).
-    tick_timeout_s: float = setting(0.0005, "deadline allowance per simulated tick, on top of evaluate_timeout_s")
+    tick_timeout_s: float = setting(0.002, "deadline allowance per simulated tick, on top of evaluate_timeout_s")
     # Ticks of work one EvaluateBatch may carry, so that heavy tasks travel alone and a batch's deadline
     # stays short; the first task of a batch is always taken, however heavy.
     max_batch_ticks: int = setting(100_000, "simulated ticks one EvaluateBatch call may carry")
