@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from plumbing.errors import FailedPrecondition, InvalidArgument, quote
+from plumbing.procs import stop_on_signals
 from plumbing.redis_local import free_port
 from plumbing.settings import setting
 
@@ -202,14 +202,7 @@ class LocalPrometheus:
 
 def run_monitor(config: MonitorConfig) -> int:
     """Starts Prometheus, prints its address, and stops it on SIGTERM or Ctrl-C."""
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping Prometheus", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    stop = stop_on_signals("Prometheus")
     prometheus = LocalPrometheus(config)
     try:
         prometheus.start()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.serving_job import weights_version
 from plumbing.metrics import start_metrics
+from plumbing.procs import stop_on_signals
 from plumbing.settings import nested, setting
 from serving.archive import ArchiveConfig
 from serving.autopilot import AutopilotConfig
@@ -87,14 +86,7 @@ def run_serve(config: ServeConfig) -> int:
     from serving.archive import archive_info, build_archive
     from serving.torchserve import LocalTorchServe
 
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping TorchServe", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    stop = stop_on_signals("TorchServe")
     server = LocalTorchServe(config.torchserve)
     try:
         server.start()
@@ -128,14 +120,7 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
 
     model = ModelRef.parse(config.model)
     token = read_token(config.token_file)
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping the cars", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    stop = stop_on_signals("the cars")
 
     def on_lap(r: Any) -> None:
         print(f"[autopilot] {json.dumps(r.summary())}", flush=True)

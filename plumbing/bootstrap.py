@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from plumbing import errors, telemetry
 from plumbing.metrics import MetricsEndpoint, start_metrics
+from plumbing.procs import stop_on_signals
 from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
@@ -384,14 +384,7 @@ def create_server(
 
 def serve_until_signal(running: RunningServer, on_stop: Callable[[], None] | None = None) -> None:
     """Blocks until SIGTERM or SIGINT, then shuts down gracefully."""
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    stop = stop_on_signals("the server")
     stop.wait()
     running.stop()
     if on_stop is not None:

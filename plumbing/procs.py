@@ -120,3 +120,18 @@ def wait_serving(address: str, service: str = "", timeout_s: float = 30.0) -> No
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not SERVING after {timeout_s}s")
             time.sleep(0.05)
+
+
+def stop_on_signals(what: str) -> threading.Event:
+    """An event set by SIGTERM or SIGINT (logged as stopping `what`): the one way a command waits to stop.
+
+    Call it from the main thread, which is the only one that may set signal handlers."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping %s", signum, what)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
