@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.serving_job import weights_version
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
 from plumbing.settings import nested, setting
@@ -39,8 +38,8 @@ class ServeConfig:
 
     archive: Path | None = setting(None, "model archive (.mar) to register; the latest trained model when absent")
     models_root: Path = setting(Path("out"), "where to look for the latest trained model (newest model.safetensors)")
-    version: str | None = setting(None, "version for a model packaged here (default: a hash of its weights)")
-    torchserve: TorchServeConfig = nested(TorchServeConfig)
+    version: str | None = setting(None, "human version of a model packaged here (default: the next number)")
+    torchserve: TorchServeConfig = nested(lambda: TorchServeConfig(workdir=Path("out/serve")))
     packaging: ArchiveConfig = nested(ArchiveConfig)
 
 
@@ -56,6 +55,11 @@ class AutopilotCommandConfig:
     )
     protocol: str = setting("torchserve", "inference protocol: TorchServe's own API or the Open Inference Protocol",
                             choices=PROTOCOLS)  # fmt: skip
+    routing: Path | None = setting(
+        None,
+        "the model store's registry/routing.json: each lap drives the version it names for the car (the default, "
+        "or the candidate on the canary's share of cars); without it every lap asks --model",
+    )
     out: Path | None = setting(None, "directory for autopilot.json and the per-hop latency plot", env="autopilot_out")
     metrics_port: int = setting(0, "port of the Prometheus metrics endpoint (/metrics); 0: none")
     metrics_host: str = setting(
@@ -83,25 +87,18 @@ def latest_model(root: Path) -> Path:
 
 
 def run_serve(config: ServeConfig) -> int:
-    from serving.archive import archive_info, build_archive
+    from pipeline.deploy import write_endpoints
     from serving.torchserve import LocalTorchServe
 
     stop = stop_on_signals("TorchServe")
     server = LocalTorchServe(config.torchserve)
     try:
         server.start()
-        archive = config.archive
-        if archive is None:
-            model_dir = latest_model(config.models_root)
-            version = config.version or weights_version(model_dir)
-            archive = build_archive(model_dir, version, server.model_store, config.packaging)
-        info = archive_info(archive)
-        print(f"[serve] registering {archive}", flush=True)
-        server.register(archive)
-        server.wait_model(info["name"], info["version"], info["input"]["width"], info["input"]["height"])
+        default = _register_default(config, server)
+        write_endpoints(server.workdir, server)
         print(
             f"torchserve listening on {server.inference_address} (management {server.management_address}, "
-            f"metrics {server.metrics_url}); inference token in {server.key_file}",
+            f"metrics {server.metrics_url}); default version {default}; inference token in {server.key_file}",
             flush=True,
         )
         while not stop.wait(1.0):
@@ -112,6 +109,37 @@ def run_serve(config: ServeConfig) -> int:
         server.stop()
         print("[serve] TorchServe stopped", flush=True)
     return 0
+
+
+def _register_default(config: ServeConfig, server: Any) -> str:
+    """TorchServe starts empty: the registry's versions come back (default, previous, canary), or the first one
+    is added: --archive, or the newest trained model packaged here."""
+    from dataclasses import replace
+
+    from pipeline.deploy import add_archive, add_version
+    from serving.archive import archive_info
+    from serving.registry import Registry, Routing
+
+    registry = Registry(server.model_store)
+    routing = registry.routing()
+    if routing is None or config.archive is not None:
+        if config.archive is not None:
+            entry = add_archive(registry, config.archive)
+        else:
+            entry = add_version(registry, latest_model(config.models_root), config.version, config.packaging)
+        old = routing.default if routing is not None and routing.default != entry.version else ""
+        routing = Routing(entry.name, default=entry.version, previous=old)
+    wanted = [v for v in dict.fromkeys((routing.default, routing.previous, routing.canary)) if v]
+    for number in wanted:
+        version = registry.by_version(number)
+        archive = server.model_store / version.archive
+        print(f"[serve] registering {archive}", flush=True)
+        server.register(archive)
+        info = archive_info(archive)
+        server.wait_model(info["name"], info["version"], info["input"]["width"], info["input"]["height"])
+    server.set_default(routing.name, routing.default)
+    registry.set_routing(replace(routing))
+    return routing.default
 
 
 def run_autopilot_command(config: AutopilotCommandConfig) -> int:
@@ -127,13 +155,27 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
 
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
     try:
-        result = run_autopilot(
-            config.autopilot,
-            config.game,
-            lambda: connect(config.protocol, config.model_server, model, token),
-            stop=stop,
-            on_lap=on_lap,
-        )
+        if config.routing is not None:
+            from serving.registry import Router
+
+            router = Router(config.routing)
+            name = router.current().name
+            result = run_autopilot(
+                config.autopilot,
+                config.game,
+                stop=stop,
+                on_lap=on_lap,
+                router=router,
+                connect_version=lambda v: connect(config.protocol, config.model_server, ModelRef(name, v), token),
+            )
+        else:
+            result = run_autopilot(
+                config.autopilot,
+                config.game,
+                lambda: connect(config.protocol, config.model_server, model, token),
+                stop=stop,
+                on_lap=on_lap,
+            )
     finally:
         if endpoint is not None:
             endpoint.stop()

@@ -25,6 +25,18 @@ def _autopilot() -> tuple[type[Any], Any]:
     return AutopilotCommandConfig, run_autopilot_command
 
 
+def _deploy() -> tuple[type[Any], Any]:
+    from pipeline.deploy import DeployConfig, run_deploy
+
+    return DeployConfig, run_deploy
+
+
+def _models() -> tuple[type[Any], Any]:
+    from pipeline.deploy import ModelsConfig, run_models
+
+    return ModelsConfig, run_models
+
+
 def register(commands: Commands) -> None:
     commands.add(
         "package",
@@ -52,4 +64,23 @@ def register(commands: Commands) -> None:
         "to the model server and the keys come back as the command for that tick. --realtime (the default) "
         "ticks at 25 Hz of wall clock: an inference later than --deadline-ms gets the --fallback command, and "
         "late commands, missed ticks and fallbacks are counted; --lockstep advances one tick per command.",
+    )
+    commands.add(
+        "deploy",
+        _deploy,
+        help="roll a new model version out: register, gate, canary, promote or roll back",
+        description="Registers --model's weights as a new version beside the default (no traffic), gates it "
+        "(it loads, answers within --gate-max-p99-ms, and laps the held-out --gate-tracks in lockstep at least as "
+        "well as the default), canaries it (--canary-share of the autopilots' cars drive it, read from "
+        "routing.json, until --canary-laps of its laps are in), then promotes it or rolls it back, writing a "
+        "deployment record of every step. Killed and started again, it finishes or undoes the rollout. "
+        "--rollback returns to the previous version at once; --watch DIR deploys each new model that appears.",
+    )
+    commands.add(
+        "models",
+        _models,
+        help="list the model versions: default, canary, previous, gate and live figures",
+        description="Reads the registry beside TorchServe's model store: each version's content id, human "
+        "version, role in the routing, its gate and canary figures and its training data, and the last "
+        "deployments.",
     )

@@ -31,7 +31,8 @@ from plumbing.settings import setting
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from serving.client import InferenceClient
 from serving.codec import Decision
-from serving.metrics import VersionMeter
+from serving.metrics import REROUTES, VersionMeter
+from serving.registry import Router
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class LapRecord:
     car: int
     lap: int
     server: str
+    version: str = ""  # the model version the lap started on ("" = the server's default)
+    rerouted: bool = False  # its version left the routing mid-lap (rolled back) and the default took over
     finished: bool = False
     lap_ticks: int = 0
     ticks: int = 0
@@ -113,6 +116,8 @@ class LapRecord:
             "car": self.car,
             "lap": self.lap,
             "server": self.server,
+            "version": self.version,
+            "rerouted": self.rerouted,
             "finished": self.finished,
             "lap_ticks": self.lap_ticks,
             "lap_s": round(self.lap_ticks * TICK_S, 2),
@@ -440,16 +445,50 @@ def _drive_realtime(
             record.stop_reason = "stopped"
 
 
+class _Routed:
+    """The model a lap drives: its version while the routing names it, the default once it does not (rollback)."""
+
+    def __init__(self, router: Router, car: int, cars: int, clients: Callable[[str], InferenceClient]) -> None:
+        self.router, self.car, self.cars, self.clients = router, car, cars, clients
+        self.version = router.current().version_for(car, cars)
+        self.model = clients(self.version).model
+        self.current = self.version
+        self.rerouted = False
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        routing = self.router.current()
+        if self.current not in routing.routed():
+            log.warning("car %d: version %s left the routing mid-lap: driving %s", self.car, self.current,
+                        routing.default)  # fmt: skip
+            REROUTES.labels(self.current, routing.default).inc()
+            self.current, self.rerouted = routing.default, True
+        return self.clients(self.current).infer(frame, speed_m_per_s, timeout_s)
+
+    def close(self) -> None:
+        pass  # the car's clients outlive a lap
+
+
 def run_autopilot(
     config: AutopilotConfig,
     game_servers: tuple[str, ...],
-    connect_model: Callable[[], InferenceClient],
+    connect_model: Callable[[], InferenceClient] | None = None,
     stop: threading.Event | None = None,
     on_lap: Callable[[LapRecord], None] | None = None,
+    *,
+    router: Router | None = None,
+    connect_version: Callable[[str], InferenceClient] | None = None,
 ) -> AutopilotResult:
-    """`config.cars` cars (threads) over the game servers, `config.laps` laps each; one model client per car."""
+    """`config.cars` cars (threads) over the game servers, `config.laps` laps each.
+
+    Without a router each car has one model client (`connect_model`); with one, each lap asks the routing
+    which version the car drives (`connect_version(version)`, one client per car and version).
+    """
     if not game_servers:
         raise InvalidArgument("give at least one game server")
+    if router is None and connect_model is None:
+        raise InvalidArgument("give a model client, or a routing with a client per version")
+    if router is not None and connect_version is None:
+        raise InvalidArgument("a routing needs a client per version")
     tracer = _Tracer(config.trace_every)
     records: list[LapRecord] = []
     errors: list[BaseException] = []
@@ -457,13 +496,31 @@ def run_autopilot(
 
     def car(index: int) -> None:
         server = game_servers[index % len(game_servers)]
-        model = connect_model()
+        clients: dict[str, InferenceClient] = {}
+
+        def client_for(version: str) -> InferenceClient:
+            if version not in clients:
+                assert connect_version is not None
+                clients[version] = connect_version(version)
+            return clients[version]
+
         try:
             with GameClient(server) as game:
                 for lap in range(config.laps):
                     if stop is not None and stop.is_set():
                         return
-                    record = drive_lap(game, model, config, LapRecord(index, lap, server), tracer, stop)
+                    model: InferenceClient
+                    if router is not None:
+                        model = _Routed(router, index, config.cars, client_for)
+                    else:
+                        if "" not in clients:
+                            assert connect_model is not None
+                            clients[""] = connect_model()
+                        model = clients[""]
+                    record = LapRecord(index, lap, server, version=model.version)
+                    drive_lap(game, model, config, record, tracer, stop)
+                    if isinstance(model, _Routed):
+                        record.rerouted = model.rerouted
                     with lock:
                         records.append(record)
                     if on_lap is not None:
@@ -474,7 +531,8 @@ def run_autopilot(
             if stop is not None:
                 stop.set()
         finally:
-            model.close()
+            for client in clients.values():
+                client.close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=car, args=(i,), name=f"car-{i}", daemon=True) for i in range(config.cars)]

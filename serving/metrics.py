@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from plumbing.metrics import LATENCY_BUCKETS_S
 
@@ -57,3 +57,22 @@ class VersionMeter:
         if finished:
             LAP_SECONDS.labels(self.version).observe(lap_s)
         WALL_CONTACTS.labels(self.version).inc(wall_contacts)
+
+
+REROUTES = Counter(
+    "rrp_autopilot_reroutes_total", "laps moved mid-lap off a version the routing dropped", ["from_version", "to"]
+)
+
+# The deployer's series: where a rollout stands and what it decided.
+DEPLOY_STAGES = ("idle", "register", "gate", "canary", "promote", "rollback")
+DEPLOY_STAGE = Gauge("rrp_deployer_stage", "1 for the stage the current rollout is in", ["stage"])
+DEPLOY_DECISIONS = Counter("rrp_deployer_decisions_total", "rollouts decided", ["decision"])
+DEPLOY_SECONDS = Histogram(
+    "rrp_deployer_stage_seconds", "time spent in each stage of a rollout", ["stage"],
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)  # fmt: skip
+
+
+def set_stage(stage: str) -> None:
+    for s in DEPLOY_STAGES:
+        DEPLOY_STAGE.labels(s).set(1.0 if s == stage else 0.0)

@@ -277,16 +277,43 @@ class LocalTorchServe:
         self.stop()
 
     # -- management -----------------------------------------------------------------------------
+    def admin(self) -> ModelServerAdmin:
+        assert self.keys is not None
+        return ModelServerAdmin(self.management_address, self.keys.management, self.model_store)
+
+    def register(self, archive: Path, *, workers: int | None = None, timeout_s: float = 120.0) -> str:
+        """Copies the archive into the model store and registers it, waiting until its workers are up."""
+        return self.admin().register(archive, workers=workers, timeout_s=timeout_s)
+
+    def wait_model(self, name: str, version: str, width: int, height: int, timeout_s: float = 60.0) -> None:
+        """Returns once the model answers a real inference (a black frame); its errors otherwise."""
+        assert self.keys is not None
+        wait_model(self.inference_address, self.keys.inference, name, version, width, height, timeout_s)
+
+    def set_default(self, name: str, version: str) -> str:
+        return self.admin().set_default(name, version)
+
+    def describe(self, name: str, version: str = "") -> list[dict[str, Any]]:
+        return self.admin().describe(name, version)
+
+
+@dataclass(frozen=True)
+class ModelServerAdmin:
+    """TorchServe's management API (gRPC, loopback or the pod's network): what the deployer and `rrp serve` need."""
+
+    address: str
+    key: str = field(repr=False)
+    model_store: Path
+
     def register(self, archive: Path, *, workers: int | None = None, timeout_s: float = 120.0) -> str:
         """Copies the archive into the model store and registers it, waiting until its workers are up."""
         if not archive.is_file():
             raise NotFound(f"model archive {archive} not found (build one: rrp package)")
         if archive.parent.resolve() != self.model_store.resolve():
             shutil.copyfile(archive, self.model_store / archive.name)
-        assert self.keys is not None
         return management_call(
-            self.management_address,
-            self.keys.management,
+            self.address,
+            self.key,
             "RegisterModel",
             management_pb2.RegisterModelRequest(
                 url=archive.name, initial_workers=workers or 1, synchronous=True, startup_timeout=int(timeout_s)
@@ -294,45 +321,63 @@ class LocalTorchServe:
             timeout_s=timeout_s,
         )
 
-    def wait_model(self, name: str, version: str, width: int, height: int, timeout_s: float = 60.0) -> None:
-        """Returns once the model answers a real inference (a black frame); its errors otherwise."""
-        import numpy as np
-
-        from serving.client import ModelRef, TorchServeClient
-
-        assert self.keys is not None
-        client = TorchServeClient(self.inference_address, ModelRef(name, version), self.keys.inference)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    client.infer(np.zeros((height, width, 3), np.uint8), 0.0, timeout_s=10.0)
-                    return
-                except (Unavailable, DeadlineExceeded):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-        finally:
-            client.close()
+    def unregister(self, name: str, version: str, timeout_s: float = 60.0) -> str:
+        return management_call(
+            self.address,
+            self.key,
+            "UnregisterModel",
+            management_pb2.UnregisterModelRequest(model_name=name, model_version=version),
+            timeout_s=timeout_s,
+        )
 
     def set_default(self, name: str, version: str) -> str:
-        assert self.keys is not None
         return management_call(
-            self.management_address,
-            self.keys.management,
+            self.address,
+            self.key,
             "SetDefault",
             management_pb2.SetDefaultRequest(model_name=name, model_version=version),
         )
 
     def describe(self, name: str, version: str = "") -> list[dict[str, Any]]:
-        assert self.keys is not None
         text = management_call(
-            self.management_address,
-            self.keys.management,
+            self.address,
+            self.key,
             "DescribeModel",
             management_pb2.DescribeModelRequest(model_name=name, model_version=version),
         )
         return list(json.loads(text))
+
+    def versions(self, name: str) -> dict[str, bool]:
+        """The registered versions of `name`, each with whether it is TorchServe's default; {} when none."""
+        try:
+            described = self.describe(name, "all")
+            default = str(self.describe(name)[0].get("modelVersion"))  # no version: the default's description
+        except NotFound:
+            return {}
+        return {str(d.get("modelVersion")): str(d.get("modelVersion")) == default for d in described}
+
+
+def wait_model(
+    address: str, key: str, name: str, version: str, width: int, height: int, timeout_s: float = 60.0
+) -> None:
+    """Returns once the model answers a real inference (a black frame); its errors otherwise."""
+    import numpy as np
+
+    from serving.client import ModelRef, TorchServeClient
+
+    client = TorchServeClient(address, ModelRef(name, version), key)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.infer(np.zeros((height, width, 3), np.uint8), 0.0, timeout_s=10.0)
+                return
+            except (Unavailable, DeadlineExceeded):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
 
 
 def management_call(address: str, key: str, method: str, request: Any, timeout_s: float = 30.0) -> str:

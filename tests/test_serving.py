@@ -353,10 +353,10 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen[str], timeout_
 
 @pytest.mark.slow
 def test_serve_and_autopilot_stop_on_sigterm_leaving_nothing_behind_with_traced_ticks(
-    archive: Path, game_server_processes: list[ServiceProcess]
+    archive: Path, game_server_processes: list[ServiceProcess], tmp_path: Path
 ) -> None:
     spans, receiver, env = _otlp_receiver()
-    serve, serve_lines = _start(["serve", "--archive", str(archive)])
+    serve, serve_lines = _start(["serve", "--archive", str(archive), "--workdir", str(tmp_path / "serve")])
     try:
         line = _wait_for(serve_lines, "torchserve listening on", serve, 120)
         address = line.split("listening on ")[1].split()[0]

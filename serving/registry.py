@@ -1,0 +1,221 @@
+"""Model versions and the traffic split between them, kept as files beside TorchServe's model store.
+
+A version is a content hash (of the weights) with a human version number, its archive, its model card, a
+reference to its training data and its evaluation. `routing.json` names the default version, the one in
+canary and the share of cars that drive it: the autopilots read it before each lap (TorchServe has no traffic
+split), the deployer writes it. Every write is atomic (a temporary file renamed over the old one), so a reader
+never sees half a file and a killed deployer never leaves one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+
+REGISTRY_DIR = "registry"
+ROUTING_FILE = "routing.json"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"{path} not found") from None
+    except ValueError as exc:
+        raise FailedPrecondition(f"{path}: not JSON ({exc})") from None
+
+
+def content_id(weights: Path) -> str:
+    """The version's identity: the same weights are the same version, whatever it is called."""
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class ModelVersion:
+    """One trained model as the registry knows it."""
+
+    id: str  # content hash of the weights
+    version: str  # human version number: 1, 2, ...
+    name: str  # model name on the model server
+    archive: str  # file name in the model store
+    source: str  # the trained model's directory
+    created: float
+    card: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # where its training data came from
+    evaluation: dict[str, Any] = field(default_factory=dict)  # offline evaluation, when the model dir has one
+    gate: dict[str, Any] = field(default_factory=dict)  # the last gate's figures
+    live: dict[str, Any] = field(default_factory=dict)  # the last canary's figures
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelVersion:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which version each car drives: the default, and a candidate on a share of the cars."""
+
+    name: str
+    default: str
+    previous: str = ""  # the default before the last promotion: where --rollback goes
+    canary: str = ""
+    canary_share: float = 0.0
+    updated: float = 0.0
+
+    def cars_on_canary(self, cars: int) -> int:
+        """At least one car, and (with two or more) never all: car 0 keeps the default as the live baseline."""
+        if not self.canary or self.canary_share <= 0:
+            return 0
+        if cars == 1:
+            return 1
+        return min(cars - 1, max(1, round(self.canary_share * cars)))
+
+    def version_for(self, car: int, cars: int) -> str:
+        """The last `cars_on_canary` cars drive the candidate."""
+        return self.canary if car >= cars - self.cars_on_canary(cars) else self.default
+
+    def routed(self) -> set[str]:
+        return {v for v in (self.default, self.canary) if v}
+
+
+class Router:
+    """An autopilot's view of `routing.json`: re-read when the file changes, at most every `every_s`."""
+
+    def __init__(self, path: Path, every_s: float = 0.2) -> None:
+        self.path, self.every_s = path, every_s
+        self._routing: Routing | None = None
+        self._checked = 0.0
+        self._stamp: tuple[int, int] | None = None
+
+    def current(self) -> Routing:
+        now = time.monotonic()
+        if self._routing is not None and now - self._checked < self.every_s:
+            return self._routing
+        self._checked = now
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            if self._routing is None:
+                raise NotFound(f"routing file {self.path} not found: start rrp serve, or deploy a model") from None
+            return self._routing  # keep driving on what was last read
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp or self._routing is None:
+            with contextlib.suppress(FailedPrecondition, NotFound, TypeError):
+                self._routing = Routing(**read_json(self.path))
+                self._stamp = stamp
+            if self._routing is None:
+                raise FailedPrecondition(f"routing file {self.path} is not a routing")
+        return self._routing
+
+
+class Registry:
+    """The versions, the routing and the deployment records under `<model store>/registry/`."""
+
+    def __init__(self, model_store: Path) -> None:
+        self.model_store = model_store
+        self.root = model_store / REGISTRY_DIR
+
+    @property
+    def routing_path(self) -> Path:
+        return self.root / ROUTING_FILE
+
+    # -- versions ---------------------------------------------------------------------------------------------
+    def versions(self) -> list[ModelVersion]:
+        found = [ModelVersion.from_json(read_json(p)) for p in (self.root / "versions").glob("*.json")]
+        return sorted(found, key=lambda v: (v.created, v.id))
+
+    def find(self, key: str) -> ModelVersion:
+        """A version by content id (or a prefix of one) or by human version."""
+        matches = [v for v in self.versions() if v.version == key or v.id.startswith(key)]
+        if not key or not matches:
+            raise NotFound(f"no model version {quote(key)} in {self.root}")
+        if len(matches) > 1:
+            raise InvalidArgument(f"{quote(key)} names {len(matches)} versions: give more of the id")
+        return matches[0]
+
+    def by_id(self, version_id: str) -> ModelVersion | None:
+        path = self.root / "versions" / f"{version_id}.json"
+        return ModelVersion.from_json(read_json(path)) if path.is_file() else None
+
+    def by_version(self, version: str) -> ModelVersion:
+        for v in self.versions():
+            if v.version == version:
+                return v
+        raise NotFound(f"no model version {quote(version)} in {self.root}")
+
+    def next_version(self) -> str:
+        numbers = [int(v.version) for v in self.versions() if v.version.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    def save(self, version: ModelVersion) -> None:
+        write_json(self.root / "versions" / f"{version.id}.json", asdict(version))
+
+    def update(self, version_id: str, **changes: Any) -> ModelVersion:
+        current = self.by_id(version_id)
+        if current is None:
+            raise NotFound(f"no model version {version_id} in {self.root}")
+        updated = replace(current, **changes)
+        self.save(updated)
+        return updated
+
+    # -- routing ----------------------------------------------------------------------------------------------
+    def routing(self) -> Routing | None:
+        if not self.routing_path.is_file():
+            return None
+        return Routing(**read_json(self.routing_path))
+
+    def set_routing(self, routing: Routing) -> Routing:
+        if not routing.default:
+            raise FailedPrecondition("a routing without a default version")  # never written
+        routing = replace(routing, updated=time.time())
+        write_json(self.routing_path, asdict(routing))
+        return routing
+
+    # -- deployments ------------------------------------------------------------------------------------------
+    def deployments(self) -> list[dict[str, Any]]:
+        records = [read_json(p) for p in (self.root / "deployments").glob("*.json")]
+        return sorted(records, key=lambda r: r["started"])
+
+    def unfinished(self) -> dict[str, Any] | None:
+        open_ = [r for r in self.deployments() if r.get("state") != "done"]
+        return open_[-1] if open_ else None
+
+    def save_deployment(self, record: dict[str, Any]) -> None:
+        write_json(self.root / "deployments" / f"{record['id']}.json", record)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One deployer at a time; the kernel drops the lock of a killed one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "deploy.lock").open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FailedPrecondition(f"another deployer holds {self.root / 'deploy.lock'}") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,313 @@
+"""Model versions and their rollout against a real TorchServe: gate, canary, promote, roll back, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from game_server.core.drivers import default_driver
+from pipeline.deploy import (
+    CanaryConfig,
+    Deployer,
+    DeployConfig,
+    Endpoints,
+    GateConfig,
+    judge_canary,
+    judge_lap,
+    models_table,
+    parse_exposition,
+    window,
+    write_endpoints,
+)
+from pipeline.serve import ServeConfig, _register_default
+from plumbing.errors import InvalidArgument
+from plumbing.procs import ServiceProcess
+from serving.client import ModelRef, TorchServeClient
+from serving.registry import Registry, Router, Routing
+from serving.torchserve import LocalTorchServe, TorchServeConfig
+from trainer.vision.data import generate_samples
+from trainer.vision.model import DrivingNet, VisionConfig
+from trainer.vision.train import TrainConfig, save_weights, train
+
+SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+NAME = "rrp-vision"
+GATE = GateConfig(tracks=("gen-1001",), max_ticks=300, max_p99_ms=250.0)
+# The flow is under test here, not this machine's load: live thresholds loose enough for a busy 2-core box.
+CANARY = CanaryConfig(cars=2, laps=2, max_ticks=100, max_s=90, track="oval", max_missed_rate=0.05,
+                      max_fallback_rate=0.5, max_error_rate=0.2, drain_s=0.5)  # fmt: skip
+
+
+def _model_dir(root: Path, name: str, model: DrivingNet) -> Path:
+    out = root / name
+    out.mkdir()
+    save_weights(model, out / "model.safetensors")
+    card = {"model": f"test {name}", "data": {"source": "generated frames: oval, kidney"}}
+    (out / "model_card.json").write_text(json.dumps(card) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """good: trained a few seconds; same: its weights under another header (drives identically); bad: 0 epochs."""
+    root = tmp_path_factory.mktemp("models")
+    frames = generate_samples(["oval", "kidney"], 2, 60, default_driver(), 0.1, seed=5, size=(64, 48))
+    config = TrainConfig(vision=SMALL, epochs=3, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
+    good = _model_dir(root, "good", train(config, frames).model)
+    same = root / "same"
+    same.mkdir()
+    with safe_open(str(good / "model.safetensors"), framework="pt") as f:
+        meta = {**(f.metadata() or {}), "rrp-note": "retrained: same weights, another file"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(same / "model.safetensors"), metadata=meta)
+    (same / "model_card.json").write_text((good / "model_card.json").read_text())
+    torch.manual_seed(0)
+    bad = _model_dir(root, "bad", DrivingNet(SMALL))
+    return {"good": good, "same": same, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def served(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
+    """`rrp serve`'s start: TorchServe with the good model as version 1, the default."""
+    server = LocalTorchServe(TorchServeConfig(workdir=tmp_path_factory.mktemp("serve"))).start()
+    try:
+        assert _register_default(ServeConfig(models_root=models["good"]), server) == "1"
+        write_endpoints(server.workdir, server)
+        yield server
+    finally:
+        server.stop()
+
+
+class DefaultWatch:
+    """Asks the routing's default version, and TorchServe's default, every 100 ms: both must always answer."""
+
+    def __init__(self, server: LocalTorchServe) -> None:
+        assert server.keys is not None
+        self.registry = Registry(server.model_store)
+        self.address, self.key = server.inference_address, server.keys.inference
+        self.failures: list[str] = []
+        self.defaults: set[str] = set()
+        self.checks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import numpy as np
+
+        frame = np.zeros((48, 64, 3), np.uint8)
+        while not self._stop.wait(0.1):
+            routing = self.registry.routing()
+            if routing is None or not routing.default:
+                self.failures.append("no routing default")
+                continue
+            self.defaults.add(routing.default)
+            for version in (routing.default, ""):
+                client = TorchServeClient(self.address, ModelRef(NAME, version), self.key)
+                try:
+                    client.infer(frame, 0.0, timeout_s=5.0)
+                except Exception as exc:
+                    self.failures.append(f"{version or 'server default'}: {exc}")
+                finally:
+                    client.close()
+            self.checks += 1
+
+    def __enter__(self) -> DefaultWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _config(server: LocalTorchServe, game: str, **changes: object) -> DeployConfig:
+    values: dict[str, object] = {"serve_dir": server.workdir, "game": (game,), "gate": GATE, "canary": CANARY}
+    return DeployConfig(**{**values, **changes})  # type: ignore[arg-type]
+
+
+def _deploy(server: LocalTorchServe, game: str, model: Path, **changes: object) -> dict[str, object]:
+    config = _config(server, game, model=model, **changes)
+    deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", "", None))
+    try:
+        return deployer.deploy(model)
+    finally:
+        deployer.close()
+
+
+# -- pure parts --------------------------------------------------------------------------------------------------
+
+
+def test_routing_splits_cars_by_version_and_keeps_a_baseline_car() -> None:
+    r = Routing(NAME, default="1", canary="2", canary_share=0.25)
+    assert [r.version_for(i, 8) for i in range(8)] == ["1"] * 6 + ["2"] * 2
+    assert [r.version_for(i, 2) for i in range(2)] == ["1", "2"]
+    assert Routing(NAME, default="1", canary="2", canary_share=1.0).version_for(0, 4) == "1"  # car 0 stays
+    assert Routing(NAME, default="1", canary="2", canary_share=0.1).version_for(0, 1) == "2"
+    assert Routing(NAME, default="1").version_for(3, 4) == "1"
+
+
+def test_gate_and_canary_judge_against_the_default() -> None:
+    base = {"track": "t", "finished": True, "lap_ticks": 1000, "lap_s": 40.0, "progress": 1.0, "wall_contacts": 10}
+    assert judge_lap(dict(base), base, GATE) == []
+    slow = {**base, "lap_ticks": 1100, "lap_s": 44.0}
+    assert "lap 44.00 s" in judge_lap(slow, base, GATE)[0]
+    dnf = {**base, "finished": False, "progress": 0.5, "stop_reason": "no progress"}
+    assert "did not finish" in judge_lap(dnf, base, GATE)[0]
+    assert judge_lap({**base, "wall_contacts": 100}, base, GATE)
+    text = """# TYPE rrp_autopilot_laps_total counter
+rrp_autopilot_laps_total{version="1",finished="true"} 3.0
+rrp_autopilot_laps_total{version="2",finished="false"} 2.0
+rrp_autopilot_ticks_total{version="2"} 500.0
+rrp_autopilot_fallbacks_total{version="2"} 100.0
+"""
+    after = parse_exposition(text)
+    cand, default = window({}, after, "2"), window({}, after, "1")
+    assert cand["laps"] == 2 and cand["fallback_rate"] == 0.2 and default["completion"] == 1.0
+    failures = judge_canary(cand, default, CanaryConfig())
+    assert any("completion" in f for f in failures) and any("fallback" in f for f in failures)
+    assert judge_canary(window(after, after, "2"), default, CanaryConfig()) == [
+        "no candidate lap was driven during the canary"
+    ]
+    with pytest.raises(InvalidArgument, match="training tracks"):
+        GateConfig(tracks=("kidney",))
+
+
+def test_router_rereads_a_changed_routing_and_survives_a_missing_file(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    registry.set_routing(Routing(NAME, default="1"))
+    router = Router(registry.routing_path, every_s=0.0)
+    assert router.current().default == "1"
+    registry.set_routing(Routing(NAME, default="1", canary="2", canary_share=0.5))
+    assert router.current().canary == "2"
+    registry.routing_path.unlink()
+    assert router.current().canary == "2"  # keeps driving on what it read last
+
+
+# -- against TorchServe --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_worse_candidate_is_rolled_back_at_the_gate_and_the_default_never_changes(
+    served: LocalTorchServe, models: dict[str, Path], game_server_processes: list[ServiceProcess]
+) -> None:
+    with DefaultWatch(served) as watch:
+        record = _deploy(served, game_server_processes[0].address, models["bad"])
+    assert record["decision"] == "rollback", record
+    assert "gen-1001" in str(record["reason"]), record["reason"]
+    assert [s["stage"] for s in record["steps"]] == ["register", "gate", "rollback"]  # type: ignore[attr-defined]
+    registry = Registry(served.model_store)
+    routing = registry.routing()
+    assert routing is not None and routing.default == "1" and not routing.canary
+    assert "2" not in served.admin().versions(NAME), "the candidate must leave TorchServe"
+    assert watch.checks > 5 and not watch.failures and watch.defaults == {"1"}
+    gate = registry.by_version("2").gate
+    assert gate["passed"] is False and gate["laps"]["gen-1001@300"]["progress"] < 0.05
+
+
+@pytest.mark.slow
+def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_once(
+    served: LocalTorchServe, models: dict[str, Path], game_server_processes: list[ServiceProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from pipeline.deploy import ModelsConfig, run_models
+
+    registry = Registry(served.model_store)
+    with DefaultWatch(served) as watch:
+        record = _deploy(served, game_server_processes[0].address, models["same"])
+    assert record["decision"] == "promote", record
+    steps = {s["stage"]: s for s in record["steps"]}  # type: ignore[attr-defined]
+    assert list(steps) == ["register", "gate", "canary", "promote"]
+    canary = steps["canary"]["figures"]
+    assert canary["candidate"]["laps"] >= 2 and canary["default"]["laps"] >= 1, canary
+    routing = registry.routing()
+    assert routing is not None and routing.default != "1" and routing.previous == "1" and not routing.canary
+    new = routing.default
+    assert served.admin().versions(NAME) == {"1": False, new: True}
+    assert not watch.failures, watch.failures[:3]
+    rows = {r["version"]: r for r in models_table(registry)}
+    assert rows[new]["role"] == "default" and rows["1"]["role"] == "previous" and rows[new]["gate"] == "passed"
+    run_models(ModelsConfig(serve_dir=served.workdir))
+    assert "default" in capsys.readouterr().out
+    # --rollback: the previous version is the default again, at once.
+    deployer = Deployer(_config(served, game_server_processes[0].address, rollback=True),
+                        Endpoints.resolve(served.workdir, None, "", "", None))  # fmt: skip
+    t0 = time.monotonic()
+    deployer.rollback_now()
+    assert time.monotonic() - t0 < 5.0
+    routing = registry.routing()
+    assert routing is not None and routing.default == "1" and routing.previous == new
+    assert served.admin().versions(NAME) == {"1": True, new: False}
+
+
+def _rrp(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rrp.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})}, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        lines.extend(proc.stdout)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, lines
+
+
+def _deploy_args(server: LocalTorchServe, game: str, model: Path) -> list[str]:
+    return [
+        "deploy", "--model", str(model), "--serve-dir", str(server.workdir), "--game", game,
+        "--gate-tracks", "gen-1001", "--gate-max-ticks", "300", "--gate-max-p99-ms", "250", "--canary-cars", "2", "--canary-laps", "2",
+        "--canary-max-ticks", "100", "--canary-track", "oval", "--canary-max-missed-rate", "0.05",
+        "--canary-max-fallback-rate", "0.5", "--canary-max-error-rate", "0.2",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["register", "gate", "canary"])
+def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
+    stage: str, served: LocalTorchServe, models: dict[str, Path], game_server_processes: list[ServiceProcess]
+) -> None:
+    registry = Registry(served.model_store)
+    routing = registry.routing()
+    assert routing is not None
+    args = _deploy_args(served, game_server_processes[0].address, models["same"])
+    with DefaultWatch(served) as watch:
+        if routing.default != "1":  # an earlier case promoted the candidate: start each case from version 1
+            Deployer(_config(served, game_server_processes[0].address, rollback=True),
+                     Endpoints.resolve(served.workdir, None, "", "", None)).rollback_now()  # fmt: skip
+        for version in set(served.admin().versions(NAME)) - {"1"}:  # so that registering takes its real time
+            served.admin().unregister(NAME, version)
+        first, lines = _rrp(args)
+        deadline = time.monotonic() + 120
+        killed = False
+        while time.monotonic() < deadline and first.poll() is None:
+            running = [r for r in registry.deployments() if r.get("state") == "running"]
+            if running and running[-1]["stage"] == stage:
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                killed = True
+                break
+            time.sleep(0.05)
+        assert killed, f"never reached {stage}:\n{''.join(lines[-20:])}"
+        unfinished = registry.unfinished()
+        assert unfinished is not None and unfinished["stage"] == stage
+        second, lines2 = _rrp(args)
+        assert second.wait(240) == 0, "".join(lines2[-30:])
+    record = registry.deployments()[-1]
+    assert record["id"] == unfinished["id"] and record["state"] == "done" and record["decision"] == "promote"
+    assert registry.unfinished() is None
+    assert watch.checks > 5 and not watch.failures, watch.failures[:3]
+    final = registry.routing()
+    assert final is not None and final.default == record["version"] and not final.canary
