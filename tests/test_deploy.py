@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from game_server.core.drivers import default_driver
 from pipeline.deploy import (
     CanaryConfig,
-    Deployer,
     DeployConfig,
+    Deployer,
     Endpoints,
     GateConfig,
     judge_canary,
@@ -268,7 +268,8 @@ def _rrp(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess
 def _deploy_args(server: LocalTorchServe, game: str, model: Path) -> list[str]:
     return [
         "deploy", "--model", str(model), "--serve-dir", str(server.workdir), "--game", game,
-        "--gate-tracks", "gen-1001", "--gate-max-ticks", "300", "--gate-max-p99-ms", "250", "--canary-cars", "2", "--canary-laps", "2",
+        "--gate-tracks", "gen-1001", "--gate-max-ticks", "300", "--gate-max-p99-ms", "250",
+        "--canary-cars", "2", "--canary-laps", "2",
         "--canary-max-ticks", "100", "--canary-track", "oval", "--canary-max-missed-rate", "0.05",
         "--canary-max-fallback-rate", "0.5", "--canary-max-error-rate", "0.2",
     ]  # fmt: skip
