@@ -567,7 +567,9 @@ class Deployer:
         try:
             span = self._span("gate.lap", **{"rrp.track": track, "rrp.version": version.version})
             with span, GameClient(self.games()[0]) as game:
-                r = drive_lap(game, client, pilot, LapRecord(0, 0, self.games()[0], version=version.version))
+                r = drive_lap(
+                    game, client, pilot, LapRecord(0, 0, self.games()[0], version=version.version), counted=False
+                )
         finally:
             client.close()
         import numpy as np

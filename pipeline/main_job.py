@@ -20,6 +20,7 @@ from game_server.core.track import Track
 from game_server.core.tracks import EVOLVE_TRACKS, TRAINING_TRACKS, UNSEEN_TRACKS, load_track
 from game_server.trackmap import plot_laps, save_frame_strip
 from pipeline.collect import CollectConfig, run_collect
+from pipeline.deploy_job import DeployJobConfig
 from pipeline.evolve import EvolveJobConfig, EvolveOutcome, run_evolve_job
 from pipeline.pools import PoolSpec, local_game_servers, service
 from pipeline.record_task import RecordSettings
@@ -60,6 +61,8 @@ class MainJobConfig:
     unseen_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS, "tracks never trained on, raced by the model")
     # Serving: the trained model packaged, served by a private TorchServe and raced in real time.
     serving: ServingJobConfig = nested(ServingJobConfig, prefix="serving_")
+    # Deployment: a second model (one DAgger iteration) rolled out through gate and canary while cars race.
+    deployment: DeployJobConfig = nested(DeployJobConfig, prefix="deploy_")
 
 
 @dataclass
@@ -100,9 +103,11 @@ def run_main_job(config: MainJobConfig) -> int:
             finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
         _collect(config, addresses, collector.address, evolved, report)
         data_ok = _validate(config, redis.url, report)
-        model_path = _train(config, redis.url, report)
+        model_path, trained = _train(config, redis.url, report)
         targets_met = _evaluate(config, model_path, addresses, evolved, report)
         _serve(config, model_path.parent, addresses, report)
+        if config.deployment.enabled:
+            _deploy(config, model_path.parent, trained, addresses, evolved, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
     print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
@@ -118,7 +123,25 @@ def _serve(config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], r
     report.figures["serving"] = figures
 
 
-def _train(config: MainJobConfig, redis_url: str, report: Report) -> Path:
+def _deploy(
+    config: MainJobConfig, model_dir: Path, trained: dict[str, Any], addresses: tuple[str, ...],
+    evolved: EvolveOutcome, report: Report,
+) -> None:  # fmt: skip
+    """A second model, trained and rolled out through the gate and the canary while cars race."""
+    from pipeline.deploy_job import run_deploy_job, train_second_model
+
+    out = config.out_dir / "deployment"
+    second = train_second_model(
+        model_dir / "model.safetensors", trained["frames"], trained["train_config"], trained["data"],
+        evolved.driver_path, addresses, out / "model-2", config.deployment.dagger_epochs,
+    )  # fmt: skip
+    figures = run_deploy_job(model_dir, second, addresses, config.track, out, config.deployment)
+    print(f"[run] deployment of the second model: {figures['decision']} ({figures['reason']})", flush=True)
+    report.add("Deployment: a second model through gate and canary", figures.pop("markdown"))
+    report.figures["deployment"] = figures
+
+
+def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path, dict[str, Any]]:
     from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
 
     out = config.out_dir / "model"
@@ -151,7 +174,7 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> Path:
         f"{m['steer_acc']:.3f}, exact keys {m['exact_acc']:.3f}. Weights (safetensors), TorchScript export and "
         "[model card](model/model_card.md) in `model/`.\n\n![training](model/training_curve.png)",
     )
-    return out / "model.safetensors"
+    return out / "model.safetensors", {"frames": frames, "train_config": train_config, "data": data}
 
 
 def _evaluate(

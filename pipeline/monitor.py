@@ -172,6 +172,19 @@ class LocalPrometheus:
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
+    def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict[str, Any]]:
+        """A range query's matrix (`/api/v1/query_range`): one series per label set, values [[t, "v"], ...]."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
+        url = f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10.0) as reply:
+                body = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+            raise InvalidArgument(f"query {quote(expr)}: {body.get('error', exc.reason)}") from None
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (Prometheus flushes and exits), SIGKILL if it does not in time; a private data folder goes."""
         if self.proc is not None and self.proc.poll() is None:

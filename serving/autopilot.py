@@ -31,7 +31,7 @@ from plumbing.settings import setting
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from serving.client import InferenceClient
 from serving.codec import Decision
-from serving.metrics import REROUTES, VersionMeter
+from serving.metrics import REROUTES, UncountedMeter, VersionMeter
 from serving.registry import Router
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,11 @@ def drive_lap(
     record: LapRecord,
     tracer: _Tracer | None = None,
     stop: threading.Event | None = None,
+    counted: bool = True,
 ) -> LapRecord:
-    """One lap from the track's start line, in the configured mode; the session is closed afterwards."""
+    """One lap from the track's start line, in the configured mode; the session is closed afterwards.
+
+    An uncounted lap (the deployer's gate) leaves the live metrics alone."""
     options = sim_pb2.FrameOptions(
         width_px=config.width,
         height_px=config.height,
@@ -249,7 +252,7 @@ def drive_lap(
         randomization_seed=config.seed,
     )
     session = game.create_session(config.track, options).session_id
-    meter = VersionMeter(model.version)
+    meter = VersionMeter(model.version) if counted else UncountedMeter(model.version)
     try:
         first = game.reset(session, with_frame=True)
         if config.mode == "lockstep":

@@ -59,6 +59,27 @@ class VersionMeter:
         WALL_CONTACTS.labels(self.version).inc(wall_contacts)
 
 
+class _Nothing:
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+class UncountedMeter(VersionMeter):
+    """A meter that counts nothing: the deployer's gate laps are not live traffic, and must not look like it."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version or "default"
+        self.inference = self.fallbacks = self.inference_errors = _Nothing()  # type: ignore[assignment]
+        self._ticks = self._missed = _Nothing()  # type: ignore[assignment]
+        self._tick = self._missed_so_far = 0
+
+    def lap(self, finished: bool, lap_s: float, wall_contacts: int) -> None:
+        pass
+
+
 REROUTES = Counter(
     "rrp_autopilot_reroutes_total", "laps moved mid-lap off a version the routing dropped", ["from_version", "to"]
 )

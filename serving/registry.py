@@ -98,7 +98,8 @@ class Routing:
         return self.canary if car >= cars - self.cars_on_canary(cars) else self.default
 
     def routed(self) -> set[str]:
-        return {v for v in (self.default, self.canary) if v}
+        """The versions a lap may go on driving: the model server keeps each of them registered."""
+        return {v for v in (self.default, self.canary, self.previous) if v}
 
 
 class Router:

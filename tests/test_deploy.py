@@ -312,3 +312,22 @@ def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
     assert watch.checks > 5 and not watch.failures, watch.failures[:3]
     final = registry.routing()
     assert final is not None and final.default == record["version"] and not final.canary
+
+
+@pytest.mark.slow
+def test_the_main_jobs_rollout_step_reports_the_decision_and_prometheus_graphs(
+    models: dict[str, Path], game_server_processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    from pipeline.deploy_job import DeployJobConfig, run_deploy_job
+
+    config = DeployJobConfig(cars=2, canary_share=0.5, canary_laps=1, gate_tracks=("gen-1001",))
+    addresses = tuple(p.address for p in game_server_processes)
+    figures = run_deploy_job(models["good"], models["same"], addresses, "oval", tmp_path, config)
+    assert figures["decision"] in ("promote", "rollback")
+    assert [s["stage"] for s in figures["steps"]][:3] == ["register", "gate", "canary"]
+    assert figures["laps"] >= 2
+    # Prometheus scraped the cars: laps of both versions are in its series.
+    assert set(figures["prometheus"]["laps_per_version"]) >= {"1", "2"}, figures["prometheus"]
+    assert "Decision:" in figures["markdown"]
+    for name in ("deployment.json", "deployment.md", "rollout.png"):
+        assert (tmp_path / name).is_file()

@@ -1,0 +1,220 @@
+"""The main job's last step: train a second model (one DAgger iteration) and roll it out while cars race.
+
+The first model is the default version on a TorchServe of the run's own; cars race the training track in real
+time on the routing; the second model goes through the same register -> gate -> canary -> decision as
+`rrp deploy`, with the canary's live figures read from a real Prometheus that scrapes this process. The report
+shows the decision, both versions' figures, and the rollout as Prometheus saw it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from game_server.core.state import TICK_S
+from game_server.core.tracks import DAGGER_TRACKS, UNSEEN_TRACKS
+from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
+from pipeline.serve import ServeConfig, _register_default
+from plumbing.settings import setting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeployJobConfig:
+    """The main job's second model and its rollout."""
+
+    enabled: bool = setting(True, "train a second model and deploy it through the gate and the canary")
+    dagger_epochs: int = setting(3, "fine-tuning epochs of the second model on the first's data plus DAgger's")
+    cars: int = setting(3, "cars racing the training track in real time during the rollout")
+    canary_share: float = setting(0.67, "share of those cars that drive the candidate")
+    canary_laps: int = setting(2, "candidate laps the canary waits for")
+    gate_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS[:1], "held-out tracks of the gate")
+
+
+def train_second_model(
+    model_path: Path, frames: Any, train_config: Any, data: Any, driver_path: Path, addresses: tuple[str, ...],
+    out_dir: Path, epochs: int,
+) -> Path:  # fmt: skip
+    """One DAgger iteration: the first model drives the training tracks, the evolved driver labels every tick,
+    and the model is fine-tuned on the first data plus these frames."""
+    from pipeline.dagger import DaggerConfig, collect_dagger_runs, run_ids_of, to_frames
+    from pipeline.evaluate import VisionPilot
+    from pipeline.pools import PoolSpec, open_pool
+    from trainer.vision.data import concat
+    from trainer.vision.train import load_model, save_training_run, train
+
+    model = load_model(model_path)
+    pilot = VisionPilot(model, model.config.width, model.config.height)
+    dagger = DaggerConfig(driver_path=driver_path, tracks=DAGGER_TRACKS, iterations=1, seed=train_config.seed)
+    with open_pool(PoolSpec(servers=addresses)) as (pool, _):
+        records = collect_dagger_runs(pilot, dagger, 1, pool)
+    new = to_frames(records, run_ids_of(records, 1), pilot)
+    retrain = dataclasses.replace(train_config, epochs=epochs, lr=train_config.lr * dagger.lr_scale, keep="last")
+    print(f"[run] second model: {len(new.labels)} DAgger frames added, fine-tuning {epochs} epochs", flush=True)
+    result = train(retrain, concat([frames, new]), init=model)
+    save_training_run(result, retrain, data, concat([frames, new]), out_dir)
+    return out_dir
+
+
+def run_deploy_job(
+    first_model: Path, second_model: Path, addresses: tuple[str, ...], track: str, out_dir: Path,
+    config: DeployJobConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """Serves `first_model` as the default, races `config.cars` cars, rolls `second_model` out; the figures."""
+    from pipeline.monitor import LocalPrometheus, MonitorConfig
+    from plumbing.metrics import start_metrics
+    from plumbing.redis_local import free_port
+    from serving.autopilot import AutopilotConfig, run_autopilot
+    from serving.client import ModelRef, TorchServeClient
+    from serving.registry import Registry, Router
+    from serving.torchserve import LocalTorchServe, TorchServeConfig
+    from trainer.vision.train import load_model
+
+    workdir = out_dir / "torchserve"
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: its own registry
+    vision = load_model(first_model / "model.safetensors").config
+    endpoint = start_metrics("127.0.0.1", free_port(), "run")
+    assert endpoint is not None
+    monitor = MonitorConfig(targets=(f"autopilot=127.0.0.1:{endpoint.port}",), scrape_interval_s=1.0,
+                            evaluation_interval_s=1.0)  # fmt: skip
+    stop = threading.Event()
+    with LocalPrometheus(monitor) as prometheus, LocalTorchServe(TorchServeConfig(workdir=workdir)) as server:
+        print(f"[run] Prometheus at {prometheus.url} scraping {endpoint.url}", flush=True)
+        _register_default(ServeConfig(models_root=first_model), server)
+        write_endpoints(workdir, server)
+        registry = Registry(server.model_store)
+        assert server.keys is not None
+        key, address = server.keys.inference, server.inference_address
+        pilot = AutopilotConfig(track=track, cars=config.cars, laps=10_000, width=vision.width, height=vision.height)
+        result: dict[str, Any] = {}
+
+        def race() -> None:
+            result["race"] = run_autopilot(
+                pilot, addresses, stop=stop, router=Router(registry.routing_path),
+                connect_version=lambda v: TorchServeClient(address, ModelRef("rrp-vision", v), key),
+            )  # fmt: skip
+
+        cars = threading.Thread(target=race, name="rollout-cars", daemon=True)
+        t0 = time.time()
+        cars.start()
+        deploy = DeployConfig(
+            serve_dir=workdir, game=addresses[:1], gate=GateConfig(tracks=config.gate_tracks),
+            canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
+                                max_s=300.0),
+        )  # fmt: skip
+        deployer = Deployer(deploy, Endpoints.resolve(workdir, None, "", "", None))
+        try:
+            record = deployer.deploy(second_model)
+        finally:
+            deployer.close()
+            time.sleep(3.0)  # a last scrape after the decision
+            stop.set()
+            cars.join(timeout=180)
+        t1 = time.time()
+        graphs = _graphs(prometheus, t0, t1, out_dir / "rollout.png")
+        versions = {v.version: v for v in registry.versions()}
+    endpoint.stop()
+    race_result = result.get("race")
+    laps = [r.summary() for r in race_result.laps] if race_result is not None else []
+    figures = {
+        "decision": record["decision"],
+        "reason": record["reason"],
+        "steps": [{k: s.get(k) for k in ("stage", "seconds", "ok", "reason")} for s in record["steps"]],
+        "versions": {n: {"id": v.id, "gate": v.gate, "live": v.live} for n, v in versions.items()},
+        "rollout_s": round(t1 - t0, 1),
+        "laps": len(laps),
+        "missed_ticks": sum(lap["missed_ticks"] for lap in laps),
+        "fallbacks": sum(lap["fallbacks"] for lap in laps),
+        "prometheus": graphs,
+    }
+    (out_dir / "deployment.json").write_text(json.dumps({**figures, "record": record, "laps": laps}, indent=2,
+                                                        default=str) + "\n")  # fmt: skip
+    figures["markdown"] = markdown(figures, record)
+    (out_dir / "deployment.md").write_text(figures["markdown"])
+    return figures
+
+
+def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, Any]:
+    """The rollout as Prometheus recorded it: laps and inference p99 per version, fallbacks, the deployer's stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queries = {
+        "laps per version": "sum by (version) (rrp_autopilot_laps_total)",
+        "inference p99 per version, ms": "1000 * histogram_quantile(0.99, sum by (version, le) "
+        "(rate(rrp_autopilot_inference_seconds_bucket[5s])))",
+        "fallbacks and missed ticks per second": "sum by (version) (rate(rrp_autopilot_fallbacks_total[5s])) or "
+        'label_replace(sum(rate(rrp_autopilot_missed_ticks_total[5s])), "version", "missed ticks", "", "")',
+        "deployer stage": "rrp_deployer_stage == 1",
+    }
+    fig, axes = plt.subplots(len(queries), 1, figsize=(10, 2.4 * len(queries)), sharex=True)
+    totals: dict[str, Any] = {}
+    for ax, (title, expr) in zip(axes, queries.items(), strict=True):
+        try:
+            series = prometheus.query_range(expr, start, end, 1.0)
+        except Exception as exc:  # a missing graph must not lose the run's report
+            log.warning("Prometheus query %s: %s", expr, exc)
+            series = []
+        for s in series:
+            label = s["metric"].get("version") or s["metric"].get("stage") or "all"
+            t = [float(v[0]) - start for v in s["values"]]
+            y = [float(v[1]) for v in s["values"]]
+            if title == "deployer stage":
+                ax.scatter(t, [label] * len(t), s=4)
+            else:
+                ax.plot(t, y, label=label, linewidth=1)
+            if title == "laps per version" and y:
+                totals[label] = y[-1]
+        ax.set_title(title, fontsize=9)
+        if title != "deployer stage" and series:
+            ax.legend(fontsize=7, loc="upper left")
+    axes[-1].set_xlabel("seconds since the cars started")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return {"laps_per_version": totals, "queries": queries}
+
+
+def markdown(figures: dict[str, Any], record: dict[str, Any]) -> str:
+    steps = "\n".join(f"| {s['stage']} | {s.get('seconds', '-')} | {s.get('reason') or ''} |" for s in figures["steps"])
+    rows = []
+    for number, v in sorted(figures["versions"].items()):
+        for key, lap in sorted(v["gate"].get("laps", {}).items()):
+            done = f"{lap['lap_ticks'] * TICK_S:.2f} s" if lap["finished"] else f"{lap['progress']:.0%} (DNF)"
+            rows.append(f"| {number} | gate {key} | {done} | {lap['wall_contacts']} |")
+        live = v["live"].get("candidate") if number == record["version"] else v["live"].get("default")
+        if not live and number != record["version"]:
+            live = figures["versions"][record["version"]]["live"].get("default")
+        if live:
+            rows.append(f"| {number} | canary ({live['laps']:.0f} laps live) | completion {live['completion']:.0%}, "
+                        f"mean lap {live['mean_lap_s']:.2f} s | {live['wall_contacts']:.0f} |")  # fmt: skip
+    table = "\n".join(rows)
+    return f"""A second model (the first fine-tuned on one DAgger iteration: it drove the training tracks and the
+evolved driver labelled every tick) was rolled out as version {record["version"]} while
+cars raced the training track in real time on the routing: register beside the default with no traffic, gate on
+held-out tracks in lockstep against the default, canary on a share of the cars with the live figures read from
+Prometheus, then the decision.
+
+**Decision: {figures["decision"]}** ({figures["reason"]}); the rollout took {figures["rollout_s"]} s, during which
+the cars drove {figures["laps"]} laps with {figures["missed_ticks"]} missed ticks and {figures["fallbacks"]} fallbacks.
+
+| stage | seconds | outcome |
+| --- | --- | --- |
+{steps}
+
+| version | where | lap | wall-contact ticks |
+| --- | --- | --- | --- |
+{table}
+
+![the rollout, as Prometheus recorded it](deployment/rollout.png)
+"""
