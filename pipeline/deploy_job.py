@@ -37,6 +37,7 @@ class DeployJobConfig:
     canary_share: float = setting(0.67, "share of those cars that drive the candidate")
     canary_laps: int = setting(2, "candidate laps the canary waits for")
     gate_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS[:1], "held-out tracks of the gate")
+    gate_max_ticks: int = setting(3000, "tick budget of a gate lap")
 
 
 def train_second_model(
@@ -106,7 +107,7 @@ def run_deploy_job(
         t0 = time.time()
         cars.start()
         deploy = DeployConfig(
-            serve_dir=workdir, game=addresses[:1], gate=GateConfig(tracks=config.gate_tracks),
+            serve_dir=workdir, game=addresses[:1], gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),
         )  # fmt: skip

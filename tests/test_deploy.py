@@ -320,11 +320,11 @@ def test_the_main_jobs_rollout_step_reports_the_decision_and_prometheus_graphs(
 ) -> None:
     from pipeline.deploy_job import DeployJobConfig, run_deploy_job
 
-    config = DeployJobConfig(cars=2, canary_share=0.5, canary_laps=1, gate_tracks=("gen-1001",))
+    config = DeployJobConfig(cars=2, canary_share=0.5, canary_laps=1, gate_tracks=("gen-1001",), gate_max_ticks=300)
     addresses = tuple(p.address for p in game_server_processes)
     figures = run_deploy_job(models["good"], models["same"], addresses, "oval", tmp_path, config)
     assert figures["decision"] in ("promote", "rollback")
-    assert [s["stage"] for s in figures["steps"]][:3] == ["register", "gate", "canary"]
+    assert [s["stage"] for s in figures["steps"]][:3] == ["register", "gate", "canary"], figures["reason"]
     assert figures["laps"] >= 2
     # Prometheus scraped the cars: laps of both versions are in its series.
     assert set(figures["prometheus"]["laps_per_version"]) >= {"1", "2"}, figures["prometheus"]
