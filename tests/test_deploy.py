@@ -331,3 +331,26 @@ def test_the_main_jobs_rollout_step_reports_the_decision_and_prometheus_graphs(
     assert "Decision:" in figures["markdown"]
     for name in ("deployment.json", "deployment.md", "rollout.png"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.mark.slow
+def test_a_rollout_is_one_trace_down_to_its_gate_laps(
+    served: LocalTorchServe, models: dict[str, Path], game_server_processes: list[ServiceProcess]
+) -> None:
+    from tests.test_serving import _otlp_receiver
+
+    spans, receiver, env = _otlp_receiver()
+    try:
+        proc, lines = _rrp(_deploy_args(served, game_server_processes[0].address, models["bad"]), env)
+        assert proc.wait(240) == 3, "".join(lines[-30:])  # rolled back at the gate
+    finally:
+        receiver.stop(0)
+    traces: dict[bytes, set[str]] = {}
+    for name, trace_id in spans:
+        traces.setdefault(trace_id, set()).add(name)
+    rollout = [names for names in traces.values() if "deploy" in names]
+    assert len(rollout) == 1, sorted({n for n, _ in spans})
+    names = rollout[0]
+    assert {"deploy.register", "deploy.gate", "gate.lap", "gate.latency", "deploy.rollback"} <= names, names
+    # The gate laps' calls are in the same trace: the game server's Drive and TorchServe's Predictions.
+    assert any("Drive" in n for n in names) and any("Predictions" in n for n in names), names
