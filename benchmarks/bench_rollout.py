@@ -28,7 +28,7 @@ def scrape(url: str) -> dict[str, float]:
     """The cars' counters, summed over versions."""
     from pipeline.deploy import parse_exposition
 
-    with urllib.request.urlopen(url, timeout=5.0) as r:  # noqa: S310 (our own endpoint)
+    with urllib.request.urlopen(url, timeout=5.0) as r:
         per_version = parse_exposition(r.read().decode())
     keys = ("ticks", "missed_ticks", "fallbacks", "inference_errors", "laps")
     return {k: sum(v.get(k, 0.0) for v in per_version.values()) for k in keys}
@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write bench_rollout.json here")
     args = parser.parse_args()
 
-    from pipeline.deploy import CanaryConfig, Deployer, DeployConfig, Endpoints, GateConfig, write_endpoints
+    from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
     from pipeline.pools import local_game_servers
     from pipeline.serve import ServeConfig, _register_default
     from plumbing.redis_local import free_port

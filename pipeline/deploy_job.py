@@ -107,7 +107,8 @@ def run_deploy_job(
         t0 = time.time()
         cars.start()
         deploy = DeployConfig(
-            serve_dir=workdir, game=addresses[:1], gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
+            serve_dir=workdir, game=addresses[:1],
+            gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),
         )  # fmt: skip
@@ -160,6 +161,7 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
     }
     fig, axes = plt.subplots(len(queries), 1, figsize=(10, 2.4 * len(queries)), sharex=True)
     totals: dict[str, Any] = {}
+    stages: list[str] = []
     for ax, (title, expr) in zip(axes, queries.items(), strict=True):
         try:
             series = prometheus.query_range(expr, start, end, 1.0)
@@ -176,6 +178,8 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
                 ax.plot(t, y, label=label, linewidth=1)
             if title == "laps per version" and y:
                 totals[label] = y[-1]
+            if title == "deployer stage" and y:
+                stages.append(label)
         ax.set_title(title, fontsize=9)
         if title != "deployer stage" and series:
             ax.legend(fontsize=7, loc="upper left")
@@ -183,7 +187,7 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {"laps_per_version": totals, "queries": queries}
+    return {"laps_per_version": totals, "stages_seen": stages, "queries": queries}
 
 
 def markdown(figures: dict[str, Any], record: dict[str, Any]) -> str:

@@ -328,6 +328,7 @@ def test_the_main_jobs_rollout_step_reports_the_decision_and_prometheus_graphs(
     assert figures["laps"] >= 2
     # Prometheus scraped the cars: laps of both versions are in its series.
     assert set(figures["prometheus"]["laps_per_version"]) >= {"1", "2"}, figures["prometheus"]
+    assert {"gate", "canary"} <= set(figures["prometheus"]["stages_seen"]), figures["prometheus"]
     assert "Decision:" in figures["markdown"]
     for name in ("deployment.json", "deployment.md", "rollout.png"):
         assert (tmp_path / name).is_file()

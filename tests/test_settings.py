@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
     ["game-server"], ["scheduler"], ["collector"], ["play"], ["evolve"], ["collect"], ["run"],
     ["data", "validate"], ["data", "export"], ["train"], ["evaluate"], ["dagger"], ["package"], ["serve"],
-    ["autopilot"], ["monitor"],
+    ["autopilot"], ["deploy"], ["models"], ["monitor"],
 ]  # fmt: skip
 
 
