@@ -325,19 +325,24 @@ class FailoverClient:
             try:
                 decision = self._ask(index, frame, speed_m_per_s, deadline)
             except DomainError as exc:
-                if exc.code != "UNAVAILABLE":
-                    raise
-                self._up[index].set(0)
-                unavailable = exc
-                continue
+                if exc.code == "UNAVAILABLE":
+                    self._up[index].set(0)
+                    unavailable = exc
+                    continue
+                self._move_to(index)  # this one is up, if late: the next call starts here, not at a dead one
+                raise
             self._up[index].set(1)
-            if index != first:
-                self.current, down, up = index, self.addresses[first], self.addresses[index]
-                metrics.FAILOVERS.labels(down, up).inc()
-                log.warning("model server %s unavailable: failed over to %s", down, up)
+            self._move_to(index)
             return decision
         assert unavailable is not None  # the loop returns, raises, or saw the first replica unavailable
         raise unavailable
+
+    def _move_to(self, index: int) -> None:
+        if index != self.current:
+            down, up = self.addresses[self.current], self.addresses[index]
+            self.current = index
+            metrics.FAILOVERS.labels(down, up).inc()
+            log.warning("model server %s unavailable: failed over to %s", down, up)
 
     def close(self) -> None:
         for client in self._clients:
