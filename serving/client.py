@@ -136,8 +136,9 @@ def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: 
         return DeadlineExceeded(f"no answer from the model server at {address} within the deadline")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the model server at {address} is unreachable or restarting: {details or code.name}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in low or "overload" in low:
-        # TorchServe answers a full job queue and a worker being restarted alike ("no worker to serve").
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in low or "overload" in low or "worker" in low:
+        # TorchServe answers a full job queue and a worker being restarted alike ("no worker to serve"), and the
+        # request a killed worker held "Worker died.": a fallback, not a reason to fail over.
         return ResourceExhausted(f"the model server at {address} is overloaded or restarting a worker: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"model {model} refused the input: {details}")
