@@ -318,3 +318,94 @@ def test_a_model_server_restarted_on_its_ports_is_reached_again_within_a_second(
         server.stop()
     assert seen == "PERMISSION_DENIED"  # the restarted server's new keys: reached with the old one
     assert reached_s < 1.5, reached_s
+
+
+class Replica:
+    """A stand-in replica for the routing rules alone: answers, or raises the error it is given."""
+
+    def __init__(self, address: str, error: DomainError | None = None) -> None:
+        self.address, self.error, self.model, self.version, self.calls = address, error, NAME, "", 0
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return Decision((0.0,) * 6, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_only_an_unavailable_replica_is_failed_over_from_and_a_refused_token_is_read_again() -> None:
+    from plumbing.errors import NotFound, Unavailable
+    from serving.client import FailoverClient, PermissionDenied
+
+    frame = np.zeros((SMALL.height, SMALL.width, 3), np.uint8)
+    made: list[str] = []
+    replicas: dict[str, Replica] = {}
+
+    def connect_one(address: str) -> InferenceClient:
+        made.append(address)
+        return replicas[address]
+
+    replicas = {"a:1": Replica("a:1", NotFound("no model")), "b:2": Replica("b:2")}
+    client = FailoverClient(("a:1", "b:2"), MODEL, connect_one)
+    with pytest.raises(NotFound):  # every replica would say so: not a reason to move
+        client.infer(frame, 1.0, 1.0)
+    assert client.current == 0 and replicas["b:2"].calls == 0
+
+    replicas["a:1"].error = Unavailable("down")
+    before = _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2")
+    assert client.infer(frame, 1.0, 1.0).keys == 1 and client.current == 1  # the same call, the other replica
+    assert client.infer(frame, 1.0, 1.0).keys == 1 and replicas["a:1"].calls == 2  # stays: no failing back
+    assert _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2") - before == 1
+    assert _metric("rrp_autopilot_model_server_up", server="a:1") == 0.0
+
+    replicas["b:2"].error = Unavailable("down too")
+    with pytest.raises(Unavailable):
+        client.infer(frame, 1.0, 1.0)
+    assert client.current == 1
+
+    replicas["b:2"].error = PermissionDenied("refused")  # a restarted TorchServe's new keys
+    made.clear()
+    with pytest.raises(PermissionDenied):
+        client.infer(frame, 1.0, 1.0)
+    with pytest.raises(PermissionDenied):
+        client.infer(frame, 1.0, 1.0)
+    assert made == ["b:2"]  # connected again, its token re-read, once within the second
+
+
+class Outage:
+    """A model that drives forward, and fails with UNAVAILABLE for calls `start` to `end` (exclusive)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end, self.calls, self.model, self.version = start, end, 0, NAME, "outage"
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        self.calls += 1
+        if self.start <= self.calls - 1 < self.end:
+            from plumbing.errors import Unavailable
+
+            raise Unavailable("the model server is down")
+        return Decision((0.0,) * 6, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_safe_mode_coasts_from_the_third_failure_to_the_next_answer(
+    game_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="serving")
+    config = AutopilotConfig(track="oval", mode="realtime", max_ticks=100, stuck_ticks=0, width=64, height=48)
+    model = Outage(20, 45)
+    before = _metric("rrp_autopilot_safe_ticks_total", version="outage")
+    lap = run_autopilot(config, (game_server.address,), lambda: model).laps[0]
+    assert lap.ticks == 100 and lap.missed_ticks == 0 and lap.inference_errors == 25
+    # Failures 1 and 2 hold the keys; from the third to the next answer the car coasts (keys 0), commands flowing.
+    # (23 calls from the third failure to the answer; a tick a stall left no time to ask for coasts too.)
+    assert lap.safe_ticks == lap.keys.count(0) == _longest_run_of_zeros(lap.keys) >= 23
+    assert _metric("rrp_autopilot_safe_ticks_total", version="outage") - before == lap.safe_ticks
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("safe mode, coasting" in m for m in logged) == 1 and sum("safe mode left" in m for m in logged) == 1
+    assert sum("inference failed" in m for m in logged) == 3  # while coasting, failures are not logged one by one
