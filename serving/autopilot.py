@@ -410,6 +410,7 @@ def _drive_realtime(
     start = game_pb2.DriveStart(session_id=session, mode=game_pb2.DRIVE_MODE_REALTIME, with_frames=True)
     outbox.put(game_pb2.DriveRequest(start=start))
     t0 = time.perf_counter()
+    safe.last_answer = t0  # silence counts from the start message, not from a slow first inference
     outbox.put(_command(base_tick, last_keys))
     for ahead in range(1, config.fallback_ticks + 1):
         outbox.put(_command(base_tick + ahead, fallback_keys(config, last_keys)))

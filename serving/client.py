@@ -284,7 +284,6 @@ class FailoverClient:
         self._clients: list[InferenceClient | None] = [None] * len(addresses)
         self._refreshed = [0.0] * len(addresses)
         self.current = 0
-        self._up = [metrics.MODEL_SERVER_UP.labels(a) for a in addresses]
 
     def _client(self, index: int) -> InferenceClient:
         client = self._clients[index]
@@ -327,16 +326,21 @@ class FailoverClient:
                 decision = self._ask(index, frame, speed_m_per_s, deadline)
             except DomainError as exc:
                 if exc.code == "UNAVAILABLE":
-                    self._up[index].set(0)
+                    self._mark(index, up=False)
                     unavailable = exc
                     continue
-                self._move_to(index)  # this one is up, if late: the next call starts here, not at a dead one
+                if exc.code != "DEADLINE_EXCEEDED":
+                    self._mark(index, up=True)  # it answered, if with an error
+                self._move_to(index)  # not known dead: the next call starts here rather than at a dead one
                 raise
-            self._up[index].set(1)
+            self._mark(index, up=True)
             self._move_to(index)
             return decision
         assert unavailable is not None  # the loop returns, raises, or saw the first replica unavailable
         raise unavailable
+
+    def _mark(self, index: int, up: bool) -> None:
+        metrics.MODEL_SERVER_UP.labels(self.addresses[index]).set(1 if up else 0)
 
     def _move_to(self, index: int) -> None:
         if index != self.current:
