@@ -418,3 +418,17 @@ def test_safe_mode_coasts_from_the_third_failure_to_the_next_answer(
     logged = [r.getMessage() for r in caplog.records]
     assert sum("safe mode, coasting" in m for m in logged) == 1 and sum("safe mode left" in m for m in logged) == 1
     assert sum("inference failed" in m for m in logged) == 3  # while coasting, failures are not logged one by one
+
+
+def test_the_autopilot_command_takes_replicas_and_a_token_file_each_or_one_for_all(tmp_path: Path) -> None:
+    from pipeline.serve import AutopilotCommandConfig, run_autopilot_command
+    from plumbing.errors import InvalidArgument
+    from rrp.cli import build_parser
+
+    argv = ["autopilot", "--game", "g:1", "--model-server", "m:1,m:2", "--token-file", "k1,k2"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.model_server == ("m:1", "m:2") and args.token_file == (Path("k1"), Path("k2"))
+    three = tuple(tmp_path / f"k{i}" for i in range(3))
+    config = AutopilotCommandConfig(game=("g:1",), model_server=("m:1", "m:2"), token_file=three)
+    with pytest.raises(InvalidArgument, match="3 token files for 2 model servers"):
+        run_autopilot_command(config)
