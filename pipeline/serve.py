@@ -48,10 +48,17 @@ class AutopilotCommandConfig:
     """`rrp autopilot`: cars racing game servers with a served model."""
 
     game: tuple[str, ...] = setting(help="game server address(es), comma-separated", metavar="ADDR[,ADDR]")
-    model_server: str = setting(help="model server gRPC inference address (rrp serve prints it)", metavar="ADDR")
+    model_server: tuple[str, ...] = setting(
+        help="model server gRPC inference address (rrp serve prints it); several: replicas, the next one taking "
+        "over the calls when the one in use is unavailable",
+        metavar="ADDR[,ADDR]",
+    )
     model: str = setting("rrp-vision", "model to ask, NAME or NAME:VERSION (no version: the server's default)")
-    token_file: Path | None = setting(
-        None, "the model server's inference token: TorchServe's key_file.json or a file holding the bare token"
+    token_file: tuple[Path, ...] = setting(
+        (),
+        "the model server's inference token: TorchServe's key_file.json or a file holding the bare token; one for "
+        "every replica or one per replica, in order (re-read when a restarted server refuses the old one)",
+        metavar="PATH[,PATH]",
     )
     protocol: str = setting("torchserve", "inference protocol: TorchServe's own API or the Open Inference Protocol",
                             choices=PROTOCOLS)  # fmt: skip
@@ -143,11 +150,23 @@ def _register_default(config: ServeConfig, server: Any) -> str:
 
 
 def run_autopilot_command(config: AutopilotCommandConfig) -> int:
+    from plumbing.errors import InvalidArgument
     from serving.autopilot import plot_latency, result_json, run_autopilot
-    from serving.client import ModelRef, connect, read_token
+    from serving.client import ModelRef, connect_replicas, read_token
 
     model = ModelRef.parse(config.model)
-    token = read_token(config.token_file)
+    servers, files = config.model_server, config.token_file
+    if not servers:
+        raise InvalidArgument("give a model server address: --model-server ADDR[,ADDR]")
+    if len(files) not in (0, 1, len(servers)):
+        raise InvalidArgument(f"{len(files)} token files for {len(servers)} model servers: give one, or one each")
+    token_file = dict(zip(servers, files if len(files) == len(servers) else files * len(servers), strict=True))
+    for path in files:
+        read_token(path)  # a missing or malformed token file stops here, before any car starts
+
+    def token_of(address: str) -> str | None:
+        return read_token(token_file.get(address))
+
     stop = stop_on_signals("the cars")
 
     def on_lap(r: Any) -> None:
@@ -166,13 +185,13 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
                 stop=stop,
                 on_lap=on_lap,
                 router=router,
-                connect_version=lambda v: connect(config.protocol, config.model_server, ModelRef(name, v), token),
+                connect_version=lambda v: connect_replicas(config.protocol, servers, ModelRef(name, v), token_of),
             )
         else:
             result = run_autopilot(
                 config.autopilot,
                 config.game,
-                lambda: connect(config.protocol, config.model_server, model, token),
+                lambda: connect_replicas(config.protocol, servers, model, token_of),
                 stop=stop,
                 on_lap=on_lap,
             )

@@ -67,6 +67,15 @@ class AutopilotConfig:
         "real time: ticks ahead that already hold the fallback command, so a stall of the autopilot or the "
         "game server up to this long drives on the fallback instead of missing ticks",
     )
+    safe_after_failures: int = setting(
+        3,
+        "real time: after this many ticks in a row whose inference failed (server down, no model, refused), "
+        "coast (no keys) until the model server answers again",
+    )
+    safe_after_ms: float = setting(
+        500.0,
+        "real time: coast as well after this long without any answer (a worker being restarted answers nothing)",
+    )
     randomize: bool = setting(False, "domain-randomised frames")
     seed: int = setting(0, "seed of the frames' randomisation")
     trace_every: int = setting(25, "with tracing on, one tick in this many becomes a trace (frame, inference, command)")
@@ -82,6 +91,8 @@ class AutopilotConfig:
             raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:
             raise InvalidArgument("the inference deadline must be 1..1000 ms")
+        if self.safe_after_failures < 1 or self.safe_after_ms < self.deadline_ms:
+            raise InvalidArgument("safe after failures must be at least 1, safe after ms at least the deadline")
 
 
 @dataclass
@@ -103,6 +114,7 @@ class LapRecord:
     late_commands: int = 0  # the game server's count: commands that arrived after their tick
     missed_ticks: int = 0  # the game server's count: ticks simulated without a command of their own
     fallbacks: int = 0  # ticks whose command was the fallback (inference late or failed)
+    safe_ticks: int = 0  # of those, ticks coasting because no model server answered (safe mode)
     inference_errors: int = 0
     skipped_frames: int = 0  # observations dropped because a newer one had already arrived
     frame_ms: list[float] = field(default_factory=list)  # tick due -> its observation received
@@ -127,6 +139,7 @@ class LapRecord:
             "late_commands": self.late_commands,
             "missed_ticks": self.missed_ticks,
             "fallbacks": self.fallbacks,
+            "safe_ticks": self.safe_ticks,
             "inference_errors": self.inference_errors,
             "skipped_frames": self.skipped_frames,
         }
@@ -159,6 +172,7 @@ class AutopilotResult:
             "late_commands": sum(r.late_commands for r in self.laps),
             "missed_ticks": sum(r.missed_ticks for r in self.laps),
             "fallbacks": sum(r.fallbacks for r in self.laps),
+            "safe_ticks": sum(r.safe_ticks for r in self.laps),
             "inference_errors": sum(r.inference_errors for r in self.laps),
             "skipped_frames": sum(r.skipped_frames for r in self.laps),
             "frame_ms_p50": pct(frame, 50),
@@ -324,6 +338,46 @@ class _Latest:
             return item
 
 
+class _SafeMode:
+    """Coasting while no model server answers, rather than holding keys chosen seconds ago into a wall.
+
+    Entered after `safe_after_failures` failed inferences in a row (a late answer neither counts nor resets)
+    or `safe_after_ms` without any answer (a worker being restarted leaves calls unanswered, not failed); left
+    at the next answer. Entry and exit are logged once each, not the failures between them.
+    """
+
+    def __init__(self, config: AutopilotConfig, record: LapRecord, meter: VersionMeter) -> None:
+        self.after_failures, self.after_s = config.safe_after_failures, config.safe_after_ms / 1e3
+        self.record, self.meter = record, meter
+        self.on, self.failures, self.last_answer, self.since_tick = False, 0, time.perf_counter(), 0
+        self.last_error = ""
+
+    def answered(self, tick: int) -> None:
+        self.failures, self.last_answer = 0, time.perf_counter()
+        if self.on:
+            self.on = False
+            log.warning(
+                "car %d tick %d: the model server answers again: safe mode left after %d ticks",
+                self.record.car, tick, tick - self.since_tick,
+            )  # fmt: skip
+
+    def failed(self, exc: DomainError) -> None:
+        self.failures, self.last_error = self.failures + 1, str(exc)
+
+    def coasting(self, tick: int) -> bool:
+        """Whether this unanswered tick coasts; counts it if so."""
+        silent_s = time.perf_counter() - self.last_answer
+        if not self.on and (self.failures >= self.after_failures or silent_s >= self.after_s):
+            self.on, self.since_tick = True, tick
+            why = self.last_error if self.failures >= self.after_failures else f"no answer for {silent_s * 1e3:.0f} ms"
+            log.warning("car %d tick %d: safe mode, coasting until the model server answers: %s", self.record.car,
+                        tick, why)  # fmt: skip
+        if self.on:
+            self.record.safe_ticks += 1
+            self.meter.safe_ticks.inc()
+        return self.on
+
+
 def _drive_realtime(
     game: GameClient,
     session: str,
@@ -341,6 +395,7 @@ def _drive_realtime(
     outbox: queue.SimpleQueue[game_pb2.DriveRequest | None] = queue.SimpleQueue()
     base_tick = int(first.state.tick)
     last_keys = 0
+    safe = _SafeMode(config, record, meter)
 
     # The first command is decided before the stream opens (the clock starts with the start message). An
     # error here that retrying cannot fix (no token, a wrong one, an unknown model, a refused input) stops the
@@ -352,6 +407,7 @@ def _drive_realtime(
             raise
         record.inference_errors += 1
         meter.inference_errors.inc()
+        safe.failed(exc)
         log.warning("car %d: first inference failed: %s", record.car, exc)
     record.keys.append(last_keys)
 
@@ -362,6 +418,7 @@ def _drive_realtime(
     start = game_pb2.DriveStart(session_id=session, mode=game_pb2.DRIVE_MODE_REALTIME, with_frames=True)
     outbox.put(game_pb2.DriveRequest(start=start))
     t0 = time.perf_counter()
+    safe.last_answer = t0  # silence counts from the start message, not from a slow first inference
     outbox.put(_command(base_tick, last_keys))
     for ahead in range(1, config.fallback_ticks + 1):
         outbox.put(_command(base_tick + ahead, fallback_keys(config, last_keys)))
@@ -415,15 +472,20 @@ def _drive_realtime(
                         record.inference_ms.append((time.perf_counter() - t_inf) * 1e3)
                         meter.inference.observe(record.inference_ms[-1] / 1e3)
                         last_keys, answered = keys, True
+                        safe.answered(tick)
                     except DomainError as exc:
                         record.fallbacks += 1
                         meter.fallbacks.inc()
                         if exc.code != "DEADLINE_EXCEEDED":
                             record.inference_errors += 1
                             meter.inference_errors.inc()
-                            log.warning("car %d tick %d: inference failed, fallback: %s", record.car, tick, exc)
+                            safe.failed(exc)
+                            if not safe.on:  # while coasting, only safe mode's entry and exit are logged
+                                log.warning("car %d tick %d: inference failed, fallback: %s", record.car, tick, exc)
+                if not answered and safe.coasting(tick):
+                    keys = 0  # this tick and the fallbacks sent ahead coast
                 with tracer.span("autopilot.command", **{"rrp.keys": keys, "rrp.fallback": not answered}):
-                    if answered:
+                    if answered or (safe.on and due(tick) > time.perf_counter()):
                         outbox.put(_command(tick, keys))
                     for ahead in range(1, config.fallback_ticks + 1):
                         outbox.put(_command(tick + ahead, fallback_keys(config, keys)))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +32,7 @@ from plumbing.errors import (
     Unavailable,
     quote,
 )
+from serving import metrics
 from serving.codec import Decision, check_frame_array, decode_response, encode_request, encode_speed
 from serving.torchserve_v1 import (
     inference_pb2,
@@ -37,7 +41,13 @@ from serving.torchserve_v1 import (
     open_inference_grpc_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# grpc's default reconnect back-off grows to 120 s: a model server restarted after a minute's outage would
+# wait that long for the next attempt. Capped at 1 s, a restarted server is reached again within ~1 s.
+RECONNECT_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 500),
+                        ("grpc.max_reconnect_backoff_ms", 1000))  # fmt: skip
 
 
 class Unauthenticated(DomainError):
@@ -101,6 +111,7 @@ def _channel(address: str) -> grpc.Channel:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *RECONNECT_BACKOFF_MS,
     ]
     return telemetry.instrument_channel(grpc.insecure_channel(address, options=options), "rrp-autopilot")
 
@@ -125,8 +136,9 @@ def map_rpc_error(exc: grpc.RpcError, address: str, model: ModelRef, has_token: 
         return DeadlineExceeded(f"no answer from the model server at {address} within the deadline")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the model server at {address} is unreachable or restarting: {details or code.name}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in low or "overload" in low:
-        # TorchServe answers a full job queue and a worker being restarted alike ("no worker to serve").
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in low or "overload" in low or "worker" in low:
+        # TorchServe answers a full job queue and a worker being restarted alike ("no worker to serve"), and the
+        # request a killed worker held "Worker died.": a fallback, not a reason to fail over.
         return ResourceExhausted(f"the model server at {address} is overloaded or restarting a worker: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"model {model} refused the input: {details}")
@@ -250,6 +262,99 @@ class OpenInferenceClient:
         self.channel.close()
 
 
+REFRESH_EVERY_S = 1.0  # a replica whose token is refused is reconnected at most this often
+
+
+class FailoverClient:
+    """One model over replicas of the model server: the current replica serves; one that is UNAVAILABLE
+    (down, refusing connections) hands the call to the next within the same call's budget, so a replica's
+    death costs no tick.
+
+    Only UNAVAILABLE fails over: a missing model, a refused input or token would be refused by every replica
+    alike. A refused token, though, is what a restarted TorchServe answers (it generates new keys on every
+    start): that replica is connected again (at most once a second), which re-reads its token, and asked again.
+    The replica that answered stays current (no failing back), so replicas do not flap.
+    """
+
+    def __init__(self, addresses: tuple[str, ...], model: ModelRef, connect_one: Callable[[str], InferenceClient]):
+        if not addresses:
+            raise InvalidArgument("give at least one model server address")
+        self.addresses, self.model_ref, self._connect_one = addresses, model, connect_one
+        self.model, self.version = model.name, model.version
+        self._clients: list[InferenceClient | None] = [None] * len(addresses)
+        self._refreshed = [0.0] * len(addresses)
+        self.current = 0
+
+    def _client(self, index: int) -> InferenceClient:
+        client = self._clients[index]
+        if client is None:
+            client = self._clients[index] = self._connect_one(self.addresses[index])
+        return client
+
+    def _refresh(self, index: int) -> bool:
+        """Connects the replica again (its token re-read); False when it was done within the last second."""
+        now = time.monotonic()
+        if now - self._refreshed[index] < REFRESH_EVERY_S:
+            return False
+        self._refreshed[index] = now
+        try:
+            fresh = self._connect_one(self.addresses[index])
+        except DomainError as exc:  # e.g. the key file not written yet by a TorchServe starting again
+            log.debug("model server %s: cannot connect again yet: %s", self.addresses[index], exc)
+            return False
+        old, self._clients[index] = self._clients[index], fresh
+        if old is not None:
+            old.close()
+        return True
+
+    def _ask(self, index: int, frame: np.ndarray, speed_m_per_s: float, deadline: float) -> Decision:
+        try:
+            return self._client(index).infer(frame, speed_m_per_s, max(deadline - time.monotonic(), 0.0))
+        except (PermissionDenied, Unauthenticated):
+            if not self._refresh(index):
+                raise
+            return self._client(index).infer(frame, speed_m_per_s, max(deadline - time.monotonic(), 0.0))
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        deadline = time.monotonic() + timeout_s
+        first, unavailable = self.current, None
+        for step in range(len(self.addresses)):
+            if step and deadline - time.monotonic() <= 0.001:
+                break
+            index = (first + step) % len(self.addresses)
+            try:
+                decision = self._ask(index, frame, speed_m_per_s, deadline)
+            except DomainError as exc:
+                if exc.code == "UNAVAILABLE":
+                    self._mark(index, up=False)
+                    unavailable = exc
+                    continue
+                if exc.code != "DEADLINE_EXCEEDED":
+                    self._mark(index, up=True)  # it answered, if with an error
+                self._move_to(index)  # not known dead: the next call starts here rather than at a dead one
+                raise
+            self._mark(index, up=True)
+            self._move_to(index)
+            return decision
+        assert unavailable is not None  # the loop returns, raises, or saw the first replica unavailable
+        raise unavailable
+
+    def _mark(self, index: int, up: bool) -> None:
+        metrics.MODEL_SERVER_UP.labels(self.addresses[index]).set(1 if up else 0)
+
+    def _move_to(self, index: int) -> None:
+        if index != self.current:
+            down, up = self.addresses[self.current], self.addresses[index]
+            self.current = index
+            metrics.FAILOVERS.labels(down, up).inc()
+            log.warning("model server %s unavailable: failed over to %s", down, up)
+
+    def close(self) -> None:
+        for client in self._clients:
+            if client is not None:
+                client.close()
+
+
 PROTOCOLS = ("torchserve", "oip")
 
 
@@ -259,6 +364,13 @@ def connect(protocol: str, address: str, model: ModelRef, token: str | None) -> 
     if protocol == "oip":
         return OpenInferenceClient(address, model, token)
     raise InvalidArgument(f"protocol {quote(protocol)}: one of {', '.join(PROTOCOLS)}")
+
+
+def connect_replicas(
+    protocol: str, addresses: tuple[str, ...], model: ModelRef, token_of: Callable[[str], str | None]
+) -> FailoverClient:
+    """A client over the model server's replicas; `token_of(address)` is asked again when a token is refused."""
+    return FailoverClient(addresses, model, lambda address: connect(protocol, address, model, token_of(address)))
 
 
 def ping(address: str, token: str | None = None, timeout_s: float = 2.0) -> bool:

@@ -28,6 +28,16 @@ MISSED_TICKS = Counter(
     "rrp_autopilot_missed_ticks_total", "ticks the game server simulated without a command of their own", ["version"]
 )
 TICKS = Counter("rrp_autopilot_ticks_total", "ticks driven", ["version"])
+SAFE_TICKS = Counter(
+    "rrp_autopilot_safe_ticks_total", "ticks driven coasting because no model server answered", ["version"]
+)
+FAILOVERS = Counter(
+    "rrp_autopilot_failovers_total", "calls handed to another model-server replica", ["from_server", "to_server"]
+)
+MODEL_SERVER_UP = Gauge(
+    "rrp_autopilot_model_server_up", "1 when the replica answered the autopilot's last call to it, 0 when unavailable",
+    ["server"],
+)  # fmt: skip
 
 
 class VersionMeter:
@@ -38,6 +48,7 @@ class VersionMeter:
         self.inference = INFERENCE.labels(self.version)
         self.fallbacks = FALLBACKS.labels(self.version)
         self.inference_errors = INFERENCE_ERRORS.labels(self.version)
+        self.safe_ticks = SAFE_TICKS.labels(self.version)
         self._ticks = TICKS.labels(self.version)
         self._missed = MISSED_TICKS.labels(self.version)
         self._tick = 0

@@ -83,7 +83,19 @@ class Routing:
     previous: str = ""  # the default before the last promotion: where --rollback goes
     canary: str = ""
     canary_share: float = 0.0
+    staged: tuple[str, ...] = ()  # registered on every model server, with no traffic (a candidate being gated)
     updated: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Routing:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["staged"] = tuple(values.get("staged", ()))
+        return cls(**values)
+
+    def desired(self) -> list[str]:
+        """The versions every model server must have registered: the routed ones and the staged ones."""
+        return [v for v in dict.fromkeys((self.default, self.previous, self.canary, *self.staged)) if v]
 
     def cars_on_canary(self, cars: int) -> int:
         """At least one car, and (with two or more) never all: car 0 keeps the default as the live baseline."""
@@ -125,7 +137,7 @@ class Router:
         stamp = (st.st_mtime_ns, st.st_ino)
         if stamp != self._stamp or self._routing is None:
             with contextlib.suppress(FailedPrecondition, NotFound, TypeError):
-                self._routing = Routing(**read_json(self.path))
+                self._routing = Routing.from_json(read_json(self.path))
                 self._stamp = stamp
             if self._routing is None:
                 raise FailedPrecondition(f"routing file {self.path} is not a routing")
@@ -186,7 +198,7 @@ class Registry:
     def routing(self) -> Routing | None:
         if not self.routing_path.is_file():
             return None
-        return Routing(**read_json(self.routing_path))
+        return Routing.from_json(read_json(self.routing_path))
 
     def set_routing(self, routing: Routing) -> Routing:
         if not routing.default:
@@ -194,6 +206,21 @@ class Registry:
         routing = replace(routing, updated=time.time())
         write_json(self.routing_path, asdict(routing))
         return routing
+
+    # -- model servers ----------------------------------------------------------------------------------------
+    def save_replica(self, replica: str, status: dict[str, Any]) -> None:
+        """What one model server has registered, written by its `rrp serve` after each reconciliation."""
+        write_json(self.root / "replicas" / f"{replica}.json", status)
+
+    def replicas(self, fresh_s: float = 15.0) -> list[dict[str, Any]]:
+        """The model servers that reported within `fresh_s`: the ones a rollout waits for."""
+        now, found = time.time(), []
+        for path in (self.root / "replicas").glob("*.json"):
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                status = read_json(path)
+                if now - float(status.get("updated", 0)) <= fresh_s:
+                    found.append(status)
+        return found
 
     # -- deployments ------------------------------------------------------------------------------------------
     def deployments(self) -> list[dict[str, Any]]:

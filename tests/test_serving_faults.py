@@ -1,0 +1,434 @@
+"""Faults while racing: a TorchServe worker killed, a model-server replica killed, the only one restarted.
+
+Real TorchServe processes and real game servers; the faults are real signals. A race is one real-time lap,
+the fault injected ~2 s in from a thread, stopped 2 s after the fault is over: how long a TorchServe takes to
+come back depends on the machine's load, and the lap must outlast it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from prometheus_client import REGISTRY
+
+from game_server.core.drivers import default_driver
+from game_server.core.state import TICK_S
+from plumbing.errors import DomainError
+from plumbing.procs import ServiceProcess
+from serving.archive import ArchiveConfig, build_archive
+from serving.autopilot import AutopilotConfig, LapRecord, run_autopilot
+from serving.client import InferenceClient, ModelRef, TorchServeClient, connect_replicas, read_token
+from serving.codec import Decision
+from serving.torchserve import LocalTorchServe, TorchServeConfig
+from trainer.vision.data import generate_samples
+from trainer.vision.model import VisionConfig
+from trainer.vision.train import TrainConfig, save_weights, train
+
+SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+NAME = "rrp-vision"
+MODEL = ModelRef(NAME)
+FAULT_AT_S = 2.0  # into the race (~tick 50)
+RIDE_S = 2.0  # raced on after the fault is over
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for a few seconds, packaged with batch 1 and one worker."""
+    frames = generate_samples(["oval", "kidney"], 2, 60, default_driver(), 0.1, seed=5, size=(64, 48))
+    config = TrainConfig(vision=SMALL, epochs=2, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
+    model_dir = tmp_path_factory.mktemp("model")
+    save_weights(train(config, frames).model, model_dir / "model.safetensors")
+    (model_dir / "model_card.json").write_text(json.dumps({"model": "test"}) + "\n")
+    (model_dir / "model_card.md").write_text("# test model\n")
+    return build_archive(model_dir, "1", tmp_path_factory.mktemp("store"), ArchiveConfig(batch_size=1))
+
+
+def _serve(archive: Path, config: TorchServeConfig | None = None) -> LocalTorchServe:
+    """A started TorchServe with the model registered and answering (its first inference done)."""
+    server = LocalTorchServe(config or TorchServeConfig()).start()
+    try:
+        server.register(archive)
+        server.wait_model(NAME, "", SMALL.width, SMALL.height)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def _serving(archive: Path) -> Iterator[LocalTorchServe]:
+    server = _serve(archive)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def workdir() -> Iterator[Path]:
+    """A fixed working directory (short: the workers' Unix sockets live in it), so a restart finds its store."""
+    path = Path(tempfile.mkdtemp(prefix="rrp-ts-"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Recorded:
+    """An InferenceClient that notes when each call ended and how, to tell what happened after a fault."""
+
+    def __init__(self, inner: InferenceClient) -> None:
+        self.inner, self.model, self.version = inner, inner.model, inner.version
+        self.calls: list[tuple[float, str]] = []  # (monotonic time, "ok" or the error's code)
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        try:
+            decision = self.inner.infer(frame, speed_m_per_s, timeout_s)
+        except DomainError as exc:
+            self.calls.append((time.monotonic(), exc.code))
+            raise
+        self.calls.append((time.monotonic(), "ok"))
+        return decision
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def answered_after(self, t: float) -> int:
+        return sum(1 for when, outcome in self.calls if when > t and outcome == "ok")
+
+
+def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRecord, float, list[BaseException]]:
+    """A real-time lap with `fault` run FAULT_AT_S into it, stopped RIDE_S after `fault` returns; the lap, when the
+    fault began, the fault's errors."""
+    # Ten ticks of fallback ahead: a TorchServe (re)starting takes both cores for a while, and the autopilot and
+    # the game server must ride out their own stalls on this shared machine (the default 5 covers 200 ms).
+    config = AutopilotConfig(
+        track="oval", mode="realtime", max_ticks=1500, stuck_ticks=0, fallback_ticks=10, width=SMALL.width,
+        height=SMALL.height,
+    )  # fmt: skip
+    started, stop = threading.Event(), threading.Event()
+    fault_at: list[float] = []
+    errors: list[BaseException] = []
+
+    def inject() -> None:
+        started.wait(30.0)
+        time.sleep(FAULT_AT_S)
+        fault_at.append(time.monotonic())
+        try:
+            fault()
+        except BaseException as exc:
+            errors.append(exc)
+        time.sleep(RIDE_S)
+        stop.set()
+
+    injector = threading.Thread(target=inject, daemon=True)
+    injector.start()
+
+    def connect() -> Recorded:
+        started.set()
+        return client
+
+    result = run_autopilot(config, (game,), connect, stop=stop)
+    injector.join(60.0)
+    return result.laps[0], fault_at[0], errors
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _longest_run_of_zeros(keys: list[int]) -> int:
+    best = run = 0
+    for k in keys:
+        run = run + 1 if k == 0 else 0
+        best = max(best, run)
+    return best
+
+
+def workers_of(server: LocalTorchServe) -> list[Any]:
+    """TorchServe's Python model workers (psutil processes)."""
+    found = []
+    for p in server.processes():
+        with contextlib.suppress(psutil.Error):  # a killed worker stays a zombie until the JVM reaps it
+            if "model_service_worker" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
+def _assert_safe_mode_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Each entry into safe mode logged once, and its exit (a loaded machine may add a short one elsewhere)."""
+    logged = [r.getMessage() for r in caplog.records]
+    entries, exits = sum("safe mode, coasting" in m for m in logged), sum("safe mode left" in m for m in logged)
+    assert entries == exits >= 1, logged
+
+
+def _kill_group(server: LocalTorchServe) -> None:
+    """SIGKILL to TorchServe's whole process group (launcher, JVM, workers): no goodbye to any client."""
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_ridden_through_on_the_fallback_and_answers_again(
+    archive: Path, game_server_processes: list[ServiceProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="serving")
+    with _serving(archive) as server:
+        assert server.keys is not None
+        workers = workers_of(server)
+        assert len(workers) == 1
+        client = Recorded(TorchServeClient(server.inference_address, MODEL, server.keys.inference))
+
+        def kill_worker() -> None:
+            """Kills the worker, and returns once a new one has answered."""
+            workers[0].kill()
+            deadline = time.monotonic() + 60.0
+            while not [p for p in workers_of(server) if p.pid != workers[0].pid]:
+                assert time.monotonic() < deadline, "TorchServe started no new worker"
+                time.sleep(0.05)
+            spawned = time.monotonic()
+            while not client.answered_after(spawned):
+                assert time.monotonic() < deadline, "the new worker never answered"
+                time.sleep(0.05)
+
+        before = {m: _metric(f"rrp_autopilot_{m}_total", version="default") for m in ("fallbacks", "safe_ticks")}
+        lap, killed_at, errors = _race(game_server_processes[0].address, client, kill_worker)
+        assert not errors
+        restarted = workers_of(server)
+        assert restarted and restarted[0].pid != workers[0].pid  # TorchServe started a new worker
+    # The car drove every tick on commands of its own until stopped, the outage on the fallback.
+    assert lap.stop_reason == "stopped" and lap.ticks >= (FAULT_AT_S + RIDE_S) / TICK_S
+    assert lap.missed_ticks == 0
+    assert lap.fallbacks > 0 and lap.safe_ticks > 0  # the restarted worker answered nothing for seconds
+    assert _longest_run_of_zeros(lap.keys) >= lap.safe_ticks  # the unanswered ticks coasted
+    assert _metric("rrp_autopilot_fallbacks_total", version="default") - before["fallbacks"] == lap.fallbacks
+    assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before["safe_ticks"] == lap.safe_ticks
+    assert client.answered_after(killed_at + 1.0) > 20  # the new worker answers, for the RIDE_S after
+    _assert_safe_mode_logged(caplog)
+
+
+@pytest.mark.slow
+def test_the_replica_in_use_killed_fails_over_within_a_tick(
+    archive: Path, game_server_processes: list[ServiceProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="serving")
+    with _serving(archive) as first, _serving(archive) as second:
+        keys = {s.inference_address: s.key_file for s in (first, second)}
+        a, b = first.inference_address, second.inference_address
+        client = Recorded(connect_replicas("torchserve", (a, b), MODEL, lambda address: read_token(keys[address])))
+        before = _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b)
+        lap, killed_at, errors = _race(game_server_processes[0].address, client, lambda: _kill_group(first))
+        assert not errors
+    assert lap.stop_reason == "stopped" and lap.missed_ticks == 0
+    # Every call that found the first replica dead was answered by the second in the same tick: no UNAVAILABLE
+    # reached the autopilot. Before that, the call in flight while the kernel tears the JVM down just goes
+    # unanswered (late, not failed): a tick or two on a quiet machine, longer under load.
+    after = [outcome for when, outcome in client.calls if when > killed_at]
+    assert "UNAVAILABLE" not in after and "ok" in after, after[:10]
+    assert lap.safe_ticks == 0
+    assert _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b) - before == 1
+    assert _metric("rrp_autopilot_model_server_up", server=a) == 0.0
+    assert _metric("rrp_autopilot_model_server_up", server=b) == 1.0
+    assert client.answered_after(killed_at) > 25  # the rest of the lap, from the second replica
+    assert sum(f"{a} unavailable: failed over to {b}" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_the_only_model_server_restarted_slows_the_car_safely_and_it_resumes(
+    archive: Path, game_server_processes: list[ServiceProcess], workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="serving")
+    server = _serve(archive, TorchServeConfig(workdir=workdir))
+    fixed = TorchServeConfig(
+        workdir=workdir,
+        grpc_port=server.ports["grpc"],
+        grpc_management_port=server.ports["grpc_management"],
+        metrics_port=server.ports["metrics"],
+    )
+    address = server.inference_address
+    back: list[float] = []
+
+    def restart() -> None:
+        nonlocal server
+        _kill_group(server)
+        time.sleep(1.0)  # an outage with the port closed
+        # TorchServe generates new keys on every start, and without config snapshots registers nothing.
+        server = _serve(server.model_store / archive.name, fixed)
+        back.append(time.monotonic())
+
+    key_file = workdir / "key_file.json"
+    client = Recorded(connect_replicas("torchserve", (address,), MODEL, lambda _: read_token(key_file)))
+    before = _metric("rrp_autopilot_safe_ticks_total", version="default")
+    try:
+        lap, killed_at, errors = _race(game_server_processes[0].address, client, restart)
+    finally:
+        server.stop()
+    assert not errors and back, errors
+    assert lap.stop_reason == "stopped" and lap.missed_ticks == 0
+    assert lap.safe_ticks > 0 and _longest_run_of_zeros(lap.keys) >= lap.safe_ticks
+    assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before == lap.safe_ticks
+    outage = [outcome for when, outcome in client.calls if killed_at < when < back[0]]
+    assert "UNAVAILABLE" in outage
+    resumed = [when for when, outcome in client.calls if when > back[0] and outcome == "ok"]
+    assert resumed and resumed[0] - back[0] < 2.0  # the old channel reconnects, the new key is read
+    assert _metric("rrp_autopilot_model_server_up", server=address) == 1.0
+    _assert_safe_mode_logged(caplog)
+
+
+@pytest.mark.slow
+def test_a_model_server_restarted_on_its_ports_is_reached_again_within_a_second(archive: Path, workdir: Path) -> None:
+    # grpc's default back-off would wait ~10 s more after an outage this long; the client's waits at most 1 s.
+    server = LocalTorchServe(TorchServeConfig(workdir=workdir)).start()
+    assert server.keys is not None
+    client = TorchServeClient(server.inference_address, MODEL, server.keys.inference)
+    frame = np.zeros((SMALL.height, SMALL.width, 3), np.uint8)
+    fixed = TorchServeConfig(
+        workdir=workdir,
+        grpc_port=server.ports["grpc"],
+        grpc_management_port=server.ports["grpc_management"],
+        metrics_port=server.ports["metrics"],
+    )
+
+    def outcome() -> str:
+        try:
+            client.infer(frame, 1.0, 1.0)
+        except DomainError as exc:
+            return exc.code
+        return "ok"
+
+    assert outcome() == "NOT_FOUND"  # reached: no model registered
+    _kill_group(server)
+    down_until = time.monotonic() + 10.0
+    while time.monotonic() < down_until:  # the channel keeps trying, its back-off growing
+        assert outcome() == "UNAVAILABLE"
+        time.sleep(0.1)
+    server = LocalTorchServe(fixed).start()
+    try:
+        up = time.monotonic()
+        while (seen := outcome()) == "UNAVAILABLE" and time.monotonic() - up < 10.0:
+            time.sleep(0.02)
+        reached_s = time.monotonic() - up
+    finally:
+        client.close()
+        server.stop()
+    assert seen == "PERMISSION_DENIED"  # the restarted server's new keys: reached with the old one
+    assert reached_s < 1.5, reached_s
+
+
+class Replica:
+    """A stand-in replica for the routing rules alone: answers, or raises the error it is given."""
+
+    def __init__(self, address: str, error: DomainError | None = None) -> None:
+        self.address, self.error, self.model, self.version, self.calls = address, error, NAME, "", 0
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return Decision((0.0,) * 6, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_only_an_unavailable_replica_is_failed_over_from_and_a_refused_token_is_read_again() -> None:
+    from plumbing.errors import NotFound, Unavailable
+    from serving.client import FailoverClient, PermissionDenied
+
+    frame = np.zeros((SMALL.height, SMALL.width, 3), np.uint8)
+    made: list[str] = []
+    replicas: dict[str, Replica] = {}
+
+    def connect_one(address: str) -> InferenceClient:
+        made.append(address)
+        return replicas[address]
+
+    replicas = {"a:1": Replica("a:1", NotFound("no model")), "b:2": Replica("b:2")}
+    client = FailoverClient(("a:1", "b:2"), MODEL, connect_one)
+    with pytest.raises(NotFound):  # every replica would say so: not a reason to move
+        client.infer(frame, 1.0, 1.0)
+    assert client.current == 0 and replicas["b:2"].calls == 0
+
+    replicas["a:1"].error = Unavailable("down")
+    before = _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2")
+    assert client.infer(frame, 1.0, 1.0).keys == 1 and client.current == 1  # the same call, the other replica
+    assert client.infer(frame, 1.0, 1.0).keys == 1 and replicas["a:1"].calls == 2  # stays: no failing back
+    assert _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2") - before == 1
+    assert _metric("rrp_autopilot_model_server_up", server="a:1") == 0.0
+
+    replicas["b:2"].error = Unavailable("down too")
+    with pytest.raises(Unavailable):
+        client.infer(frame, 1.0, 1.0)
+    assert client.current == 1
+
+    replicas["b:2"].error = PermissionDenied("refused")  # a restarted TorchServe's new keys
+    made.clear()
+    with pytest.raises(PermissionDenied):
+        client.infer(frame, 1.0, 1.0)
+    with pytest.raises(PermissionDenied):
+        client.infer(frame, 1.0, 1.0)
+    assert made == ["b:2"]  # connected again, its token re-read, once within the second
+
+
+class Outage:
+    """A model that drives forward, and fails with UNAVAILABLE for calls `start` to `end` (exclusive)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end, self.calls, self.model, self.version = start, end, 0, NAME, "outage"
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        self.calls += 1
+        if self.start <= self.calls - 1 < self.end:
+            from plumbing.errors import Unavailable
+
+            raise Unavailable("the model server is down")
+        return Decision((0.0,) * 6, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_safe_mode_coasts_from_the_third_failure_to_the_next_answer(
+    game_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="serving")
+    config = AutopilotConfig(track="oval", mode="realtime", max_ticks=100, stuck_ticks=0, width=64, height=48)
+    model = Outage(20, 45)
+    before = _metric("rrp_autopilot_safe_ticks_total", version="outage")
+    lap = run_autopilot(config, (game_server.address,), lambda: model).laps[0]
+    assert lap.ticks == 100 and lap.missed_ticks == 0 and lap.inference_errors == 25
+    # Failures 1 and 2 hold the keys; from the third to the next answer the car coasts (keys 0), commands flowing.
+    # (23 calls from the third failure to the answer; a tick a stall left no time to ask for coasts too.)
+    assert lap.safe_ticks == lap.keys.count(0) == _longest_run_of_zeros(lap.keys) >= 23
+    assert _metric("rrp_autopilot_safe_ticks_total", version="outage") - before == lap.safe_ticks
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("safe mode, coasting" in m for m in logged) == 1 and sum("safe mode left" in m for m in logged) == 1
+    assert sum("inference failed" in m for m in logged) == 3  # while coasting, failures are not logged one by one
+
+
+def test_the_autopilot_command_takes_replicas_and_a_token_file_each_or_one_for_all(tmp_path: Path) -> None:
+    from pipeline.serve import AutopilotCommandConfig, run_autopilot_command
+    from plumbing.errors import InvalidArgument
+    from rrp.cli import build_parser
+
+    argv = ["autopilot", "--game", "g:1", "--model-server", "m:1,m:2", "--token-file", "k1,k2"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.model_server == ("m:1", "m:2") and args.token_file == (Path("k1"), Path("k2"))
+    three = tuple(tmp_path / f"k{i}" for i in range(3))
+    config = AutopilotCommandConfig(game=("g:1",), model_server=("m:1", "m:2"), token_file=three)
+    with pytest.raises(InvalidArgument, match="3 token files for 2 model servers"):
+        run_autopilot_command(config)
