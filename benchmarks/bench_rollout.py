@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -55,7 +56,7 @@ def main() -> int:
 
     from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
     from pipeline.pools import local_game_servers
-    from pipeline.serve import ServeConfig, _register_default
+    from pipeline.serve import ServeConfig, follow_registry
     from plumbing.redis_local import free_port
     from serving.registry import Registry
     from serving.torchserve import LocalTorchServe, TorchServeConfig
@@ -78,7 +79,8 @@ def main() -> int:
     results: dict[str, Any] = {"cars": args.cars, "track": args.track, "load_before": load_before}
     with local_game_servers(2) as servers, LocalTorchServe(TorchServeConfig(workdir=tmp / "serve")) as server:
         games = tuple(s.address for s in servers)
-        _register_default(ServeConfig(models_root=default), server)
+        following = threading.Event()
+        follow_registry(ServeConfig(models_root=default), server, following)
         write_endpoints(server.workdir, server)
         port = free_port()
         metrics = f"http://127.0.0.1:{port}/metrics"
@@ -110,7 +112,7 @@ def main() -> int:
                 gate=GateConfig(tracks=tuple(args.gate_tracks.split(",")), max_ticks=args.gate_max_ticks),
                 canary=CanaryConfig(share=0.5, laps=args.canary_laps, live=(metrics,), max_s=600),
             )  # fmt: skip
-            deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", "", None))
+            deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", None))
             t0 = time.monotonic()
             try:
                 record = deployer.deploy(candidate)
@@ -129,6 +131,7 @@ def main() -> int:
                 cars.wait(30)
             except subprocess.TimeoutExpired:
                 cars.kill()
+            following.set()
     results["load_after"] = os.getloadavg()
 
     print(f"rollout of a candidate while {args.cars} cars race {args.track} in real time (load before "

@@ -25,7 +25,7 @@ from typing import Any
 from game_server.core.state import TICK_S
 from game_server.core.tracks import TRAINING_TRACKS, UNSEEN_TRACKS
 from plumbing import telemetry
-from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, quote
+from plumbing.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
 from plumbing.settings import nested, setting
@@ -105,8 +105,11 @@ class DeployConfig:
     serve_dir: Path = setting(Path("out/serve"), "rrp serve's working directory (its endpoints, key file, store)")
     model_store: Path | None = setting(None, "TorchServe's model store (default: the serve dir's)")
     model_server: str = setting("", "TorchServe's gRPC inference address (default: from the serve dir)", metavar="ADDR")
-    management: str = setting("", "TorchServe's gRPC management address (default: from the serve dir)", metavar="ADDR")
-    token_file: Path | None = setting(None, "TorchServe's key_file.json (default: the serve dir's)")
+    converge_s: float = setting(180.0, "how long the model servers may take to serve a new routing, s")
+    token_file: Path | None = setting(
+        None,
+        "TorchServe's inference token: its key_file.json or a file with the token (default: the serve dir's, if any)",
+    )
     game: tuple[str, ...] = setting(
         (), "game servers for the gate laps (none: one started here)", metavar="ADDR[,ADDR]"
     )
@@ -131,35 +134,31 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class Endpoints:
+    """What the deployer reaches: the shared model store (the registry), and TorchServe's inference API for the gate.
+
+    No management address: model servers follow the registry themselves (`serving.reconcile`)."""
+
     model_store: Path
     inference: str
-    management: str
-    inference_key: str
-    management_key: str
+    inference_key: str | None
 
     @classmethod
-    def resolve(cls, serve_dir: Path, model_store: Path | None, inference: str, management: str,
-                token_file: Path | None) -> Endpoints:  # fmt: skip
-        from serving.torchserve import KEY_FILE, read_keys
+    def resolve(cls, serve_dir: Path, model_store: Path | None, inference: str, token_file: Path | None) -> Endpoints:
+        from serving.client import read_token
+        from serving.torchserve import KEY_FILE
 
         written: dict[str, Any] = {}
         if (serve_dir / ENDPOINTS_FILE).is_file():
             written = read_json(serve_dir / ENDPOINTS_FILE)
         store = model_store or Path(written.get("model_store", serve_dir / "model-store"))
         inference = inference or written.get("inference", "")
-        management = management or written.get("management", "")
-        keys_path = token_file or serve_dir / KEY_FILE
-        if not inference or not management:
+        if not inference:
             raise FailedPrecondition(
-                f"no model server: start one (rrp serve --workdir {serve_dir}), or give --model-server and --management"
+                f"no model server: start one (rrp serve --workdir {serve_dir}), or give --model-server ADDR"
             )
-        try:
-            keys = read_keys(keys_path)
-        except FileNotFoundError:
-            raise NotFound(f"TorchServe key file {keys_path} not found (give --token-file)") from None
-        except (ValueError, KeyError):
-            raise InvalidArgument(f"{keys_path}: not TorchServe's key_file.json") from None
-        return cls(store, inference, management, keys.inference, keys.management)
+        if token_file is None and (serve_dir / KEY_FILE).is_file():
+            token_file = serve_dir / KEY_FILE
+        return cls(store, inference, read_token(token_file))
 
 
 def write_endpoints(serve_dir: Path, server: Any) -> None:
@@ -383,11 +382,8 @@ class Deployer:
     """One model store's rollouts; every state change is on disk before the next step starts."""
 
     def __init__(self, config: DeployConfig, endpoints: Endpoints, stop: threading.Event | None = None) -> None:
-        from serving.torchserve import ModelServerAdmin
-
         self.config, self.endpoints = config, endpoints
         self.registry = Registry(endpoints.model_store)
-        self.admin = ModelServerAdmin(endpoints.management, endpoints.management_key, endpoints.model_store)
         self.stop = stop or threading.Event()
         provider = telemetry.tracer_provider("rrp-deployer")
         self.tracer = provider.get_tracer("rrp.deployer") if provider is not None else None
@@ -446,9 +442,11 @@ class Deployer:
                 raise FailedPrecondition("no previous version to roll back to")
             previous = self.registry.by_version(routing.previous)
             started = time.time()
-            self._ensure_registered(previous)
-            self.admin.set_default(previous.name, previous.version)
-            self.registry.set_routing(Routing(previous.name, default=previous.version, previous=routing.default))
+            written = self.registry.set_routing(
+                Routing(previous.name, default=previous.version, previous=routing.default)
+            )
+            self._converge(lambda st: st["default"] == previous.version, f"version {previous.version} the default",
+                           written.updated)  # fmt: skip
             record = {
                 "id": f"{int(started * 1000)}-rollback", "kind": "rollback", "candidate": previous.id,
                 "version": previous.version, "default": routing.default, "started": started, "ended": time.time(),
@@ -537,17 +535,36 @@ class Deployer:
         result: tuple[bool, dict[str, Any], str] = self._timed(stage, record, lambda: work(candidate, record))
         return result
 
-    def _ensure_registered(self, version: ModelVersion) -> None:
-        from serving.torchserve import wait_model
+    def _converge(self, done: Any, what: str, since: float, version: str = "") -> None:
+        """Waits until every model server following the registry has reported `done` since the routing changed."""
+        deadline = time.monotonic() + self.config.converge_s
+        while True:
+            statuses = self.registry.replicas()
+            for st in statuses:
+                if version and version in st.get("errors", {}):
+                    raise FailedPrecondition(f"version {version} does not load on {st['replica']}: "
+                                             f"{st['errors'][version]}")  # fmt: skip
+            fresh = [st for st in statuses if float(st.get("updated", 0)) >= since]
+            if statuses and len(fresh) == len(statuses) and all(done(st) for st in fresh):
+                return
+            if time.monotonic() > deadline or self.stop.is_set():
+                if not statuses:
+                    raise Unavailable(f"no model server follows {self.registry.root}: start rrp serve with this "
+                                      "model store")  # fmt: skip
+                seen = [(st["replica"], st["registered"], st["default"]) for st in statuses]
+                raise Unavailable(f"model servers did not make {what} within {self.config.converge_s:.0f} s: {seen}")
+            time.sleep(0.2)
 
-        if version.version not in self.admin.versions(version.name):
-            archive = self.registry.model_store / version.archive
-            if not archive.is_file():
-                raise NotFound(f"archive {archive} of version {version.version} is gone from the model store")
-            self.admin.register(archive)
-        info = archive_info(self.registry.model_store / version.archive)
-        wait_model(self.endpoints.inference, self.endpoints.inference_key, version.name, version.version,
-                   info["input"]["width"], info["input"]["height"])  # fmt: skip
+    def _ensure_registered(self, version: ModelVersion) -> None:
+        """Staged: every model server registers the version, with no traffic."""
+        routing = self.registry.routing()
+        if routing is None:
+            raise FailedPrecondition(f"no routing in {self.registry.root}: start rrp serve first")
+        since = time.time()
+        if version.version not in routing.desired():
+            since = self.registry.set_routing(replace(routing, staged=(*routing.staged, version.version))).updated
+        self._converge(lambda st: version.version in st["registered"], f"version {version.version} registered",
+                       since, version.version)  # fmt: skip
 
     def _register(self, candidate: ModelVersion, record: dict[str, Any]) -> tuple[bool, dict[str, Any], str]:
         t0 = time.monotonic()
@@ -659,7 +676,8 @@ class Deployer:
             raise FailedPrecondition("no routing: the model store has no default version")
         live = LiveFigures(c.live, c.prometheus, own=c.cars > 0)
         before = live.snapshot()
-        self.registry.set_routing(replace(routing, canary=candidate.version, canary_share=c.share))
+        staged = tuple(v for v in routing.staged if v != candidate.version)
+        self.registry.set_routing(replace(routing, canary=candidate.version, canary_share=c.share, staged=staged))
         t0 = time.monotonic()
         with self._own_cars():
             while True:
@@ -725,35 +743,33 @@ class Deployer:
         old = routing.default if routing is not None else ""
         if routing is not None and routing.default == candidate.version:
             old = routing.previous  # promoted already; the deployer died before the record said so
-        self._ensure_registered(candidate)
-        self.admin.set_default(candidate.name, candidate.version)
-        self.registry.set_routing(Routing(candidate.name, default=candidate.version, previous=old))
-        # Kept registered: the new default and the previous one (for --rollback); older ones leave TorchServe.
-        for version in self.admin.versions(candidate.name):
-            if version not in (candidate.version, old):
-                with contextlib.suppress(NotFound):
-                    self.admin.unregister(candidate.name, version)
+        # Kept registered: the new default and the previous one (for --rollback); the servers drop older ones.
+        written = self.registry.set_routing(Routing(candidate.name, default=candidate.version, previous=old))
+        self._converge(lambda st: st["default"] == candidate.version, f"version {candidate.version} the default",
+                       written.updated, candidate.version)  # fmt: skip
         return True, {"default": candidate.version, "previous": old}, f"version {candidate.version} is the default"
 
     def _undo(self, candidate: ModelVersion) -> tuple[bool, dict[str, Any], str]:
         routing = self.registry.routing()
-        if routing is not None and routing.canary:
-            self.registry.set_routing(replace(routing, canary="", canary_share=0.0))
+        if routing is None:
+            return True, {}, "no routing"
+        v = candidate.version
+        if routing.canary == v:
+            routing = self.registry.set_routing(replace(routing, canary="", canary_share=0.0))
             self.stop.wait(self.config.canary.drain_s)  # laps on the candidate move to the default (the Router polls)
-        current = self.registry.routing()
-        if current is not None and candidate.version in (current.default, current.previous):
+        if v in routing.staged:
+            routing = self.registry.set_routing(replace(routing, staged=tuple(x for x in routing.staged if x != v)))
+        if v in routing.desired():
             return True, {}, "kept: the candidate is the default or the previous version"
-        with contextlib.suppress(NotFound):
-            self.admin.unregister(candidate.name, candidate.version)
-        return True, {"unregistered": candidate.version}, f"version {candidate.version} unregistered"
+        self._converge(lambda st: v not in st["registered"], f"version {v} unregistered", routing.updated)
+        return True, {"unregistered": v}, f"version {v} unregistered"
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
 
 
 def _endpoints(config: DeployConfig) -> Endpoints:
-    return Endpoints.resolve(config.serve_dir, config.model_store, config.model_server, config.management,
-                             config.token_file)  # fmt: skip
+    return Endpoints.resolve(config.serve_dir, config.model_store, config.model_server, config.token_file)
 
 
 def _summary(record: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from game_server.core.state import TICK_S
 from game_server.core.tracks import DAGGER_TRACKS, UNSEEN_TRACKS
 from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
-from pipeline.serve import ServeConfig, _register_default
+from pipeline.serve import ServeConfig, follow_registry
 from plumbing.settings import setting
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class DeployJobConfig:
     canary_laps: int = setting(2, "candidate laps the canary waits for")
     gate_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS[:1], "held-out tracks of the gate")
     gate_max_ticks: int = setting(3000, "tick budget of a gate lap")
+    lap_max_ticks: int = setting(3000, "tick budget of a racing car's lap")
 
 
 def train_second_model(
@@ -89,12 +90,14 @@ def run_deploy_job(
     stop = threading.Event()
     with LocalPrometheus(monitor) as prometheus, LocalTorchServe(TorchServeConfig(workdir=workdir)) as server:
         print(f"[run] Prometheus at {prometheus.url} scraping {endpoint.url}", flush=True)
-        _register_default(ServeConfig(models_root=first_model), server)
+        following = threading.Event()
+        follow_registry(ServeConfig(models_root=first_model), server, following)
         write_endpoints(workdir, server)
         registry = Registry(server.model_store)
         assert server.keys is not None
         key, address = server.keys.inference, server.inference_address
-        pilot = AutopilotConfig(track=track, cars=config.cars, laps=10_000, width=vision.width, height=vision.height)
+        pilot = AutopilotConfig(track=track, cars=config.cars, laps=10_000, max_ticks=config.lap_max_ticks,
+                                width=vision.width, height=vision.height)  # fmt: skip
         result: dict[str, Any] = {}
 
         def race() -> None:
@@ -112,7 +115,7 @@ def run_deploy_job(
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),
         )  # fmt: skip
-        deployer = Deployer(deploy, Endpoints.resolve(workdir, None, "", "", None))
+        deployer = Deployer(deploy, Endpoints.resolve(workdir, None, "", None))
         try:
             record = deployer.deploy(second_model)
         finally:
@@ -121,6 +124,7 @@ def run_deploy_job(
             stop.set()
             cars.join(timeout=180)
         t1 = time.time()
+        following.set()
         graphs = _graphs(prometheus, t0, t1, out_dir / "rollout.png")
         versions = {v.version: v for v in registry.versions()}
     endpoint.stop()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
@@ -16,6 +17,9 @@ from serving.archive import ArchiveConfig
 from serving.autopilot import AutopilotConfig
 from serving.client import PROTOCOLS
 from serving.torchserve import TorchServeConfig
+
+if TYPE_CHECKING:
+    from serving.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class ServeConfig:
     version: str | None = setting(None, "human version of a model packaged here (default: the next number)")
     torchserve: TorchServeConfig = nested(lambda: TorchServeConfig(workdir=Path("out/serve")))
     packaging: ArchiveConfig = nested(ArchiveConfig)
+    follow_every_s: float = setting(1.0, "how often TorchServe is brought in line with the registry's routing, s")
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,14 @@ def run_serve(config: ServeConfig) -> int:
     server = LocalTorchServe(config.torchserve)
     try:
         server.start()
-        default = _register_default(config, server)
+        follower = follow_registry(config, server, stop)
         write_endpoints(server.workdir, server)
+        routing = follower.registry.routing()
+        auth = f"inference token in {server.key_file}" if config.torchserve.token_auth else "token auth off"
         print(
             f"torchserve listening on {server.inference_address} (management {server.management_address}, "
-            f"metrics {server.metrics_url}); default version {default}; inference token in {server.key_file}",
+            f"metrics {server.metrics_url}); default version {routing.default if routing else '-'}, following "
+            f"{follower.registry.routing_path}; {auth}",
             flush=True,
         )
         while not stop.wait(1.0):
@@ -118,13 +126,12 @@ def run_serve(config: ServeConfig) -> int:
     return 0
 
 
-def _register_default(config: ServeConfig, server: Any) -> str:
-    """TorchServe starts empty: the registry's versions come back (default, previous, canary), or the first one
-    is added: --archive, or the newest trained model packaged here."""
-    from dataclasses import replace
-
+def start_registry(config: ServeConfig, server: Any) -> Reconciler:
+    """TorchServe starts empty: the registry's routing says what to serve. A store without one gets its first
+    version (--archive, or the newest trained model packaged here); --archive on a store with one becomes the
+    default. Returns once this server serves the routing's versions."""
     from pipeline.deploy import add_archive, add_version
-    from serving.archive import archive_info
+    from serving.reconcile import Reconciler
     from serving.registry import Registry, Routing
 
     registry = Registry(server.model_store)
@@ -134,19 +141,24 @@ def _register_default(config: ServeConfig, server: Any) -> str:
             entry = add_archive(registry, config.archive)
         else:
             entry = add_version(registry, latest_model(config.models_root), config.version, config.packaging)
-        old = routing.default if routing is not None and routing.default != entry.version else ""
-        routing = Routing(entry.name, default=entry.version, previous=old)
-    wanted = [v for v in dict.fromkeys((routing.default, routing.previous, routing.canary)) if v]
-    for number in wanted:
-        version = registry.by_version(number)
-        archive = server.model_store / version.archive
-        print(f"[serve] registering {archive}", flush=True)
-        server.register(archive)
-        info = archive_info(archive)
-        server.wait_model(info["name"], info["version"], info["input"]["width"], info["input"]["height"])
-    server.set_default(routing.name, routing.default)
-    registry.set_routing(replace(routing))
-    return routing.default
+        if routing is None or routing.default != entry.version:
+            old = routing.default if routing is not None else ""
+            registry.set_routing(Routing(entry.name, default=entry.version, previous=old))
+    reconciler = Reconciler(registry, server.admin(), server.inference_address, server.inference_key)
+    status = reconciler.once()
+    routing = registry.routing()
+    if routing is None or status["default"] != routing.default:
+        from plumbing.errors import FailedPrecondition
+
+        raise FailedPrecondition(f"the default version does not load: {status['errors']}")
+    return reconciler
+
+
+def follow_registry(config: ServeConfig, server: Any, stop: threading.Event) -> Reconciler:
+    """`start_registry`, then a thread that keeps the server on the registry's routing until `stop`."""
+    reconciler = start_registry(config, server)
+    threading.Thread(target=reconciler.run, args=(stop, config.follow_every_s), name="reconcile", daemon=True).start()
+    return reconciler
 
 
 def run_autopilot_command(config: AutopilotCommandConfig) -> int:

@@ -45,6 +45,14 @@ class TorchServeConfig:
     workdir: Path | None = setting(
         None, "private working directory (key file, logs, model store); a temporary one when not given"
     )
+    model_store: Path | None = setting(
+        None, "model store: archives and the registry, shared by replicas (default: <workdir>/model-store)"
+    )
+    token_auth: bool = setting(
+        True,
+        "TorchServe's token authorisation; off only where the network admits nobody else (a pod behind a "
+        "NetworkPolicy): management stays on loopback either way",
+    )
     netty_threads: int = setting(4, "TorchServe frontend threads")
     job_queue_size: int = setting(64, "requests a model queues before answering 503/UNAVAILABLE")
     token_expiration_min: int = setting(60 * 24 * 30, "lifetime of the inference and management keys, minutes")
@@ -96,7 +104,7 @@ class LocalTorchServe:
 
     @property
     def model_store(self) -> Path:
-        return self.workdir / "model-store"
+        return self.config.model_store or self.workdir / "model-store"
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> LocalTorchServe:
@@ -108,7 +116,7 @@ class LocalTorchServe:
             self.workdir = c.workdir
             self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)  # the key file is written here
-        self.model_store.mkdir(exist_ok=True)
+        self.model_store.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
         self.key_file.unlink(missing_ok=True)
@@ -172,7 +180,7 @@ class LocalTorchServe:
                 "enable_grpc_ssl=false",
                 f"model_store={self.model_store}",
                 "enable_model_api=true",
-                "disable_token_authorization=false",
+                f"disable_token_authorization={'false' if c.token_auth else 'true'}",
                 f"token_expiration_min={c.token_expiration_min}",
                 f"number_of_netty_threads={c.netty_threads}",
                 f"job_queue_size={c.job_queue_size}",
@@ -188,7 +196,7 @@ class LocalTorchServe:
     def _wait_started(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         # The key file appears (empty at first) inside the 0700 working directory; read it once it is whole.
-        while self.keys is None:
+        while self.keys is None and self.config.token_auth:
             self._check_alive()
             if self.key_file.is_file():
                 self.key_file.chmod(0o600)
@@ -202,7 +210,7 @@ class LocalTorchServe:
         while True:
             self._check_alive()
             try:
-                if ping(self.inference_address, self.keys.inference, timeout_s=2.0):
+                if ping(self.inference_address, self.inference_key, timeout_s=2.0):
                     return
             except DomainError:
                 pass
@@ -277,9 +285,13 @@ class LocalTorchServe:
         self.stop()
 
     # -- management -----------------------------------------------------------------------------
+    @property
+    def inference_key(self) -> str | None:
+        return self.keys.inference if self.keys is not None else None
+
     def admin(self) -> ModelServerAdmin:
-        assert self.keys is not None
-        return ModelServerAdmin(self.management_address, self.keys.management, self.model_store)
+        key = self.keys.management if self.keys is not None else ""
+        return ModelServerAdmin(self.management_address, key, self.model_store)
 
     def register(self, archive: Path, *, workers: int | None = None, timeout_s: float = 120.0) -> str:
         """Copies the archive into the model store and registers it, waiting until its workers are up."""
@@ -287,8 +299,7 @@ class LocalTorchServe:
 
     def wait_model(self, name: str, version: str, width: int, height: int, timeout_s: float = 60.0) -> None:
         """Returns once the model answers a real inference (a black frame); its errors otherwise."""
-        assert self.keys is not None
-        wait_model(self.inference_address, self.keys.inference, name, version, width, height, timeout_s)
+        wait_model(self.inference_address, self.inference_key or "", name, version, width, height, timeout_s)
 
     def set_default(self, name: str, version: str) -> str:
         return self.admin().set_default(name, version)
@@ -385,7 +396,8 @@ def management_call(address: str, key: str, method: str, request: Any, timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
         try:
-            response = getattr(stub, method)(request, timeout=timeout_s, metadata=(("authorization", f"Bearer {key}"),))
+            metadata = (("authorization", f"Bearer {key}"),) if key else ()
+            response = getattr(stub, method)(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as exc:
             raise _management_error(exc, method, request) from None
     return str(response.msg)

@@ -31,7 +31,7 @@ from pipeline.deploy import (
     window,
     write_endpoints,
 )
-from pipeline.serve import ServeConfig, _register_default
+from pipeline.serve import ServeConfig, follow_registry
 from plumbing.errors import InvalidArgument
 from plumbing.procs import ServiceProcess
 from serving.client import ModelRef, TorchServeClient
@@ -81,11 +81,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def served(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
     """`rrp serve`'s start: TorchServe with the good model as version 1, the default."""
     server = LocalTorchServe(TorchServeConfig(workdir=tmp_path_factory.mktemp("serve"))).start()
+    stop = threading.Event()
     try:
-        assert _register_default(ServeConfig(models_root=models["good"]), server) == "1"
+        follow_registry(ServeConfig(models_root=models["good"], follow_every_s=0.3), server, stop)
+        assert server.admin().versions(NAME) == {"1": True}
         write_endpoints(server.workdir, server)
         yield server
     finally:
+        stop.set()
         server.stop()
 
 
@@ -138,7 +141,7 @@ def _config(server: LocalTorchServe, game: str, **changes: object) -> DeployConf
 
 def _deploy(server: LocalTorchServe, game: str, model: Path, **changes: object) -> dict[str, object]:
     config = _config(server, game, model=model, **changes)
-    deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", "", None))
+    deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", None))
     try:
         return deployer.deploy(model)
     finally:
@@ -241,7 +244,7 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     assert "default" in capsys.readouterr().out
     # --rollback: the previous version is the default again, at once.
     deployer = Deployer(_config(served, game_server_processes[0].address, rollback=True),
-                        Endpoints.resolve(served.workdir, None, "", "", None))  # fmt: skip
+                        Endpoints.resolve(served.workdir, None, "", None))  # fmt: skip
     t0 = time.monotonic()
     deployer.rollback_now()
     assert time.monotonic() - t0 < 5.0
@@ -287,9 +290,13 @@ def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
     with DefaultWatch(served) as watch:
         if routing.default != "1":  # an earlier case promoted the candidate: start each case from version 1
             Deployer(_config(served, game_server_processes[0].address, rollback=True),
-                     Endpoints.resolve(served.workdir, None, "", "", None)).rollback_now()  # fmt: skip
-        for version in set(served.admin().versions(NAME)) - {"1"}:  # so that registering takes its real time
-            served.admin().unregister(NAME, version)
+                     Endpoints.resolve(served.workdir, None, "", None)).rollback_now()  # fmt: skip
+        # Version 1 alone, so that registering the candidate takes its real time.
+        registry.set_routing(Routing(NAME, default="1"))
+        deadline = time.monotonic() + 30
+        while set(served.admin().versions(NAME)) != {"1"}:
+            assert time.monotonic() < deadline, served.admin().versions(NAME)
+            time.sleep(0.1)
         first, lines = _rrp(args)
         deadline = time.monotonic() + 120
         killed = False
@@ -320,7 +327,8 @@ def test_the_main_jobs_rollout_step_reports_the_decision_and_prometheus_graphs(
 ) -> None:
     from pipeline.deploy_job import DeployJobConfig, run_deploy_job
 
-    config = DeployJobConfig(cars=2, canary_share=0.5, canary_laps=1, gate_tracks=("gen-1001",), gate_max_ticks=300)
+    config = DeployJobConfig(cars=2, canary_share=0.5, canary_laps=1, gate_tracks=("gen-1001",), gate_max_ticks=300,
+                             lap_max_ticks=150)  # fmt: skip
     addresses = tuple(p.address for p in game_server_processes)
     figures = run_deploy_job(models["good"], models["same"], addresses, "oval", tmp_path, config)
     assert figures["decision"] in ("promote", "rollback")
@@ -355,3 +363,28 @@ def test_a_rollout_is_one_trace_down_to_its_gate_laps(
     assert {"deploy.register", "deploy.gate", "gate.lap", "gate.latency", "deploy.rollback"} <= names, names
     # The gate laps' calls are in the same trace: the game server's Drive and TorchServe's Predictions.
     assert any("Drive" in n for n in names) and any("Predictions" in n for n in names), names
+
+
+@pytest.mark.slow
+def test_a_second_model_server_on_the_same_store_serves_the_same_versions_and_follows_a_rollback(
+    served: LocalTorchServe, tmp_path: Path, game_server_processes: list[ServiceProcess]
+) -> None:
+    registry = Registry(served.model_store)
+    second = LocalTorchServe(TorchServeConfig(workdir=tmp_path / "replica", model_store=served.model_store)).start()
+    stop = threading.Event()
+    try:
+        follow_registry(ServeConfig(follow_every_s=0.3), second, stop)
+        assert second.admin().versions(NAME) == served.admin().versions(NAME)
+        assert len(registry.replicas()) == 2
+        routing = registry.routing()
+        assert routing is not None and routing.previous, "an earlier test promoted and rolled back"
+        # --rollback waits until both servers have the previous version as their default.
+        Deployer(_config(served, game_server_processes[0].address, rollback=True),
+                 Endpoints.resolve(served.workdir, None, "", None)).rollback_now()  # fmt: skip
+        after = registry.routing()
+        assert after is not None and after.default == routing.previous
+        for server in (served, second):
+            assert server.admin().versions(NAME)[after.default] is True
+    finally:
+        stop.set()
+        second.stop()
