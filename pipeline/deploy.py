@@ -558,10 +558,10 @@ class Deployer:
     def _ensure_registered(self, version: ModelVersion) -> None:
         """Staged: every model server registers the version, with no traffic."""
         routing = self.registry.routing()
-        if routing is None:
-            raise FailedPrecondition(f"no routing in {self.registry.root}: start rrp serve first")
         since = time.time()
-        if version.version not in routing.desired():
+        if routing is None:  # an empty store: the first version is the default from the start
+            since = self.registry.set_routing(Routing(version.name, default=version.version)).updated
+        elif version.version not in routing.desired():
             since = self.registry.set_routing(replace(routing, staged=(*routing.staged, version.version))).updated
         self._converge(lambda st: version.version in st["registered"], f"version {version.version} registered",
                        since, version.version)  # fmt: skip

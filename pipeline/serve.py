@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plumbing.errors import NotFound
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
 from plumbing.settings import nested, setting
@@ -90,7 +91,6 @@ def run_package(config: PackageConfig) -> int:
 
 def latest_model(root: Path) -> Path:
     """The directory of the newest model.safetensors under `root`."""
-    from plumbing.errors import NotFound
 
     found = sorted(root.rglob("model.safetensors"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not found:
@@ -136,18 +136,26 @@ def start_registry(config: ServeConfig, server: Any) -> Reconciler:
 
     registry = Registry(server.model_store)
     routing = registry.routing()
-    if routing is None or config.archive is not None:
+    model_dir: Path | None = None
+    if routing is None and config.archive is None:
+        try:
+            model_dir = latest_model(config.models_root)
+        except NotFound:
+            log.warning("no trained model under %s: serving nothing until rrp deploy --model DIR adds version 1",
+                        config.models_root)  # fmt: skip
+    if (routing is None and model_dir is not None) or config.archive is not None:
         if config.archive is not None:
             entry = add_archive(registry, config.archive)
         else:
-            entry = add_version(registry, latest_model(config.models_root), config.version, config.packaging)
+            assert model_dir is not None
+            entry = add_version(registry, model_dir, config.version, config.packaging)
         if routing is None or routing.default != entry.version:
             old = routing.default if routing is not None else ""
             registry.set_routing(Routing(entry.name, default=entry.version, previous=old))
     reconciler = Reconciler(registry, server.admin(), server.inference_address, server.inference_key)
     status = reconciler.once()
     routing = registry.routing()
-    if routing is None or status["default"] != routing.default:
+    if routing is not None and status["default"] != routing.default:
         from plumbing.errors import FailedPrecondition
 
         raise FailedPrecondition(f"the default version does not load: {status['errors']}")

@@ -388,3 +388,25 @@ def test_a_second_model_server_on_the_same_store_serves_the_same_versions_and_fo
     finally:
         stop.set()
         second.stop()
+
+
+@pytest.mark.slow
+def test_an_empty_model_store_serves_nothing_until_the_first_deployment_makes_it_the_default(
+    models: dict[str, Path], tmp_path: Path, game_server_processes: list[ServiceProcess]
+) -> None:
+    server = LocalTorchServe(TorchServeConfig(workdir=tmp_path / "serve")).start()
+    stop = threading.Event()
+    try:
+        follow_registry(ServeConfig(models_root=tmp_path / "nothing", follow_every_s=0.3), server, stop)
+        registry = Registry(server.model_store)
+        assert registry.routing() is None and server.admin().versions(NAME) == {}
+        write_endpoints(server.workdir, server)
+        record = _deploy(server, game_server_processes[0].address, models["good"])
+        assert record["kind"] == "first" and record["decision"] == "promote", record
+        assert [s["stage"] for s in record["steps"]] == ["register", "promote"]  # type: ignore[attr-defined]
+        routing = registry.routing()
+        assert routing is not None and routing.default == "1" and not routing.previous
+        assert server.admin().versions(NAME) == {"1": True}
+    finally:
+        stop.set()
+        server.stop()
