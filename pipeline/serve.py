@@ -189,8 +189,12 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
 
     stop = stop_on_signals("the cars")
 
+    printing = threading.Lock()
+
     def on_lap(r: Any) -> None:
-        print(f"[autopilot] {json.dumps(r.summary())}", flush=True)
+        with printing:  # cars are threads: one whole line each
+            sys.stdout.write(f"[autopilot] {json.dumps(r.summary())}\n")
+            sys.stdout.flush()
 
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
     try:

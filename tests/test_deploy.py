@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from plumbing.errors import InvalidArgument
 from plumbing.procs import ServiceProcess
 from serving.client import ModelRef, TorchServeClient
 from serving.registry import Registry, Router, Routing
-from serving.torchserve import LocalTorchServe, TorchServeConfig
+from serving.torchserve import LocalTorchServe, TorchServeConfig, free_port
 from trainer.vision.data import generate_samples
 from trainer.vision.model import DrivingNet, VisionConfig
 from trainer.vision.train import TrainConfig, save_weights, train
@@ -226,13 +227,30 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     from pipeline.deploy import ModelsConfig, run_models
 
     registry = Registry(served.model_store)
-    with DefaultWatch(served) as watch:
-        record = _deploy(served, game_server_processes[0].address, models["same"])
+    # The cars race in a process of their own, on the routing; the deployer reads their /metrics.
+    port = free_port()
+    cars, car_lines = _rrp(
+        ["autopilot", "--game", game_server_processes[1].address, "--model-server", served.inference_address,
+         "--token-file", str(served.key_file), "--routing", str(registry.routing_path), "--cars", "2",
+         "--laps", "1000", "--max-ticks", "100", "--realtime", "--track", "oval", "--width", "64", "--height", "48",
+         "--metrics-port", str(port)]
+    )  # fmt: skip
+    live = CanaryConfig(**{**asdict(CANARY), "cars": 0, "live": (f"http://127.0.0.1:{port}/metrics",)})
+    try:
+        with DefaultWatch(served) as watch:
+            record = _deploy(served, game_server_processes[0].address, models["same"], canary=live)
+    finally:
+        cars.send_signal(signal.SIGTERM)
+        assert cars.wait(60) == 0, "".join(car_lines[-20:])
     assert record["decision"] == "promote", record
     steps = {s["stage"]: s for s in record["steps"]}  # type: ignore[attr-defined]
     assert list(steps) == ["register", "gate", "canary", "promote"]
     canary = steps["canary"]["figures"]
     assert canary["candidate"]["laps"] >= 2 and canary["default"]["laps"] >= 1, canary
+    laps = [json.loads(line.split("[autopilot] ", 1)[1]) for line in car_lines if line.startswith("[autopilot] {")]
+    cand = record["version"]
+    assert {lap["version"] for lap in laps} >= {"1", cand}, laps
+    assert {lap["car"] for lap in laps if lap["version"] == cand} == {1}  # car 0 keeps the default
     routing = registry.routing()
     assert routing is not None and routing.default != "1" and routing.previous == "1" and not routing.canary
     new = routing.default
