@@ -8,6 +8,7 @@ shows the decision, both versions' figures, and the rollout as Prometheus saw it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -85,11 +86,14 @@ def run_deploy_job(
     vision = load_model(first_model / "model.safetensors").config
     endpoint = start_metrics("127.0.0.1", free_port(), "run")
     assert endpoint is not None
-    monitor = MonitorConfig(targets=(f"autopilot=127.0.0.1:{endpoint.port}",), scrape_interval_s=1.0,
-                            evaluation_interval_s=1.0)  # fmt: skip
     stop = threading.Event()
-    with LocalPrometheus(monitor) as prometheus, LocalTorchServe(TorchServeConfig(workdir=workdir)) as server:
-        print(f"[run] Prometheus at {prometheus.url} scraping {endpoint.url}", flush=True)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(LocalTorchServe(TorchServeConfig(workdir=workdir)))
+        # The run's own endpoint (the cars and the deployer) and TorchServe's.
+        targets = (f"autopilot=127.0.0.1:{endpoint.port}", f"torchserve=127.0.0.1:{server.ports['metrics']}")
+        monitor = MonitorConfig(targets=targets, scrape_interval_s=1.0, evaluation_interval_s=1.0)
+        prometheus = stack.enter_context(LocalPrometheus(monitor))
+        print(f"[run] Prometheus at {prometheus.url} scraping {', '.join(targets)}", flush=True)
         following = threading.Event()
         follow_registry(ServeConfig(models_root=first_model), server, following)
         write_endpoints(workdir, server)

@@ -196,6 +196,8 @@ def _evaluate(
     )
     out = config.out_dir / "evaluation"
     result = run_evaluation(pilot, eval_config, out)
+    # The model version's evaluation, as the registry records it when the model is served.
+    (model_path.parent / "evaluation.json").write_text((out / "evaluation.json").read_text())
     rows = {r["track"]: r for r in result["tracks"]}
     train_row = rows[config.track]
     ga_best = evolved.best.lap_ticks
