@@ -386,7 +386,10 @@ def test_torchserve_management_is_not_reachable_from_outside_the_pod() -> None:
     assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
     container = pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve")["containers"][0]
     assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
-    assert all(probe.get("tcpSocket", {}).get("port") == "grpc" for k, probe in container.items() if "Probe" in k)
+    assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"  # nothing probes the management port
+    assert container["startupProbe"]["tcpSocket"]["port"] == "grpc"
+    ready = container["readinessProbe"]["exec"]["command"]  # ready once this replica serves the default version
+    assert "/models/registry/replicas/" in ready[-1] and "-7070.json" in ready[-1]
     policy = by_kind(docs, "NetworkPolicy")["rrp-rallyrobopilot-torchserve"]
     rules = {tuple(p["port"] for p in r["ports"]): r["from"] for r in policy["spec"]["ingress"]}
     assert rules.keys() == {("grpc",), ("metrics",)}
