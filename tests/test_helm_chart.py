@@ -26,6 +26,14 @@ VALUES = {
     "production": ROOT / "deploy" / "helm" / "values-production.yaml",
 }
 RRP_IMAGES = ("rrp-services", "rrp-trainer")
+RRP_ENTRYPOINT_IMAGES = (*RRP_IMAGES, "rrp-torchserve")  # images whose entry point is `rrp`: args are its command line
+PROMETHEUS_URL = "http://prometheus.monitoring.svc.cluster.local:9090"
+SERVING_ON: dict[str, Any] = {  # serving, the deployer and every Job on top of the default values
+    "torchserve": {"enabled": True},
+    "autopilot": {"enabled": True},
+    "deployer": {"enabled": True, "prometheusUrl": PROMETHEUS_URL},
+    "jobs": {name: {"enabled": True} for name in ("evolve", "collect", "train", "deployModel")},
+}
 SERVER_GRACE_S = 5  # plumbing.bootstrap.ServerConfig.grace_s: NOT_SERVING, then this long for in-flight calls
 
 
@@ -73,6 +81,34 @@ def component(pod: dict[str, Any]) -> str:
 
 def is_rrp(container: dict[str, Any]) -> bool:
     return any(name in container["image"] for name in RRP_IMAGES)
+
+
+def rrp_command_lines(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each container that runs `rrp` (an rrp image's entry point, no `command` of its own): its args by name."""
+    lines = {}
+    for workload, pod in workloads(docs):
+        for c in containers(pod):
+            if "command" not in c and any(name in c["image"] for name in RRP_ENTRYPOINT_IMAGES):
+                lines[f"{workload['kind']}/{workload['metadata']['name']}/{c['name']}"] = [str(a) for a in c["args"]]
+    return lines
+
+
+def parse_rrp(args: list[str]) -> Any:
+    """`args` parsed by the real `rrp` CLI (rrp.cli.build_parser); an unknown flag or a bad value fails the test."""
+    from rrp.cli import build_parser
+
+    try:
+        return build_parser(args).parse_args(args)
+    except SystemExit as exc:
+        pytest.fail(f"rrp refuses the chart's command line (exit {exc.code}): rrp {' '.join(args)}")
+
+
+def pod_spec(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return dict(by_kind(docs, kind)[name]["spec"]["template"]["spec"])
+
+
+def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container.get("volumeMounts", [])}
 
 
 # -- Helm's engine and the Kubernetes schemas ---------------------------------------------------------------------
@@ -124,6 +160,10 @@ def test_the_cli_validates_the_rendered_files_too(tmp_path: Path) -> None:
         {"metrics": {"port": 70000}},
         {"jobs": {"evolve": {"kind": "neural"}}},
         {"autopilot": {"enabled": True}},  # needs TorchServe
+        {"torchserve": {"enabled": True}, "deployer": {"enabled": True}},  # needs deployer.prometheusUrl
+        {"torchserve": {"enabled": True}, "jobs": {"deployModel": {"enabled": True}}},  # the same
+        {"torchserve": {"auth": {"existingSecret": "x"}}},  # no token any more: refused, not silently ignored
+        {"autopilot": {"model": "rrp-pilot"}},  # the routing names the model
     ],
 )
 def test_values_schema_and_guards_refuse_bad_values(bad: dict[str, Any]) -> None:
@@ -246,14 +286,114 @@ def test_redis_is_a_statefulset_with_aof_on_a_volume_and_a_password_from_a_secre
     assert env["RRP_REDIS_PASSWORD_FILE"].startswith("/var/run/secrets/")
 
 
-def test_torchserve_has_a_model_store_volume_and_its_token_from_a_secret() -> None:
+# -- the rrp command lines the chart renders ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "vals",
+    [
+        values("default"),
+        values("minimal"),
+        values("production"),
+        SERVING_ON,
+        {**(values("minimal") or {}), **SERVING_ON, "collector": {"enabled": True}, "redis": {"enabled": True}},
+    ],
+    ids=["default", "minimal", "production", "serving-on", "serving-on-no-metrics"],
+)
+def test_every_rrp_command_line_the_chart_renders_parses_with_the_real_cli(vals: dict[str, Any] | None) -> None:
+    lines = rrp_command_lines(render(vals))
+    assert lines
+    for where, args in lines.items():
+        assert args, f"{where}: no command"
+        parsed = parse_rrp(args)
+        assert parsed.command == args[0], where
+
+
+def test_the_cli_check_does_refuse_a_flag_rrp_does_not_have() -> None:
+    """The check above can fail: the flags the chart used before the CLI existed are refused."""
+    for args in (
+        ["serve", "--model-store", "/models", "--host", "0.0.0.0"],
+        ["serve", "--token-file", "/var/run/secrets/rrp/torchserve/token"],
+        ["package", "--model", "/artifacts/model", "--version", "1.0", "--bogus"],
+    ):
+        with pytest.raises(pytest.fail.Exception, match="rrp refuses"):
+            parse_rrp(args)
+
+
+def test_serving_command_lines_mean_what_the_cluster_needs() -> None:
+    """TorchServe follows the registry on the shared store, token auth off; every model client asks its gRPC
+    inference port; the canary reads Prometheus; the autopilots drive on the store's routing."""
+    docs = render(SERVING_ON)
+    lines = {where.split("/")[1]: parse_rrp(args) for where, args in rrp_command_lines(docs).items()}
+    serve = lines["rrp-rallyrobopilot-torchserve"]
+    assert (serve.command, serve.ts_host, serve.token_auth) == ("serve", "0.0.0.0", False)
+    assert (serve.grpc_port, serve.metrics_port) == (7070, 8082)
+    assert str(serve.model_store) == "/models" and str(serve.workdir).startswith("/tmp/")
+    inference = "rrp-rallyrobopilot-torchserve:7070"
+    game = "rrp-rallyrobopilot-game-server:50051"
+    deployer = lines["rrp-rallyrobopilot-deployer"]
+    job = lines["rrp-rallyrobopilot-deploy-model-1"]
+    for deploy in (deployer, job):
+        assert deploy.command == "deploy" and str(deploy.model_store) == "/models"
+        assert deploy.model_server == inference and deploy.game == (game,)
+        assert deploy.canary_prometheus == PROMETHEUS_URL and deploy.token_file is None
+    assert str(deployer.watch) == "/artifacts/model" and deployer.model is None
+    assert (deployer.metrics_port, deployer.metrics_host) == (9100, "0.0.0.0")
+    assert str(job.model) == "/artifacts/model" and job.watch is None and job.version is None
+    autopilot = lines["rrp-rallyrobopilot-autopilot"]
+    assert autopilot.model_server == (inference,) and autopilot.game == (game,) and autopilot.token_file == ()
+    assert autopilot.mode == "realtime" and autopilot.laps >= 100_000
+    assert str(autopilot.routing) == "/models/registry/routing.json"
+    versioned = render({**SERVING_ON, "jobs": {"deployModel": {"enabled": True, "version": "7"}}})
+    args = next(a for w, a in rrp_command_lines(versioned).items() if "deploy-model" in w)
+    assert parse_rrp(args).version == "7"
+
+
+def test_model_store_mounts_and_no_torchserve_token() -> None:
+    """Autopilots read the routing from the store read-only; TorchServe, the deployer and the deploy Job write
+    it. No token Secret, token file or token variable is left anywhere."""
     docs = render(values("production"))
-    pod = by_kind(docs, "Deployment")["rrp-rallyrobopilot-torchserve"]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == "rrp-rallyrobopilot-model-store"
-    assert volumes["token"]["secret"]["secretName"] == "rrp-torchserve-token"
-    args = pod["containers"][0]["args"]
-    assert args[0] == "serve" and args[args.index("--token-file") + 1].startswith("/var/run/secrets/")
+    claim = "rrp-rallyrobopilot-model-store"
+    specs = {
+        "torchserve": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve"),
+        "deployer": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-deployer"),
+        "autopilot": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-autopilot"),
+        "deploy-model": pod_spec(docs, "Job", "rrp-rallyrobopilot-deploy-model-1"),
+    }
+    for name, spec in specs.items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == claim, name
+        store = mounts(spec["containers"][0])["model-store"]
+        assert store["mountPath"] == "/models", name
+        read_only = name == "autopilot"
+        assert bool(store.get("readOnly")) is read_only, name
+        assert bool(volumes["model-store"]["persistentVolumeClaim"].get("readOnly")) is read_only, name
+        assert "token" not in volumes and not spec.get("initContainers"), name
+        env = {e["name"] for c in spec["containers"] for e in c["env"]}
+        assert not {"RRP_MODEL_SERVER_TOKEN_FILE", "RRP_TOKEN_FILE"} & env, name
+    autopilot_args = specs["autopilot"]["containers"][0]["args"]
+    routing = autopilot_args[autopilot_args.index("--routing") + 1]
+    assert routing.startswith(mounts(specs["autopilot"]["containers"][0])["model-store"]["mountPath"] + "/")
+    assert mounts(specs["deployer"]["containers"][0])["artifacts"]["readOnly"] is True
+    assert "--no-token-auth" in specs["torchserve"]["containers"][0]["args"]
+    assert not any(d["kind"] == "Secret" and "torchserve" in d["metadata"]["name"] for d in docs)
+    assert not any("secret" in v for spec in specs.values() for v in spec["volumes"])
+
+
+def test_torchserve_management_is_not_reachable_from_outside_the_pod() -> None:
+    docs = render(values("production"))
+    service = by_kind(docs, "Service")["rrp-rallyrobopilot-torchserve"]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+    container = pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve")["containers"][0]
+    assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
+    assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"  # nothing probes the management port
+    assert container["startupProbe"]["tcpSocket"]["port"] == "grpc"
+    ready = container["readinessProbe"]["exec"]["command"]  # ready once this replica serves the default version
+    assert "/models/registry/replicas/" in ready[-1] and "-7070.json" in ready[-1]
+    policy = by_kind(docs, "NetworkPolicy")["rrp-rallyrobopilot-torchserve"]
+    rules = {tuple(p["port"] for p in r["ports"]): r["from"] for r in policy["spec"]["ingress"]}
+    assert rules.keys() == {("grpc",), ("metrics",)}
+    assert rules[("grpc",)] == [{"podSelector": {"matchLabels": {"rallyrobopilot.io/model-client": "true"}}}]
 
 
 def test_pipeline_jobs_are_all_there_in_production() -> None:
@@ -265,7 +405,8 @@ def test_pipeline_jobs_are_all_there_in_production() -> None:
         "--discover",
         "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051",
     ]
-    assert jobs["deploy-model"]["initContainers"][0]["args"][0] == "package"
+    assert jobs["deploy-model"]["containers"][0]["args"][:3] == ["deploy", "--model", "/artifacts/model"]
+    assert "initContainers" not in jobs["deploy-model"]  # rrp deploy builds the archive into the store itself
     train_env = {e["name"] for e in jobs["train"]["containers"][0]["env"]}
     assert "RRP_REDIS_PASSWORD" in train_env
 
@@ -349,9 +490,12 @@ def _configmap_file(docs: list[dict[str, Any]], name: str, key: str) -> str:
 def test_alert_rules_and_scrape_config_pass_promtool(tmp_path: Path) -> None:
     docs = render(None)
     rules = tmp_path / "rallyrobopilot.rules.yml"
-    rules.write_text(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-rules", "rallyrobopilot.rules.yml"))
+    text = _configmap_file(docs, "rrp-rallyrobopilot-prometheus-rules", "rallyrobopilot.rules.yml")
+    rules.write_text(text)
+    count = sum(len(group["rules"]) for group in yaml.safe_load(text)["groups"])
+    assert count >= 18
     proc = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "SUCCESS: 18 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"SUCCESS: {count} rules found" in proc.stdout, proc.stdout + proc.stderr
     config = yaml.safe_load(_configmap_file(docs, "rrp-rallyrobopilot-prometheus-scrape", "prometheus.yml"))
     job = config["scrape_configs"][0]
     assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["racing"]}}]

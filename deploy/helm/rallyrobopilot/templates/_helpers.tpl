@@ -157,10 +157,6 @@ readinessProbe:
 {{- default (include "rrp.component" (dict "root" . "name" "redis")) .Values.redis.auth.existingSecret }}
 {{- end }}
 
-{{- define "rrp.torchserveSecretName" -}}
-{{- default (include "rrp.component" (dict "root" . "name" "torchserve")) .Values.torchserve.auth.existingSecret }}
-{{- end }}
-
 {{- define "rrp.redisUrl" -}}
 {{- printf "redis://%s:%d/0" (include "rrp.component" (dict "root" . "name" "redis")) (int .Values.redis.port) }}
 {{- end }}

@@ -1,4 +1,4 @@
-{{/* One Job of the pipeline. .job: name, args (list), peers (list), initArgs (optional list), redis (bool), token (bool), modelStore (bool). */}}
+{{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store, read-write). */}}
 {{- define "rrp.job" -}}
 {{- $root := .root }}
 {{- $c := dict "root" $root "name" .job.name }}
@@ -25,24 +25,6 @@ spec:
       securityContext:
         {{- include "rrp.podSecurityContext" $root | nindent 8 }}
       {{- include "rrp.scheduling" $root | nindent 6 }}
-      {{- if .job.initArgs }}
-      initContainers:
-        - name: {{ .job.name }}-prepare
-          image: {{ include "rrp.image" (dict "root" $root "image" "trainer") }}
-          imagePullPolicy: {{ $root.Values.pullPolicy }}
-          args:
-            {{- toYaml .job.initArgs | nindent 12 }}
-          env:
-            {{- include "rrp.commonEnv" $c | nindent 12 }}
-          resources:
-            {{- toYaml $root.Values.jobs.resources | nindent 12 }}
-          securityContext:
-            {{- include "rrp.containerSecurityContext" $root | nindent 12 }}
-          volumeMounts:
-            {{- include "rrp.tmpMount" $root | nindent 12 }}
-            - name: artifacts
-              mountPath: /artifacts
-      {{- end }}
       containers:
         - name: {{ .job.name }}
           image: {{ include "rrp.image" (dict "root" $root "image" "trainer") }}
@@ -58,10 +40,6 @@ spec:
                   name: {{ include "rrp.redisSecretName" $root }}
                   key: password
             {{- end }}
-            {{- if .job.token }}
-            - name: RRP_MODEL_SERVER_TOKEN_FILE
-              value: /var/run/secrets/rrp/torchserve/token
-            {{- end }}
           resources:
             {{- toYaml $root.Values.jobs.resources | nindent 12 }}
           securityContext:
@@ -74,11 +52,6 @@ spec:
             - name: model-store
               mountPath: /models
             {{- end }}
-            {{- if .job.token }}
-            - name: token
-              mountPath: /var/run/secrets/rrp/torchserve
-              readOnly: true
-            {{- end }}
       volumes:
         {{- include "rrp.tmpVolume" $root | nindent 8 }}
         - name: artifacts
@@ -88,14 +61,5 @@ spec:
         - name: model-store
           persistentVolumeClaim:
             claimName: {{ include "rrp.component" (dict "root" $root "name" "model-store") }}
-        {{- end }}
-        {{- if .job.token }}
-        - name: token
-          secret:
-            secretName: {{ include "rrp.torchserveSecretName" $root }}
-            defaultMode: 0400
-            items:
-              - key: token
-                path: token
         {{- end }}
 {{- end }}
