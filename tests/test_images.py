@@ -77,6 +77,18 @@ def test_dockerfiles_are_hadolint_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_images_default_commands_parse_with_the_cli() -> None:
+    from rrp.cli import build_parser
+
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text().replace("\\\n", " ")
+        cmd = json.loads(text.split("\nCMD ", 1)[1].split("\n", 1)[0])
+        try:
+            build_parser(cmd).parse_args(cmd)
+        except SystemExit:
+            pytest.fail(f"{dockerfile.name}: CMD {cmd} does not parse with rrp's CLI")
+
+
 def test_image_requirements_pin_every_project_dependency() -> None:
     sys.path.insert(0, str(IMAGES))
     try:
