@@ -39,7 +39,7 @@ class MonitorConfig:
 
     targets: tuple[str, ...] = setting(
         (),
-        "metrics endpoints to scrape, [COMPONENT=]HOST:PORT,...; COMPONENT (game-server, scheduler, collector, "
+        "metrics endpoints to scrape, [COMPONENT=]HOST:PORT,...; COMPONENT (game-server, scheduler, collector, deployer, torchserve, "
         "autopilot) becomes the `component` label the alert rules select on",
         metavar="[COMPONENT=]HOST:PORT[,...]",
         env="monitor_targets",
