@@ -39,8 +39,8 @@ class MonitorConfig:
 
     targets: tuple[str, ...] = setting(
         (),
-        "metrics endpoints to scrape, [COMPONENT=]HOST:PORT,...; COMPONENT (game-server, scheduler, collector, deployer, torchserve, "
-        "autopilot) becomes the `component` label the alert rules select on",
+        "metrics endpoints to scrape, [COMPONENT=]HOST:PORT,...; COMPONENT (game-server, scheduler, collector, "
+        "autopilot, deployer, torchserve) becomes the `component` label the alert rules select on",
         metavar="[COMPONENT=]HOST:PORT[,...]",
         env="monitor_targets",
     )
