@@ -104,7 +104,7 @@ class LocalTorchServe:
 
     @property
     def model_store(self) -> Path:
-        return self.config.model_store or self.workdir / "model-store"
+        return self.config.model_store.resolve() if self.config.model_store else self.workdir / "model-store"
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> LocalTorchServe:
@@ -113,7 +113,8 @@ class LocalTorchServe:
             self.workdir = Path(tempfile.mkdtemp(prefix="rrp-torchserve-"))
             self._own_workdir = True
         else:
-            self.workdir = c.workdir
+            # Absolute: TorchServe runs in the working directory, and reads TEMP and the model store from it.
+            self.workdir = c.workdir.resolve()
             self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)  # the key file is written here
         self.model_store.mkdir(parents=True, exist_ok=True)
