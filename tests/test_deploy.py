@@ -410,9 +410,11 @@ def test_a_second_model_server_on_the_same_store_serves_the_same_versions_and_fo
 
 @pytest.mark.slow
 def test_an_empty_model_store_serves_nothing_until_the_first_deployment_makes_it_the_default(
-    models: dict[str, Path], tmp_path: Path, game_server_processes: list[ServiceProcess]
-) -> None:
-    server = LocalTorchServe(TorchServeConfig(workdir=tmp_path / "serve")).start()
+    models: dict[str, Path], tmp_path: Path, game_server_processes: list[ServiceProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # and a relative working directory, as `rrp serve`'s default out/serve is
+    server = LocalTorchServe(TorchServeConfig(workdir=Path("serve"))).start()
     stop = threading.Event()
     try:
         follow_registry(ServeConfig(models_root=tmp_path / "nothing", follow_every_s=0.3), server, stop)
