@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from game_server.core import episode, physics
+from game_server.core import drivers, episode, physics
 from game_server.core.pilot import drive_lap
 from game_server.core.recovery import (
     RecoveringDriver,
@@ -83,3 +83,17 @@ def test_alpine_hairpin_pin_backs_out_and_is_deterministic() -> None:
     # One instance drives the next episode afresh: the policy resets it on the first tick.
     policy = RecoveringPolicy(driver)
     assert episode.run_episode(track, start, policy, max_ticks=1500).applied == first.applied
+
+
+@pytest.mark.parametrize("name", BUILTIN_TRACKS)
+def test_teacher_on_a_ray_driver_base_recovers_and_keeps_its_free_lap(name: str) -> None:
+    """On the evolved kind of driver (here the default parameters) the teacher frees every start too."""
+    track = load_track(name)
+    ray = drivers.default_driver()
+    free = drivers.run_driver(track, track.base_state, ray, max_ticks=3000)
+    budget = int(1.5 * free.lap_ticks)
+    teacher = RecoveringDriver(track, base=ray.act)
+    assert episode.run_episode(track, track.base_state, RecoveringPolicy(teacher), max_ticks=3000).result == free
+    for label, start in starts(name):
+        run = episode.run_episode(track, start, RecoveringPolicy(teacher), max_ticks=budget)
+        assert run.result.finished, f"{name} {label}"
