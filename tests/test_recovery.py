@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from game_server import convert
+from game_server.client import GameClient
 from game_server.core import drivers, episode, physics
 from game_server.core.pilot import drive_lap
 from game_server.core.recovery import (
@@ -97,3 +99,18 @@ def test_teacher_on_a_ray_driver_base_recovers_and_keeps_its_free_lap(name: str)
     for label, start in starts(name):
         run = episode.run_episode(track, start, RecoveringPolicy(teacher), max_ticks=budget)
         assert run.result.finished, f"{name} {label}"
+
+
+def test_reset_places_a_pinned_car_that_the_teachers_keys_free_on_a_server(client: GameClient) -> None:
+    """The game service's Reset takes the pinned state as it is; the teacher's keys replay there to the finish."""
+    track = load_track("alpine")
+    start = pinned_state(track, bend_apexes(track)[0], HARD_PIN_RAD)
+    run, _ = run_teacher("alpine", start, 1500)
+    sid = client.create_session("alpine").session_id
+    try:
+        placed = client.reset(sid, convert.state_to_pb(start))
+        assert convert.state_from_pb(placed.state) == start
+        done = client.step(sid, run.applied)
+        assert done.state.lap.finished and done.lap_ticks == run.result.lap_ticks
+    finally:
+        client.close_session(sid)
