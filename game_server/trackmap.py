@@ -66,6 +66,29 @@ def plot_laps(
     plt.close(fig)
 
 
+def plot_lap_grid(
+    panels: Sequence[tuple[Track, Sequence[tuple[str, np.ndarray, np.ndarray]]]],
+    path: Path,
+    title: str,
+    columns: int = 6,
+) -> None:
+    """One small map per track with its driven lines (label, x, y), so a whole suite is seen at a glance."""
+    rows = max(1, (len(panels) + columns - 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (track, laps) in zip(axes.flat, panels, strict=False):
+        draw_track(ax, track)
+        for label, x, y in laps:
+            ax.plot(x, y, lw=1.0, label=label)
+        ax.set_title(track.name, fontsize=9)
+        ax.legend(loc="upper right", fontsize=5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def save_frame_strip(frames: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 6) -> None:
     rows = (len(frames) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.9 * rows), squeeze=False)

@@ -20,9 +20,9 @@ from game_server.core import drivers, episode, physics
 from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
 from game_server.core.state import TICK_HZ, SimState
-from game_server.core.tracks import UNSEEN_TRACKS, load_track
+from game_server.core.tracks import BUILTIN_TRACKS, SUITE_UNSEEN_TRACKS, UNSEEN_TRACKS, load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
-from game_server.trackmap import plot_laps
+from game_server.trackmap import plot_lap_grid, plot_laps
 from pipeline.pools import PoolSpec, open_pool
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
@@ -335,6 +335,127 @@ def markdown_report(report: dict[str, Any]) -> str:
     )
 
 
+# The suite's two conditions: plain frames, and frames under seeded domain randomisation (light, colours,
+# camera jitter), so that a model that only drives the renderer's default look shows up.
+SUITE_CONDITIONS: tuple[tuple[str, bool], ...] = (("plain", False), ("randomised", True))
+
+
+def run_suite(
+    pilot: VisionPilot,
+    config: EvalConfig,
+    tracks: Sequence[str],
+    out_dir: Path | None = None,
+    pool: EvaluationPool | None = None,
+) -> dict[str, Any]:
+    """Drives every track under every condition (all at once over the pool) and compares each lap with the
+    evolved and reference drivers; writes `suite.json`, `suite.md` and `suite_grid.png`.
+
+    The drives are lockstep and seeded, so the same model on the same tracks gives the same report.
+    """
+    saved = load_driver(config.driver_path) if config.driver_path else None
+    driver = saved.ray_driver() if saved is not None and saved.kind != "program" else None
+    budgets = {t: int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks) for t in tracks}
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool, _ = stack.enter_context(open_pool(config.pool))
+        futures: dict[tuple[str, str], Future[DriveRecord]] = {
+            (t, condition): pool.run_with_server(
+                functools.partial(
+                    drive_on_server, track=t, pilot=pilot, max_ticks=budgets[t], randomize=randomize, seed=config.seed
+                ),
+                timeout_s=config.timeout_s,
+            )
+            for t in tracks
+            for condition, randomize in SUITE_CONDITIONS
+        }
+        records = {key: f.result() for key, f in futures.items()}
+    rows = []
+    panels = []
+    for t in tracks:
+        base = baselines(t, driver, budgets[t])
+        trajectory = base.pop("_driver_trajectory", None)
+        laps = []
+        for condition, _ in SUITE_CONDITIONS:
+            rec = records[(t, condition)]
+            row: dict[str, Any] = {"track": t, "builtin": t in BUILTIN_TRACKS, "condition": condition}
+            row.update(rec.summary())
+            row.update(base)
+            row.update(lap_ratios(rec.lap_ticks if rec.finished else None, base, None))
+            rows.append(row)
+            laps.append((f"{condition} ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y)))
+        if trajectory is not None:
+            laps.append(("evolved driver", trajectory.x, trajectory.y))
+        panels.append((load_track(t), laps))
+    report: dict[str, Any] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        "tracks": list(tracks),
+        "rows": rows,
+        "summary": suite_summary(rows),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "suite.md").write_text(suite_markdown(report))
+        plot_lap_grid(panels, out_dir / "suite_grid.png", "Evaluation suite: driven lines (plain, randomised)")
+    return report
+
+
+def suite_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per condition: built-in and held-out laps completed, and the median lap ratios over completed laps."""
+    out: dict[str, dict[str, Any]] = {}
+    for condition, _ in SUITE_CONDITIONS:
+        mine = [r for r in rows if r["condition"] == condition]
+        builtin = [r for r in mine if r["builtin"]]
+        unseen = [r for r in mine if not r["builtin"]]
+        summary: dict[str, Any] = {
+            "builtin_completed": sum(r["finished"] for r in builtin),
+            "builtin_tracks": len(builtin),
+            "unseen_completed": sum(r["finished"] for r in unseen),
+            "unseen_tracks": len(unseen),
+            "wall_contacts": sum(r["wall_contacts"] for r in mine),
+        }
+        for key in ("vs_driver", "vs_reference"):
+            ratios = [r[key] for r in mine if key in r]
+            summary[f"median_{key}"] = round(float(np.median(ratios)), 3) if ratios else None
+        out[condition] = summary
+    return out
+
+
+def suite_markdown(report: dict[str, Any]) -> str:
+    def ticks(n: int | None) -> str:
+        return f"{n} ({n / TICK_HZ:.2f} s)" if n else "-"
+
+    head = [
+        "| condition | built-in completed | held-out completed | median vs driver | median vs reference | "
+        "wall contacts |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for condition, s in report["summary"].items():
+        head.append(
+            f"| {condition} | {s['builtin_completed']}/{s['builtin_tracks']} | "
+            f"{s['unseen_completed']}/{s['unseen_tracks']} | {s['median_vs_driver'] or '-'} | "
+            f"{s['median_vs_reference'] or '-'} | {s['wall_contacts']} |"
+        )
+    lines = [
+        "| track | condition | lap | vision lap ticks | progress | wall contacts | evolved driver | reference | "
+        "vs driver | vs reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['track']} | {r['condition']} | {'yes' if r['finished'] else 'NO'} | {ticks(r['lap_ticks'])} | "
+            f"{r['progress_fraction']:.0%} | {r['wall_contacts']} | {ticks(r.get('driver_lap_ticks'))} | "
+            f"{ticks(r['reference_lap_ticks'])} | {r.get('vs_driver', '-')} | {r.get('vs_reference', '-')} |"
+        )
+    return (
+        "# Vision autopilot, evaluation suite\n\n"
+        + "\n".join(head)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n\nDriven lines: `suite_grid.png`.\n"
+    )
+
+
 @dataclass(frozen=True)
 class EvaluateJobConfig:
     """`rrp evaluate`: which model drives, where, and where the report goes."""
@@ -343,6 +464,10 @@ class EvaluateJobConfig:
     torchscript: bool = setting(False, "drive with the TorchScript export beside the weights")
     eval: EvalConfig = nested(EvalConfig)
     out_dir: Path = setting(Path("out/vision/eval"), "folder for JSON, Markdown, maps", flag="out", env="out")
+    suite: bool = setting(False, "run the suite instead: --suite-tracks, plain and domain-randomised frames")
+    suite_tracks: tuple[str, ...] = setting(
+        (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS), "the suite's tracks: every built-in and 20 held-out generated ones"
+    )
 
 
 def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
@@ -360,6 +485,10 @@ def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
 
 
 def run_evaluate_job(config: EvaluateJobConfig) -> int:
-    report = run_evaluation(load_pilot(config.model, config.torchscript), config.eval, config.out_dir)
+    pilot = load_pilot(config.model, config.torchscript)
+    if config.suite:
+        print(suite_markdown(run_suite(pilot, config.eval, config.suite_tracks, config.out_dir)), flush=True)
+        return 0
+    report = run_evaluation(pilot, config.eval, config.out_dir)
     print(markdown_report(report), flush=True)
     return 0

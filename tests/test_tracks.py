@@ -12,7 +12,17 @@ from game_server.core.physics import crosses, gate_params
 from game_server.core.pilot import drive_lap
 from game_server.core.state import Gate
 from game_server.core.track import Track, min_radius_m, radius_fits, stretches_clear, walls_intersect
-from game_server.core.tracks import builtin_tracks, generate_track, load_track
+from game_server.core.tracks import (
+    BUILTIN_TRACKS,
+    DAGGER_TRACKS,
+    EVOLVE_TRACKS,
+    SUITE_UNSEEN_TRACKS,
+    TRAINING_TRACKS,
+    UNSEEN_TRACKS,
+    builtin_tracks,
+    generate_track,
+    load_track,
+)
 from plumbing.errors import InvalidArgument, NotFound
 
 GENERATED = [f"gen-{i}" for i in range(20)]
@@ -105,3 +115,13 @@ def test_custom_gate_ends_the_run_without_checkpoints() -> None:
     assert result.finished and 0 < result.lap_ticks < full.lap_ticks
     assert result.checkpoints_passed < len(track.checkpoints)
     assert result.ticks == result.lap_ticks and result.progress_fraction == 1.0
+
+
+def test_suite_tracks_are_held_out_from_every_other_set() -> None:
+    """The suite measures generalisation only while no training, evolution, DAgger or model choice saw it."""
+    suite = set(SUITE_UNSEEN_TRACKS)
+    assert len(suite) == len(SUITE_UNSEEN_TRACKS) == 20
+    for other in (TRAINING_TRACKS, EVOLVE_TRACKS, DAGGER_TRACKS, UNSEEN_TRACKS, BUILTIN_TRACKS):
+        assert suite.isdisjoint(other)
+    for name in SUITE_UNSEEN_TRACKS:
+        load_track(name)  # a valid generated track

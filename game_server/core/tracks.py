@@ -127,6 +127,10 @@ TRAINING_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", *(f"gen-{i}" for
 EVOLVE_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2")
 DAGGER_TRACKS: tuple[str, ...] = ("kidney", "oval", "alpine", "gen-1", "gen-2", "gen-3")
 UNSEEN_TRACKS: tuple[str, ...] = tuple(f"gen-{i}" for i in range(1001, 1006))
+# The closed-loop suite's fixed, named held-out set (`rrp evaluate --suite`): in no other set, so nothing is
+# ever trained, evolved, DAgger-labelled or model-selected on it.
+SUITE_UNSEEN_TRACKS: tuple[str, ...] = tuple(f"gen-{i}" for i in range(3001, 3021))
+BUILTIN_TRACKS: tuple[str, ...] = tuple(_BUILTINS)
 
 
 def _bspline_closed(ctrl: np.ndarray, per_span: int = 64) -> np.ndarray:
