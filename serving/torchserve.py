@@ -53,7 +53,13 @@ class TorchServeConfig:
         "TorchServe's token authorisation; off only where the network admits nobody else (a pod behind a "
         "NetworkPolicy): management stays on loopback either way",
     )
-    netty_threads: int = setting(4, "TorchServe frontend threads")
+    netty_threads: int = setting(
+        1, "TorchServe frontend threads (and backend client threads): one keeps the tail short on 2 cores"
+    )
+    jvm_options: str = setting(
+        "-XX:+UseSerialGC -Xms512m -Xmx512m",
+        "the JVM's options: a serial collector on a fixed heap pauses least on a small machine (docs/serving.md)",
+    )
     job_queue_size: int = setting(64, "requests a model queues before answering 503/UNAVAILABLE")
     token_expiration_min: int = setting(60 * 24 * 30, "lifetime of the inference and management keys, minutes")
     worker_threads: int = setting(1, "torch threads per model worker")
@@ -184,6 +190,8 @@ class LocalTorchServe:
                 f"disable_token_authorization={'false' if c.token_auth else 'true'}",
                 f"token_expiration_min={c.token_expiration_min}",
                 f"number_of_netty_threads={c.netty_threads}",
+                f"netty_client_threads={c.netty_threads}",
+                *([f"vmargs={c.jvm_options}"] if c.jvm_options else []),
                 f"job_queue_size={c.job_queue_size}",
                 "default_workers_per_model=1",
                 "install_py_dep_per_model=false",
