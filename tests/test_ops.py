@@ -185,6 +185,9 @@ def test_main_job_smoke(tmp_path: Path) -> None:
         [
             *(str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"),
             *("--episodes", "4", "--epochs", "1"),
+            # The second model's rollout, on short laps: the wiring is under test here, not the model.
+            *("--deploy-dagger-epochs", "1", "--deploy-cars", "2", "--deploy-canary-share", "0.5"),
+            *("--deploy-canary-laps", "1", "--deploy-gate-max-ticks", "400", "--deploy-lap-max-ticks", "250"),
         ],
         capture_output=True,
         text=True,
@@ -198,6 +201,10 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert summary["train"]["frames"] > 1000
     assert summary["evaluation"]["unseen_tracks"] == 5  # raced, whatever a one-epoch model manages
     assert "The vision autopilot races" in (tmp_path / "report.md").read_text()
+    deployment = summary["deployment"]
+    assert deployment["decision"] in ("promote", "rollback") and deployment["steps"][0]["stage"] == "register"
+    assert "Deployment: a second model through gate and canary" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "deployment" / "rollout.png").stat().st_size > 0
     for name in (
         *("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"),
         *("validation/validation.md", "model/model.safetensors", "model/model_card.md", "evaluation/evaluation.md"),
