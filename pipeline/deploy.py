@@ -51,6 +51,11 @@ class GateConfig:
     )
     latency_ratio: float = setting(1.25, "the candidate's p99 allowed, as a multiple of the default's")
     latency_samples: int = setting(200, "inferences per version in the latency probe, interleaved")
+    rate_hz: float = setting(
+        50.0,
+        "gate laps and the latency probe ask the model server at most this often a second, so that the "
+        "live cars sharing it keep their real time (0: no limit)",
+    )
     lap_time_ratio: float = setting(1.02, "a finished lap may take at most this times the default's")
     progress_tolerance: float = setting(0.02, "on a lap the default does not finish either, the share of it the "
                                         "candidate may fall short of the default's progress")  # fmt: skip
@@ -584,7 +589,7 @@ class Deployer:
         info = archive_info(self.registry.model_store / version.archive)
         g = self.config.gate
         pilot = AutopilotConfig(track=track, mode="lockstep", max_ticks=g.max_ticks, width=info["input"]["width"],
-                                height=info["input"]["height"])  # fmt: skip
+                                height=info["input"]["height"], lockstep_hz=g.rate_hz)  # fmt: skip
         client = TorchServeClient(self.endpoints.inference, ModelRef(version.name, version.version),
                                   self.endpoints.inference_key)  # fmt: skip
         try:
@@ -631,7 +636,9 @@ class Deployer:
         times: list[list[float]] = [[], []]
         try:
             with self._span("gate.latency"):
+                period = 1.0 / self.config.gate.rate_hz if self.config.gate.rate_hz > 0 else 0.0
                 for i in range(WARMUP_INFERENCES + self.config.gate.latency_samples):
+                    time.sleep(period * len(clients))
                     for k, client in enumerate(clients):
                         t0 = time.perf_counter()
                         client.infer(frames[i % len(frames)], 10.0, timeout_s=10.0)

@@ -76,6 +76,9 @@ class AutopilotConfig:
         500.0,
         "real time: coast as well after this long without any answer (a worker being restarted answers nothing)",
     )
+    lockstep_hz: float = setting(
+        0.0, "lockstep: at most this many ticks a second, leaving a shared model server to others (0: no limit)"
+    )
     randomize: bool = setting(False, "domain-randomised frames")
     seed: int = setting(0, "seed of the frames' randomisation")
     trace_every: int = setting(25, "with tracing on, one tick in this many becomes a trace (frame, inference, command)")
@@ -294,10 +297,15 @@ def _drive_lockstep(
     meter: VersionMeter,
 ) -> None:
     lap = _Lap(record, config.max_ticks, config.stuck_ticks, meter)
+    period = 1.0 / config.lockstep_hz if config.lockstep_hz > 0 else 0.0
+    due = [time.perf_counter()]
 
     def policy(obs: sim_pb2.Observation) -> int | None:
         if lap.done(obs):
             return None
+        if period:
+            due[0] = max(due[0] + period, time.perf_counter() - period)
+            time.sleep(max(0.0, due[0] - time.perf_counter()))
         t0 = time.perf_counter()
         keys = _infer(model, obs, timeout_s=30.0).keys
         record.inference_ms.append((time.perf_counter() - t0) * 1e3)

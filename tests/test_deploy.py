@@ -44,7 +44,7 @@ from trainer.vision.train import TrainConfig, save_weights, train
 
 SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
 NAME = "rrp-vision"
-GATE = GateConfig(tracks=("gen-1001",), max_ticks=300, max_p99_ms=250.0)
+GATE = GateConfig(tracks=("gen-1001",), max_ticks=300, max_p99_ms=250.0, rate_hz=0.0)
 # The flow is under test here, not this machine's load: live thresholds loose enough for a busy 2-core box.
 CANARY = CanaryConfig(cars=2, laps=2, max_ticks=100, max_s=90, track="oval", max_missed_rate=0.05,
                       max_fallback_rate=0.5, max_error_rate=0.2, drain_s=0.5)  # fmt: skip
@@ -289,7 +289,7 @@ def _rrp(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess
 def _deploy_args(server: LocalTorchServe, game: str, model: Path) -> list[str]:
     return [
         "deploy", "--model", str(model), "--serve-dir", str(server.workdir), "--game", game,
-        "--gate-tracks", "gen-1001", "--gate-max-ticks", "300", "--gate-max-p99-ms", "250",
+        "--gate-tracks", "gen-1001", "--gate-max-ticks", "300", "--gate-max-p99-ms", "250", "--gate-rate-hz", "0",
         "--canary-cars", "2", "--canary-laps", "2",
         "--canary-max-ticks", "100", "--canary-track", "oval", "--canary-max-missed-rate", "0.05",
         "--canary-max-fallback-rate", "0.5", "--canary-max-error-rate", "0.2",
