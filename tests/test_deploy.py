@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from game_server.core.drivers import default_driver
 from pipeline.deploy import (
     CanaryConfig,
     DeployConfig,
@@ -38,11 +37,11 @@ from plumbing.procs import ServiceProcess
 from serving.client import ModelRef, TorchServeClient
 from serving.registry import Registry, Router, Routing
 from serving.torchserve import LocalTorchServe, TorchServeConfig, free_port
-from trainer.vision.data import generate_samples
-from trainer.vision.model import DrivingNet, VisionConfig
-from trainer.vision.train import TrainConfig, save_weights, train
+from trainer.vision.model import DrivingNet
+from trainer.vision.train import save_weights
 
-SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+from .tiny_models import SMALL, train_tiny
+
 NAME = "rrp-vision"
 GATE = GateConfig(tracks=("gen-1001",), max_ticks=300, max_p99_ms=250.0, rate_hz=0.0)
 # The flow is under test here, not this machine's load: live thresholds loose enough for a busy 2-core box.
@@ -63,9 +62,7 @@ def _model_dir(root: Path, name: str, model: DrivingNet) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """good: trained a few seconds; same: its weights under another header (drives identically); bad: 0 epochs."""
     root = tmp_path_factory.mktemp("models")
-    frames = generate_samples(["oval", "kidney"], 2, 60, default_driver(), 0.1, seed=5, size=(64, 48))
-    config = TrainConfig(vision=SMALL, epochs=3, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
-    good = _model_dir(root, "good", train(config, frames).model)
+    good = train_tiny(root / "good", card={"model": "test good", "data": {"source": "generated frames: oval, kidney"}})
     same = root / "same"
     same.mkdir()
     with safe_open(str(good / "model.safetensors"), framework="pt") as f:

@@ -19,7 +19,6 @@ import numpy as np
 import psutil
 import pytest
 
-from game_server.core.drivers import default_driver
 from plumbing.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from plumbing.procs import ServiceProcess
 from serving import codec
@@ -35,11 +34,10 @@ from serving.client import (
 from serving.inprocess import InProcessClient
 from serving.torchserve import LocalTorchServe, TorchServeConfig, free_port
 from serving.torchserve_v1 import inference_pb2
-from trainer.vision.data import generate_samples
-from trainer.vision.model import VisionConfig
-from trainer.vision.train import TrainConfig, save_weights, train
+from trainer.vision.train import save_weights
 
-SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+from .tiny_models import SMALL, train_tiny
+
 NAME = "rrp-vision"
 
 
@@ -56,14 +54,7 @@ def _java_processes_under(workdir: Path) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained for a few seconds, so that its keys change along a lap."""
-    frames = generate_samples(["oval", "kidney"], 2, 60, default_driver(), 0.1, seed=5, size=(64, 48))
-    config = TrainConfig(vision=SMALL, epochs=3, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
-    out = tmp_path_factory.mktemp("model")
-    save_weights(train(config, frames).model, out / "model.safetensors")
-    (out / "model_card.json").write_text(json.dumps({"model": "test"}) + "\n")
-    (out / "model_card.md").write_text("# test model\n")
-    return out
+    return train_tiny(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

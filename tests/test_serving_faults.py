@@ -8,7 +8,6 @@ come back depends on the machine's load, and the lap must outlast it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,7 +23,6 @@ import psutil
 import pytest
 from prometheus_client import REGISTRY
 
-from game_server.core.drivers import default_driver
 from game_server.core.state import TICK_S
 from plumbing.errors import DomainError
 from plumbing.procs import ServiceProcess
@@ -33,11 +31,9 @@ from serving.autopilot import AutopilotConfig, LapRecord, run_autopilot
 from serving.client import InferenceClient, ModelRef, TorchServeClient, connect_replicas, read_token
 from serving.codec import Decision
 from serving.torchserve import LocalTorchServe, TorchServeConfig
-from trainer.vision.data import generate_samples
-from trainer.vision.model import VisionConfig
-from trainer.vision.train import TrainConfig, save_weights, train
 
-SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
+from .tiny_models import SMALL, train_tiny
+
 NAME = "rrp-vision"
 MODEL = ModelRef(NAME)
 FAULT_AT_S = 2.0  # into the race (~tick 50)
@@ -46,13 +42,8 @@ RIDE_S = 2.0  # raced on after the fault is over
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained for a few seconds, packaged with batch 1 and one worker."""
-    frames = generate_samples(["oval", "kidney"], 2, 60, default_driver(), 0.1, seed=5, size=(64, 48))
-    config = TrainConfig(vision=SMALL, epochs=2, batch_size=32, lr=3e-3, patience=10, progress=False, seed=1)
-    model_dir = tmp_path_factory.mktemp("model")
-    save_weights(train(config, frames).model, model_dir / "model.safetensors")
-    (model_dir / "model_card.json").write_text(json.dumps({"model": "test"}) + "\n")
-    (model_dir / "model_card.md").write_text("# test model\n")
+    """The tiny model, packaged with batch 1 and one worker."""
+    model_dir = train_tiny(tmp_path_factory.mktemp("model"), epochs=2)
     return build_archive(model_dir, "1", tmp_path_factory.mktemp("store"), ArchiveConfig(batch_size=1))
 
 
