@@ -789,6 +789,8 @@ def run_deploy(config: DeployConfig) -> int:
     modes = sum((config.model is not None, config.rollback, config.watch is not None))
     if modes > 1:
         raise InvalidArgument("give one of --model, --rollback or --watch")
+    if config.model is not None and not (config.model / "model.safetensors").is_file():
+        raise NotFound(f"{config.model}: no model.safetensors (train one: rrp train)")
     stop = stop_on_signals("the deployer")
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "deployer")
     metrics.set_stage("idle")

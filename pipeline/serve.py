@@ -169,18 +169,26 @@ def follow_registry(config: ServeConfig, server: Any, stop: threading.Event) -> 
     return reconciler
 
 
-def run_autopilot_command(config: AutopilotCommandConfig) -> int:
+def token_files(servers: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, Path]:
+    """Each model server's token file: none (token auth off), one for all, or one each."""
     from plumbing.errors import InvalidArgument
+
+    if not servers:
+        raise InvalidArgument("give a model server address: --model-server ADDR[,ADDR]")
+    if len(files) not in (0, 1, len(servers)):
+        raise InvalidArgument(f"{len(files)} token files for {len(servers)} model servers: give one, or one each")
+    if len(files) == 1:
+        files = files * len(servers)
+    return dict(zip(servers, files, strict=False))
+
+
+def run_autopilot_command(config: AutopilotCommandConfig) -> int:
     from serving.autopilot import plot_latency, result_json, run_autopilot
     from serving.client import ModelRef, connect_replicas, read_token
 
     model = ModelRef.parse(config.model)
     servers, files = config.model_server, config.token_file
-    if not servers:
-        raise InvalidArgument("give a model server address: --model-server ADDR[,ADDR]")
-    if len(files) not in (0, 1, len(servers)):
-        raise InvalidArgument(f"{len(files)} token files for {len(servers)} model servers: give one, or one each")
-    token_file = dict(zip(servers, files if len(files) == len(servers) else files * len(servers), strict=True))
+    token_file = token_files(servers, files)
     for path in files:
         read_token(path)  # a missing or malformed token file stops here, before any car starts
 

@@ -423,3 +423,9 @@ def test_the_autopilot_command_takes_replicas_and_a_token_file_each_or_one_for_a
     config = AutopilotCommandConfig(game=("g:1",), model_server=("m:1", "m:2"), token_file=three)
     with pytest.raises(InvalidArgument, match="3 token files for 2 model servers"):
         run_autopilot_command(config)
+    from pipeline.serve import token_files
+
+    servers = ("m:1", "m:2")
+    assert token_files(servers, ()) == {}  # token auth off (a cluster behind a NetworkPolicy)
+    assert token_files(servers, (Path("k"),)) == {"m:1": Path("k"), "m:2": Path("k")}
+    assert token_files(servers, (Path("a"), Path("b"))) == {"m:1": Path("a"), "m:2": Path("b")}
