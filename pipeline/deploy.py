@@ -180,6 +180,17 @@ def write_endpoints(serve_dir: Path, server: Any) -> None:
     )
 
 
+def _card_parts(card: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a version keeps of its model card: the essentials, and where its training data came from."""
+    data = card.get("data", {}) if isinstance(card.get("data"), dict) else {}
+    return {
+        "card": {k: card[k] for k in ("model", "date", "seed", "input", "output", "metrics", "training") if k in card},
+        "data": {
+            k: data[k] for k in ("source", "train_frames", "val_frames", "split_by", "frames", "episodes") if k in data
+        },
+    }
+
+
 def add_version(registry: Registry, model_dir: Path, version: str | None, packaging: ArchiveConfig) -> ModelVersion:
     """The model directory as a registry version (the existing one when the same weights are there already)."""
     weights = model_dir / "model.safetensors"
@@ -204,7 +215,6 @@ def add_version(registry: Registry, model_dir: Path, version: str | None, packag
         if (model_dir / name).is_file():
             with contextlib.suppress(NotFound, FailedPrecondition):
                 evaluation = read_json(model_dir / name)
-    data = card.get("data", {}) if isinstance(card.get("data"), dict) else {}
     entry = ModelVersion(
         id=vid,
         version=number,
@@ -212,10 +222,7 @@ def add_version(registry: Registry, model_dir: Path, version: str | None, packag
         archive=archive.name,
         source=str(model_dir.resolve()),
         created=time.time(),
-        card={k: card[k] for k in ("model", "date", "seed", "input", "output", "metrics", "training") if k in card},
-        data={
-            k: data[k] for k in ("source", "train_frames", "val_frames", "split_by", "frames", "episodes") if k in data
-        },
+        **_card_parts(card),
         evaluation=evaluation,
     )
     registry.save(entry)
@@ -246,11 +253,9 @@ def add_archive(registry: Registry, archive: Path) -> ModelVersion:
     if archive.resolve() != target.resolve():
         registry.model_store.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(archive, target)
-    data = card.get("data", {}) if isinstance(card.get("data"), dict) else {}
     entry = ModelVersion(
         id=vid, version=info["version"], name=info["name"], archive=archive.name, source=str(archive.resolve()),
-        created=time.time(), card={k: card[k] for k in ("model", "date", "seed", "metrics") if k in card},
-        data={k: data[k] for k in ("source", "train_frames", "val_frames") if k in data},
+        created=time.time(), **_card_parts(card),
     )  # fmt: skip
     registry.save(entry)
     return entry
