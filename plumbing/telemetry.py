@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -33,8 +34,10 @@ def tracer_provider(service_name: str) -> Any:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-            provider = TracerProvider(resource=resource)
+            # Our own exit hook flushes with a bound; the SDK's would wait up to 30 s for a collector.
+            provider = TracerProvider(resource=resource, shutdown_on_exit=False)
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            atexit.register(shutdown)
             trace.set_tracer_provider(provider)
             _provider = provider
             log.info("tracing on: exporting spans over OTLP to %s", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
@@ -61,10 +64,19 @@ def instrument_channel(channel: grpc.Channel, service_name: str = "rrp-client") 
     return intercept_channel(channel, client_interceptor(tracer_provider=provider))
 
 
-def shutdown() -> None:
-    """Flushes pending spans; called on graceful shutdown."""
+def shutdown(timeout_s: float = 3.0) -> None:
+    """Flushes pending spans for at most `timeout_s`; called on graceful shutdown.
+
+    Spans are best effort: a collector that is slow or gone must not hold a stopping process past its grace
+    period (the exporter alone may retry for its whole timeout)."""
     global _provider
     with _lock:
-        if _provider is not None:
-            _provider.shutdown()
-            _provider = None
+        provider, _provider = _provider, None
+    if provider is None:
+        return
+    done = threading.Thread(target=lambda: (provider.force_flush(int(timeout_s * 1000)), provider.shutdown()),
+                            daemon=True, name="telemetry-shutdown")  # fmt: skip
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        log.warning("tracing: spans not flushed within %.1f s; dropping them", timeout_s)

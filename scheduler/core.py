@@ -43,6 +43,7 @@ class ServerRecord:
     done: int = 0
     failed: int = 0
     retried: int = 0  # tasks it failed or refused that went back to the queue
+    slow_probes: int = 0  # health checks in a row that ran out of time
     # False once discovery no longer lists it; it is forgotten when its last lease returns.
     member: bool = True
 
@@ -134,10 +135,24 @@ class Ledger:
             return
         record.healthy = capacity > 0
         record.capacity = capacity
+        record.slow_probes = 0
 
     def mark_unhealthy(self, address: str) -> None:
         record = self.servers.get(address)
         if record is not None:
+            record.healthy = False
+
+    def probe_timed_out(self, address: str, limit: int) -> None:
+        """A health check that ran out of time sets a healthy server aside only the `limit`-th time in a row.
+
+        A server busy evaluating on a loaded machine can answer a probe late and still be fine; one that is
+        down or says NOT_SERVING is set aside at once (`mark_unhealthy`), and so is one whose call fails.
+        """
+        record = self.servers.get(address)
+        if record is None:
+            return
+        record.slow_probes += 1
+        if record.slow_probes >= limit:
             record.healthy = False
 
     # -- leases ---------------------------------------------------------------------------------

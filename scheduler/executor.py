@@ -50,6 +50,9 @@ class PoolConfig:
     )
     health_timeout_s: float = setting(2.0, "deadline of one health check, seconds")
     health_interval_s: float = setting(1.0, "seconds between health checks of every server")
+    health_slow_limit: int = setting(
+        3, "health checks in a row that may time out before a server is set aside (one refused: at once)"
+    )
     max_attempts: int = setting(4, "attempts per evaluation when servers fail")
     # A call's deadline: evaluate_timeout_s plus this allowance per tick of the work it carries (a
     # closed-loop driver takes ~0.13 ms a tick on one core; the allowance leaves room for a loaded machine).
@@ -77,6 +80,8 @@ class PoolConfig:
             raise ValueError("timeouts and intervals must be positive")
         if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
+        if self.health_slow_limit < 1:
+            raise ValueError("health_slow_limit must be at least 1")
         if self.unavailable_timeout_s == 0:
             object.__setattr__(self, "unavailable_timeout_s", None)
         if self.unavailable_timeout_s is not None and self.unavailable_timeout_s < 0:
@@ -542,13 +547,14 @@ class EvaluationPool(Executor):
             )
             for address, c, faults in targets
         ]
-        verdicts: list[tuple[str, int, int]] = []
+        verdicts: list[tuple[str, int, int | None]] = []  # capacity None: the check ran out of time
         for address, faults, health, info in probes:
+            capacity: int | None
             try:
                 serving = health.result().status == health_pb2.HealthCheckResponse.SERVING
                 capacity = int(info.result().evaluate_slots) if serving else 0
-            except grpc.RpcError:
-                capacity = 0
+            except grpc.RpcError as exc:
+                capacity = None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
             verdicts.append((address, faults, capacity))
         with self._lock:
             changed = []
@@ -557,12 +563,14 @@ class EvaluationPool(Executor):
                 if record is None:
                     continue
                 was = record.healthy
-                if capacity > 0:
+                if capacity is None:
+                    self._ledger.probe_timed_out(address, self.config.health_slow_limit)
+                elif capacity > 0:
                     self._ledger.mark_healthy(address, capacity, faults_seen=faults)
                 else:
                     self._ledger.mark_unhealthy(address)
                 if record.healthy != was:
-                    changed.append((address, record.healthy, capacity))
+                    changed.append((address, record.healthy, capacity or 0))
             self._add_workers_locked()
             self._work.notify_all()
             self._space.notify_all()  # wait_ready()

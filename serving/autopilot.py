@@ -505,7 +505,8 @@ def _drive_realtime(
         # Counted now: after the lap the server still simulates the ticks that hold a fallback ahead.
         record.skipped_frames = latest.skipped
         outbox.put(None)  # half-close: the server ends the stream at its next tick without a command
-        deadline = time.monotonic() + 5.0
+        # Stopping (SIGTERM) keeps within a grace period: the stream gets a second, then it is cancelled.
+        deadline = time.monotonic() + (1.0 if stop is not None and stop.is_set() else 5.0)
         while reader.is_alive() and time.monotonic() < deadline:
             reader.join(0.1)
         if reader.is_alive():

@@ -235,8 +235,14 @@ def test_a_fourth_host_added_to_the_name_joins_while_it_runs(
 
     reply = run_map(mesh, requests * 2, on_progress=add)
     assert decoded(reply) == expected * 2
-    status = mesh.client.call("pool_status", address=mesh.scheduler)
-    joined = {s["address"]: s for s in status["servers"]}
+    # Health is the pool's latest view: a check can have been refused mid-run, so give the next ones a moment.
+    deadline = time.monotonic() + 10.0
+    while True:
+        status = mesh.client.call("pool_status", address=mesh.scheduler)
+        joined = {s["address"]: s for s in status["servers"]}
+        if (new in joined and joined[new]["healthy"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert new in joined and joined[new]["healthy"], status["servers"]
     assert joined[new]["done"] > 0, "the new host took no work while the generation ran"
     report(

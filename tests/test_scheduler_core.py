@@ -45,6 +45,31 @@ def test_server_fault_marks_unhealthy_until_a_newer_check_passes() -> None:
     assert ledger.lease() == "a"
 
 
+def test_late_health_checks_set_a_busy_server_aside_only_when_late_several_times_in_a_row() -> None:
+    ledger = ledger_with(a=2)
+    ledger.probe_timed_out("a", limit=3)
+    ledger.probe_timed_out("a", limit=3)
+    assert ledger.servers["a"].healthy, "two late answers from a busy server do not set it aside"
+    ledger.mark_healthy("a", 2)  # an answer in time starts the count again
+    for _ in range(2):
+        ledger.probe_timed_out("a", limit=3)
+    assert ledger.lease() == "a"
+    ledger.probe_timed_out("a", limit=3)
+    assert not ledger.servers["a"].healthy and ledger.lease() is None
+    ledger.mark_unhealthy("a")  # a refused or NOT_SERVING check never waits for a count
+    ledger.mark_healthy("a", 2)
+    ledger.mark_unhealthy("a")
+    assert not ledger.servers["a"].healthy
+
+
+def test_a_new_server_whose_checks_time_out_never_joins() -> None:
+    ledger = Ledger()
+    ledger.set_members(["a"])
+    for _ in range(5):
+        ledger.probe_timed_out("a", limit=3)
+    assert not ledger.servers["a"].healthy and ledger.lease() is None
+
+
 def test_zero_capacity_is_unhealthy() -> None:
     ledger = ledger_with(a=0)
     assert not ledger.servers["a"].healthy and ledger.lease() is None

@@ -330,6 +330,20 @@ def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subproce
     return proc, lines
 
 
+def _exit_code(proc: subprocess.Popen[str], timeout_s: float, lines: list[str]) -> int:
+    """The exit code; a process still running after `timeout_s` fails the test with its threads' stacks."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        spy = Path(sys.executable).with_name("py-spy")
+        stacks = subprocess.run([str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30)
+        proc.kill()
+        proc.wait()
+        raise AssertionError(
+            f"still running {timeout_s:g} s after SIGTERM\n{''.join(lines[-30:])}\n{stacks.stdout}{stacks.stderr}"
+        ) from None
+
+
 def _wait_for(lines: list[str], text: str, proc: subprocess.Popen[str], timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -363,7 +377,7 @@ def test_serve_and_autopilot_stop_on_sigterm_leaving_nothing_behind_with_traced_
         )  # fmt: skip
         time.sleep(4.0)
         autopilot.send_signal(signal.SIGTERM)
-        assert autopilot.wait(15) == 0, "".join(pilot_lines[-30:])
+        assert _exit_code(autopilot, 15, pilot_lines) == 0, "".join(pilot_lines[-30:])
         totals = json.loads(_wait_for(pilot_lines, '"mode": "realtime"', autopilot, 5))
         assert totals["ticks"] > 25 and totals["inference_ms_p50"] is not None
     finally:
