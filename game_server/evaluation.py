@@ -42,7 +42,7 @@ def evaluation_args(
     gate = convert.gate_from_pb(request.finish_gate) if request.HasField("finish_gate") else None
     policy: bytes | RayDriver
     if request.WhichOneof("policy") == "driver":
-        policy = RayDriver(tuple(request.driver.params), request.driver.kind)
+        policy = RayDriver(tuple(request.driver.params), request.driver.kind, request.driver.recovering)
     else:
         policy = request.program.masks
     return request.track, start, policy, gate

@@ -15,6 +15,7 @@ import numpy as np
 from game_server.core import episode, physics
 from game_server.core.drivers import RayDriver
 from game_server.core.physics import RunResult
+from game_server.core.recovery import RecoveringDriver, RecoveringPolicy
 from game_server.core.state import TICK_S, Gate, SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track
@@ -92,7 +93,7 @@ def evaluate(
     return episode.run_episode(
         track,
         begin,
-        as_policy(policy),
+        as_policy(policy, track),
         max_ticks=episode.program_ticks(policy, max_ticks) if isinstance(policy, bytes) else max_ticks,
         gate=gate,
         record_trajectory=record_trajectory,
@@ -100,9 +101,14 @@ def evaluate(
     ).result
 
 
-def as_policy(policy: bytes | RayDriver) -> episode.Policy:
-    """A request's policy for the episode loop: an open-loop program or a sensor driver."""
-    return episode.Program(policy) if isinstance(policy, bytes) else episode.SensorPolicy(policy.act_on)
+def as_policy(policy: bytes | RayDriver, track: Track) -> episode.Policy:
+    """A request's policy for the episode loop: an open-loop program, a sensor driver, or a sensor driver
+    inside the recovering teacher (which reads the track and the state to get out of walls)."""
+    if isinstance(policy, bytes):
+        return episode.Program(policy)
+    if policy.recovering:
+        return RecoveringPolicy(RecoveringDriver(track, base=policy.act))
+    return episode.SensorPolicy(policy.act_on)
 
 
 class Game:

@@ -238,7 +238,7 @@ def record_episode(
         run = episode.run_episode(
             track,
             start,
-            as_policy(spec.policy),
+            as_policy(spec.policy, track),
             max_ticks=spec.max_ticks,
             perturbation=spec.perturbation,
             on_tick=send,
@@ -269,7 +269,7 @@ def spec_from_pb(request: game_pb2.RecordRequest) -> RecordSpec:
     policy: bytes | RayDriver
     which = request.WhichOneof("policy")
     if which == "driver":
-        policy = RayDriver(tuple(request.driver.params), request.driver.kind)
+        policy = RayDriver(tuple(request.driver.params), request.driver.kind, request.driver.recovering)
     elif which == "program":
         policy = request.program.masks
     else:

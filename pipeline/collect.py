@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from game_server.core.driver_file import SavedDriver, load_driver
+from game_server.core.recovery import bend_apexes, pinned_state, wrong_way_state
+from game_server.core.state import SimState
+from game_server.core.track import Track
 from game_server.core.tracks import load_track, random_state
 from pipeline.pools import PoolSpec, collector_for, open_pool
 from pipeline.record_task import Episode, RecordSettings, RecordTask
@@ -48,7 +51,7 @@ class CollectConfig:
     )
     run_prefix: str = setting("", "run id prefix (default collect-s<seed>)")
     recovery_share: float = setting(
-        0.0, "share of each driver/track pair's later episodes that start from a random state (recoveries)"
+        0.0, "share of each driver/track pair's later episodes that start drifting, pinned or the wrong way"
     )
     recovery_ticks: int = setting(500, "length of a recovery episode, ticks")
 
@@ -89,6 +92,7 @@ class CollectSummary:
     servers: str
     redis_data_dir: str | None
     episodes: list[EpisodeReport]
+    recovery_starts: str = ""  # e.g. "drift 9, pinned 6, wrong-way 3"
 
 
 def episode_seeds(seed: int, index: int) -> tuple[int, int]:
@@ -109,8 +113,8 @@ def plan_episodes(
     """Round-robin over (driver, track) pairs; an open-loop program only pairs with its own track.
 
     With `recovery_share` > 0, that share of the closed-loop episodes after each pair's first one start from
-    a random state (off the centre line, misaligned, at some speed) for `recovery_ticks` ticks: data of the
-    recoveries a learner needs, which laps from the start line never show."""
+    a state a learner must recover from, for `recovery_ticks` ticks: data that laps from the start line never
+    show (see `recovery_start`)."""
     pairs = [(d, t) for d in drivers for t in tracks if d.kind != "program" or d.track == t]
     if not pairs:
         raise ValueError("no driver can run on these tracks: programs replay only on the track they were evolved on")
@@ -120,10 +124,34 @@ def plan_episodes(
         pert, rand = episode_seeds(seed, i)
         rng = np.random.default_rng([seed, i, 0x57A27])
         recovery = i >= len(pairs) and driver.kind != "program" and rng.random() < recovery_share
-        start = random_state(load_track(track), rng) if recovery else None
-        run_id = f"{prefix}-{track}-{i:04d}" + ("-recovery" if recovery else "")
+        kind, start = recovery_start(load_track(track), rng) if recovery else ("", None)
+        run_id = f"{prefix}-{track}-{i:04d}" + (f"-recovery-{kind}" if recovery else "")
         plan.append(Episode(run_id, track, driver, pert, rand, start, recovery_ticks if recovery else 0))
     return plan
+
+
+# Which recovery starts, how often: drifting (off the centre line, misaligned, at speed), pinned against the
+# outer wall (half of them at a hairpin's apex, where a fast car overshoots), and facing the wrong way.
+RECOVERY_STARTS = (("drift", 0.4), ("pinned", 0.35), ("wrong-way", 0.25))
+
+
+def recovery_start(track: Track, rng: np.random.Generator) -> tuple[str, SimState]:
+    """A recovery episode's kind and start state. Pinned and wrong-way starts are at rest, as a car that hit
+    the wall or spun; only a teacher that recovers (`RecordSettings.recovering`) labels a way out of them."""
+    draw, acc = float(rng.random()), 0.0
+    kind = RECOVERY_STARTS[-1][0]
+    for name, share in RECOVERY_STARTS:
+        acc += share
+        if draw < acc:
+            kind = name
+            break
+    if kind == "drift":
+        return kind, random_state(track, rng)
+    apexes = bend_apexes(track)
+    point = int(rng.choice(apexes)) if apexes and rng.random() < 0.5 else int(rng.integers(track.n_points))
+    if kind == "pinned":
+        return kind, pinned_state(track, point, float(rng.uniform(0.5, 1.5)))
+    return kind, wrong_way_state(track, point)
 
 
 def run_collect(config: CollectConfig) -> CollectSummary:
@@ -161,6 +189,11 @@ def run_collect(config: CollectConfig) -> CollectSummary:
         servers=where,
         redis_data_dir=redis_dir,
         episodes=rows,
+        recovery_starts=", ".join(
+            f"{kind} {n}"
+            for kind, _ in RECOVERY_STARTS
+            if (n := sum(e.run_id.endswith(f"-recovery-{kind}") for e in plan))
+        ),
     )
     (config.out_dir / SUMMARY).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     print(

@@ -20,9 +20,11 @@ import numpy as np
 from collector.client import RunProducer
 from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
-from game_server.core.state import TICK_HZ
+from game_server.core.recovery import RecoveringDriver
+from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import DAGGER_TRACKS, load_track
-from pipeline.evaluate import DriveRecord, EvalConfig, VisionPilot, drive_on_server, run_evaluation
+from pipeline.collect import recovery_start
+from pipeline.evaluate import DriveRecord, EvalConfig, Expert, VisionPilot, drive_on_server, run_evaluation
 from pipeline.pools import open_pool
 from plumbing.settings import env_value, nested, setting
 from rallyrobopilot.v1 import collector_pb2 as cpb
@@ -38,8 +40,12 @@ log = logging.getLogger(__name__)
 class DaggerConfig:
     """DAgger settings; the tracks are training tracks only, so the unseen ones stay unseen."""
 
-    # The expert that labels: the evolved ray driver.
+    # The expert that labels: the evolved ray driver, inside the recovering teacher unless told otherwise.
     driver_path: Path = setting(help="evolved driver file (best_driver.json): expert and baseline", flag="driver")
+    recovering: bool = setting(True, "the evolved driver labels inside the recovering teacher (out of walls)")
+    recovery_drives: bool = setting(
+        True, "on each track, one more drive from a drifting, pinned or wrong-way start (seeded)"
+    )
     tracks: tuple[str, ...] = setting(
         DAGGER_TRACKS, "training tracks the model drives to collect", flag="dagger-tracks"
     )
@@ -56,8 +62,19 @@ class DaggerConfig:
 def collect_dagger_runs(
     pilot: VisionPilot, config: DaggerConfig, iteration: int, pool: EvaluationPool
 ) -> list[DriveRecord]:
-    """One drive per track with the model in control and the expert labelling every tick, spread over the pool."""
-    expert = load_driver(config.driver_path).ray_driver()
+    """One drive per track with the model in control and the expert labelling every tick, spread over the pool;
+    with `recovery_drives`, one more per track from a recovery start, where the model's own mistakes at a wall
+    get the teacher's way out as labels."""
+    ray = load_driver(config.driver_path).ray_driver()
+
+    def expert(track: str) -> Expert:
+        return RecoveringDriver(load_track(track), base=ray.act) if config.recovering else ray
+
+    drives: list[tuple[str, SimState | None]] = [(t, None) for t in config.tracks]
+    if config.recovery_drives:
+        for i, t in enumerate(config.tracks):
+            _, start = recovery_start(load_track(t), np.random.default_rng([config.seed, iteration, i, 0xDA]))
+            drives.append((t, start))
     futures = [
         pool.run_with_server(
             functools.partial(
@@ -67,11 +84,12 @@ def collect_dagger_runs(
                 max_ticks=int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks),
                 randomize=config.randomize,
                 seed=config.seed * 1000 + iteration * 100 + i,
-                expert=expert,
+                expert=expert(t),
                 keep_frames=True,
+                start=start,
             )
         )
-        for i, t in enumerate(config.tracks)
+        for i, (t, start) in enumerate(drives)
     ]
     return [f.result() for f in futures]
 
@@ -88,7 +106,7 @@ def to_frames(records: list[DriveRecord], run_ids: list[str], pilot: VisionPilot
 def run_ids_of(records: list[DriveRecord], iteration: int) -> list[str]:
     """Fresh run ids: the collector deduplicates by (run id, tick), so a repeated DAgger run must not reuse them."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    return [f"dagger-{stamp}-it{iteration}-{r.track}" for r in records]
+    return [f"dagger-{stamp}-it{iteration}-{r.track}-{i}" for i, r in enumerate(records)]
 
 
 def stream_to_collector(

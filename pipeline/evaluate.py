@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from game_server import convert
 from game_server.client import GameClient, frame_array
 from game_server.core import drivers, episode, physics
 from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
+from game_server.core.recovery import RecoveringDriver, RecoveringPolicy, recovery_starts
 from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import BUILTIN_TRACKS, SUITE_UNSEEN_TRACKS, UNSEEN_TRACKS, load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
@@ -31,6 +33,10 @@ from trainer.vision.data import expert_label
 from trainer.vision.pilot import VisionPilot
 
 log = logging.getLogger(__name__)
+
+# Who labels the states a model visits (DAgger): the evolved driver on its rays and speed, or the recovering
+# teacher on the state (it gets out of walls; its decision is a function of the state alone).
+Expert = drivers.RayDriver | RecoveringDriver
 
 STUCK_TICKS = 250  # 10 s without new progress: the car is stuck or lost; the run stops there
 
@@ -70,7 +76,7 @@ class _Episode:
     """The per-tick bookkeeping shared by driving on a server and in process: records, stops, asks the pilot."""
 
     def __init__(
-        self, track: str, pilot: VisionPilot, max_ticks: int, expert: drivers.RayDriver | None, keep_frames: bool
+        self, track: str, pilot: VisionPilot, max_ticks: int, expert: Expert | None, keep_frames: bool
     ) -> None:
         self.record = DriveRecord(track)
         self.pilot, self.max_ticks, self.expert, self.keep_frames = pilot, max_ticks, expert, keep_frames
@@ -85,6 +91,7 @@ class _Episode:
         progress: float,
         lap: tuple[bool, int, int],
         rays: Sequence[float],
+        state: Callable[[], SimState] | None = None,
     ) -> int | None:
         r = self.record
         finished, finish_tick, contacts = lap
@@ -105,7 +112,10 @@ class _Episode:
             r.stop_reason = f"tick budget {self.max_ticks} spent"
             return None
         mask = self.pilot.act(frame, speed)
-        if self.expert is not None:
+        if isinstance(self.expert, RecoveringDriver):
+            assert state is not None, "the recovering teacher labels from the state"
+            r.expert_labels.append(self.expert.act(state()))
+        elif self.expert is not None:
             r.expert_labels.append(expert_label(self.expert, rays, speed))
         if self.keep_frames:
             r.frames.append(frame.copy())
@@ -127,10 +137,14 @@ def drive_on_server(
     *,
     randomize: bool = False,
     seed: int = 0,
-    expert: drivers.RayDriver | None = None,
+    expert: Expert | None = None,
     keep_frames: bool = False,
+    start: SimState | None = None,
 ) -> DriveRecord:
-    """Drives one lap in lockstep over gRPC from frames only; `expert` labels each visited state from its rays."""
+    """Drives one lap in lockstep over gRPC from frames only; `expert` labels each visited state from its rays.
+
+    `start` places the car by Reset (pinned against a wall, facing the wrong way, ...); the lap then ends at
+    the finish line."""
     episode = _Episode(track, pilot, max_ticks, expert, keep_frames)
 
     def policy(obs: sim_pb2.Observation) -> int | None:
@@ -143,6 +157,7 @@ def drive_on_server(
             obs.progress_fraction,
             (s.lap.finished, obs.lap_ticks, s.lap.wall_contacts),
             obs.rays_m,
+            lambda: convert.state_from_pb(s),
         )
         if keep_frames and mask is not None:
             kept = sim_pb2.Observation()
@@ -154,7 +169,8 @@ def drive_on_server(
     with GameClient(address) as client:
         session = client.create_session(track, frame_options(pilot, randomize, seed)).session_id
         try:
-            first = client.reset(session, with_frame=True)
+            placed = convert.state_to_pb(start) if start is not None else None
+            first = client.reset(session, placed, with_frame=True)
             for _ in client.drive_lockstep(session, policy, first, with_frames=True):
                 pass
         finally:
@@ -169,7 +185,7 @@ def drive_in_process(
     *,
     randomize: bool = False,
     seed: int = 0,
-    expert: drivers.RayDriver | None = None,
+    expert: Expert | None = None,
 ) -> DriveRecord:
     """The same drive with the simulation and renderer in this process: for learning curves, where many short
     evaluations matter more than the network hop (the server path renders the same frames)."""
@@ -188,6 +204,7 @@ def drive_in_process(
             physics.progress_fraction(track, lap),
             (lap.finished, lap.finish_tick, lap.wall_contacts),
             physics.raycast(track, state.car, lap.segment) if expert else (),
+            lambda: state,
         )
 
     class FramePilot(episode.Policy):
@@ -346,11 +363,14 @@ def run_suite(
     tracks: Sequence[str],
     out_dir: Path | None = None,
     pool: EvaluationPool | None = None,
+    recovery: bool = True,
 ) -> dict[str, Any]:
     """Drives every track under every condition (all at once over the pool) and compares each lap with the
     evolved and reference drivers; writes `suite.json`, `suite.md` and `suite_grid.png`.
 
-    The drives are lockstep and seeded, so the same model on the same tracks gives the same report.
+    With `recovery`, the model also starts pinned against a wall and facing the wrong way at three places on
+    each built-in track (plain frames), beside the recovering teacher and the bare evolved driver from the same
+    starts (`recovery_grid.png`). The drives are lockstep and seeded: the same model gives the same report.
     """
     saved = load_driver(config.driver_path) if config.driver_path else None
     driver = saved.ray_driver() if saved is not None and saved.kind != "program" else None
@@ -368,7 +388,23 @@ def run_suite(
             for t in tracks
             for condition, randomize in SUITE_CONDITIONS
         }
+        starts = {
+            (t, label): start
+            for t in (tracks if recovery else ())
+            if t in BUILTIN_TRACKS
+            for label, start in recovery_starts(load_track(t))
+        }
+        pinned_futures = {
+            key: pool.run_with_server(
+                functools.partial(
+                    drive_on_server, track=key[0], pilot=pilot, max_ticks=budgets[key[0]], seed=config.seed, start=start
+                ),
+                timeout_s=config.timeout_s,
+            )
+            for key, start in starts.items()
+        }
         records = {key: f.result() for key, f in futures.items()}
+        pinned = {key: f.result() for key, f in pinned_futures.items()}
     rows = []
     panels = []
     for t in tracks:
@@ -386,18 +422,64 @@ def run_suite(
         if trajectory is not None:
             laps.append(("evolved driver", trajectory.x, trajectory.y))
         panels.append((load_track(t), laps))
+    recovery_rows, recovery_panels = _recovery_rows(starts, pinned, driver, budgets)
     report: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
         "tracks": list(tracks),
         "rows": rows,
         "summary": suite_summary(rows),
+        "recovery": recovery_rows,
+        "recovery_summary": recovery_summary(recovery_rows),
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "suite.md").write_text(suite_markdown(report))
         plot_lap_grid(panels, out_dir / "suite_grid.png", "Evaluation suite: driven lines (plain, randomised)")
+        if recovery_panels:
+            plot_lap_grid(
+                recovery_panels, out_dir / "recovery_grid.png", "From pinned and wrong-way starts: the model's lines",
+                columns=3,
+            )  # fmt: skip
     return report
+
+
+def _recovery_rows(
+    starts: dict[tuple[str, str], SimState],
+    pinned: dict[tuple[str, str], DriveRecord],
+    driver: drivers.RayDriver | None,
+    budgets: dict[str, int],
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Per recovery start: the model's drive, the recovering teacher's and the bare evolved driver's."""
+    rows: list[dict[str, Any]] = []
+    lines: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for (t, label), start in starts.items():
+        track, rec = load_track(t), pinned[(t, label)]
+        row: dict[str, Any] = {"track": t, "start": label, **rec.summary()}
+        teacher = RecoveringDriver(track, base=driver.act if driver is not None else None)
+        run = episode.run_episode(track, start, RecoveringPolicy(teacher), max_ticks=budgets[t]).result
+        row["teacher_finished"], row["teacher_lap_ticks"] = run.finished, run.lap_ticks if run.finished else None
+        if driver is not None:
+            bare = drivers.run_driver(track, start, driver, max_ticks=budgets[t])
+            row["driver_finished"] = bare.finished
+        rows.append(row)
+        lines.setdefault(t, []).append((f"{label} ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y)))
+    panels = [(load_track(t), laps) for t, laps in lines.items()]
+    return rows, panels
+
+
+def recovery_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per start kind: how many of the model's, the teacher's and the bare driver's drives finished."""
+    out: dict[str, Any] = {}
+    for kind in ("pinned", "wrong-way"):
+        mine = [r for r in rows if r["start"].startswith(kind + "@")]
+        out[kind] = {
+            "starts": len(mine),
+            "model_finished": sum(r["finished"] for r in mine),
+            "teacher_finished": sum(r["teacher_finished"] for r in mine),
+            "driver_finished": sum(r.get("driver_finished", False) for r in mine),
+        }
+    return out
 
 
 def suite_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -453,7 +535,42 @@ def suite_markdown(report: dict[str, Any]) -> str:
         + "\n\n"
         + "\n".join(lines)
         + "\n\nDriven lines: `suite_grid.png`.\n"
+        + recovery_markdown(report)
     )
+
+
+def recovery_markdown(report: dict[str, Any]) -> str:
+    """The recovery starts' table; empty without them."""
+    rows = report.get("recovery") or []
+    if not rows:
+        return ""
+
+    def ticks(n: int | None) -> str:
+        return f"{n} ({n / TICK_HZ:.2f} s)" if n else "-"
+
+    s = report["recovery_summary"]
+    lines = [
+        "\n## From pinned and wrong-way starts (built-in tracks, plain frames)\n",
+        "| start | model finished | recovering teacher finished | evolved driver alone finished |",
+        "| --- | --- | --- | --- |",
+    ]
+    for kind, k in s.items():
+        lines.append(
+            f"| {kind} | {k['model_finished']}/{k['starts']} | {k['teacher_finished']}/{k['starts']} | "
+            f"{k['driver_finished']}/{k['starts']} |"
+        )
+    lines += [
+        "",
+        "| track | start | model | ticks to the finish | progress | wall contacts | teacher | evolved driver alone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['track']} | {r['start']} | {'yes' if r['finished'] else 'NO'} | {ticks(r['lap_ticks'])} | "
+            f"{r['progress_fraction']:.0%} | {r['wall_contacts']} | {ticks(r['teacher_lap_ticks'])} | "
+            f"{'yes' if r.get('driver_finished') else 'no'} |"
+        )
+    return "\n".join(lines) + "\n\nLines: `recovery_grid.png`.\n"
 
 
 @dataclass(frozen=True)
@@ -467,6 +584,9 @@ class EvaluateJobConfig:
     suite: bool = setting(False, "run the suite instead: --suite-tracks, plain and domain-randomised frames")
     suite_tracks: tuple[str, ...] = setting(
         (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS), "the suite's tracks: every built-in and 20 held-out generated ones"
+    )
+    suite_recovery: bool = setting(
+        True, "with --suite, also start pinned against walls and facing the wrong way on the built-in tracks"
     )
 
 
@@ -487,7 +607,8 @@ def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
 def run_evaluate_job(config: EvaluateJobConfig) -> int:
     pilot = load_pilot(config.model, config.torchscript)
     if config.suite:
-        print(suite_markdown(run_suite(pilot, config.eval, config.suite_tracks, config.out_dir)), flush=True)
+        report = run_suite(pilot, config.eval, config.suite_tracks, config.out_dir, recovery=config.suite_recovery)
+        print(suite_markdown(report), flush=True)
         return 0
     report = run_evaluation(pilot, config.eval, config.out_dir)
     print(markdown_report(report), flush=True)

@@ -48,6 +48,9 @@ class RecordSettings:
     domain_randomization: bool = setting(True, "domain randomisation of the frames", flag="randomize")
     perturb_probability: float = setting(0.04, "per-tick probability that a perturbation of the controls starts")
     perturb_max_ticks: int = setting(12, "longest perturbation, ticks")
+    recovering: bool = setting(
+        True, "drivers race inside the recovering teacher, which labels the way out of walls and wrong-way states"
+    )
     labels: tuple[tuple[str, str], ...] = setting((), "labels stored with every run", cli=False)
 
 
@@ -86,7 +89,7 @@ class RecordTask:
                 raise ValueError(f"program {d.driver_id} was evolved on {d.track}, not {episode.track}")
             request.program.masks = d.masks
         else:
-            request.driver.CopyFrom(sim_pb2.DriverParams(kind=d.kind, params=d.params))
+            request.driver.CopyFrom(sim_pb2.DriverParams(kind=d.kind, params=d.params, recovering=s.recovering))
             if s.perturb_probability > 0:
                 request.perturbation.CopyFrom(
                     game_pb2.Perturbation(

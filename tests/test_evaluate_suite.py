@@ -53,6 +53,7 @@ def test_suite_is_deterministic_and_reports_every_track_and_condition(
     config = EvalConfig(pool=PoolSpec(servers=(game_server.address,)), budget_factor=0.12, seed=4, driver_path=driver)
     first = run_suite(pilot, config, TRACKS, tmp_path / "a")
     second = run_suite(pilot, config, TRACKS, tmp_path / "b")
+    assert first["recovery"] and first["recovery"] == second["recovery"]
     assert first == second
     assert (tmp_path / "a" / "suite.json").read_text() == (tmp_path / "b" / "suite.json").read_text()
     rows = first["rows"]
@@ -66,6 +67,15 @@ def test_suite_is_deterministic_and_reports_every_track_and_condition(
     assert json.loads((tmp_path / "a" / "suite.json").read_text())["rows"] == rows
     assert "| oval | randomised |" in (tmp_path / "a" / "suite.md").read_text()
     assert (tmp_path / "a" / "suite_grid.png").stat().st_size > 10_000
+    # oval is built in: three pinned and three wrong-way starts, each beside the recovering teacher's drive.
+    starts = [r["start"].split("@")[0] for r in first["recovery"]]
+    assert starts == ["pinned", "wrong-way"] * 3 and {r["track"] for r in first["recovery"]} == {"oval"}
+    summary = first["recovery_summary"]
+    assert summary["pinned"]["starts"] == summary["wrong-way"]["starts"] == 3
+    # ~60 ticks is too short a budget to finish from there: test_recovery covers the teacher's finishes.
+    assert all(isinstance(r["teacher_finished"], bool) and "driver_finished" in r for r in first["recovery"])
+    assert "From pinned and wrong-way starts" in (tmp_path / "a" / "suite.md").read_text()
+    assert (tmp_path / "a" / "recovery_grid.png").stat().st_size > 5_000
 
 
 def test_cli_evaluate_offers_the_suite(capsys: pytest.CaptureFixture[str]) -> None:

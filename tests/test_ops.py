@@ -184,7 +184,7 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     result = subprocess.run(
         [
             *(str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"),
-            *("--episodes", "4", "--epochs", "1"),
+            *("--episodes", "4", "--epochs", "1", "--suite-tracks", "oval,gen-3001"),
             # The second model's rollout, on short laps: the wiring is under test here, not the model.
             *("--deploy-dagger-epochs", "1", "--deploy-cars", "2", "--deploy-canary-share", "0.5"),
             *("--deploy-canary-laps", "1", "--deploy-gate-max-ticks", "400", "--deploy-lap-max-ticks", "250"),
@@ -199,14 +199,18 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert summary["collect"]["runs"] == 4 and summary["collect"]["failed"] == 0
     assert summary["validation"]["passed"], summary["validation"]
     assert summary["train"]["frames"] > 1000
-    assert summary["evaluation"]["unseen_tracks"] == 5  # raced, whatever a one-epoch model manages
-    assert "The vision autopilot races" in (tmp_path / "report.md").read_text()
+    # Raced, whatever a one-epoch model manages: both conditions, and oval's six recovery starts.
+    suite = summary["evaluation"]["suite"]
+    assert suite["plain"]["unseen_tracks"] == suite["randomised"]["unseen_tracks"] == 1
+    assert summary["evaluation"]["recovery"]["pinned"]["starts"] == 3
+    assert "The vision autopilot races: the evaluation suite" in (tmp_path / "report.md").read_text()
     deployment = summary["deployment"]
     assert deployment["decision"] in ("promote", "rollback") and deployment["steps"][0]["stage"] == "register"
     assert "Deployment: a second model through gate and canary" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "deployment" / "rollout.png").stat().st_size > 0
     for name in (
         *("report.md", "lap.png", "frames.png", "evolve/fitness.png", "evolve/best_driver.json"),
-        *("validation/validation.md", "model/model.safetensors", "model/model_card.md", "evaluation/evaluation.md"),
+        *("validation/validation.md", "model/model.safetensors", "model/model_card.md", "evaluation/suite.md"),
+        *("evaluation/suite_grid.png", "evaluation/recovery_grid.png", "model/evaluation.json"),
     ):
         assert (tmp_path / name).stat().st_size > 0

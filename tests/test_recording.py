@@ -276,7 +276,7 @@ def test_record_task_in_process_records_what_a_server_records(stack: Stack) -> N
 
 
 def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
-    """Later episodes of a pair start off the line, misaligned; the server records them from that state."""
+    """Later episodes of a pair start drifting, pinned or the wrong way; the server records them from there."""
     from game_server.core import physics
     from game_server.core.tracks import load_track
     from pipeline.collect import plan_episodes
@@ -287,14 +287,45 @@ def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
     assert [e.start is None for e in plan] == [True, True, False, False, False, False]
     assert plan == plan_episodes(6, [saved], ["oval", "kidney"], 3, "rec", 1.0, 40)  # a function of the seed
     for e in plan[2:]:
-        assert e.start is not None and e.max_ticks == 40 and e.run_id.endswith("-recovery")
+        assert e.start is not None and e.max_ticks == 40 and "-recovery-" in e.run_id
         physics.validate_state(load_track(e.track), e.start)
+    kinds = {e.run_id.rsplit("-recovery-", 1)[1] for e in plan_episodes(60, [saved], ["oval"], 3, "k", 1.0, 40)[1:]}
+    assert kinds == {"drift", "pinned", "wrong-way"}
     task = RecordTask(RecordSettings(stack.collector.address, max_ticks=3000))
     response = stub_of(stack.servers[0]).Record(task.request(plan[2]), timeout=60)
     assert response.frames == 40
     first, start = frames_of(stack, plan[2].run_id)[0], plan[2].start
     assert start is not None
     assert first.state.car.x_m == start.car.x and first.state.car.speed_m_per_s == start.car.speed
+
+
+@pytest.mark.parametrize("recovering", [True, False])
+def test_a_pinned_recording_is_labelled_with_the_teachers_way_out(stack: Stack, recovering: bool) -> None:
+    """Against alpine's hairpin wall, the recovering teacher's labels reverse and the car gets free; the bare
+    driver only ever presses forward and stays pinned, so its data shows no way out."""
+    from game_server.core.recovery import bend_apexes, pinned_state
+    from game_server.core.state import BACK
+    from game_server.core.tracks import load_track
+
+    track = load_track("alpine")
+    d = drivers.default_driver()
+    saved = SavedDriver(kind=d.kind, track="alpine", lap_ticks=0, cost=0.0, generation=0, params=d.params)
+    start = pinned_state(track, bend_apexes(track)[0], 1.5)
+    settings = RecordSettings(
+        stack.collector.address, max_ticks=200, width_px=64, height_px=48, perturb_probability=0, recovering=recovering
+    )
+    run_id = f"pinned-{'teacher' if recovering else 'bare'}"
+    response = stub_of(stack.servers[0]).Record(
+        RecordTask(settings).request(Episode(run_id, "alpine", saved, 0, 0, start, 200)), timeout=60
+    )
+    records = frames_of(stack, run_id)
+    assert response.frames == len(records) == 200
+    reversing = sum(1 for r in records if r.label_mask & BACK)
+    moved = abs(records[-1].state.lap.arc_m - records[0].state.lap.arc_m)
+    if recovering:
+        assert reversing > 0 and moved > 20.0, (reversing, moved)
+    else:
+        assert reversing == 0 and moved < 5.0, (reversing, moved)
 
 
 @pytest.mark.slow

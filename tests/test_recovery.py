@@ -13,7 +13,7 @@ from game_server.core.recovery import (
     RecoveringPolicy,
     bend_apexes,
     pinned_state,
-    wrong_way_state,
+    recovery_starts,
 )
 from game_server.core.state import FORWARD, SimState
 from game_server.core.tracks import BUILTIN_TRACKS, load_track
@@ -23,15 +23,8 @@ HARD_PIN_RAD = 1.5
 
 
 def starts(name: str) -> list[tuple[str, SimState]]:
-    """A pinned and a wrong-way start at three places: an eighth of the way round, the first hairpin's (or
-    bend's) apex, two thirds of the way round."""
-    track = load_track(name)
-    n = track.n_points
-    out = []
-    for point in (n // 8, bend_apexes(track)[0], 2 * n // 3):
-        out.append((f"pinned@{point}", pinned_state(track, point, HARD_PIN_RAD)))
-        out.append((f"wrong-way@{point}", wrong_way_state(track, point)))
-    return out
+    """The evaluation's recovery starts (pinned and wrong-way at three places), with the nose harder in."""
+    return recovery_starts(load_track(name), HARD_PIN_RAD)
 
 
 def run_teacher(name: str, start: SimState, max_ticks: int) -> tuple[episode.Episode, RecoveringDriver]:
@@ -114,3 +107,25 @@ def test_reset_places_a_pinned_car_that_the_teachers_keys_free_on_a_server(clien
         assert done.state.lap.finished and done.lap_ticks == run.result.lap_ticks
     finally:
         client.close_session(sid)
+
+
+def test_evaluate_with_a_recovering_driver_finishes_from_a_pin_where_the_bare_driver_stays(client: GameClient) -> None:
+    """DriverParams.recovering puts the request's driver inside the teacher, on the server, bit for bit."""
+    from rallyrobopilot.v1 import game_pb2, sim_pb2
+
+    track = load_track("alpine")
+    start = pinned_state(track, bend_apexes(track)[0], HARD_PIN_RAD)
+    ray = drivers.default_driver()
+    results = {}
+    for recovering in (False, True):
+        request = game_pb2.EvaluateRequest(
+            track="alpine",
+            start_state=convert.state_to_pb(start),
+            driver=sim_pb2.DriverParams(kind=ray.kind, params=ray.params, recovering=recovering),
+            max_ticks=2000,
+        )
+        results[recovering] = client.stub.Evaluate(request, timeout=60).result
+    assert not results[False].finished
+    assert results[True].finished
+    local = episode.run_episode(track, start, RecoveringPolicy(RecoveringDriver(track, base=ray.act)), max_ticks=2000)
+    assert results[True].lap_ticks == local.result.lap_ticks

@@ -42,6 +42,8 @@ class RayDriver:
 
     params: tuple[float, ...]
     kind: str = RAYS_V1
+    # Driven inside the recovering teacher (game_server.core.recovery): out of walls and wrong-way states.
+    recovering: bool = False
 
     def __post_init__(self) -> None:
         validate_params(self.kind, self.params)

@@ -30,13 +30,15 @@ _CRAWL_M_PER_S = 4.0
 # A misaligned car with a wall this close ahead (plus 0.1 s of travel) cannot turn round without backing out.
 # An aligned one can slide along the wall (contact keeps the heading), so the base driver keeps it.
 _PINNED_AHEAD_M = 2.5
-# A car that has not moved faster than _STOPPED_M_PER_S for this many ticks while pressing forward is
-# stuck whatever the rays say (a corner, a wall it slides along).
+# A car slower than _STOPPED_M_PER_S with a wall closer than _STUCK_AHEAD_M ahead is stuck whatever its
+# heading (a corner, a wall it slides along).
 _STOPPED_M_PER_S = 0.5
-_STOPPED_TICKS = 10
-# A reversal stops when the rear is this close to a wall or after this many ticks (2 s).
+_STUCK_AHEAD_M = 1.5
+# Moving backwards faster than this is a reversal in progress: the speed's sign is the teacher's only memory,
+# so a learner that sees the frame and the speed has everything the teacher decided from.
+_REVERSING_M_PER_S = -0.05
+# A reversal goes on until the car is aligned with room ahead, or its rear is this close to a wall.
 _BEHIND_MARGIN_M = 2.0
-_MAX_REVERSE_TICKS = 50
 # Rays 4..10 cover +-38 degrees around the heading: the car's 2 m width at the distances that matter.
 _AHEAD_RAYS = range(4, 11)
 
@@ -53,10 +55,10 @@ def _clearance(track: Track, car: CarState, segment: int, backwards: bool) -> fl
 class RecoveringDriver:
     """A base driver (the reference pilot by default) plus the way out of pinned and wrong-way states.
 
-    It keeps two numbers between ticks (the gear it is in and how long it has been stuck or reversing), so
-    one instance drives one episode at a time, ticks in order; `reset()` starts a new one. While the car is
-    aligned within ~70 degrees of the track and free, it returns exactly the base driver's keys, so a free
-    start drives the base driver's lap.
+    Its decision is a function of the state alone (the speed's sign says whether a reversal is under way),
+    so a student that sees the frame and the speed can learn it, and it can label any state a student visits
+    (DAgger). While the car is aligned within ~70 degrees of the track and free, it returns exactly the base
+    driver's keys, so a free start drives the base driver's lap. `recoveries` counts the reversals started.
     """
 
     def __init__(self, track: Track, base: Callable[[Track, SimState], int] | None = None) -> None:
@@ -65,8 +67,6 @@ class RecoveringDriver:
         self.reset()
 
     def reset(self) -> None:
-        self.reversing = False
-        self.counter = 0  # ticks reversing, or ticks stopped while going forward
         self.recoveries = 0  # reversals started: how often the base driver needed help
 
     def act(self, state: SimState) -> int:
@@ -76,27 +76,22 @@ class RecoveringDriver:
         tx, ty = (float(v) for v in self.track.tangent[seg])
         cos_error = c * tx + s * ty
         turn_left = c * ty - s * tx > 0.0  # the track's direction is to the car's left: the heading must grow
-        if self.reversing:
-            done = (
-                cos_error > _COS_ALIGNED
-                or self.counter >= _MAX_REVERSE_TICKS
-                or _clearance(self.track, car, seg, backwards=True) < _BEHIND_MARGIN_M
-            )
-            if not done:
-                self.counter += 1
-                # Reversing turns the nose the other way: the right key swings it left.
-                return BACK | (RIGHT if turn_left else LEFT)
-            self.reversing, self.counter = False, 0
+        # Reversing turns the nose the other way: the right key swings it left.
+        reverse = BACK | (RIGHT if turn_left else LEFT)
         speed = car.speed
+        ahead = _clearance(self.track, car, seg, backwards=False)
+        if speed < _REVERSING_M_PER_S:
+            room = cos_error > _COS_ALIGNED and ahead >= _PINNED_AHEAD_M
+            if not room and _clearance(self.track, car, seg, backwards=True) >= _BEHIND_MARGIN_M:
+                return reverse
         misaligned = cos_error < _COS_MISALIGNED
-        self.counter = self.counter + 1 if speed < _STOPPED_M_PER_S else 0
-        pinned = self.counter >= _STOPPED_TICKS or (
-            misaligned and _clearance(self.track, car, seg, backwards=False) < _PINNED_AHEAD_M + 0.1 * speed
+        pinned = (misaligned and ahead < _PINNED_AHEAD_M + 0.1 * speed) or (
+            speed < _STOPPED_M_PER_S and ahead < _STUCK_AHEAD_M
         )
-        if pinned:
-            self.reversing, self.counter = True, 1
-            self.recoveries += 1
-            return BACK | (RIGHT if turn_left else LEFT)
+        if pinned and _clearance(self.track, car, seg, backwards=True) >= _BEHIND_MARGIN_M:
+            if speed >= _REVERSING_M_PER_S:
+                self.recoveries += 1
+            return reverse
         if not misaligned:
             return self.base(self.track, state)
         # Turning round: a crawl, so the circle is tight (about 3.5 m), steering towards the track direction.
@@ -205,3 +200,15 @@ def bend_apexes(track: Track, share: float = 0.9) -> list[int]:
         else:
             i += 1
     return apexes
+
+
+def recovery_starts(track: Track, angle_rad: float = PINNED_ANGLE_RAD) -> list[tuple[str, SimState]]:
+    """A pinned and a wrong-way start at three places: an eighth of the way round, the first hairpin's (or
+    bend's) apex, two thirds of the way round. Labels name the kind and the point ("pinned@40")."""
+    n = track.n_points
+    apexes = bend_apexes(track)
+    out = []
+    for point in (n // 8, apexes[0] if apexes else n // 2, 2 * n // 3):
+        out.append((f"pinned@{point}", pinned_state(track, point, angle_rad)))
+        out.append((f"wrong-way@{point}", wrong_way_state(track, point)))
+    return out

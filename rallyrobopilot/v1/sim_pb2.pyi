@@ -83,12 +83,14 @@ class ControlProgram(_message.Message):
     def __init__(self, masks: _Optional[bytes] = ...) -> None: ...
 
 class DriverParams(_message.Message):
-    __slots__ = ("kind", "params")
+    __slots__ = ("kind", "params", "recovering")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERING_FIELD_NUMBER: _ClassVar[int]
     kind: str
     params: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[str] = ..., params: _Optional[_Iterable[float]] = ...) -> None: ...
+    recovering: bool
+    def __init__(self, kind: _Optional[str] = ..., params: _Optional[_Iterable[float]] = ..., recovering: _Optional[bool] = ...) -> None: ...
 
 class TrackSummary(_message.Message):
     __slots__ = ("name", "description", "difficulty", "length_m")

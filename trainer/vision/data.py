@@ -110,7 +110,8 @@ def resize_frames(images: np.ndarray, width: int, height: int) -> np.ndarray:
         return images
     out = []
     for start in range(0, len(images), 1024):
-        x = torch.from_numpy(images[start : start + 1024]).permute(0, 3, 1, 2).float()
+        # Read-only arrays (frames decoded from Redis) are copied: torch warns about any it cannot write to.
+        x = torch.from_numpy(np.require(images[start : start + 1024], requirements="W")).permute(0, 3, 1, 2).float()
         y = functional.interpolate(x, size=(height, width), mode="area")
         out.append(y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
