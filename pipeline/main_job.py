@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,14 @@ class Report:
         (out_dir / "report.md").write_text("\n".join(body))
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_main_job(config: MainJobConfig) -> int:
+    # SIGTERM unwinds like Ctrl-C, so every service this job started (Redis, collector, game servers,
+    # TorchServe, Prometheus) is stopped on the way out rather than left running.
+    signal.signal(signal.SIGTERM, _interrupt)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
@@ -159,7 +167,11 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
 
     out = config.out_dir / "model"
     data = DataConfig(redis_url=redis_url, seed=config.seed)
-    train_config = TrainConfig(vision=config.model, epochs=config.epochs, seed=config.seed, progress=False)
+    # The whole one-cycle schedule, keeping the best epoch: at peak learning rate mid-schedule, validation
+    # accuracy on recovery episodes swings by several points, and early stopping there kept an epoch-2 model.
+    train_config = TrainConfig(
+        vision=config.model, epochs=config.epochs, patience=config.epochs, seed=config.seed, progress=False
+    )
     size = (train_config.vision.width, train_config.vision.height)
     frames = load_frames(data, size, progress=False)
     print(f"[run] training the vision model on {len(frames.labels)} frames from Redis", flush=True)
