@@ -26,7 +26,7 @@ from game_server.core.tracks import (
     load_track,
 )
 from game_server.trackmap import plot_laps, save_frame_strip
-from pipeline.collect import CollectConfig, run_collect
+from pipeline.collect import PINNED_SHARE, CollectConfig, run_collect
 from pipeline.deploy_job import DeployJobConfig
 from pipeline.evolve import EvolveJobConfig, EvolveOutcome, run_evolve_job
 from pipeline.pools import PoolSpec, local_game_servers, service
@@ -62,9 +62,8 @@ class MainJobConfig:
     # Data collection: recording episodes of the evolved driver, perturbed and randomised.
     collect_tracks: tuple[str, ...] = setting(TRAINING_TRACKS, "tracks the evolved driver is recorded on")
     episodes: int = setting(36, "recording episodes")
-    recovery_share: float = setting(
-        1.0, "share of later episodes that start drifting, pinned or the wrong way (recoveries)"
-    )
+    recovery_share: float = setting(1.0, "share of later episodes that start drifting or pinned (recoveries)")
+    pinned_share: float = setting(PINNED_SHARE, "share of those that start at rest pinned against a wall")
     record: RecordSettings = nested(RecordSettings)
     # The vision model: its training epochs, and the closed-loop evaluation suite it is raced on.
     epochs: int = setting(12, "vision model training epochs at most")
@@ -292,6 +291,7 @@ def _collect(
         pool=PoolSpec(servers=addresses),
         collector=collector,
         recovery_share=config.recovery_share,
+        pinned_share=config.pinned_share,
     )
     summary = run_collect(collect_config)
     report.figures["collect"] = {

@@ -157,6 +157,8 @@ def test_dagger_labels_the_learners_states_collects_them_and_retrains(
                 epochs_per_iteration=1,
                 budget_factor=0.3,
                 collector=collector.address,
+                recovering=True,
+                recovery_drives=True,
             )
             eval_config = EvalConfig(training_tracks=("oval",), unseen_tracks=(), budget_factor=0.3)
             with EvaluationPool(PoolConfig(servers=(game_server.address,))) as pool:

@@ -1,0 +1,49 @@
+"""The vision model the main job trains gets free from a pinned start on every built-in track.
+
+Training it takes minutes, so the model under test is a snapshot of a seeded main-job run (`rrp run`, seed 0;
+weights and model card in tests/data/main-job-model/, 1.8 MB; retake it when the model changes shape). Driving
+from frames alone through a real game server, placed by Reset against the outer wall at three places on each
+track, it must get free and finish the lap (it slides out, steering away as the evolved driver it imitates).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from game_server.core.pilot import drive_lap
+from game_server.core.recovery import recovery_starts
+from game_server.core.tracks import BUILTIN_TRACKS, load_track
+from pipeline.evaluate import drive_on_server, load_pilot
+from plumbing.procs import ServiceProcess, start_service
+
+MODEL = Path(__file__).parent / "data" / "main-job-model"
+
+
+@pytest.fixture(scope="module")
+def game_server() -> Iterator[ServiceProcess]:
+    proc = start_service(["game-server", "--port", "0"])
+    yield proc
+    proc.stop()
+
+
+def test_the_snapshot_is_a_main_job_model() -> None:
+    card = json.loads((MODEL / "model_card.json").read_text())
+    assert card["model"] == "rrp-vision DrivingNet" and card["data"]["source"].startswith("redis")
+    assert card["settings"]["seed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTIN_TRACKS)
+def test_the_main_job_model_backs_out_of_every_pinned_start(game_server: ServiceProcess, name: str) -> None:
+    pilot = load_pilot(MODEL / "model.safetensors")
+    track = load_track(name)
+    budget = int(1.5 * drive_lap(track)[1].lap_ticks)
+    for label, start in recovery_starts(track):
+        if not label.startswith("pinned"):
+            continue
+        record = drive_on_server(game_server.address, name, pilot, budget, start=start)
+        assert record.finished, f"{name} {label}: {record.stop_reason} at {record.progress_fraction:.0%}"
