@@ -302,16 +302,16 @@ def _collect(
         "frames_per_s": summary.frames_per_s,
         "perturbed_ticks": summary.perturbed_ticks,
     }
+    teacher = ", the driver racing inside the recovering teacher" if config.record.recovering else ""
     report.add(
         "Data collection",
         f"{summary.runs} recording episodes of the evolved driver on {', '.join(config.collect_tracks)}, spread "
         f"over {len(addresses)} game servers by the scheduler, each streaming its frames (128x96 PNG, domain "
         f"randomisation on) to the collector from inside its simulation loop; the applied controls were "
         f"perturbed on {summary.perturbed_ticks} ticks (probability {config.record.perturb_probability} per tick) "
-        f"while the driver's intended keys were recorded as labels. The driver raced inside the recovering teacher, "
-        f"which labels the way out of walls and wrong-way states. After each track's first lap, episodes start "
-        f"drifting (off the centre line, misaligned, at speed), pinned against a wall or facing the wrong way "
-        f"({summary.recovery_starts or 'none'}). "
+        f"while the driver's intended keys were recorded as labels{teacher}. After each track's first lap, "
+        f"episodes start drifting (off the centre line, misaligned, at speed) "
+        f"or pinned against a wall ({summary.recovery_starts or 'none'}). "
         f"{summary.frames} frames in {summary.seconds:.1f} s "
         f"({summary.frames_per_s:.0f} frames/s); {summary.laps_finished} laps finished; {summary.failed} failed.",
     )
