@@ -68,6 +68,11 @@ class CollectConfig:
             raise ValueError("give at least one episode, one driver file and one track")
         if self.collector and self.redis_url:
             raise ValueError("give a collector address or a Redis URL, not both")
+        for name in ("recovery_share", "pinned_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share: between 0 and 1, got {getattr(self, name)}")
+        if self.recovery_ticks < 1:
+            raise ValueError(f"recovery_ticks must be positive, got {self.recovery_ticks}")
 
 
 @dataclass(frozen=True)

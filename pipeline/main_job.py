@@ -77,6 +77,12 @@ class MainJobConfig:
     # Deployment: a second model (one DAgger iteration) rolled out through gate and canary while cars race.
     deployment: DeployJobConfig = nested(DeployJobConfig, prefix="deploy_")
 
+    def __post_init__(self) -> None:
+        # Checked before any service starts, not minutes later at the collection step.
+        for name in ("recovery_share", "pinned_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share: between 0 and 1, got {getattr(self, name)}")
+
 
 @dataclass
 class Report:

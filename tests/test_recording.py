@@ -412,3 +412,14 @@ def test_rrp_collect_run_again_completes_a_partial_run(stack: Stack, tmp_path: P
     assert [r.tick for r in completed] == list(range(60))  # every tick once
     assert [r.image for r in completed] == [r.image for r in reference]
     assert stack.store.get_run("again-oval-0000").end is not None
+
+
+def test_shares_outside_zero_to_one_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    from pipeline.collect import CollectConfig
+    from pipeline.main_job import MainJobConfig
+
+    for bad in ({"pinned_share": 2.0}, {"recovery_share": -0.1}):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            CollectConfig(episodes=1, driver_paths=(tmp_path / "d.json",), tracks=("oval",), **bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            MainJobConfig(**bad)  # type: ignore[arg-type]
