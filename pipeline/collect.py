@@ -56,7 +56,7 @@ class CollectConfig:
     )
     run_prefix: str = setting("", "run id prefix (default collect-s<seed>)")
     recovery_share: float = setting(
-        0.0, "share of each driver/track pair's later episodes that start drifting, pinned or the wrong way"
+        0.0, "share of each driver/track pair's later episodes that start drifting or pinned (recoveries)"
     )
     recovery_ticks: int = setting(500, "length of a recovery episode, ticks")
     pinned_share: float = setting(
@@ -105,7 +105,7 @@ class CollectSummary:
     servers: str
     redis_data_dir: str | None
     episodes: list[EpisodeReport]
-    recovery_starts: str = ""  # e.g. "drift 9, pinned 6, wrong-way 3"
+    recovery_starts: str = ""  # e.g. "drift 18, pinned 6"
 
 
 def episode_seeds(seed: int, index: int) -> tuple[int, int]:

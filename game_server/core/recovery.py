@@ -79,12 +79,14 @@ class RecoveringDriver:
         # Reversing turns the nose the other way: the right key swings it left.
         reverse = BACK | (RIGHT if turn_left else LEFT)
         speed = car.speed
-        ahead = _clearance(self.track, car, seg, backwards=False)
+        misaligned = cos_error < _COS_MISALIGNED
+        # The raycast only where a rule reads it: an aligned car at speed, every tick of a free lap, needs none.
+        near_rule = speed < _REVERSING_M_PER_S or misaligned or speed < _STOPPED_M_PER_S
+        ahead = _clearance(self.track, car, seg, backwards=False) if near_rule else math.inf
         if speed < _REVERSING_M_PER_S:
             room = cos_error > _COS_ALIGNED and ahead >= _PINNED_AHEAD_M
             if not room and _clearance(self.track, car, seg, backwards=True) >= _BEHIND_MARGIN_M:
                 return reverse
-        misaligned = cos_error < _COS_MISALIGNED
         pinned = (misaligned and ahead < _PINNED_AHEAD_M + 0.1 * speed) or (
             speed < _STOPPED_M_PER_S and ahead < _STUCK_AHEAD_M
         )
