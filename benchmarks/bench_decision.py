@@ -3,8 +3,10 @@
 Training weights rare keys up (`class_weights`: (n / (k n_c)) ** 0.5), and a net trained with a weighted loss
 learns q(y|x) proportional to w_y p(y|x): its argmax presses rare keys (coast, brake, a steering side) more
 often than the teacher does. Subtracting log w_y from the logits undoes that (logit adjustment), so the keys
-are the teacher's most likely ones. This races the same model both ways over the evaluation suite, side by
-side, with the weights recomputed from the run's training labels exactly as training computed them.
+are the teacher's most likely ones. Training stores that offset in the model (`decision_offset`,
+`--decision-prior`); this races the same net both ways over the evaluation suite, side by side: with its
+offset set to zero (argmax) and with the offset (the stored one, or, for a model trained before it was
+stored or with `--strength`, recomputed from the run's training labels exactly as training computes it).
 
     python benchmarks/bench_decision.py --run out/run                 # the main job's model and data
     python benchmarks/bench_decision.py --run out/run --tracks kidney,oval,alpine --strength 0.5
@@ -13,6 +15,7 @@ side, with the weights recomputed from the run's training labels exactly as trai
 from __future__ import annotations
 
 import argparse
+import copy as copy_module
 import json
 import shutil
 import tempfile
@@ -22,18 +25,15 @@ from typing import Any
 
 import torch
 
-from trainer.vision.model import N_CLASSES
+from trainer.vision.model import N_CLASSES, DrivingNet
 
 
-class AdjustedModel(torch.nn.Module):
-    """The model with `offset` added to its logits: the decision changes, the net does not."""
-
-    def __init__(self, model: torch.nn.Module, offset: torch.Tensor) -> None:
-        super().__init__()
-        self.model, self.offset = model, offset
-
-    def forward(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
-        return self.model(frames, speed) + self.offset
+def with_offset(model: DrivingNet, offset: torch.Tensor) -> DrivingNet:
+    """A copy of the model deciding with `offset`: the decision changes, the net does not."""
+    copy = copy_module.deepcopy(model)
+    with torch.no_grad():
+        copy.decision_offset.copy_(offset)
+    return copy
 
 
 def training_offsets(run: Path, strength: float) -> torch.Tensor:
@@ -63,7 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("out/run"), help="a finished main-job run")
     parser.add_argument("--tracks", default="", help="suite tracks (default: the whole suite)")
-    parser.add_argument("--strength", type=float, default=1.0, help="share of the correction (1: full)")
+    parser.add_argument(
+        "--strength", type=float, default=None, help="share of the correction, recomputed (default: the stored one)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench/decision"))
     args = parser.parse_args()
 
@@ -76,14 +78,20 @@ def main() -> None:
     torch.set_num_threads(1)
     tracks = tuple(t for t in args.tracks.split(",") if t) or (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS)
     model = load_model(args.run / "model" / "model.safetensors")
-    offset = training_offsets(args.run, args.strength)
+    stored = model.decision_offset.clone()
+    if args.strength is not None or not bool(stored.any()):
+        offset = training_offsets(args.run, 1.0 if args.strength is None else args.strength)
+    else:
+        offset = stored
     print(f"logit offsets (throttle none/fwd/back, steer none/left/right): {offset.numpy().round(3).tolist()}")
     rows: dict[str, Any] = {}
     t0 = time.perf_counter()
     with local_game_servers(2) as servers:
         pool = PoolSpec(servers=tuple(s.address for s in servers))
         config = EvalConfig(driver_path=args.run / "evolve" / "best_driver.json", pool=pool)
-        for name, net in (("argmax (baseline)", model), ("prior-corrected", AdjustedModel(model, offset))):
+        variants = (("argmax (baseline)", torch.zeros_like(offset)), ("prior-corrected", offset))
+        for name, variant in variants:
+            net = with_offset(model, variant)
             pilot = VisionPilot(net, model.config.width, model.config.height)
             suite = run_suite(pilot, config, tracks, args.out / name.split()[0], recovery=True)
             rows[name] = {"summary": suite["summary"], "recovery": suite["recovery_summary"]}
@@ -102,7 +110,8 @@ def main() -> None:
         finished = ", ".join(f"{k} {v['model_finished']}/{v['starts']}" for k, v in rec.items())
         print(f"{name}: recovery starts finished {finished}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_decision.json").write_text(json.dumps({"strength": args.strength, "rows": rows}, indent=2))
+    result = {"offset": offset.tolist(), "strength": args.strength, "rows": rows}
+    (args.out / "bench_decision.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

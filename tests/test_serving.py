@@ -151,6 +151,7 @@ def test_torchserve_answers_like_the_model_in_process(torchserve: LocalTorchServ
     assert mode == 0o600 and torchserve.workdir.stat().st_mode & 0o777 == 0o700
     assert torchserve.keys is not None and torchserve.keys.inference not in repr(torchserve.keys)
     local = InProcessClient.load(_weights_of(torchserve))
+    assert float(local.net.decision_offset.abs().max()) > 0.05  # the decision offset is served as well
     for seed in range(5):
         frame, speed = _frame(seed), 3.0 * seed
         assert served.infer(frame, speed, 10.0) == local.infer(frame, speed, 10.0)

@@ -38,6 +38,7 @@ NAME = "rrp-vision"
 MODEL = ModelRef(NAME)
 FAULT_AT_S = 2.0  # into the race (~tick 50)
 RIDE_S = 2.0  # raced on after the fault is over
+OUTAGE_TICKS = 15  # of the >= 25 ticks (1 s) with no answer, those after safe mode's entry (safe_after_ms)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,13 @@ def _longest_run_of_zeros(keys: list[int]) -> int:
     return best
 
 
+def _assert_safe_ticks_coasted(lap: LapRecord) -> None:
+    """Every safe tick coasted, and the outage (at least 1 s with nothing answering) in one run. A loaded machine
+    may add a short safe-mode episode elsewhere, so the safe ticks need not all be in that one run."""
+    assert lap.safe_ticks > 0 and lap.keys.count(0) >= lap.safe_ticks
+    assert _longest_run_of_zeros(lap.keys) >= OUTAGE_TICKS, lap.keys
+
+
 def workers_of(server: LocalTorchServe) -> list[Any]:
     """TorchServe's Python model workers (psutil processes)."""
     found = []
@@ -205,7 +213,7 @@ def test_a_killed_worker_is_ridden_through_on_the_fallback_and_answers_again(
     assert lap.stop_reason == "stopped" and lap.ticks >= (FAULT_AT_S + RIDE_S) / TICK_S
     assert lap.missed_ticks == 0
     assert lap.fallbacks > 0 and lap.safe_ticks > 0  # the restarted worker answered nothing for seconds
-    assert _longest_run_of_zeros(lap.keys) >= lap.safe_ticks  # the unanswered ticks coasted
+    _assert_safe_ticks_coasted(lap)  # the unanswered ticks coasted
     assert _metric("rrp_autopilot_fallbacks_total", version="default") - before["fallbacks"] == lap.fallbacks
     assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before["safe_ticks"] == lap.safe_ticks
     assert client.answered_after(killed_at + 1.0) > 20  # the new worker answers, for the RIDE_S after
@@ -270,7 +278,7 @@ def test_the_only_model_server_restarted_slows_the_car_safely_and_it_resumes(
         server.stop()
     assert not errors and back, errors
     assert lap.stop_reason == "stopped" and lap.missed_ticks == 0
-    assert lap.safe_ticks > 0 and _longest_run_of_zeros(lap.keys) >= lap.safe_ticks
+    _assert_safe_ticks_coasted(lap)
     assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before == lap.safe_ticks
     outage = [outcome for when, outcome in client.calls if killed_at < when < back[0]]
     assert "UNAVAILABLE" in outage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from game_server import convert
 from game_server.core.drivers import default_driver
@@ -22,8 +25,16 @@ from pipeline.evaluate import EvalConfig, run_evaluation
 from pipeline.pools import PoolSpec
 from plumbing.procs import ServiceProcess, start_service
 from rrp.cli import main
-from trainer.vision.data import AugmentConfig, FrameSet, augment, generate_samples
-from trainer.vision.model import STEER_NONE, THROTTLE_NONE, VisionConfig, build_model, decide, mask_targets
+from trainer.vision.data import AugmentConfig, FrameSet, augment, class_weights, generate_samples, split_frames
+from trainer.vision.model import (
+    STEER_NONE,
+    THROTTLE_BACK,
+    THROTTLE_NONE,
+    VisionConfig,
+    build_model,
+    decide,
+    mask_targets,
+)
 from trainer.vision.pilot import VisionPilot
 from trainer.vision.train import TrainConfig, export_torchscript, load_model, save_weights, train
 
@@ -85,6 +96,50 @@ def test_torchscript_export_agrees_with_the_eager_model(tmp_path: Path) -> None:
         eager, exported = model(images, speeds), scripted(images, speeds)
     torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(decide(exported), decide(eager))
+
+
+def test_the_decision_offset_is_the_training_prior_and_travels_with_the_weights_and_export(
+    frames: FrameSet, tmp_path: Path
+) -> None:
+    config = TrainConfig(vision=SMALL, epochs=1, batch_size=32, progress=False, seed=1)
+    model = train(config, frames).model
+    train_idx, _ = split_frames(frames, config.val_fraction, config.seed, config.split_by)
+    expected = -torch.log(torch.cat(class_weights(frames.labels[train_idx])))
+    torch.testing.assert_close(model.decision_offset, expected)
+    assert float(expected.abs().max()) > 0.05  # the data's keys are unbalanced: the offset decides something
+    images, speeds = _probe()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, speeds), model.raw_logits(images, speeds) + expected)
+    save_weights(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    torch.testing.assert_close(loaded.decision_offset, expected)
+    export_torchscript(loaded, tmp_path / "m.ts")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(images, speeds), model(images, speeds))
+    # A large offset on "back" makes every pilot brake: the offset is in what each consumer decides on.
+    with torch.no_grad():
+        loaded.decision_offset[THROTTLE_BACK] = 1e3
+    export_torchscript(loaded, tmp_path / "back.ts")
+    frame, speed = images[0].numpy(), float(speeds[0])
+    for net in (loaded, torch.jit.load(str(tmp_path / "back.ts"))):
+        assert VisionPilot(net, SMALL.width, SMALL.height).act(frame, speed) & (FORWARD | BACK) == BACK
+    assert VisionPilot(torch.jit.load(str(tmp_path / "m.ts")), SMALL.width, SMALL.height).act(frame, speed) & BACK == 0
+    plain = train(dataclasses.replace(config, decision_prior=0.0), frames).model
+    assert torch.equal(plain.decision_offset, torch.zeros(6))
+
+
+def test_weights_saved_before_the_decision_offset_load_with_plain_argmax(tmp_path: Path) -> None:
+    model = build_model(SMALL).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "decision_offset"}
+    save_weights(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    old = load_model(tmp_path / "old.safetensors")
+    assert torch.equal(old.decision_offset, torch.zeros(6))
+    images, speeds = _probe()
+    with torch.no_grad():
+        torch.testing.assert_close(old(images, speeds), model(images, speeds))
 
 
 def test_heads_and_flip_keep_masks_consistent() -> None:

@@ -44,6 +44,12 @@ class DrivingNet(nn.Module):
     each frame is standardised by its own mean and spread, which makes the net indifferent to the global
     brightness and contrast that domain randomisation varies. Convolutions keep the layout (flattened, not
     pooled) because where the road edges are in the picture is what decides the steering.
+
+    `forward` adds `decision_offset` to the logits the net computes (`raw_logits`). A net trained with class
+    weights w_y learns scores proportional to w_y p(y|x), so its argmax presses rare keys more often than the
+    teacher did; training stores -log w_y here (logit adjustment), and every consumer of the model (the
+    pilot, TorchScript, the model server) then decides on the teacher's most likely keys. It is a buffer, so it
+    travels in the weights file and the export.
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -62,8 +68,14 @@ class DrivingNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(config.hidden + 1, config.hidden // 2), nn.ReLU(), nn.Linear(config.hidden // 2, N_LOGITS)
         )
+        self.decision_offset: torch.Tensor
+        self.register_buffer("decision_offset", torch.zeros(N_LOGITS))
 
     def forward(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+        return self.raw_logits(frames, speed) + self.decision_offset
+
+    def raw_logits(self, frames: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+        """The net's own scores, without the decision offset: what the training loss sees."""
         x = frames.permute(0, 3, 1, 2).float()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         centred = x - mean

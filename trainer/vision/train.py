@@ -38,7 +38,7 @@ from trainer.vision.data import (
     generate_samples,
     split_frames,
 )
-from trainer.vision.model import N_CLASSES, DrivingNet, VisionConfig, build_model, decide, mask_targets
+from trainer.vision.model import N_CLASSES, N_LOGITS, DrivingNet, VisionConfig, build_model, decide, mask_targets
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class TrainConfig:
     augment: bool = setting(True, "photometric and geometric jitter of training batches")
     augmentation: AugmentConfig = nested(AugmentConfig, prefix="augment_")
     balance: bool = setting(True, "class weights in the loss, so rare keys count")
+    decision_prior: float = setting(
+        1.0,
+        "share of the class weights' log taken off the logits when deciding (logit adjustment: the keys the "
+        "teacher most likely pressed; 0: argmax of the weighted net)",
+    )
     threads: int = setting(2, "torch threads (fixed, for reproducibility)")
     seed: int = setting(0, "seed of data, initialisation, order and augmentation")
     # Off by default: a model must depend on its seed and data, never on how busy the machine was.
@@ -232,6 +237,10 @@ def train(
     if init is not None:
         model.load_state_dict(init.state_dict())
     weights = class_weights(train_set.labels) if config.balance else None
+    # Set before the first epoch, so validation (and the choice of the best epoch) measures the decisions the
+    # car will make; the loss reads the raw logits and never sees it.
+    with torch.no_grad():
+        model.decision_offset.copy_(decision_offset(weights, config.decision_prior))
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * max(1, -(-len(train_set) // config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=steps)
@@ -255,7 +264,7 @@ def train(
             x, m = images[idx], labels[idx]
             if config.augment:
                 x, m = augment(x, m, config.augmentation, generator)
-            loss = head_losses(model(x, speeds[idx]), m, weights)
+            loss = head_losses(model.raw_logits(x, speeds[idx]), m, weights)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -304,6 +313,13 @@ def train(
     return TrainResult(model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds)
 
 
+def decision_offset(weights: tuple[torch.Tensor, torch.Tensor] | None, share: float) -> torch.Tensor:
+    """-share * log w per logit (throttle then steering); zeros when training used no class weights."""
+    if weights is None or share == 0.0:
+        return torch.zeros(N_LOGITS)
+    return -share * torch.log(torch.cat(weights))
+
+
 # -- artefacts ------------------------------------------------------------------------------------------------
 
 
@@ -330,6 +346,8 @@ def load_model(path: Path) -> DrivingNet:
     raw = header["config"] if isinstance(header["config"], dict) else json.loads(header["config"])
     config = VisionConfig(**{**raw, "channels": tuple(raw["channels"])})
     model = DrivingNet(config)
+    # Files written before the decision offset existed decide by plain argmax.
+    state.setdefault("decision_offset", torch.zeros(N_LOGITS))
     model.load_state_dict(state)
     return model.eval()
 
@@ -364,6 +382,7 @@ def save_training_run(
         "seed": config.seed,
         "input": f"frames (N, {c.height}, {c.width}, 3) uint8 RGB + speed (N,) m/s",
         "output": "logits (N, 6): throttle [none, forward, back], steering [none, left, right]",
+        "decision_offset": [round(float(v), 6) for v in result.model.decision_offset],
         "data": {
             "source": data.describe(),
             **frames.summary(),
@@ -410,6 +429,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
 - Date: {card["date"]}; seed {card["seed"]}; torch {t["torch"]}
 - Input: {card["input"]}
 - Output: {card["output"]}; keys = argmax of each head
+- Decision offset (-{card["settings"]["decision_prior"]} x log of the training class weights, in the logits):
+  {card["decision_offset"]}
 
 ## Data
 - Source: {d["source"]}
