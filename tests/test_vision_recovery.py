@@ -4,6 +4,7 @@ Training it takes minutes, so the model under test is a snapshot of a seeded mai
 weights and model card in tests/data/main-job-model/, 1.8 MB; retake it when the model changes shape). Driving
 from frames alone through a real game server, placed by Reset against the outer wall at three places on each
 track, it must get free and finish the lap (it slides out, steering away as the evolved driver it imitates).
+The snapshot decides with its stored decision offset, as every model trained with the defaults does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def test_the_snapshot_is_a_main_job_model() -> None:
     card = json.loads((MODEL / "model_card.json").read_text())
     assert card["model"] == "rrp-vision DrivingNet" and card["data"]["source"].startswith("redis")
     assert card["settings"]["seed"] == 0
+    assert card["settings"]["decision_prior"] == 1.0 and any(card["decision_offset"])  # decides as the default
 
 
 @pytest.mark.slow
