@@ -126,6 +126,9 @@ def test_the_decision_offset_is_the_training_prior_and_travels_with_the_weights_
     assert VisionPilot(torch.jit.load(str(tmp_path / "m.ts")), SMALL.width, SMALL.height).act(frame, speed) & BACK == 0
     plain = train(dataclasses.replace(config, decision_prior=0.0), frames).model
     assert torch.equal(plain.decision_offset, torch.zeros(6))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="decision_prior"):
+            dataclasses.replace(config, decision_prior=bad)
 
 
 def test_weights_saved_before_the_decision_offset_load_with_plain_argmax(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -145,6 +146,10 @@ class TrainConfig:
     # Off by default: a model must depend on its seed and data, never on how busy the machine was.
     time_limit_s: float | None = setting(None, "optional: stop after the epoch that crosses this many seconds")
     progress: bool = setting(True, "progress bars", cli=False)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.decision_prior) or self.decision_prior < 0:
+            raise ValueError(f"decision_prior must be a finite share >= 0, got {self.decision_prior}")
 
 
 @dataclass(frozen=True)
