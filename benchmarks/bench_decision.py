@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from trainer.vision.model import N_CLASSES, DrivingNet
+from trainer.vision.model import DrivingNet
 
 
 def with_offset(model: DrivingNet, offset: torch.Tensor) -> DrivingNet:
@@ -40,7 +40,7 @@ def training_offsets(run: Path, strength: float) -> torch.Tensor:
     """-strength * log(w) per logit, w the class weights of the run's training split (as `train` computes them)."""
     from plumbing.redis_local import LocalRedis
     from trainer.vision.data import class_weights, split_frames
-    from trainer.vision.train import DataConfig, TrainConfig, load_frames
+    from trainer.vision.train import DataConfig, TrainConfig, decision_offset, load_frames
 
     card = json.loads((run / "model" / "model_card.json").read_text())
     settings = card["settings"]
@@ -53,10 +53,7 @@ def training_offsets(run: Path, strength: float) -> torch.Tensor:
         with LocalRedis(copy) as redis:
             frames = load_frames(DataConfig(redis_url=redis.url, seed=config.seed), (width, height), progress=False)
     train_idx, _ = split_frames(frames, config.val_fraction, config.seed, config.split_by)
-    throttle, steer = class_weights(frames.labels[train_idx])
-    offset = -strength * torch.log(torch.cat([throttle, steer]))
-    assert offset.shape == (2 * N_CLASSES,)
-    return offset
+    return decision_offset(class_weights(frames.labels[train_idx]), strength)
 
 
 def main() -> None:
