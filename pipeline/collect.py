@@ -144,7 +144,7 @@ def plan_episodes(
     return plan
 
 
-def recovery_start(track: Track, rng: np.random.Generator, pinned_share: float = 0.25) -> tuple[str, SimState]:
+def recovery_start(track: Track, rng: np.random.Generator, pinned_share: float) -> tuple[str, SimState]:
     """A recovery episode's kind and start state: drifting (off the centre line, misaligned, at speed), or with
     probability `pinned_share` at rest pinned against the outer wall (half of them at a hairpin's apex, where a
     fast car overshoots). Never facing the wrong way: both walls look alike, so no frame shows which way the
