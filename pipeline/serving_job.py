@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from game_server.core.state import TICK_S
+from pipeline.plots import plot_latency
 from plumbing.settings import setting
 from serving.archive import ArchiveConfig, build_archive
-from serving.autopilot import AutopilotConfig, AutopilotResult, plot_latency, result_json, run_autopilot
+from serving.autopilot import AutopilotConfig, AutopilotResult, result_json, run_autopilot
 from serving.client import ModelRef, TorchServeClient
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
