@@ -177,7 +177,7 @@ def run_collect(config: CollectConfig) -> CollectSummary:
     with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
         task = RecordTask(_with_address(config.settings, address))
         with open_pool(config.pool, task.timeout_s) as (pool, where):
-            print(f"[collect] {len(plan)} episodes on {where}, frames to the collector at {address}", flush=True)
+            log.info(f"{len(plan)} episodes on {where}, frames to the collector at {address}")
             t0 = time.perf_counter()
             futures = [pool.submit(task, episode) for episode in plan]
             rows = [
@@ -206,11 +206,10 @@ def run_collect(config: CollectConfig) -> CollectSummary:
         ),
     )
     (config.out_dir / SUMMARY).write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    print(
-        f"[collect] {summary.runs} runs ({summary.failed} failed), {summary.frames} frames, "
+    log.info(
+        f"{summary.runs} runs ({summary.failed} failed), {summary.frames} frames, "
         f"{summary.laps_finished} laps finished, {summary.seconds:.1f} s, {summary.frames_per_s:.0f} frames/s; "
         f"summary in {config.out_dir / SUMMARY}",
-        flush=True,
     )
     return summary
 
@@ -225,12 +224,11 @@ def _report(i: int, total: int, episode: Episode, future: Future[game_pb2.Record
     try:
         r = future.result()
     except EvaluationError as exc:
-        print(f"[collect] {i + 1}/{total} {episode.run_id}: FAILED {exc}", flush=True)
+        log.info(f"{i + 1}/{total} {episode.run_id}: FAILED {exc}")
         return EpisodeReport(*ids, ok=False, error=str(exc))
     lap = f"lap {r.result.lap_time_s:.2f} s" if r.result.finished else f"{r.result.progress_fraction:.0%} of a lap"
-    print(
-        f"[collect] {i + 1}/{total} {episode.run_id}: {r.frames} frames, {lap}, {r.perturbed_ticks} perturbed ticks",
-        flush=True,
+    log.info(
+        f"{i + 1}/{total} {episode.run_id}: {r.frames} frames, {lap}, {r.perturbed_ticks} perturbed ticks",
     )
     return EpisodeReport(
         *ids,

@@ -72,7 +72,7 @@ def run_serving_job(
         assert server.keys is not None
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
-        print(f"[serving] TorchServe at {server.inference_address}: racing {config.track} in real time", flush=True)
+        log.info(f"TorchServe at {server.inference_address}: racing {config.track} in real time")
         result = run_autopilot(pilot, game_servers, lambda: TorchServeClient(server.inference_address, model, key))
         memory = server.memory_mb()
     plot_latency(result, out_dir / "latency.png")

@@ -14,15 +14,23 @@ def _train() -> tuple[type[Any], Any]:
 
 
 def _evaluate() -> tuple[type[Any], Any]:
-    from pipeline.evaluate import EvaluateJobConfig, run_evaluate_job
+    from pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 
-    return EvaluateJobConfig, run_evaluate_job
+    def run(config: EvaluateJobConfig) -> int:
+        print(run_evaluate_job(config), flush=True)
+        return 0
+
+    return EvaluateJobConfig, run
 
 
 def _dagger() -> tuple[type[Any], Any]:
     from pipeline.dagger import DaggerJobConfig, run_dagger_job
 
-    return DaggerJobConfig, run_dagger_job
+    def run(config: DaggerJobConfig) -> int:
+        print(run_dagger_job(config), flush=True)
+        return 0
+
+    return DaggerJobConfig, run
 
 
 def register(commands: Commands) -> None:
