@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.curves import CurvesConfig, run_learning_curves
 from plumbing.settings import env_value, nested, setting
 from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,21 +21,21 @@ class TrainJobConfig:
     curves: CurvesConfig = nested(CurvesConfig)
 
 
-def run_train_job(config: TrainJobConfig) -> int:
-    """Trains and saves the model (or the learning curves); the Redis password comes from the environment."""
+def run_train_job(config: TrainJobConfig) -> str:
+    """Trains and saves the model (or the learning curves); the Redis password comes from the environment.
+
+    Returns what was made, in a line for the CLI to show."""
     data, settings, out = config.data, config.train, config.out_dir
     password = env_value("redis_password")
     if config.learning_curves:
         rows = run_learning_curves(data, settings, config.curves, out, password)
-        log.info(f"learning curves ({len(rows)} points) written to {out}")
-        return 0
+        return f"learning curves ({len(rows)} points) written to {out}"
     frames = load_frames(data, (settings.vision.width, settings.vision.height), redis_password=password)
     result = train(settings, frames)
     card = save_training_run(result, settings, data, frames, out)
     m = card["metrics"]
-    log.info(
+    return (
         f"{result.train_frames} training frames, best epoch {result.best_epoch}: throttle "
         f"{m['throttle_acc']:.3f}, steering {m['steer_acc']:.3f}, exact {m['exact_acc']:.3f} in "
-        f"{result.seconds:.0f} s; model and card in {out}",
+        f"{result.seconds:.0f} s; model and card in {out}"
     )
-    return 0

@@ -10,7 +10,11 @@ from rrp.command import Commands
 def _train() -> tuple[type[Any], Any]:
     from pipeline.train import TrainJobConfig, run_train_job
 
-    return TrainJobConfig, run_train_job
+    def run(config: TrainJobConfig) -> int:
+        print(run_train_job(config), flush=True)
+        return 0
+
+    return TrainJobConfig, run
 
 
 def _evaluate() -> tuple[type[Any], Any]:
