@@ -120,10 +120,8 @@ def run_main_job(config: MainJobConfig) -> int:
         collector = stack.enter_context(service(["collector", "--port", "0"], {"RRP_REDIS_URL": redis.url}))
         servers = stack.enter_context(local_game_servers(config.game_servers))
         addresses = tuple(s.address for s in servers)
-        log.info(
-            f"redis {redis.url} (data in {out / 'redis'}), collector {collector.address}, "
-            f"{len(servers)} game servers: {', '.join(addresses)}",
-        )
+        log.info("redis %s (data in %s), collector %s, %d game servers: %s", redis.url, out / "redis",
+                 collector.address, len(servers), ", ".join(addresses))  # fmt: skip
         evolved = _evolve(config, addresses, out / "evolve", report)
         with GameClient(addresses[0]) as client:
             finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
@@ -136,8 +134,8 @@ def run_main_job(config: MainJobConfig) -> int:
             _deploy(config, model_path.parent, trained, addresses, evolved, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
-    log.info(f"report: {out / 'report.md'} ({report.figures['wall_time_s']} s)")
-    log.info(f"targets met: {targets_met}")
+    log.info("report: %s (%s s)", out / "report.md", report.figures["wall_time_s"])
+    log.info("targets met: %s", targets_met)
     return 0 if finished and data_ok else 1
 
 
@@ -162,7 +160,7 @@ def _deploy(
         evolved.driver_path, addresses, out / "model-2", config.deployment.dagger_epochs,
     )  # fmt: skip
     figures = run_deploy_job(model_dir, second, addresses, config.track, out, config.deployment)
-    log.info(f"deployment of the second model: {figures['decision']} ({figures['reason']})")
+    log.info("deployment of the second model: %s (%s)", figures["decision"], figures["reason"])
     report.add("Deployment: a second model through gate and canary", figures.pop("markdown"))
     report.figures["deployment"] = figures
 
@@ -179,7 +177,7 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
     )
     size = (train_config.vision.width, train_config.vision.height)
     frames = load_frames(data, size, progress=False)
-    log.info(f"training the vision model on {len(frames.labels)} frames from Redis")
+    log.info("training the vision model on %d frames from Redis", len(frames.labels))
     result = train(train_config, frames)
     card = save_training_run(result, train_config, data, frames, out)
     m = card["metrics"]
@@ -192,9 +190,9 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
         "val_exact_acc": m["exact_acc"],
     }
     log.info(
-        f"trained in {result.seconds:.0f} s: validation throttle {m['throttle_acc']:.3f}, steering "
-        f"{m['steer_acc']:.3f}, exact keys {m['exact_acc']:.3f}; model card {out / 'model_card.md'}",
-    )
+        "trained in %.0f s: validation throttle %.3f, steering %.3f, exact keys %.3f; model card %s",
+        result.seconds, m["throttle_acc"], m["steer_acc"], m["exact_acc"], out / "model_card.md",
+    )  # fmt: skip
     report.add(
         "Vision model",
         f"A CNN from the {size[0]}x{size[1]} camera frame (and the speed, as a dashboard shows it) to the keys, "
@@ -297,6 +295,7 @@ def _collect(
         pinned_share=config.pinned_share,
     )
     summary = run_collect(collect_config)
+    log.info("collected %s", summary.describe())
     report.figures["collect"] = {
         "runs": summary.runs,
         "failed": summary.failed,
@@ -325,7 +324,7 @@ def _validate(config: MainJobConfig, redis_url: str, report: Report) -> bool:
     result = validate_source(RedisRuns(redis_url), DataRequirements(), out_dir=out)
     report.figures["validation"] = {"passed": result.passed, "failures": list(result.failures)}
     verdict = "passed" if result.passed else "FAILED: " + "; ".join(result.failures)
-    log.info(f"data validation {verdict} (report in {out / 'validation.md'})")
+    log.info("data validation %s (report in %s)", verdict, out / "validation.md")
     report.add(
         "Data validation",
         f"Validation {verdict}. Full report: [validation/validation.md](validation/validation.md).\n\n"

@@ -72,7 +72,7 @@ def run_serving_job(
         assert server.keys is not None
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
-        log.info(f"TorchServe at {server.inference_address}: racing {config.track} in real time")
+        log.info("TorchServe at %s: racing %s in real time", server.inference_address, config.track)
         result = run_autopilot(pilot, game_servers, lambda: TorchServeClient(server.inference_address, model, key))
         memory = server.memory_mb()
     plot_latency(result, out_dir / "latency.png")
