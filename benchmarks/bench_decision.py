@@ -67,8 +67,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from game_server.core.tracks import BUILTIN_TRACKS, SUITE_UNSEEN_TRACKS
-    from pipeline.evaluate import EvalConfig, run_suite
+    from pipeline.evaluate import EvalConfig
     from pipeline.pools import PoolSpec, local_game_servers
+    from pipeline.suite import run_suite
     from trainer.vision.pilot import VisionPilot
     from trainer.vision.train import load_model
 
@@ -91,7 +92,8 @@ def main() -> None:
             net = with_offset(model, variant)
             pilot = VisionPilot(net, model.config.width, model.config.height)
             suite = run_suite(pilot, config, tracks, args.out / name.split()[0], recovery=True)
-            rows[name] = {"summary": suite["summary"], "recovery": suite["recovery_summary"]}
+            found = suite.to_json()
+            rows[name] = {"summary": found["summary"], "recovery": found["recovery_summary"]}
     print(f"\nmodel {args.run / 'model'}, {len(tracks)} tracks x plain/randomised ({time.perf_counter() - t0:.0f} s)")
     print("| decision | condition | built-in | held-out | median vs driver | median vs reference | wall contacts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

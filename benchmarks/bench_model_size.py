@@ -121,8 +121,9 @@ class Bench:
 
 def measure(candidate: Candidate, frames: Any, bench: Bench, out_dir: Path) -> dict[str, Any]:
     """Trains one candidate, races the suite with it, and times it in process and through TorchServe."""
-    from pipeline.evaluate import EvalConfig, run_suite
+    from pipeline.evaluate import EvalConfig
     from pipeline.pools import PoolSpec
+    from pipeline.suite import run_suite
     from trainer.vision.pilot import VisionPilot
     from trainer.vision.train import TrainConfig, save_training_run, train
 
@@ -141,10 +142,9 @@ def measure(candidate: Candidate, frames: Any, bench: Bench, out_dir: Path) -> d
     eval_config = EvalConfig(driver_path=driver, pool=PoolSpec(servers=bench.servers))
     suite = run_suite(pilot, eval_config, bench.tracks, out_dir / "suite", pool=bench.pool)
     suite_s = time.perf_counter() - t0
-    failed = [
-        f"{r['track']} ({r['condition']}, {r['progress_fraction']:.0%})" for r in suite["rows"] if not r["finished"]
-    ]
-    print(f"  suite in {suite_s:.0f} s: {suite['summary']}; not finished: {failed or 'none'}", flush=True)
+    found = suite.to_json()
+    failed = [f"{r['track']} ({r['condition']}, {r['progress_fraction']:.0%})" for r in suite.rows if not r["finished"]]
+    print(f"  suite in {suite_s:.0f} s: {found['summary']}; not finished: {failed or 'none'}", flush=True)
 
     in_process = percentiles(latencies_ms(model, candidate.vision, bench.in_process_frames))
     served = serving_latency(model_dir, out_dir, bench.served_frames)
@@ -163,8 +163,8 @@ def measure(candidate: Candidate, frames: Any, bench: Bench, out_dir: Path) -> d
         "val_steer_acc": round(m["steer_acc"], 4),
         "val_throttle_acc": round(m["throttle_acc"], 4),
         "suite_s": round(suite_s, 1),
-        "suite": suite["summary"],
-        "recovery": suite["recovery_summary"],
+        "suite": found["summary"],
+        "recovery": found["recovery_summary"],
         "not_finished": failed,
         "in_process_ms": in_process,
         "torchserve_ms": served,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,8 +11,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from game_server.core.lap import LapWatch
 from plumbing import telemetry
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -25,6 +30,14 @@ def channel_options() -> list[tuple[str, int]]:
 def frame_array(frame: sim_pb2.Frame) -> np.ndarray:
     """The frame's pixels as an (H, W, 3) uint8 array."""
     return np.frombuffer(frame.rgb, dtype=np.uint8).reshape(frame.height_px, frame.width_px, 3)
+
+
+def watch_observation(watch: LapWatch, obs: sim_pb2.Observation) -> bool:
+    """Feeds an observation to a lap's stop rules; True when the lap stops there."""
+    s = obs.state
+    return watch.observe(
+        int(s.tick), obs.progress_fraction, int(s.lap.wall_contacts), s.lap.finished, int(obs.lap_ticks)
+    )
 
 
 @dataclass
@@ -66,6 +79,23 @@ class GameClient:
 
     def close_session(self, session_id: str) -> None:
         self.stub.CloseSession(game_pb2.CloseSessionRequest(session_id=session_id), timeout=self.timeout_s)
+
+    @contextlib.contextmanager
+    def session(
+        self, track: str, frame_options: sim_pb2.FrameOptions | None = None
+    ) -> Iterator[game_pb2.CreateSessionResponse]:
+        """A session open for the `with` block and closed after it, however the block ends.
+
+        A close that fails (the server gone, the session reaped as idle) is logged, not raised: the server
+        frees the session itself, and the block's own outcome or error is what the caller needs."""
+        created = self.create_session(track, frame_options)
+        try:
+            yield created
+        finally:
+            try:
+                self.close_session(created.session_id)
+            except grpc.RpcError as exc:
+                log.warning("session %s on %s not closed: %s", created.session_id, self.address, exc)
 
     def reset(
         self, session_id: str, state: sim_pb2.SimState | None = None, with_frame: bool = False

@@ -107,6 +107,12 @@ class CollectSummary:
     episodes: list[EpisodeReport]
     recovery_starts: str = ""  # e.g. "drift 18, pinned 6"
 
+    def describe(self) -> str:
+        return (
+            f"{self.runs} runs ({self.failed} failed), {self.frames} frames, {self.laps_finished} laps finished, "
+            f"{self.seconds:.1f} s, {self.frames_per_s:.0f} frames/s"
+        )
+
 
 def episode_seeds(seed: int, index: int) -> tuple[int, int]:
     """The perturbation and randomisation seeds of episode `index`: independent streams, one per episode."""
@@ -177,7 +183,7 @@ def run_collect(config: CollectConfig) -> CollectSummary:
     with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
         task = RecordTask(_with_address(config.settings, address))
         with open_pool(config.pool, task.timeout_s) as (pool, where):
-            print(f"[collect] {len(plan)} episodes on {where}, frames to the collector at {address}", flush=True)
+            log.info("%d episodes on %s, frames to the collector at %s", len(plan), where, address)
             t0 = time.perf_counter()
             futures = [pool.submit(task, episode) for episode in plan]
             rows = [
@@ -206,12 +212,6 @@ def run_collect(config: CollectConfig) -> CollectSummary:
         ),
     )
     (config.out_dir / SUMMARY).write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    print(
-        f"[collect] {summary.runs} runs ({summary.failed} failed), {summary.frames} frames, "
-        f"{summary.laps_finished} laps finished, {summary.seconds:.1f} s, {summary.frames_per_s:.0f} frames/s; "
-        f"summary in {config.out_dir / SUMMARY}",
-        flush=True,
-    )
     return summary
 
 
@@ -225,13 +225,11 @@ def _report(i: int, total: int, episode: Episode, future: Future[game_pb2.Record
     try:
         r = future.result()
     except EvaluationError as exc:
-        print(f"[collect] {i + 1}/{total} {episode.run_id}: FAILED {exc}", flush=True)
+        log.warning("%d/%d %s: FAILED %s", i + 1, total, episode.run_id, exc)
         return EpisodeReport(*ids, ok=False, error=str(exc))
     lap = f"lap {r.result.lap_time_s:.2f} s" if r.result.finished else f"{r.result.progress_fraction:.0%} of a lap"
-    print(
-        f"[collect] {i + 1}/{total} {episode.run_id}: {r.frames} frames, {lap}, {r.perturbed_ticks} perturbed ticks",
-        flush=True,
-    )
+    log.info("%d/%d %s: %d frames, %s, %d perturbed ticks", i + 1, total, episode.run_id, r.frames, lap,
+             r.perturbed_ticks)  # fmt: skip
     return EpisodeReport(
         *ids,
         ok=True,

@@ -259,8 +259,9 @@ class DaggerJobConfig:
     out_dir: Path = setting(Path("out/vision/dagger"), "output folder", flag="out", env="out")
 
 
-def run_dagger_job(config: DaggerJobConfig) -> int:
-    """DAgger from a trained model; saves the final weights and TorchScript beside the iteration reports."""
+def run_dagger_job(config: DaggerJobConfig) -> str:
+    """DAgger from a trained model; saves the final weights and TorchScript beside the iteration reports, and
+    returns the report's Markdown for the CLI to show."""
     from trainer.vision.train import TORCHSCRIPT, WEIGHTS, export_torchscript, load_frames, load_model, save_weights
 
     model = load_model(config.model)
@@ -269,8 +270,7 @@ def run_dagger_job(config: DaggerJobConfig) -> int:
     frames = load_frames(config.data, size, redis_password=env_value("redis_password"))
     out = config.out_dir
     with open_pool(config.eval.pool) as (pool, _):
-        model, _ = run_dagger(model, frames, train_config, config.dagger, config.eval, pool, out)
+        model, rows = run_dagger(model, frames, train_config, config.dagger, config.eval, pool, out)
     save_weights(model, out / WEIGHTS)
     export_torchscript(model, out / TORCHSCRIPT)
-    print((out / "dagger.md").read_text() + f"final model: {out / WEIGHTS}", flush=True)
-    return 0
+    return dagger_markdown(rows) + f"final model: {out / WEIGHTS}"

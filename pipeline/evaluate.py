@@ -1,4 +1,8 @@
-"""Closed-loop evaluation: the vision model drives from frames alone on game servers, compared with the drivers."""
+"""Closed-loop evaluation: the vision model drives from frames alone on game servers, compared with the drivers.
+
+A drive is a lap by the core's stop rules (`game_server.core.lap`); the suite over many tracks and conditions
+is `pipeline.suite`, and the `rrp evaluate` job `pipeline.evaluate_job`.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ from game_server import convert
 from game_server.client import GameClient, frame_array
 from game_server.core import drivers, episode, physics
 from game_server.core.driver_file import load_driver
+from game_server.core.lap import LapOutcome, LapWatch
 from game_server.core.pilot import drive_lap
-from game_server.core.recovery import RecoveringDriver, RecoveringPolicy, recovery_starts
+from game_server.core.recovery import RecoveringDriver
 from game_server.core.state import TICK_HZ, SimState
-from game_server.core.tracks import BUILTIN_TRACKS, SUITE_UNSEEN_TRACKS, UNSEEN_TRACKS, load_track
+from game_server.core.tracks import UNSEEN_TRACKS, load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
-from game_server.trackmap import plot_lap_grid, plot_laps
+from game_server.trackmap import plot_laps
 from pipeline.pools import PoolSpec, open_pool
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
@@ -38,20 +43,13 @@ log = logging.getLogger(__name__)
 # teacher on the state (it gets out of walls; its decision is a function of the state alone).
 Expert = drivers.RayDriver | RecoveringDriver
 
-STUCK_TICKS = 250  # 10 s without new progress: the car is stuck or lost; the run stops there
-
 
 @dataclass
 class DriveRecord:
-    """One closed-loop run: outcome, the driven line, and (with an expert) the frames it labelled."""
+    """One closed-loop run: its outcome, the driven line, and (with an expert) the frames it labelled."""
 
     track: str
-    finished: bool = False
-    lap_ticks: int = 0
-    ticks: int = 0
-    progress_fraction: float = 0.0
-    wall_contacts: int = 0
-    stop_reason: str = ""
+    outcome: LapOutcome = field(default_factory=LapOutcome)
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
     speed: list[float] = field(default_factory=list)
@@ -60,16 +58,24 @@ class DriveRecord:
     applied: list[int] = field(default_factory=list)
     observations: list[sim_pb2.Observation] = field(default_factory=list)  # kept frames' states, frame cleared
 
+    @property
+    def finished(self) -> bool:
+        return self.outcome.finished
+
+    @property
+    def lap_ticks(self) -> int:
+        return self.outcome.lap_ticks
+
+    @property
+    def progress_fraction(self) -> float:
+        return self.outcome.progress_fraction
+
+    @property
+    def stop_reason(self) -> str:
+        return self.outcome.stop_reason
+
     def summary(self) -> dict[str, Any]:
-        return {
-            "finished": self.finished,
-            "lap_ticks": self.lap_ticks,
-            "lap_s": self.lap_ticks / TICK_HZ,
-            "ticks": self.ticks,
-            "progress_fraction": round(self.progress_fraction, 4),
-            "wall_contacts": self.wall_contacts,
-            "stop_reason": self.stop_reason,
-        }
+        return dict(self.outcome.summary())
 
 
 class _Episode:
@@ -79,8 +85,8 @@ class _Episode:
         self, track: str, pilot: VisionPilot, max_ticks: int, expert: Expert | None, keep_frames: bool
     ) -> None:
         self.record = DriveRecord(track)
-        self.pilot, self.max_ticks, self.expert, self.keep_frames = pilot, max_ticks, expert, keep_frames
-        self.best_progress, self.best_tick = -1.0, 0
+        self.watch = LapWatch(max_ticks)
+        self.pilot, self.expert, self.keep_frames = pilot, expert, keep_frames
 
     def observe(
         self,
@@ -95,21 +101,13 @@ class _Episode:
     ) -> int | None:
         r = self.record
         finished, finish_tick, contacts = lap
-        r.ticks, r.progress_fraction, r.wall_contacts, r.finished = tick, progress, contacts, finished
+        done = self.watch.observe(tick, progress, contacts, finished, finish_tick)
+        r.outcome = self.watch.outcome
         if tick > 0:
             r.x.append(xy[0])
             r.y.append(xy[1])
             r.speed.append(speed)
-        if finished:
-            r.lap_ticks, r.stop_reason = finish_tick, "finished"
-            return None
-        if progress > self.best_progress + 1e-6:
-            self.best_progress, self.best_tick = progress, tick
-        if tick - self.best_tick >= STUCK_TICKS:
-            r.stop_reason = f"no progress for {STUCK_TICKS} ticks"
-            return None
-        if tick >= self.max_ticks:
-            r.stop_reason = f"tick budget {self.max_ticks} spent"
+        if done:
             return None
         mask = self.pilot.act(frame, speed)
         if isinstance(self.expert, RecoveringDriver):
@@ -166,15 +164,11 @@ def drive_on_server(
             episode.record.observations.append(kept)
         return mask
 
-    with GameClient(address) as client:
-        session = client.create_session(track, frame_options(pilot, randomize, seed)).session_id
-        try:
-            placed = convert.state_to_pb(start) if start is not None else None
-            first = client.reset(session, placed, with_frame=True)
-            for _ in client.drive_lockstep(session, policy, first, with_frames=True):
-                pass
-        finally:
-            client.close_session(session)
+    with GameClient(address) as client, client.session(track, frame_options(pilot, randomize, seed)) as created:
+        placed = convert.state_to_pb(start) if start is not None else None
+        first = client.reset(created.session_id, placed, with_frame=True)
+        for _ in client.drive_lockstep(created.session_id, policy, first, with_frames=True):
+            pass
     return episode.record
 
 
@@ -302,7 +296,7 @@ def run_evaluation(
         rows.append(row)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            laps = [(f"vision ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y), np.array(rec.speed))]
+            laps = [(f"vision ({lap_text(rec)})", np.array(rec.x), np.array(rec.y), np.array(rec.speed))]
             if trajectory is not None:
                 laps.append(("evolved driver", trajectory.x, trajectory.y, trajectory.speed))
             if len(rec.x) > 1:
@@ -321,7 +315,8 @@ def run_evaluation(
     return report
 
 
-def _lap_text(rec: DriveRecord) -> str:
+def lap_text(rec: DriveRecord) -> str:
+    """A drive's legend in a plot: its lap time, or how far it got."""
     return f"lap {rec.lap_ticks / TICK_HZ:.2f} s" if rec.finished else f"no lap, {rec.progress_fraction:.0%}"
 
 
@@ -352,244 +347,6 @@ def markdown_report(report: dict[str, Any]) -> str:
     )
 
 
-# The suite's two conditions: plain frames, and frames under seeded domain randomisation (light, colours,
-# camera jitter), so that a model that only drives the renderer's default look shows up.
-SUITE_CONDITIONS: tuple[tuple[str, bool], ...] = (("plain", False), ("randomised", True))
-
-
-def run_suite(
-    pilot: VisionPilot,
-    config: EvalConfig,
-    tracks: Sequence[str],
-    out_dir: Path | None = None,
-    pool: EvaluationPool | None = None,
-    recovery: bool = True,
-) -> dict[str, Any]:
-    """Drives every track under every condition (all at once over the pool) and compares each lap with the
-    evolved and reference drivers; writes `suite.json`, `suite.md` and `suite_grid.png`.
-
-    With `recovery`, the model also starts pinned against a wall and facing the wrong way at three places on
-    each built-in track (plain frames), beside the recovering teacher and the bare evolved driver from the same
-    starts (`recovery_grid.png`). The drives are lockstep and seeded: the same model gives the same report.
-    """
-    saved = load_driver(config.driver_path) if config.driver_path else None
-    driver = saved.ray_driver() if saved is not None and saved.kind != "program" else None
-    budgets = {t: int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks) for t in tracks}
-    with contextlib.ExitStack() as stack:
-        if pool is None:
-            pool, _ = stack.enter_context(open_pool(config.pool))
-        futures: dict[tuple[str, str], Future[DriveRecord]] = {
-            (t, condition): pool.run_with_server(
-                functools.partial(
-                    drive_on_server, track=t, pilot=pilot, max_ticks=budgets[t], randomize=randomize, seed=config.seed
-                ),
-                timeout_s=config.timeout_s,
-            )
-            for t in tracks
-            for condition, randomize in SUITE_CONDITIONS
-        }
-        starts = {
-            (t, label): start
-            for t in (tracks if recovery else ())
-            if t in BUILTIN_TRACKS
-            for label, start in recovery_starts(load_track(t))
-        }
-        pinned_futures = {
-            key: pool.run_with_server(
-                functools.partial(
-                    drive_on_server, track=key[0], pilot=pilot, max_ticks=budgets[key[0]], seed=config.seed, start=start
-                ),
-                timeout_s=config.timeout_s,
-            )
-            for key, start in starts.items()
-        }
-        records = {key: f.result() for key, f in futures.items()}
-        pinned = {key: f.result() for key, f in pinned_futures.items()}
-    rows = []
-    panels = []
-    for t in tracks:
-        base = baselines(t, driver, budgets[t])
-        trajectory = base.pop("_driver_trajectory", None)
-        laps = []
-        for condition, _ in SUITE_CONDITIONS:
-            rec = records[(t, condition)]
-            row: dict[str, Any] = {"track": t, "builtin": t in BUILTIN_TRACKS, "condition": condition}
-            row.update(rec.summary())
-            row.update(base)
-            row.update(lap_ratios(rec.lap_ticks if rec.finished else None, base, None))
-            rows.append(row)
-            laps.append((f"{condition} ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y)))
-        if trajectory is not None:
-            laps.append(("evolved driver", trajectory.x, trajectory.y))
-        panels.append((load_track(t), laps))
-    recovery_rows, recovery_panels = _recovery_rows(starts, pinned, driver, budgets)
-    report: dict[str, Any] = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
-        "tracks": list(tracks),
-        "rows": rows,
-        "summary": suite_summary(rows),
-        "recovery": recovery_rows,
-        "recovery_summary": recovery_summary(recovery_rows),
-    }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / "suite.md").write_text(suite_markdown(report))
-        plot_lap_grid(panels, out_dir / "suite_grid.png", "Evaluation suite: driven lines (plain, randomised)")
-        if recovery_panels:
-            plot_lap_grid(
-                recovery_panels, out_dir / "recovery_grid.png", "From pinned and wrong-way starts: the model's lines",
-                columns=3,
-            )  # fmt: skip
-    return report
-
-
-def _recovery_rows(
-    starts: dict[tuple[str, str], SimState],
-    pinned: dict[tuple[str, str], DriveRecord],
-    driver: drivers.RayDriver | None,
-    budgets: dict[str, int],
-) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Per recovery start: the model's drive, the recovering teacher's and the bare evolved driver's."""
-    rows: list[dict[str, Any]] = []
-    lines: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
-    for (t, label), start in starts.items():
-        track, rec = load_track(t), pinned[(t, label)]
-        row: dict[str, Any] = {"track": t, "start": label, **rec.summary()}
-        teacher = RecoveringDriver(track, base=driver.act if driver is not None else None)
-        run = episode.run_episode(track, start, RecoveringPolicy(teacher), max_ticks=budgets[t]).result
-        row["teacher_finished"], row["teacher_lap_ticks"] = run.finished, run.lap_ticks if run.finished else None
-        if driver is not None:
-            bare = drivers.run_driver(track, start, driver, max_ticks=budgets[t])
-            row["driver_finished"] = bare.finished
-        rows.append(row)
-        lines.setdefault(t, []).append((f"{label} ({_lap_text(rec)})", np.array(rec.x), np.array(rec.y)))
-    panels = [(load_track(t), laps) for t, laps in lines.items()]
-    return rows, panels
-
-
-def recovery_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per start kind: how many of the model's, the teacher's and the bare driver's drives finished."""
-    out: dict[str, Any] = {}
-    for kind in ("pinned", "wrong-way"):
-        mine = [r for r in rows if r["start"].startswith(kind + "@")]
-        out[kind] = {
-            "starts": len(mine),
-            "model_finished": sum(r["finished"] for r in mine),
-            "teacher_finished": sum(r["teacher_finished"] for r in mine),
-            "driver_finished": sum(r.get("driver_finished", False) for r in mine),
-        }
-    return out
-
-
-def suite_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per condition: built-in and held-out laps completed, and the median lap ratios over completed laps."""
-    out: dict[str, dict[str, Any]] = {}
-    for condition, _ in SUITE_CONDITIONS:
-        mine = [r for r in rows if r["condition"] == condition]
-        builtin = [r for r in mine if r["builtin"]]
-        unseen = [r for r in mine if not r["builtin"]]
-        summary: dict[str, Any] = {
-            "builtin_completed": sum(r["finished"] for r in builtin),
-            "builtin_tracks": len(builtin),
-            "unseen_completed": sum(r["finished"] for r in unseen),
-            "unseen_tracks": len(unseen),
-            "wall_contacts": sum(r["wall_contacts"] for r in mine),
-        }
-        for key in ("vs_driver", "vs_reference"):
-            ratios = [r[key] for r in mine if key in r]
-            summary[f"median_{key}"] = round(float(np.median(ratios)), 3) if ratios else None
-        out[condition] = summary
-    return out
-
-
-def suite_markdown(report: dict[str, Any]) -> str:
-    def ticks(n: int | None) -> str:
-        return f"{n} ({n / TICK_HZ:.2f} s)" if n else "-"
-
-    head = [
-        "| condition | built-in completed | held-out completed | median vs driver | median vs reference | "
-        "wall contacts |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for condition, s in report["summary"].items():
-        head.append(
-            f"| {condition} | {s['builtin_completed']}/{s['builtin_tracks']} | "
-            f"{s['unseen_completed']}/{s['unseen_tracks']} | {s['median_vs_driver'] or '-'} | "
-            f"{s['median_vs_reference'] or '-'} | {s['wall_contacts']} |"
-        )
-    lines = [
-        "| track | condition | lap | vision lap ticks | progress | wall contacts | evolved driver | reference | "
-        "vs driver | vs reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['track']} | {r['condition']} | {'yes' if r['finished'] else 'NO'} | {ticks(r['lap_ticks'])} | "
-            f"{r['progress_fraction']:.0%} | {r['wall_contacts']} | {ticks(r.get('driver_lap_ticks'))} | "
-            f"{ticks(r['reference_lap_ticks'])} | {r.get('vs_driver', '-')} | {r.get('vs_reference', '-')} |"
-        )
-    return (
-        "# Vision autopilot, evaluation suite\n\n"
-        + "\n".join(head)
-        + "\n\n"
-        + "\n".join(lines)
-        + "\n\nDriven lines: `suite_grid.png`.\n"
-        + recovery_markdown(report)
-    )
-
-
-def recovery_markdown(report: dict[str, Any]) -> str:
-    """The recovery starts' table; empty without them."""
-    rows = report.get("recovery") or []
-    if not rows:
-        return ""
-
-    def ticks(n: int | None) -> str:
-        return f"{n} ({n / TICK_HZ:.2f} s)" if n else "-"
-
-    s = report["recovery_summary"]
-    lines = [
-        "\n## From pinned and wrong-way starts (built-in tracks, plain frames)\n",
-        "| start | model finished | recovering teacher finished | evolved driver alone finished |",
-        "| --- | --- | --- | --- |",
-    ]
-    for kind, k in s.items():
-        lines.append(
-            f"| {kind} | {k['model_finished']}/{k['starts']} | {k['teacher_finished']}/{k['starts']} | "
-            f"{k['driver_finished']}/{k['starts']} |"
-        )
-    lines += [
-        "",
-        "| track | start | model | ticks to the finish | progress | wall contacts | teacher | evolved driver alone |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['track']} | {r['start']} | {'yes' if r['finished'] else 'NO'} | {ticks(r['lap_ticks'])} | "
-            f"{r['progress_fraction']:.0%} | {r['wall_contacts']} | {ticks(r['teacher_lap_ticks'])} | "
-            f"{'yes' if r.get('driver_finished') else 'no'} |"
-        )
-    return "\n".join(lines) + "\n\nLines: `recovery_grid.png`.\n"
-
-
-@dataclass(frozen=True)
-class EvaluateJobConfig:
-    """`rrp evaluate`: which model drives, where, and where the report goes."""
-
-    model: Path = setting(Path("out/vision/model/model.safetensors"), "weights (safetensors) of the model")
-    torchscript: bool = setting(False, "drive with the TorchScript export beside the weights")
-    eval: EvalConfig = nested(EvalConfig)
-    out_dir: Path = setting(Path("out/vision/eval"), "folder for JSON, Markdown, maps", flag="out", env="out")
-    suite: bool = setting(False, "run the suite instead: --suite-tracks, plain and domain-randomised frames")
-    suite_tracks: tuple[str, ...] = setting(
-        (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS), "the suite's tracks: every built-in and 20 held-out generated ones"
-    )
-    suite_recovery: bool = setting(
-        True, "with --suite, also start pinned against walls and facing the wrong way on the built-in tracks"
-    )
-
-
 def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
     """The trained model as a policy, on one torch thread: the game servers need the other core."""
     import torch
@@ -602,14 +359,3 @@ def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
     if torchscript:
         return VisionPilot(torch.jit.load(str(model_path.with_name(TORCHSCRIPT))), c.width, c.height)
     return VisionPilot(model, c.width, c.height)
-
-
-def run_evaluate_job(config: EvaluateJobConfig) -> int:
-    pilot = load_pilot(config.model, config.torchscript)
-    if config.suite:
-        report = run_suite(pilot, config.eval, config.suite_tracks, config.out_dir, recovery=config.suite_recovery)
-        print(suite_markdown(report), flush=True)
-        return 0
-    report = run_evaluation(pilot, config.eval, config.out_dir)
-    print(markdown_report(report), flush=True)
-    return 0

@@ -81,21 +81,20 @@ def run_evolve_job(job: EvolveJobConfig) -> EvolveOutcome:
                 )
             state.config = config  # may extend the number of generations
             evolution = Evolution(config, map_fn)
-            print(f"[evolve] resumed at generation {state.generation} from {checkpoint}", flush=True)
+            log.info("resumed at generation %d from %s", state.generation, checkpoint)
         else:
             evolution = Evolution(config, map_fn)
-            print(
-                f"[evolve] {config.kind} individuals on {', '.join(config.tracks)}: population {config.population}, "
-                f"{config.generations} generations, seed {config.seed}, evaluated {where}",
-                flush=True,
-            )
+            log.info(
+                "%s individuals on %s: population %d, %d generations, seed %d, evaluated %s",
+                config.kind, ", ".join(config.tracks), config.population, config.generations, config.seed, where,
+            )  # fmt: skip
             ref = evolution.reference.lap_ticks[config.track]
-            print(f"[evolve] baseline (reference driver) lap on {config.track}: {ref} ticks ({ref / TICK_HZ:.2f} s)")
+            log.info("baseline (reference driver) lap on %s: %d ticks (%.2f s)", config.track, ref, ref / TICK_HZ)
             state = evolution.start()
-            print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
+            log.info(describe(state.history[-1], config.generations, config.kind))
             save_checkpoint(checkpoint, state)
         for state in evolution.run(state):  # noqa: B020 - each generation replaces the last
-            print("[evolve] " + describe(state.history[-1], config.generations, config.kind), flush=True)
+            log.info(describe(state.history[-1], config.generations, config.kind))
             save_checkpoint(checkpoint, state)
     return _finish(evolution, state, out_dir)
 
@@ -152,11 +151,10 @@ def _finish(evolution: Evolution, state: EvolveState, out_dir: Path) -> EvolveOu
     }
     (out_dir / "evolve_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     verdict = "faster than" if summary["beats_baseline"] else "NOT faster than"
-    print(
-        f"[evolve] best lap {_secs(lap_ticks)} vs baseline {_secs(baseline)} on {config.track}: {verdict} the "
-        f"baseline; driver {saved.driver_id} saved to {driver_path}",
-        flush=True,
-    )
+    log.info(
+        "best lap %s vs baseline %s on %s: %s the baseline; driver %s saved to %s",
+        _secs(lap_ticks), _secs(baseline), config.track, verdict, saved.driver_id, driver_path,
+    )  # fmt: skip
     return EvolveOutcome(saved, baseline, state, driver_path)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from game_server.client import GameClient, frame_array
+from game_server.client import GameClient, frame_array, watch_observation
 from game_server.core.drivers import RayDriver
+from game_server.core.lap import LapWatch
 from game_server.core.state import TICK_HZ
 from game_server.core.track import Track
 from game_server.core.tracks import (
@@ -119,11 +120,8 @@ def run_main_job(config: MainJobConfig) -> int:
         collector = stack.enter_context(service(["collector", "--port", "0"], {"RRP_REDIS_URL": redis.url}))
         servers = stack.enter_context(local_game_servers(config.game_servers))
         addresses = tuple(s.address for s in servers)
-        print(
-            f"[run] redis {redis.url} (data in {out / 'redis'}), collector {collector.address}, "
-            f"{len(servers)} game servers: {', '.join(addresses)}",
-            flush=True,
-        )
+        log.info("redis %s (data in %s), collector %s, %d game servers: %s", redis.url, out / "redis",
+                 collector.address, len(servers), ", ".join(addresses))  # fmt: skip
         evolved = _evolve(config, addresses, out / "evolve", report)
         with GameClient(addresses[0]) as client:
             finished = _race(client, config, load_track(config.track), evolved.best.ray_driver(), evolved, report)
@@ -136,8 +134,8 @@ def run_main_job(config: MainJobConfig) -> int:
             _deploy(config, model_path.parent, trained, addresses, evolved, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
-    print(f"[run] report: {out / 'report.md'} ({report.figures['wall_time_s']} s)", flush=True)
-    print(f"[run] targets met: {targets_met}", flush=True)
+    log.info("report: %s (%s s)", out / "report.md", report.figures["wall_time_s"])
+    log.info("targets met: %s", targets_met)
     return 0 if finished and data_ok else 1
 
 
@@ -162,7 +160,7 @@ def _deploy(
         evolved.driver_path, addresses, out / "model-2", config.deployment.dagger_epochs,
     )  # fmt: skip
     figures = run_deploy_job(model_dir, second, addresses, config.track, out, config.deployment)
-    print(f"[run] deployment of the second model: {figures['decision']} ({figures['reason']})", flush=True)
+    log.info("deployment of the second model: %s (%s)", figures["decision"], figures["reason"])
     report.add("Deployment: a second model through gate and canary", figures.pop("markdown"))
     report.figures["deployment"] = figures
 
@@ -179,7 +177,7 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
     )
     size = (train_config.vision.width, train_config.vision.height)
     frames = load_frames(data, size, progress=False)
-    print(f"[run] training the vision model on {len(frames.labels)} frames from Redis", flush=True)
+    log.info("training the vision model on %d frames from Redis", len(frames.labels))
     result = train(train_config, frames)
     card = save_training_run(result, train_config, data, frames, out)
     m = card["metrics"]
@@ -191,11 +189,10 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
         "val_steer_acc": m["steer_acc"],
         "val_exact_acc": m["exact_acc"],
     }
-    print(
-        f"[run] trained in {result.seconds:.0f} s: validation throttle {m['throttle_acc']:.3f}, steering "
-        f"{m['steer_acc']:.3f}, exact keys {m['exact_acc']:.3f}; model card {out / 'model_card.md'}",
-        flush=True,
-    )
+    log.info(
+        "trained in %.0f s: validation throttle %.3f, steering %.3f, exact keys %.3f; model card %s",
+        result.seconds, m["throttle_acc"], m["steer_acc"], m["exact_acc"], out / "model_card.md",
+    )  # fmt: skip
     report.add(
         "Vision model",
         f"A CNN from the {size[0]}x{size[1]} camera frame (and the speed, as a dashboard shows it) to the keys, "
@@ -214,72 +211,70 @@ def _evaluate(
     """The evaluation suite: every suite track with plain and randomised frames, and the recovery starts."""
     import torch
 
-    from pipeline.evaluate import EvalConfig, VisionPilot, recovery_markdown, run_suite
+    from pipeline.evaluate import EvalConfig, VisionPilot
+    from pipeline.suite import ConditionSummary, recovery_markdown, run_suite, suite_json, summary_table
     from trainer.vision.train import load_model
 
     torch.set_num_threads(1)  # the game servers need the other core
     model = load_model(model_path)
     pilot = VisionPilot(model, model.config.width, model.config.height)
     eval_config = EvalConfig(driver_path=evolved.driver_path, pool=PoolSpec(servers=addresses))
-    out = config.out_dir / "evaluation"
-    suite = run_suite(pilot, eval_config, config.suite_tracks, out, recovery=config.suite_recovery)
+    suite = run_suite(pilot, eval_config, config.suite_tracks, config.out_dir / "evaluation",
+                      recovery=config.suite_recovery)  # fmt: skip
     # The model version's evaluation, as the registry records it when the model is served.
-    (model_path.parent / "evaluation.json").write_text((out / "suite.json").read_text())
-    plain, randomised = suite["summary"]["plain"], suite["summary"]["randomised"]
-    rows = {(r["track"], r["condition"]): r for r in suite["rows"]}
-    train_row = rows.get((config.track, "plain"), {})
+    (model_path.parent / "evaluation.json").write_text(suite_json(suite))
+    plain, randomised = suite.summary["plain"], suite.summary["randomised"]
+    train_row = suite.row(config.track, "plain") or {}
+    train_lap = train_row["lap_ticks"] if train_row.get("finished") else None
     ga_best = evolved.best.lap_ticks
-    ratio = train_row["lap_ticks"] / ga_best if train_row.get("finished") and ga_best else None
-    held_out = plain["unseen_tracks"]
+    ratio = train_lap / ga_best if train_lap and ga_best else None
     # Issue 14's targets: every built-in and all but one held-out track in both conditions, and the median
     # lap no slower than the evolved driver's.
-    misses_allowed = 1 if held_out >= 20 else 0
+    misses_allowed = 1 if plain.unseen_tracks >= 20 else 0
     completed = all(
-        s["builtin_completed"] == s["builtin_tracks"] and s["unseen_completed"] >= s["unseen_tracks"] - misses_allowed
+        s.builtin_completed == s.builtin_tracks and s.unseen_completed >= s.unseen_tracks - misses_allowed
         for s in (plain, randomised)
     )
-    medians = [s["median_vs_driver"] for s in (plain, randomised) if s["median_vs_driver"] is not None]
+    medians = [s.median_vs_driver for s in (plain, randomised) if s.median_vs_driver is not None]
     met = completed and bool(medians) and max(medians) <= 1.00
-    recovery = suite["recovery_summary"]
+    found = suite.to_json()
     report.figures["evaluation"] = {
-        "training_track_lap_ticks": train_row.get("lap_ticks") if train_row.get("finished") else None,
+        "training_track_lap_ticks": train_lap,
         "ga_best_lap_ticks": ga_best,
         "ratio_to_ga_best": round(ratio, 3) if ratio else None,
-        "suite": suite["summary"],
-        "recovery": recovery,
+        "suite": found["summary"],
+        "recovery": found["recovery_summary"],
         "targets_met": met,
     }
     if ratio:
         ratio_text = f"{ratio:.3f}x the GA's best lap"
-    elif train_row.get("finished"):
-        ratio_text = f"a lap of {train_row['lap_ticks']} ticks, but the GA found no finishing lap to compare it with"
+    elif train_lap:
+        ratio_text = f"a lap of {train_lap} ticks, but the GA found no finishing lap to compare it with"
     else:
         ratio_text = "no lap"
 
-    def counts(s: dict[str, Any]) -> str:
+    def counts(s: ConditionSummary) -> str:
         return (
-            f"{s['builtin_completed']}/{s['builtin_tracks']} built-in, {s['unseen_completed']}/{s['unseen_tracks']} "
-            f"held-out, median {s['median_vs_driver'] or '-'}x the evolved driver"
+            f"{s.builtin_completed}/{s.builtin_tracks} built-in, {s.unseen_completed}/{s.unseen_tracks} "
+            f"held-out, median {s.median_vs_driver or '-'}x the evolved driver"
         )
 
-    freed = ", ".join(f"{k} {v['model_finished']}/{v['starts']}" for k, v in recovery.items() if v["starts"])
-    print(
-        f"[run] vision autopilot: {config.track} {ratio_text}; suite plain {counts(plain)}; randomised "
-        f"{counts(randomised)}; recovery starts finished: {freed or 'none run'}",
-        flush=True,
-    )
-    table = (out / "suite.md").read_text().split("\n\n", 2)[1]  # the per-condition summary table
+    freed = ", ".join(f"{k} {v.model_finished}/{v.starts}" for k, v in suite.recovery_summary.items() if v.starts)
+    log.info(
+        "vision autopilot: %s %s; suite plain %s; randomised %s; recovery starts finished: %s",
+        config.track, ratio_text, counts(plain), counts(randomised), freed or "none run",
+    )  # fmt: skip
     report.add(
         "The vision autopilot races: the evaluation suite",
         f"The model drives from frames alone, in lockstep on the game servers (drives spread over the pool by the "
         f"scheduler), on {len(config.suite_tracks)} tracks with plain and domain-randomised frames: the built-in "
         f"tracks and held-out generated tracks never used in training. On {config.track}, {ratio_text}. Targets "
         f"(issue 14): every built-in and at least 19 of 20 held-out tracks in both conditions, median lap at most "
-        f"1.00x the evolved driver's: {'met' if met else 'NOT met'}.\n\n{table}\n"
+        f"1.00x the evolved driver's: {'met' if met else 'NOT met'}.\n\n{summary_table(suite)}\n"
         f"{recovery_markdown(suite)}\n"
         "Every track and condition: [evaluation/suite.md](evaluation/suite.md).\n\n"
         "![suite](evaluation/suite_grid.png)\n\n"
-        + ("![recovery](evaluation/recovery_grid.png)\n" if suite["recovery"] else ""),
+        + ("![recovery](evaluation/recovery_grid.png)\n" if suite.recovery else ""),
     )
     return met
 
@@ -300,6 +295,7 @@ def _collect(
         pinned_share=config.pinned_share,
     )
     summary = run_collect(collect_config)
+    log.info("collected %s", summary.describe())
     report.figures["collect"] = {
         "runs": summary.runs,
         "failed": summary.failed,
@@ -328,7 +324,7 @@ def _validate(config: MainJobConfig, redis_url: str, report: Report) -> bool:
     result = validate_source(RedisRuns(redis_url), DataRequirements(), out_dir=out)
     report.figures["validation"] = {"passed": result.passed, "failures": list(result.failures)}
     verdict = "passed" if result.passed else "FAILED: " + "; ".join(result.failures)
-    print(f"[run] data validation {verdict} (report in {out / 'validation.md'})", flush=True)
+    log.info("data validation %s (report in %s)", verdict, out / "validation.md")
     report.add(
         "Data validation",
         f"Validation {verdict}. Full report: [validation/validation.md](validation/validation.md).\n\n"
@@ -374,67 +370,70 @@ def _race(
     client: GameClient, config: MainJobConfig, track: Track, driver: RayDriver, evolved: EvolveOutcome, report: Report
 ) -> bool:
     """Drives the evolved driver over the Drive stream from the observations alone (rays and speed)."""
-    created = client.create_session(config.track, sim_pb2.FrameOptions(width_px=128, height_px=96))
     masks = bytearray()
     states: list[sim_pb2.SimState] = []
+    watch = LapWatch(MAX_LAP_TICKS)
 
     def policy(obs: sim_pb2.Observation) -> int | None:
-        if obs.state.lap.finished or obs.state.tick >= MAX_LAP_TICKS:
+        if watch_observation(watch, obs):
             return None
         mask = driver.act_on(list(obs.rays_m), obs.state.car.speed_m_per_s)
         masks.append(mask)
         return mask
 
-    t_drive = time.monotonic()
-    for response in client.drive_lockstep(created.session_id, policy, created.observation):
-        states.append(response.observation.state)
-    drive_s = time.monotonic() - t_drive
-    final = states[-1]
-    finished = final.lap.finished
-    lap_ticks = final.lap.finish_tick if finished else 0
-    print(
-        f"[run] evolved driver on {config.track} over the Drive stream: "
-        + (f"lap {lap_ticks} ticks = {lap_ticks / TICK_HZ:.2f} s" if finished else "did not finish")
-        + f", {final.lap.wall_contacts} wall-contact ticks, {drive_s:.1f} s",
-        flush=True,
-    )
-    evaluated = client.evaluate(config.track, bytes(masks), return_trajectory=True)
-    identical = evaluated.result.final_state == final and list(evaluated.trajectory.x_m) == [s.car.x_m for s in states]
-    print(f"[run] server-side Evaluate of the same controls: bit-identical trajectory: {identical}", flush=True)
-
-    client.reset(created.session_id)
-    cuts = np.linspace(0, len(masks), max(1, config.frames) + 1).astype(int)[1:]
-    frames, captions, prev = [], [], 0
-    for cut in cuts:
-        if cut <= prev:
-            continue
-        obs = client.step(created.session_id, bytes(masks[prev:cut]), with_frame=True)
-        frames.append(frame_array(obs.frame))
-        captions.append(f"t={obs.state.tick / TICK_HZ:.1f}s v={obs.state.car.speed_m_per_s:.0f}")
-        prev = cut
-    client.close_session(created.session_id)
+    with client.session(config.track, sim_pb2.FrameOptions(width_px=128, height_px=96)) as created:
+        t_drive = time.monotonic()
+        for response in client.drive_lockstep(created.session_id, policy, created.observation):
+            states.append(response.observation.state)
+        drive_s = time.monotonic() - t_drive
+        lap = watch.stop()
+        log.info(
+            "evolved driver on %s over the Drive stream: %s, %d wall-contact ticks, %.1f s",
+            config.track, f"lap {lap.lap_ticks} ticks = {lap.lap_s:.2f} s" if lap.finished else "did not finish",
+            lap.wall_contacts, drive_s,
+        )  # fmt: skip
+        evaluated = client.evaluate(config.track, bytes(masks), return_trajectory=True)
+        identical = evaluated.result.final_state == states[-1] and list(evaluated.trajectory.x_m) == [
+            s.car.x_m for s in states
+        ]
+        log.info("server-side Evaluate of the same controls: bit-identical trajectory: %s", identical)
+        frames, captions = _frame_strip(client, created.session_id, masks, config.frames)
 
     out = config.out_dir
     x = np.array([s.car.x_m for s in states])
     y = np.array([s.car.y_m for s in states])
     v = np.array([s.car.speed_m_per_s for s in states])
-    title = f"{config.track}: evolved driver " + (f"{lap_ticks / TICK_HZ:.2f} s" if finished else "(no finish)")
+    title = f"{config.track}: evolved driver " + (f"{lap.lap_s:.2f} s" if lap.finished else "(no finish)")
     plot_laps(track, [("evolved driver", x, y, v)], out / "lap.png", title)
     save_frame_strip(frames, captions, out / "frames.png")
     report.figures["race"] = {
         "track": config.track,
-        "finished": finished,
-        "lap_ticks": lap_ticks,
-        "lap_time_s": lap_ticks / TICK_HZ,
-        "wall_contact_ticks": final.lap.wall_contacts,
+        **lap.summary(),
         "evaluate_identical": identical,
         "top_speed_m_per_s": float(v.max()),
     }
     report.add(
         "The evolved driver's lap over gRPC",
         "Driven tick by tick over the lockstep `Drive` stream from the observations' rays and speed: "
-        + (f"**{lap_ticks} ticks = {lap_ticks / TICK_HZ:.2f} s**" if finished else "**no finish**")
-        + f", {final.lap.wall_contacts} wall-contact ticks; the server-side `Evaluate` of the same controls "
+        + (f"**{lap.lap_ticks} ticks = {lap.lap_s:.2f} s**" if lap.finished else f"**no finish** ({lap.stop_reason})")
+        + f", {lap.wall_contacts} wall-contact ticks; the server-side `Evaluate` of the same controls "
         f"gives a bit-identical trajectory: {identical}.\n\n![lap](lap.png)\n\n![frames](frames.png)",
     )
-    return bool(finished)
+    return lap.finished
+
+
+def _frame_strip(
+    client: GameClient, session_id: str, masks: bytearray, count: int
+) -> tuple[list[np.ndarray], list[str]]:
+    """The lap replayed from the start in `count` steps, a camera frame at the end of each."""
+    client.reset(session_id)
+    cuts = np.linspace(0, len(masks), max(1, count) + 1).astype(int)[1:]
+    frames, captions, prev = [], [], 0
+    for cut in cuts:
+        if cut <= prev:
+            continue
+        obs = client.step(session_id, bytes(masks[prev:cut]), with_frame=True)
+        frames.append(frame_array(obs.frame))
+        captions.append(f"t={obs.state.tick / TICK_HZ:.1f}s v={obs.state.car.speed_m_per_s:.0f}")
+        prev = cut
+    return frames, captions

@@ -183,7 +183,8 @@ def token_files(servers: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, 
 
 
 def run_autopilot_command(config: AutopilotCommandConfig) -> int:
-    from serving.autopilot import plot_latency, result_json, run_autopilot
+    from pipeline.plots import plot_latency
+    from serving.autopilot import result_json, run_autopilot
     from serving.client import ModelRef, connect_replicas, read_token
 
     model = ModelRef.parse(config.model)

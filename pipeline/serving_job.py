@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from game_server.core.state import TICK_S
+from pipeline.plots import plot_latency
 from plumbing.settings import setting
 from serving.archive import ArchiveConfig, build_archive
-from serving.autopilot import AutopilotConfig, AutopilotResult, plot_latency, result_json, run_autopilot
+from serving.autopilot import AutopilotConfig, AutopilotResult, result_json, run_autopilot
 from serving.client import ModelRef, TorchServeClient
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
@@ -71,7 +72,7 @@ def run_serving_job(
         assert server.keys is not None
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
-        print(f"[serving] TorchServe at {server.inference_address}: racing {config.track} in real time", flush=True)
+        log.info("TorchServe at %s: racing %s in real time", server.inference_address, config.track)
         result = run_autopilot(pilot, game_servers, lambda: TorchServeClient(server.inference_address, model, key))
         memory = server.memory_mb()
     plot_latency(result, out_dir / "latency.png")

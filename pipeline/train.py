@@ -21,22 +21,21 @@ class TrainJobConfig:
     curves: CurvesConfig = nested(CurvesConfig)
 
 
-def run_train_job(config: TrainJobConfig) -> int:
-    """Trains and saves the model (or the learning curves); the Redis password comes from the environment."""
+def run_train_job(config: TrainJobConfig) -> str:
+    """Trains and saves the model (or the learning curves); the Redis password comes from the environment.
+
+    Returns what was made, in a line for the CLI to show."""
     data, settings, out = config.data, config.train, config.out_dir
     password = env_value("redis_password")
     if config.learning_curves:
         rows = run_learning_curves(data, settings, config.curves, out, password)
-        print(f"[train] learning curves ({len(rows)} points) written to {out}", flush=True)
-        return 0
+        return f"learning curves ({len(rows)} points) written to {out}"
     frames = load_frames(data, (settings.vision.width, settings.vision.height), redis_password=password)
     result = train(settings, frames)
     card = save_training_run(result, settings, data, frames, out)
     m = card["metrics"]
-    print(
-        f"[train] {result.train_frames} training frames, best epoch {result.best_epoch}: throttle "
+    return (
+        f"{result.train_frames} training frames, best epoch {result.best_epoch}: throttle "
         f"{m['throttle_acc']:.3f}, steering {m['steer_acc']:.3f}, exact {m['exact_acc']:.3f} in "
-        f"{result.seconds:.0f} s; model and card in {out}",
-        flush=True,
+        f"{result.seconds:.0f} s; model and card in {out}"
     )
-    return 0

@@ -17,10 +17,12 @@ def _evolve() -> tuple[type[Any], Any]:
 
 
 def _collect() -> tuple[type[Any], Any]:
-    from pipeline.collect import CollectConfig, run_collect
+    from pipeline.collect import SUMMARY, CollectConfig, run_collect
 
     def run(config: CollectConfig) -> int:
-        return 0 if run_collect(config).failed == 0 else 1
+        summary = run_collect(config)
+        print(f"{summary.describe()}; summary in {config.out_dir / SUMMARY}", flush=True)
+        return 0 if summary.failed == 0 else 1
 
     return CollectConfig, run
 

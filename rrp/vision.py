@@ -10,19 +10,31 @@ from rrp.command import Commands
 def _train() -> tuple[type[Any], Any]:
     from pipeline.train import TrainJobConfig, run_train_job
 
-    return TrainJobConfig, run_train_job
+    def run(config: TrainJobConfig) -> int:
+        print(run_train_job(config), flush=True)
+        return 0
+
+    return TrainJobConfig, run
 
 
 def _evaluate() -> tuple[type[Any], Any]:
-    from pipeline.evaluate import EvaluateJobConfig, run_evaluate_job
+    from pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 
-    return EvaluateJobConfig, run_evaluate_job
+    def run(config: EvaluateJobConfig) -> int:
+        print(run_evaluate_job(config), flush=True)
+        return 0
+
+    return EvaluateJobConfig, run
 
 
 def _dagger() -> tuple[type[Any], Any]:
     from pipeline.dagger import DaggerJobConfig, run_dagger_job
 
-    return DaggerJobConfig, run_dagger_job
+    def run(config: DaggerJobConfig) -> int:
+        print(run_dagger_job(config), flush=True)
+        return 0
+
+    return DaggerJobConfig, run
 
 
 def register(commands: Commands) -> None:

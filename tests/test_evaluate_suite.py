@@ -11,8 +11,9 @@ import torch
 
 from game_server.core.driver_file import SavedDriver, save_driver
 from game_server.core.drivers import default_driver
-from pipeline.evaluate import SUITE_CONDITIONS, EvalConfig, run_suite
+from pipeline.evaluate import EvalConfig
 from pipeline.pools import PoolSpec
+from pipeline.suite import SUITE_CONDITIONS, run_suite
 from plumbing.procs import ServiceProcess, start_service
 from rrp.cli import main
 from trainer.vision.model import THROTTLE_FORWARD, VisionConfig, build_model
@@ -53,27 +54,27 @@ def test_suite_is_deterministic_and_reports_every_track_and_condition(
     config = EvalConfig(pool=PoolSpec(servers=(game_server.address,)), budget_factor=0.12, seed=4, driver_path=driver)
     first = run_suite(pilot, config, TRACKS, tmp_path / "a")
     second = run_suite(pilot, config, TRACKS, tmp_path / "b")
-    assert first["recovery"] and first["recovery"] == second["recovery"]
+    assert first.recovery and first.recovery == second.recovery
     assert first == second
     assert (tmp_path / "a" / "suite.json").read_text() == (tmp_path / "b" / "suite.json").read_text()
-    rows = first["rows"]
+    rows = first.rows
     assert [(r["track"], r["condition"]) for r in rows] == [(t, c) for t in TRACKS for c, _ in SUITE_CONDITIONS]
     for r in rows:
         assert r["ticks"] > 0 and r["reference_lap_ticks"] > 0 and "driver_lap_ticks" in r
         assert r["progress_fraction"] > 0 and "wall_contacts" in r
     assert [r["builtin"] for r in rows] == [True, True, False, False]
-    plain = first["summary"]["plain"]
-    assert plain["builtin_tracks"] == 1 and plain["unseen_tracks"] == 1
-    assert json.loads((tmp_path / "a" / "suite.json").read_text())["rows"] == rows
+    plain = first.summary["plain"]
+    assert plain.builtin_tracks == 1 and plain.unseen_tracks == 1
+    assert json.loads((tmp_path / "a" / "suite.json").read_text()) == json.loads(json.dumps(first.to_json()))
     assert "| oval | randomised |" in (tmp_path / "a" / "suite.md").read_text()
     assert (tmp_path / "a" / "suite_grid.png").stat().st_size > 10_000
     # oval is built in: three pinned and three wrong-way starts, each beside the recovering teacher's drive.
-    starts = [r["start"].split("@")[0] for r in first["recovery"]]
-    assert starts == ["pinned", "wrong-way"] * 3 and {r["track"] for r in first["recovery"]} == {"oval"}
-    summary = first["recovery_summary"]
-    assert summary["pinned"]["starts"] == summary["wrong-way"]["starts"] == 3
+    starts = [r["start"].split("@")[0] for r in first.recovery]
+    assert starts == ["pinned", "wrong-way"] * 3 and {r["track"] for r in first.recovery} == {"oval"}
+    summary = first.recovery_summary
+    assert summary["pinned"].starts == summary["wrong-way"].starts == 3
     # ~60 ticks is too short a budget to finish from there: test_recovery covers the teacher's finishes.
-    assert all(isinstance(r["teacher_finished"], bool) and "driver_finished" in r for r in first["recovery"])
+    assert all(isinstance(r["teacher_finished"], bool) and "driver_finished" in r for r in first.recovery)
     assert "From pinned and wrong-way starts" in (tmp_path / "a" / "suite.md").read_text()
     assert (tmp_path / "a" / "recovery_grid.png").stat().st_size > 5_000
 

@@ -90,7 +90,7 @@ def test_evolve_cli_resume(tmp_path: Path) -> None:
         [*base, "--generations", "3", "--out", str(tmp_path / "b"), "--resume"], capture_output=True, text=True
     )
     assert rest.returncode == 0, rest.stderr
-    assert "resumed at generation 1" in rest.stdout
+    assert "resumed at generation 1" in rest.stderr
     a = json.loads((tmp_path / "a" / "evolve_summary.json").read_text())
     b = json.loads((tmp_path / "b" / "evolve_summary.json").read_text())
     for run in (a, b):

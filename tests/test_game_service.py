@@ -75,6 +75,23 @@ def test_session_limit_and_close(client: GameClient) -> None:
     assert code_of(client.step, "", b"\x01") == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_session_block_closes_its_session_however_it_ends(
+    client: GameClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_before = client.server_info().open_sessions
+    with pytest.raises(RuntimeError), client.session("oval") as created:
+        assert client.server_info().open_sessions == open_before + 1
+        client.step(created.session_id, b"\x01" * 3)
+        raise RuntimeError("the block fails")
+    assert client.server_info().open_sessions == open_before
+    assert code_of(client.step, created.session_id, b"\x01") == grpc.StatusCode.NOT_FOUND
+    # A session already gone (closed by the block, reaped as idle) is logged on the way out, not raised over it.
+    with client.session("oval") as gone:
+        client.close_session(gone.session_id)
+    assert f"session {gone.session_id}" in caplog.text and "NOT_FOUND" in caplog.text
+    assert client.server_info().open_sessions == open_before
+
+
 def test_idle_sessions_expire() -> None:
     server = create_game_server(
         GameServerConfig(

@@ -196,6 +196,15 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["race"]["finished"] and summary["race"]["evaluate_identical"]
+    assert (
+        summary["race"]["stop_reason"] == "finished" and summary["race"]["lap_s"] == summary["race"]["lap_ticks"] / 25
+    )
+    # Progress reaches the console through logging (the CLI sets it up at INFO).
+    assert "pipeline.main_job: evolved driver on kidney over the Drive stream: lap" in result.stderr
+    assert "pipeline.main_job: targets met:" in result.stderr
+    # The report's suite table is rendered from the suite's data, and says what suite.md says.
+    table = (tmp_path / "evaluation" / "suite.md").read_text().split("\n\n", 2)[1]
+    assert table.startswith("| condition |") and table in (tmp_path / "report.md").read_text()
     assert summary["collect"]["runs"] == 4 and summary["collect"]["failed"] == 0
     assert summary["validation"]["passed"], summary["validation"]
     assert summary["train"]["frames"] > 1000
