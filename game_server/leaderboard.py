@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 
@@ -43,6 +44,23 @@ class LeaderboardConfig:
     def __post_init__(self) -> None:
         if self.keep_per_track < 1:
             raise ValueError("keep_per_track must be at least 1")
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    """`rrp lap submit`: a lap record file and the leaderboard it goes to."""
+
+    record: Path = setting(help="lap record file: protobuf JSON, or the binary encoding", positional=True)
+    board: LeaderboardConfig = nested(LeaderboardConfig)
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    """`rrp leaderboard`: which tracks of which leaderboard to show."""
+
+    board: LeaderboardConfig = nested(LeaderboardConfig)
+    track: str | None = setting(None, "only this track; none: every track with a lap")
+    top: int = setting(10, "laps shown per track")
 
 
 @dataclass(frozen=True)

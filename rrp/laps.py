@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plumbing.settings import nested, setting
+from plumbing.settings import setting
 from rrp.command import Commands
 
 
@@ -67,44 +67,29 @@ def _record() -> tuple[type[Any], Any]:
 
 def _submit() -> tuple[type[Any], Any]:
     from game_server.laps import read_record
-    from game_server.leaderboard import Leaderboard, LeaderboardConfig
+    from game_server.leaderboard import Leaderboard, SubmitConfig
 
-    @dataclass(frozen=True)
-    class LapSubmitConfig:
-        """A lap record file and the leaderboard it goes to."""
-
-        record: Path = setting(help="lap record file: protobuf JSON, or the binary encoding", positional=True)
-        board: LeaderboardConfig = nested(LeaderboardConfig)
-
-    def run(config: LapSubmitConfig) -> int:
+    def run(config: SubmitConfig) -> int:
         _require_redis(config.board)
         submission = Leaderboard.connect(config.board).submit(read_record(config.record))
         rank = f", rank {submission.rank}" if submission.rank else ""
         print(f"{submission.reason}{rank}: record {submission.record_id}")
         return 0 if submission.stored else 1
 
-    return LapSubmitConfig, run
+    return SubmitConfig, run
 
 
 def _leaderboard() -> tuple[type[Any], Any]:
-    from game_server.leaderboard import Leaderboard, LeaderboardConfig, leaderboard_markdown
+    from game_server.leaderboard import Leaderboard, ShowConfig, leaderboard_markdown
 
-    @dataclass(frozen=True)
-    class LeaderboardShowConfig:
-        """Which tracks of which leaderboard to show."""
-
-        board: LeaderboardConfig = nested(LeaderboardConfig)
-        track: str | None = setting(None, "only this track; none: every track with a lap")
-        top: int = setting(10, "laps shown per track")
-
-    def run(config: LeaderboardShowConfig) -> int:
+    def run(config: ShowConfig) -> int:
         _require_redis(config.board)
         board = Leaderboard.connect(config.board)
         tracks = [config.track] if config.track else None
         print(leaderboard_markdown(board, tracks, config.top) or "No verified lap yet.")
         return 0
 
-    return LeaderboardShowConfig, run
+    return ShowConfig, run
 
 
 def _require_redis(config: Any) -> None:
