@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from game_server.client import GameClient
 from game_server.core import episode
@@ -212,3 +214,64 @@ def test_verify_lap_answers_bytes_that_do_not_decode_invalid_argument(game_serve
         with pytest.raises(grpc.RpcError) as err:
             call(b"\xff\xff\xff", timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, 1e300, -0.0, 5e-324, 3.5, -3.15]) | st.floats()
+UINTS = st.sampled_from([0, 1, 2**32 - 1, 2**40, 2**64 - 1]) | st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, lap: lap_pb2.LapRecord) -> lap_pb2.LapRecord:
+    """A real record with a few of its fields replaced by extreme or random values."""
+    msg = lap_pb2.LapRecord()
+    msg.CopyFrom(lap)
+    for _ in range(draw(st.integers(1, 3))):
+        what = draw(st.sampled_from(["keys", "ticks", "contacts", "start", "final", "track", "ids", "date"]))
+        if what == "keys":
+            msg.keys = draw(st.binary(max_size=600) | st.sampled_from([msg.keys[:-1], msg.keys + b"\x00"]))
+        elif what == "ticks":
+            msg.claimed_lap_ticks = draw(st.integers(0, 2**64 - 1))
+        elif what == "contacts":
+            msg.claimed_wall_contacts = draw(st.integers(0, 2**32 - 1))
+        elif what in ("start", "final"):
+            state = msg.start_state if what == "start" else msg.claimed_final_state
+            state.tick = draw(UINTS)
+            state.car.x_m, state.car.heading_rad, state.car.speed_m_per_s = draw(FLOATS), draw(FLOATS), draw(FLOATS)
+            state.lap.segment, state.lap.wall_contacts = (
+                draw(UINTS.map(lambda v: v % 2**32)),
+                draw(UINTS.map(lambda v: v % 2**32)),
+            )
+            state.lap.progress_m, state.lap.finished = draw(FLOATS), draw(st.booleans())
+        elif what == "track":
+            msg.track = draw(st.sampled_from(["", "kidney", "gen-7", "gen-x", "x" * 65]) | st.text(max_size=10))
+        elif what == "ids":
+            msg.model_version = draw(st.text(max_size=140))
+        else:
+            msg.driven_at = draw(
+                st.sampled_from(["", "2026-12-07T10:30:00+02:00", "2026-13-01"]) | st.text(max_size=20)
+            )
+    return msg
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_verify_lap_never_answers_internal_or_unknown(
+    game_server: GameServer, oval_lap: LapRecord, data: st.DataObject
+) -> None:
+    lap = record_to_pb(oval_lap)
+    msg = data.draw(_mutated(lap))
+    with GameClient(game_server.address, timeout_s=10) as client:
+        try:
+            verdict = client.verify_lap(msg)
+        except grpc.RpcError as err:
+            assert err.code() in {
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }, err
+            return
+    assert verdict.verified == (verdict.refusal == lap_pb2.LAP_REFUSAL_UNSPECIFIED)
+    assert verdict.reason
+    if verdict.verified:  # only a record whose claims were left alone verifies
+        claims = ("keys", "claimed_lap_ticks", "claimed_wall_contacts", "claimed_final_state")
+        assert all(getattr(msg, c) == getattr(lap, c) for c in claims)
