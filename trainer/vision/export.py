@@ -48,6 +48,7 @@ def export_onnx(model: DrivingNet, path: Path) -> Path:
             input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME],
             opset_version=OPSET,
+            external_data=False,  # one self-contained file (weights inside), safe to rename and to archive
             verbose=False,
         )
     os.replace(tmp, path)
