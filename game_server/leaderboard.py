@@ -19,6 +19,7 @@ import redis
 
 from collector.store import RedisConfig
 from game_server import convert
+from game_server.core import episode
 from game_server.core.lap import record_of_lap
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, SimState
@@ -26,7 +27,7 @@ from game_server.core.tracks import load_track
 from game_server.laps import record_to_pb, utc_now, verify_record_pb
 from plumbing.errors import DomainError, InvalidArgument
 from plumbing.settings import nested, setting
-from rallyrobopilot.v1 import lap_pb2
+from rallyrobopilot.v1 import lap_pb2, sim_pb2
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,44 @@ def lap_record(
             driven_at=utc_now() if driven_at is None else driven_at,
         )
     )
+
+
+def drive_lap_record(
+    track: str,
+    keys: Sequence[int] | bytes,
+    lap_ticks: int,
+    wall_contacts: int,
+    final_state: sim_pb2.SimState | None = None,
+    *,
+    model_version: str = "",
+    driver_id: str = "",
+    data_source: str = "",
+) -> lap_pb2.LapRecord:
+    """The record of a finished lap driven from the base state, from what a driving loop keeps: the keys it
+    applied tick by tick, the lap time and wall contacts it saw and, when it has it, the last observation's
+    state. Keys past the lap (a loop that chose one more at the finish) are cut off; without `final_state`,
+    the claimed final state is the one these keys give in process (the time and contacts stay the loop's own
+    claims, which verification checks)."""
+    applied = bytes(keys[:lap_ticks])
+    if final_state is not None:
+        end = final_state
+    else:
+        t = load_track(track)
+        end = convert.state_to_pb(episode.run_program(t, t.base_state, applied).final_state)
+    msg = lap_pb2.LapRecord(
+        track=track,
+        keys=applied,
+        claimed_lap_ticks=lap_ticks,
+        claimed_wall_contacts=wall_contacts,
+        claimed_final_state=end,
+        data_source=data_source,
+        driven_at=utc_now(),
+    )
+    if model_version:
+        msg.model_version = model_version
+    elif driver_id:
+        msg.driver_id = driver_id
+    return msg
 
 
 def submit_lap(board: Leaderboard | None, msg: lap_pb2.LapRecord) -> Submission | None:

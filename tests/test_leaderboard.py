@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from game_server import convert
 from game_server.core import episode
 from game_server.core.drivers import default_driver
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
 from game_server.laps import write_record
-from game_server.leaderboard import Leaderboard, lap_record, leaderboard_markdown, submit_lap
+from game_server.leaderboard import Leaderboard, drive_lap_record, lap_record, leaderboard_markdown, submit_lap
 from plumbing.redis_local import LocalRedis
 from rallyrobopilot.v1 import lap_pb2
 from rrp.cli import main
@@ -86,3 +87,24 @@ def test_rrp_lap_submit_and_rrp_leaderboard(tmp_path: Path, capsys: pytest.Captu
         out = capsys.readouterr().out
         assert "model v1-abc" in out and f"| {fast.claimed_lap_ticks} |" in out
     assert main(["leaderboard"]) == 1  # no Redis given: a clear error, not a private empty one
+
+
+def test_a_lap_recorded_from_what_a_driving_loop_keeps_verifies_and_ranks(tmp_path: Path) -> None:
+    """The integrator's path: keys as a list (one more chosen at the finish), the loop's time and contacts."""
+    t = load_track("kidney")
+    run = episode.run_episode(t, t.base_state, episode.SensorPolicy(default_driver().act_on), max_ticks=3000)
+    keys = [*run.applied, 1]
+    r = run.result
+    replayed = drive_lap_record("kidney", keys, r.lap_ticks, r.wall_contacts, model_version="v2")
+    observed = drive_lap_record(
+        "kidney", keys, r.lap_ticks, r.wall_contacts, convert.state_to_pb(r.final_state), model_version="v2"
+    )
+    assert replayed.keys == run.applied and replayed.claimed_final_state == observed.claimed_final_state
+    with LocalRedis(tmp_path / "redis") as server:
+        board = Leaderboard(server.client())
+        submission = submit_lap(board, observed)
+        assert submission is not None and submission.stored and submission.rank == 1
+        wrong = drive_lap_record("kidney", keys, r.lap_ticks, r.wall_contacts + 1, model_version="v2")
+        refused = submit_lap(board, wrong)
+        assert refused is not None and not refused.stored and "wall contacts" in refused.reason
+        assert len(board.top("kidney")) == 1
