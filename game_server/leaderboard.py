@@ -20,7 +20,7 @@ import redis
 from collector.store import RedisConfig
 from game_server import convert
 from game_server.core import episode
-from game_server.core.lap import record_of_lap
+from game_server.core.verify import record_of_lap
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import load_track

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from game_server.client import GameClient
 from game_server.core import episode
 from game_server.core.drivers import default_driver
-from game_server.core.lap import LapRecord, Refusal, record_of_lap, verify_lap
+from game_server.core.verify import LapRecord, Refusal, record_of_lap, verify_lap
 from game_server.core.pilot import drive_lap
 from game_server.core.state import CarState, LapState, SimState
 from game_server.core.tracks import builtin_tracks, load_track
