@@ -13,7 +13,7 @@ import numpy as np
 
 from game_server.core.lap import LapWatch
 from plumbing import telemetry
-from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
+from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, lap_pb2, sim_pb2
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class GameClient:
 
     def get_track(self, name: str) -> sim_pb2.Track:
         return self.stub.GetTrack(game_pb2.GetTrackRequest(track=name), timeout=self.timeout_s).track
+
+    def verify_lap(self, record: lap_pb2.LapRecord) -> lap_pb2.LapVerdict:
+        return self.stub.VerifyLap(game_pb2.VerifyLapRequest(record=record), timeout=self.timeout_s).verdict
 
     def create_session(
         self, track: str, frame_options: sim_pb2.FrameOptions | None = None

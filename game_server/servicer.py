@@ -13,6 +13,7 @@ from game_server.core.track import Track
 from game_server.core.tracks import builtin_tracks, load_track
 from game_server.evaluation import MAX_BATCH, evaluate_batch, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation
+from game_server.laps import verify_record_pb
 from game_server.recording import outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
 from plumbing import __version__
@@ -176,3 +177,11 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             outcome = record_episode(spec, render, stop=_left(context))
         metrics.TICKS.labels("Record").inc(outcome.result.ticks)
         return outcome_to_pb(outcome)
+
+    def VerifyLap(
+        self, request: game_pb2.VerifyLapRequest, context: grpc.ServicerContext
+    ) -> game_pb2.VerifyLapResponse:
+        with self.game.evaluation_slot():
+            verdict = verify_record_pb(request.record, _left(context))
+        metrics.TICKS.labels("VerifyLap").inc(verdict.replayed.ticks)
+        return game_pb2.VerifyLapResponse(verdict=verdict)

@@ -37,14 +37,17 @@ def setting(
     cli: bool = True,
     repeat: bool = False,
     switches: bool = False,
+    positional: bool = False,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A dataclass field that also describes its flag; `cli=False` keeps it out of the command line, and
     `repeat=True` makes a tuple field a repeatable flag (`--x a --x b`) instead of a comma-separated one, and
-    `switches=True` gives each choice of a Literal field a flag of its own (`--realtime | --lockstep`)."""
+    `switches=True` gives each choice of a Literal field a flag of its own (`--realtime | --lockstep`), and
+    `positional=True` makes a required field an argument without a flag (`rrp lap verify FILE`)."""
     meta = {"help": help, "env": env, "flag": flag, "choices": choices, "metavar": metavar, "cli": cli}
     meta["repeat"] = repeat
     meta["switches"] = switches
+    meta["positional"] = positional
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -192,7 +195,13 @@ def add_flags(
             if optional and not required and default is None:
                 shown = "none"
         kwargs["help"] = f"{help_text} (RRP_{env_name.upper()}; default {shown})"
-        if f.metadata.get("switches"):
+        if f.metadata.get("positional"):
+            if default is not _MISSING:
+                raise TypeError(f"{f.name}: a positional setting is required (it has no default)")
+            del kwargs["dest"], kwargs["required"]
+            kwargs["help"] = help_text
+            parser.add_argument(dest, **kwargs)
+        elif f.metadata.get("switches"):
             group = parser.add_mutually_exclusive_group()
             group.add_argument(f"--{flag}", **kwargs)
             for choice in kwargs["choices"]:

@@ -8,12 +8,12 @@ import sys
 from types import ModuleType
 
 from plumbing.settings import env_value
-from rrp import data, evolve, monitor, play, run, services, serving, vision
+from rrp import data, evolve, laps, monitor, play, run, services, serving, vision
 from rrp.command import Commands, command_path
 
 
 def _groups() -> tuple[ModuleType, ...]:
-    return (services, play, evolve, run, data, vision, serving, monitor)
+    return (services, play, evolve, run, data, vision, serving, laps, monitor)
 
 
 def _setup_logging(level: str) -> None:

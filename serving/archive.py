@@ -19,6 +19,8 @@ from plumbing.settings import setting
 log = logging.getLogger(__name__)
 
 HANDLER = Path(__file__).with_name("handler.py")
+ONNX_HANDLER = Path(__file__).with_name("handler_onnx.py")
+FORMATS = ("eager", "onnx")
 WEIGHTS = "model.safetensors"
 CARD_FILES = ("model_card.json", "model_card.md")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
@@ -34,6 +36,11 @@ class ArchiveConfig:
     max_batch_delay_ms: int = setting(5, "how long TorchServe waits to fill a batch, ms")
     workers: int = setting(1, "worker processes of the model (each ~300 MB)")
     response_timeout_s: int = setting(10, "TorchServe restarts a worker that takes longer than this, s")
+    format: str = setting(
+        "eager",
+        "eager: safetensors run by PyTorch; onnx: the torch.export program as ONNX, run by onnxruntime",
+        choices=FORMATS,
+    )
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -42,6 +49,8 @@ class ArchiveConfig:
             raise InvalidArgument(f"batch size must be 1..64, got {self.batch_size}")
         if not 0 <= self.max_batch_delay_ms <= 1000 or not 1 <= self.workers <= 16 or self.response_timeout_s < 1:
             raise InvalidArgument("max batch delay 0..1000 ms, 1..16 workers, a response timeout of at least 1 s")
+        if self.format not in FORMATS:
+            raise InvalidArgument(f"archive format must be one of {', '.join(FORMATS)}, got {quote(self.format)}")
 
     def model_config_yaml(self) -> str:
         return (
@@ -94,15 +103,23 @@ def build_archive(model_dir: Path, version: str, out_dir: Path, config: ArchiveC
             "version": version,
             "input": {"width": model.config.width, "height": model.config.height},
             "model_config": config.model_config_yaml(),
+            "format": config.format,
         }
         (staging / "serving.json").write_text(json.dumps(serving_info, indent=2) + "\n")
         extras.append(str(staging / "serving.json"))
+        serialized, handler = weights, HANDLER
+        if config.format == "onnx":
+            from trainer.vision.export import ONNX_FILE, export_onnx
+
+            # The ONNX file is what the handler runs; the weights travel beside it, as the model's source.
+            serialized, handler = export_onnx(model, staging / ONNX_FILE), ONNX_HANDLER
+            extras.append(str(weights))
         cmd = [
             *archiver_command(),
             "--model-name", config.name,
             "--version", version,
-            "--serialized-file", str(weights),
-            "--handler", str(HANDLER),
+            "--serialized-file", str(serialized),
+            "--handler", str(handler),
             "--config-file", str(staging / "model-config.yaml"),
             "--extra-files", ",".join(extras),
             "--export-path", str(staging),

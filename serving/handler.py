@@ -71,9 +71,8 @@ class VisionHandler:
             frames.append(frame)
             speeds.append(speed)
         if good:
-            with torch.inference_mode():
-                logits = self.model(torch.from_numpy(np.stack(frames)), torch.tensor(speeds, dtype=torch.float32))
-                keys = decide(logits)
+            logits = self.logits(np.stack(frames), np.array(speeds, dtype=np.float32))
+            keys = decide(logits)
             for row, i in enumerate(good):
                 body = oip[i]
                 values = logits[row].numpy()
@@ -82,6 +81,12 @@ class VisionHandler:
                 else:
                     answers[i] = encode_response(values, int(keys[row]))
         return answers
+
+    def logits(self, frames: np.ndarray, speeds: np.ndarray) -> torch.Tensor:
+        """The model's (N, 6) logits of a batch: the one step another runtime replaces (serving/handler_onnx.py)."""
+        with torch.inference_mode():
+            out: torch.Tensor = self.model(torch.from_numpy(frames), torch.from_numpy(speeds))
+            return out
 
 
 def _weights_path(model_dir: str) -> Any:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
     ["game-server"], ["scheduler"], ["collector"], ["play"], ["evolve"], ["collect"], ["run"],
     ["data", "validate"], ["data", "export"], ["train"], ["evaluate"], ["dagger"], ["package"], ["serve"],
-    ["autopilot"], ["deploy"], ["models"], ["monitor"],
+    ["autopilot"], ["deploy"], ["models"], ["monitor"], ["lap", "record"], ["lap", "verify"], ["lap", "submit"],
+    ["leaderboard"],
 ]  # fmt: skip
 
 
@@ -77,6 +78,27 @@ class SeededTwo:
 def test_nested_configs_that_disagree_on_a_shared_default_fail_loudly() -> None:
     with pytest.raises(TypeError, match="disagree"):
         add_flags(argparse.ArgumentParser(), SeededTwo)
+
+
+@dataclass(frozen=True)
+class WithFile:
+    record: Path = setting(help="a record file", positional=True)
+    game: str = setting("", "address")
+
+
+@dataclass(frozen=True)
+class PositionalWithDefault:
+    record: Path = setting(Path("x"), "a record file", positional=True)
+
+
+def test_a_positional_setting_is_an_argument_without_a_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, WithFile)
+    assert from_args(WithFile, parser.parse_args(["lap.json", "--game", "a:1"])) == WithFile(Path("lap.json"), "a:1")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--game", "a:1"])  # the argument is required
+    with pytest.raises(TypeError, match="required"):
+        add_flags(argparse.ArgumentParser(), PositionalWithDefault)
 
 
 def test_bad_env_value_is_a_clear_exit(monkeypatch: pytest.MonkeyPatch) -> None:

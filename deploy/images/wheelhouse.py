@@ -37,6 +37,10 @@ TRAINER_ONLY = {
     "pyyaml",
     "googleapis-common-protos",
     "psutil",
+    # The model's ONNX export and the ONNX handler's runtime.
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
 }
 # What pip needs to build the project itself from source (no build isolation: nothing downloaded).
 BUILD = {"setuptools"}

@@ -1,4 +1,5 @@
 from rallyrobopilot.v1 import collector_pb2 as _collector_pb2
+from rallyrobopilot.v1 import lap_pb2 as _lap_pb2
 from rallyrobopilot.v1 import sim_pb2 as _sim_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -17,6 +18,18 @@ class DriveMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DRIVE_MODE_UNSPECIFIED: DriveMode
 DRIVE_MODE_LOCKSTEP: DriveMode
 DRIVE_MODE_REALTIME: DriveMode
+
+class VerifyLapRequest(_message.Message):
+    __slots__ = ("record",)
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    record: _lap_pb2.LapRecord
+    def __init__(self, record: _Optional[_Union[_lap_pb2.LapRecord, _Mapping]] = ...) -> None: ...
+
+class VerifyLapResponse(_message.Message):
+    __slots__ = ("verdict",)
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    verdict: _lap_pb2.LapVerdict
+    def __init__(self, verdict: _Optional[_Union[_lap_pb2.LapVerdict, _Mapping]] = ...) -> None: ...
 
 class EvaluateBatchRequest(_message.Message):
     __slots__ = ("tasks",)

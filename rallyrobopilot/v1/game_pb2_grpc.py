@@ -102,6 +102,11 @@ class GameServiceStub:
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.VerifyLap = channel.unary_unary(
+                '/rallyrobopilot.v1.GameService/VerifyLap',
+                request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.SerializeToString,
+                response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.FromString,
+                _registered_method=True)
 
 
 class GameServiceServicer:
@@ -226,6 +231,17 @@ class GameServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyLap(self, request, context):
+        """Re-simulates a lap record (physics only) and confirms or refutes its claims: OK with verified=false
+        and a typed refusal for a well-formed record whose claims do not hold or whose start state is
+        impossible. INVALID_ARGUMENT for a malformed record (a missing track or final state, a key byte with
+        upper bits set, an over-long string, a date that is not RFC 3339); NOT_FOUND for an unknown track;
+        RESOURCE_EXHAUSTED for more than 100,000 keys, or when all evaluation slots are busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GameServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +299,11 @@ def add_GameServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoRequest.FromString,
                     response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'VerifyLap': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyLap,
+                    request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.FromString,
+                    response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +616,33 @@ class GameService:
             '/rallyrobopilot.v1.GameService/GetServerInfo',
             rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoRequest.SerializeToString,
             rallyrobopilot_dot_v1_dot_game__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyLap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rallyrobopilot.v1.GameService/VerifyLap',
+            rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.SerializeToString,
+            rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.FromString,
             options,
             channel_credentials,
             insecure,
