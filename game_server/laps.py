@@ -13,8 +13,8 @@ from google.protobuf.message import DecodeError
 from game_server import convert, game
 from game_server.core import episode, pilot
 from game_server.core.driver_file import SavedDriver
-from game_server.core.verify import MAX_LAP_KEYS, LapRecord, Refusal, Verdict, record_of_lap, verify_lap
 from game_server.core.tracks import load_track
+from game_server.core.verify import MAX_LAP_KEYS, LapRecord, Refusal, Verdict, record_of_lap, verify_lap
 from game_server.evaluation import result_to_pb
 from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from rallyrobopilot.v1 import lap_pb2

@@ -20,10 +20,10 @@ import redis
 from collector.store import RedisConfig
 from game_server import convert
 from game_server.core import episode
-from game_server.core.verify import record_of_lap
 from game_server.core.physics import RunResult
 from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import load_track
+from game_server.core.verify import record_of_lap
 from game_server.laps import record_to_pb, utc_now, verify_record_pb
 from plumbing.errors import DomainError, InvalidArgument
 from plumbing.settings import nested, setting

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from game_server.client import GameClient
 from game_server.core import episode
 from game_server.core.drivers import default_driver
-from game_server.core.verify import LapRecord, Refusal, record_of_lap, verify_lap
 from game_server.core.pilot import drive_lap
 from game_server.core.state import CarState, LapState, SimState
 from game_server.core.tracks import builtin_tracks, load_track
+from game_server.core.verify import LapRecord, Refusal, record_of_lap, verify_lap
 from game_server.laps import REFUSAL_NAMES, read_record, record_id, record_to_pb, write_record
 from game_server.server import GameServer
 from rallyrobopilot.v1 import lap_pb2
