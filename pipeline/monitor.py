@@ -214,20 +214,20 @@ class LocalPrometheus:
 
 
 def run_monitor(config: MonitorConfig) -> int:
-    """Starts Prometheus, prints its address, and stops it on SIGTERM or Ctrl-C."""
+    """Starts Prometheus, logs its address, and stops it on SIGTERM or Ctrl-C; 1 when Prometheus itself exits."""
     stop = stop_on_signals("Prometheus")
     prometheus = LocalPrometheus(config)
     try:
         prometheus.start()
         targets = ", ".join(config.targets) or "none"
-        print(f"prometheus on {prometheus.url} (targets: {targets}; rules: {prometheus.rules})", flush=True)
+        log.info("prometheus on %s (targets: %s; rules: %s)", prometheus.url, targets, prometheus.rules)
         while not stop.wait(1.0):
             if prometheus.proc is None or prometheus.proc.poll() is not None:
-                print(f"[monitor] Prometheus exited:\n{prometheus.log_tail()}", flush=True)
+                log.error("Prometheus exited:\n%s", prometheus.log_tail())
                 return 1
     finally:
         started = prometheus.proc is not None
         prometheus.stop()
         if started:
-            print("[monitor] Prometheus stopped", flush=True)
+            log.info("Prometheus stopped")
     return 0
