@@ -150,13 +150,22 @@ def run_deploy_job(
         "laps": len(laps),
         "missed_ticks": sum(lap["missed_ticks"] for lap in laps),
         "fallbacks": sum(lap["fallbacks"] for lap in laps),
-        "prometheus": graphs,
+        "prometheus": asdict(graphs),
     }
     (out_dir / "deployment.json").write_text(json.dumps({**figures, "record": asdict(record), "laps": laps},
                                                         indent=2, default=str) + "\n")  # fmt: skip
     figures["markdown"] = markdown(record, versions, figures)
     (out_dir / "deployment.md").write_text(figures["markdown"])
     return figures
+
+
+@dataclass(frozen=True)
+class RolloutGraphs:
+    """What the rollout's graphs showed: each version's laps at the end, the deployer's stages, the queries."""
+
+    laps_per_version: dict[str, float]
+    stages_seen: list[str]
+    queries: dict[str, str]
 
 
 def version_names(versions: dict[str, ModelVersion]) -> dict[str, str]:
@@ -168,7 +177,7 @@ def version_names(versions: dict[str, ModelVersion]) -> dict[str, str]:
 
 def _graphs(
     prometheus: LocalPrometheus, start: float, end: float, path: Path, versions: dict[str, ModelVersion]
-) -> dict[str, Any]:
+) -> RolloutGraphs:
     """The rollout as Prometheus recorded it: laps and inference p99 per version, fallbacks, the deployer's stage."""
     import matplotlib
 
@@ -194,10 +203,10 @@ def _graphs(
             log.warning("Prometheus query %s: %s", expr, exc)
             series = []
         for s in series:
-            metric = s["metric"]
+            metric = s.labels
             label = metric.get("version") or metric.get("stage") or metric.get("series") or "all"
-            t = [float(v[0]) - start for v in s["values"]]
-            y = [float(v[1]) for v in s["values"]]
+            t = [at - start for at, _ in s.points]
+            y = [value for _, value in s.points]
             if title == "deployer stage":
                 ax.scatter(t, [label] * len(t), s=4)
             elif "version" in metric:
@@ -215,7 +224,7 @@ def _graphs(
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {"laps_per_version": totals, "stages_seen": stages, "queries": queries}
+    return RolloutGraphs(totals, stages, queries)
 
 
 def markdown(record: DeploymentRecord, versions: dict[str, ModelVersion], figures: dict[str, Any]) -> str:

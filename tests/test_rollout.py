@@ -27,6 +27,7 @@ from serving.rollout.records import (
     GateOutcome,
     LiveOutcome,
     RegisterFigures,
+    RolloutSettings,
     StepRecord,
     dump_record,
     load_record,
@@ -91,7 +92,7 @@ def test_records_read_back_from_json_as_they_were_written(tmp_path: Path) -> Non
                StepRecord("gate", 2.0, 3.0, 1.0, True, "gate", GateFigures([], 5.0, 4.0, [])),
                StepRecord("canary", 3.0, 4.0, 1.0, False, "canary: x", canary),
                StepRecord("rollback", 4.0)],
-        decision="rollback", settings={"gate": {"tracks": ["gen-1001"]}},
+        decision="rollback", settings=RolloutSettings(GATE, CanaryConfig(laps=3)),
     )  # fmt: skip
     registry = Registry(tmp_path)
     registry.save_deployment(record)
@@ -114,7 +115,7 @@ def test_records_written_before_they_were_typed_read_back_the_same(tmp_path: Pat
     old = {
         "id": "17-abcdef12", "kind": "rollout", "candidate": "abcdef1234567890", "version": "2", "name": "rrp-vision",
         "default": "1", "started": 17.0, "state": "done", "stage": "done", "decision": "rollback", "reason": "gate: x",
-        "settings": {"gate": {"max_ticks": 300}, "canary": {"laps": 2}}, "ended": 20.0,
+        "settings": {"gate": {"tracks": ["gen-1001"], "max_ticks": 300}, "canary": {"laps": 2}}, "ended": 20.0,
         "steps": [
             {"stage": "register", "started": 17.0, "ended": 18.0, "seconds": 1.0, "ok": True,
              "figures": {"load_s": 1.0}, "reason": "registered with no traffic"},
@@ -136,6 +137,8 @@ def test_records_written_before_they_were_typed_read_back_the_same(tmp_path: Pat
     written = json.loads(json.dumps(dump_record(record)))
     assert written["steps"][2]["figures"] == {"default": "", "previous": "", "unregistered": "2"}
     written["steps"][2]["figures"] = old["steps"][2]["figures"]  # type: ignore[index]
+    assert record.settings is not None and record.settings.gate.max_ticks == 300 and record.settings.canary.laps == 2
+    written["settings"] = old["settings"]  # the thresholds now written whole, defaults too
     assert written == json.loads(json.dumps(old))
     # A version never gated was written with empty gate and live objects: they read as absent.
     entry = {"id": "abc", "version": "1", "name": "n", "archive": "a.mar", "source": "/m", "created": 1,

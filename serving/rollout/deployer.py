@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from serving.registry import ModelVersion, Registry, ReplicaStatus, Routing, add
 from serving.rollout.canary import Canary
 from serving.rollout.config import CanaryConfig, GateConfig
 from serving.rollout.gate import Gate
-from serving.rollout.records import DecisionFigures, DeploymentRecord, RegisterFigures, StepRecord, StepResult
+from serving.rollout.records import (
+    DecisionFigures,
+    DeploymentRecord,
+    RegisterFigures,
+    RolloutSettings,
+    StepRecord,
+    StepResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +155,7 @@ class Deployer:
             id=f"{int(started * 1000)}-{candidate.id[:8]}", kind="rollout" if routing is not None else "first",
             candidate=candidate.id, version=candidate.version, started=started, name=candidate.name,
             default=routing.default if routing is not None else "",
-            settings={"gate": asdict(self.config.gate), "canary": asdict(self.config.canary)},
+            settings=RolloutSettings(self.config.gate, self.config.canary),
         )  # fmt: skip
         self.registry.save_deployment(record)
         return record

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from plumbing.errors import FailedPrecondition
+from serving.rollout.config import CanaryConfig, GateConfig
 
 R = TypeVar("R")
 
@@ -23,8 +24,10 @@ def load_record(cls: type[R], data: object) -> R:
     class with a `from_json` classmethod of its own reads itself."""
     if not isinstance(data, dict):
         raise FailedPrecondition(f"a {cls.__name__} record must be a JSON object, not {type(data).__name__}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a record (a dataclass)")
     hints = typing.get_type_hints(cls)
-    values = {f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}  # type: ignore[arg-type]
+    values = {f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
     try:
         return cls(**values)
     except TypeError as exc:  # a required field missing
@@ -221,6 +224,14 @@ class StepRecord:
         return step
 
 
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The thresholds a rollout was judged by, kept on its record."""
+
+    gate: GateConfig
+    canary: CanaryConfig
+
+
 @dataclass
 class DeploymentRecord:
     """One rollout (or `--rollback`), saved after every change: what a deployer started again takes up."""
@@ -238,7 +249,7 @@ class DeploymentRecord:
     decision: str = ""  # "" until decided, then "promote" | "rollback" ("none": nothing to deploy)
     reason: str = ""
     ended: float | None = None
-    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # the gate's and canary's thresholds
+    settings: RolloutSettings | None = None  # none for a --rollback
 
     def done_stages(self) -> set[str]:
         return {s.stage for s in self.steps if s.ended}
