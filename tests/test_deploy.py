@@ -184,7 +184,7 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     from pipeline.deploy import ModelsConfig
-    from rrp.serving import models
+    from rrp.serving import models as models_command
 
     registry = Registry(served.model_store)
     # The cars race in a process of their own, on the routing; the deployer reads their /metrics.
@@ -220,7 +220,7 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     rows = {r.version: r for r in models_table(registry)}
     assert rows[new].role == "default" and rows["1"].role == "previous" and rows[new].gate == "passed"
     assert rows[new].live_completion is not None
-    models(ModelsConfig(serve_dir=served.workdir))
+    models_command(ModelsConfig(serve_dir=served.workdir))
     assert "default" in capsys.readouterr().out
     # --rollback: the previous version is the default again, at once.
     deployer = _deployer(served, game_server_processes[0].address)
