@@ -170,7 +170,7 @@ class RolloutGraphs:
 
 def version_names(versions: dict[str, ModelVersion]) -> dict[str, str]:
     """One name per version in every panel's legend: "version N", whatever series label it comes from."""
-    names = {number: f"version {number}" for number in versions}
+    names = {number: f"version {number}" for number in sorted(versions)}
     names["default"] = "the server's default version"  # cars that asked no version
     return names
 
@@ -194,6 +194,7 @@ def _graphs(
     }
     fig, axes = plt.subplots(len(queries), 1, figsize=(10, 2.4 * len(queries)), sharex=True)
     names = version_names(versions)
+    colours = {label: f"C{i}" for i, label in enumerate(names)}  # and one colour in every panel
     totals: dict[str, float] = {}
     stages: list[str] = []
     for ax, (title, expr) in zip(axes, queries.items(), strict=True):
@@ -210,9 +211,9 @@ def _graphs(
             if title == "deployer stage":
                 ax.scatter(t, [label] * len(t), s=4)
             elif "version" in metric:
-                ax.plot(t, y, label=names.get(label, f"version {label}"), linewidth=1)
+                ax.plot(t, y, label=names.get(label, f"version {label}"), color=colours.get(label), linewidth=1)
             else:
-                ax.plot(t, y, label=f"{label}, all versions", linewidth=1, linestyle="--")
+                ax.plot(t, y, label=f"{label}, all versions", color="grey", linewidth=1, linestyle="--")
             if title == "laps per version" and y:
                 totals[label] = y[-1]
             if title == "deployer stage" and y:
