@@ -27,12 +27,12 @@ from typing import Any
 
 def scrape(url: str) -> dict[str, float]:
     """The cars' counters, summed over versions."""
-    from pipeline.deploy import parse_exposition
+    from serving.rollout.live import parse_exposition
 
     with urllib.request.urlopen(url, timeout=5.0) as r:
         per_version = parse_exposition(r.read().decode())
     keys = ("ticks", "missed_ticks", "fallbacks", "inference_errors", "laps")
-    return {k: sum(v.get(k, 0.0) for v in per_version.values()) for k in keys}
+    return {k: sum(getattr(v, k) for v in per_version.values()) for k in keys}
 
 
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -54,11 +54,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write bench_rollout.json here")
     args = parser.parse_args()
 
-    from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
     from pipeline.pools import local_game_servers
     from pipeline.serve import ServeConfig, follow_registry
     from plumbing.redis_local import free_port
+    from serving.endpoints import Endpoints, write_endpoints
     from serving.registry import Registry
+    from serving.rollout.config import CanaryConfig, GateConfig
+    from serving.rollout.deployer import Deployer, RolloutConfig
     from serving.torchserve import LocalTorchServe, TorchServeConfig
     from trainer.vision.model import VisionConfig, build_model
     from trainer.vision.train import load_model, save_weights
@@ -107,24 +109,21 @@ def main() -> int:
             time.sleep(args.baseline_s)
             b = scrape(metrics)
             results["baseline"] = {"seconds": args.baseline_s, **delta(a, b)}
-            config = DeployConfig(
-                serve_dir=server.workdir, game=games[:1],
+            config = RolloutConfig(
+                game=games[:1],
                 gate=GateConfig(tracks=tuple(args.gate_tracks.split(",")), max_ticks=args.gate_max_ticks),
                 canary=CanaryConfig(share=0.5, laps=args.canary_laps, live=(metrics,), max_s=600),
             )  # fmt: skip
             deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", None))
             t0 = time.monotonic()
-            try:
-                record = deployer.deploy(candidate)
-            finally:
-                deployer.close()
+            record = deployer.deploy(candidate)
             rollout_s = time.monotonic() - t0
             time.sleep(2.0)  # the laps in flight report their last ticks
             c = scrape(metrics)
             results["rollout"] = {"seconds": round(rollout_s, 1), **delta(b, c)}
-            results["decision"] = record["decision"]
-            results["reason"] = record["reason"]
-            results["stages"] = {s["stage"]: s.get("seconds") for s in record["steps"]}
+            results["decision"] = record.decision
+            results["reason"] = record.reason
+            results["stages"] = {s.stage: s.seconds for s in record.steps}
         finally:
             cars.send_signal(signal.SIGTERM)
             try:

@@ -15,15 +15,22 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from game_server.core.state import TICK_S
 from game_server.core.tracks import DAGGER_TRACKS, UNSEEN_TRACKS
-from pipeline.deploy import CanaryConfig, DeployConfig, Deployer, Endpoints, GateConfig, write_endpoints
 from pipeline.serve import ServeConfig, follow_registry
 from plumbing.settings import setting
+from serving.endpoints import Endpoints, write_endpoints
+from serving.registry import ModelVersion
+from serving.rollout.config import CanaryConfig, GateConfig
+from serving.rollout.deployer import Deployer, RolloutConfig
+from serving.rollout.records import DeploymentRecord
+
+if TYPE_CHECKING:
+    from pipeline.monitor import LocalPrometheus
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ def train_second_model(
         records = collect_dagger_runs(pilot, dagger, 1, pool)
     new = to_frames(records, run_ids_of(records, 1), pilot)
     retrain = dataclasses.replace(train_config, epochs=epochs, lr=train_config.lr * dagger.lr_scale, keep="last")
-    print(f"[run] second model: {len(new.labels)} DAgger frames added, fine-tuning {epochs} epochs", flush=True)
+    log.info("second model: %d DAgger frames added, fine-tuning %d epochs", len(new.labels), epochs)
     result = train(retrain, concat([frames, new]), init=model)
     save_training_run(result, retrain, data, concat([frames, new]), out_dir)
     return out_dir
@@ -75,8 +82,8 @@ def run_deploy_job(
     from pipeline.monitor import LocalPrometheus, MonitorConfig
     from plumbing.metrics import start_metrics
     from plumbing.redis_local import free_port
-    from serving.autopilot import AutopilotConfig, run_autopilot
-    from serving.client import ModelRef, TorchServeClient
+    from serving.autopilot import AutopilotConfig, AutopilotResult, run_autopilot
+    from serving.client import ModelRef, connect
     from serving.registry import Registry, Router
     from serving.torchserve import LocalTorchServe, TorchServeConfig
     from trainer.vision.train import load_model
@@ -93,7 +100,7 @@ def run_deploy_job(
         targets = (f"autopilot=127.0.0.1:{endpoint.port}", f"torchserve=127.0.0.1:{server.ports['metrics']}")
         monitor = MonitorConfig(targets=targets, scrape_interval_s=1.0, evaluation_interval_s=1.0)
         prometheus = stack.enter_context(LocalPrometheus(monitor))
-        print(f"[run] Prometheus at {prometheus.url} scraping {', '.join(targets)}", flush=True)
+        log.info("Prometheus at %s scraping %s", prometheus.url, ", ".join(targets))
         following = threading.Event()
         follow_registry(ServeConfig(models_root=first_model), server, following)
         write_endpoints(workdir, server)
@@ -102,57 +109,75 @@ def run_deploy_job(
         key, address = server.keys.inference, server.inference_address
         pilot = AutopilotConfig(track=track, cars=config.cars, laps=10_000, max_ticks=config.lap_max_ticks,
                                 width=vision.width, height=vision.height)  # fmt: skip
-        result: dict[str, Any] = {}
+        races: list[AutopilotResult] = []  # the cars' thread's result
 
         def race() -> None:
-            result["race"] = run_autopilot(
+            races.append(run_autopilot(
                 pilot, addresses, stop=stop, router=Router(registry.routing_path),
-                connect_version=lambda v: TorchServeClient(address, ModelRef("rrp-vision", v), key),
-            )  # fmt: skip
+                connect_version=lambda v: connect("torchserve", address, ModelRef("rrp-vision", v), key),
+            ))  # fmt: skip
 
         cars = threading.Thread(target=race, name="rollout-cars", daemon=True)
         t0 = time.time()
         cars.start()
-        deploy = DeployConfig(
-            serve_dir=workdir, game=addresses[:1],
+        rollout = RolloutConfig(
+            game=addresses[:1],
             gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),
         )  # fmt: skip
-        deployer = Deployer(deploy, Endpoints.resolve(workdir, None, "", None))
         try:
-            record = deployer.deploy(second_model)
+            record = Deployer(rollout, Endpoints.resolve(workdir, None, "", None)).deploy(second_model)
         finally:
-            deployer.close()
             time.sleep(3.0)  # a last scrape after the decision
             stop.set()
             cars.join(timeout=180)
         t1 = time.time()
         following.set()
-        graphs = _graphs(prometheus, t0, t1, out_dir / "rollout.png")
         versions = {v.version: v for v in registry.versions()}
+        graphs = _graphs(prometheus, t0, t1, out_dir / "rollout.png", versions)
     endpoint.stop()
-    race_result = result.get("race")
-    laps = [r.summary() for r in race_result.laps] if race_result is not None else []
-    figures = {
-        "decision": record["decision"],
-        "reason": record["reason"],
-        "steps": [{k: s.get(k) for k in ("stage", "seconds", "ok", "reason")} for s in record["steps"]],
-        "versions": {n: {"id": v.id, "gate": v.gate, "live": v.live} for n, v in versions.items()},
+    laps = [r.summary() for race in races for r in race.laps]
+    figures: dict[str, Any] = {
+        "decision": record.decision,
+        "reason": record.reason,
+        "steps": [{"stage": s.stage, "seconds": s.seconds, "ok": s.ok, "reason": s.reason} for s in record.steps],
+        "versions": {
+            n: {"id": v.id, "gate": asdict(v.gate) if v.gate else None, "live": asdict(v.live) if v.live else None}
+            for n, v in versions.items()
+        },
         "rollout_s": round(t1 - t0, 1),
         "laps": len(laps),
         "missed_ticks": sum(lap["missed_ticks"] for lap in laps),
         "fallbacks": sum(lap["fallbacks"] for lap in laps),
-        "prometheus": graphs,
+        "prometheus": asdict(graphs),
     }
-    (out_dir / "deployment.json").write_text(json.dumps({**figures, "record": record, "laps": laps}, indent=2,
-                                                        default=str) + "\n")  # fmt: skip
-    figures["markdown"] = markdown(figures, record)
+    (out_dir / "deployment.json").write_text(json.dumps({**figures, "record": asdict(record), "laps": laps},
+                                                        indent=2, default=str) + "\n")  # fmt: skip
+    figures["markdown"] = markdown(record, versions, figures)
     (out_dir / "deployment.md").write_text(figures["markdown"])
     return figures
 
 
-def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RolloutGraphs:
+    """What the rollout's graphs showed: each version's laps at the end, the deployer's stages, the queries."""
+
+    laps_per_version: dict[str, float]
+    stages_seen: list[str]
+    queries: dict[str, str]
+
+
+def version_names(versions: dict[str, ModelVersion]) -> dict[str, str]:
+    """One name per version in every panel's legend: "version N", whatever series label it comes from."""
+    names = {number: f"version {number}" for number in sorted(versions)}
+    names["default"] = "the server's default version"  # cars that asked no version
+    return names
+
+
+def _graphs(
+    prometheus: LocalPrometheus, start: float, end: float, path: Path, versions: dict[str, ModelVersion]
+) -> RolloutGraphs:
     """The rollout as Prometheus recorded it: laps and inference p99 per version, fallbacks, the deployer's stage."""
     import matplotlib
 
@@ -164,11 +189,13 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
         "inference p99 per version, ms": "1000 * histogram_quantile(0.99, sum by (version, le) "
         "(rate(rrp_autopilot_inference_seconds_bucket[5s])))",
         "fallbacks and missed ticks per second": "sum by (version) (rate(rrp_autopilot_fallbacks_total[5s])) or "
-        'label_replace(sum(rate(rrp_autopilot_missed_ticks_total[5s])), "version", "missed ticks", "", "")',
+        'label_replace(sum(rate(rrp_autopilot_missed_ticks_total[5s])), "series", "missed ticks", "", "")',
         "deployer stage": "rrp_deployer_stage == 1",
     }
     fig, axes = plt.subplots(len(queries), 1, figsize=(10, 2.4 * len(queries)), sharex=True)
-    totals: dict[str, Any] = {}
+    names = version_names(versions)
+    colours = {label: f"C{i}" for i, label in enumerate(names)}  # and one colour in every panel
+    totals: dict[str, float] = {}
     stages: list[str] = []
     for ax, (title, expr) in zip(axes, queries.items(), strict=True):
         try:
@@ -177,13 +204,16 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
             log.warning("Prometheus query %s: %s", expr, exc)
             series = []
         for s in series:
-            label = s["metric"].get("version") or s["metric"].get("stage") or "all"
-            t = [float(v[0]) - start for v in s["values"]]
-            y = [float(v[1]) for v in s["values"]]
+            metric = s.labels
+            label = metric.get("version") or metric.get("stage") or metric.get("series") or "all"
+            t = [at - start for at, _ in s.points]
+            y = [value for _, value in s.points]
             if title == "deployer stage":
                 ax.scatter(t, [label] * len(t), s=4)
+            elif "version" in metric:
+                ax.plot(t, y, label=names.get(label, f"version {label}"), color=colours.get(label), linewidth=1)
             else:
-                ax.plot(t, y, label=label, linewidth=1)
+                ax.plot(t, y, label=f"{label}, all versions", color="grey", linewidth=1, linestyle="--")
             if title == "laps per version" and y:
                 totals[label] = y[-1]
             if title == "deployer stage" and y:
@@ -195,30 +225,33 @@ def _graphs(prometheus: Any, start: float, end: float, path: Path) -> dict[str, 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {"laps_per_version": totals, "stages_seen": stages, "queries": queries}
+    return RolloutGraphs(totals, stages, queries)
 
 
-def markdown(figures: dict[str, Any], record: dict[str, Any]) -> str:
-    steps = "\n".join(f"| {s['stage']} | {s.get('seconds', '-')} | {s.get('reason') or ''} |" for s in figures["steps"])
+def markdown(record: DeploymentRecord, versions: dict[str, ModelVersion], figures: dict[str, Any]) -> str:
+    """The report's section: the decision, each step, and both versions' gate laps and live windows."""
+    steps = "\n".join(f"| {s.stage} | {s.seconds if s.seconds is not None else '-'} | {s.reason} |"
+                      for s in record.steps)  # fmt: skip
+    candidate = versions.get(record.version)
     rows = []
-    for number, v in sorted(figures["versions"].items()):
-        for key, lap in sorted(v["gate"].get("laps", {}).items()):
-            done = f"{lap['lap_ticks'] * TICK_S:.2f} s" if lap["finished"] else f"{lap['progress']:.0%} (DNF)"
-            rows.append(f"| {number} | gate {key} | {done} | {lap['wall_contacts']} |")
-        live = v["live"].get("candidate") if number == record["version"] else v["live"].get("default")
-        if not live and number != record["version"]:
-            live = figures["versions"][record["version"]]["live"].get("default")
+    for number, v in sorted(versions.items()):
+        for key, lap in sorted(v.gate.laps.items() if v.gate else []):
+            done = f"{lap.lap_ticks * TICK_S:.2f} s" if lap.finished else f"{lap.progress:.0%} (DNF)"
+            rows.append(f"| {number} | gate {key} | {done} | {lap.wall_contacts} |")
+        # The default's live window is kept on the candidate's record of the canary they shared.
+        shared = candidate.live if candidate is not None else None
+        live = (v.live.candidate if v.live else None) if number == record.version else (shared and shared.default)
         if live:
-            rows.append(f"| {number} | canary ({live['laps']:.0f} laps live) | completion {live['completion']:.0%}, "
-                        f"mean lap {live['mean_lap_s']:.2f} s | {live['wall_contacts']:.0f} |")  # fmt: skip
+            rows.append(f"| {number} | canary ({live.laps:.0f} laps live) | completion {live.completion:.0%}, "
+                        f"mean lap {live.mean_lap_s:.2f} s | {live.wall_contacts:.0f} |")  # fmt: skip
     table = "\n".join(rows)
     return f"""A second model (the first fine-tuned on one DAgger iteration: it drove the training tracks and the
-evolved driver labelled every tick) was rolled out as version {record["version"]} while
+evolved driver labelled every tick) was rolled out as version {record.version} while
 cars raced the training track in real time on the routing: register beside the default with no traffic, gate on
 held-out tracks in lockstep against the default, canary on a share of the cars with the live figures read from
 Prometheus, then the decision.
 
-**Decision: {figures["decision"]}** ({figures["reason"]}); the rollout took {figures["rollout_s"]} s, during which
+**Decision: {record.decision}** ({record.reason}); the rollout took {figures["rollout_s"]} s, during which
 the cars drove {figures["laps"]} laps with {figures["missed_ticks"]} missed ticks and {figures["fallbacks"]} fallbacks.
 
 | stage | seconds | outcome |

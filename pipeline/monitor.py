@@ -100,6 +100,14 @@ def find_rules(path: Path) -> Path:
     raise FailedPrecondition(f"rules file {path} not found")
 
 
+@dataclass(frozen=True)
+class Series:
+    """One series of a query's answer: its labels and its (unix time, value) points."""
+
+    labels: dict[str, str]
+    points: list[tuple[float, float]]
+
+
 class LocalPrometheus:
     """A Prometheus process on 127.0.0.1 with a generated config, its data in a folder of its own."""
 
@@ -160,30 +168,29 @@ class LocalPrometheus:
         except (urllib.error.URLError, OSError):
             return False
 
-    def query(self, expr: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-        """An instant query's result vector (`/api/v1/query`); an invalid expression raises InvalidArgument."""
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    def query(self, expr: str, timeout_s: float = 5.0) -> list[Series]:
+        """An instant query's vector (`/api/v1/query`), one point per series; an invalid expression raises
+        InvalidArgument."""
+        return self._ask("query", {"query": expr}, timeout_s)
+
+    def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[Series]:
+        """A range query's matrix (`/api/v1/query_range`): one series per label set."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
+        return self._ask("query_range", params, 10.0)
+
+    def _ask(self, endpoint: str, params: dict[str, str], timeout_s: float) -> list[Series]:
+        url = f"{self.url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as reply:
                 body = json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read() or b"{}")
-            raise InvalidArgument(f"query {quote(expr)}: {body.get('error', exc.reason)}") from None
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict[str, Any]]:
-        """A range query's matrix (`/api/v1/query_range`): one series per label set, values [[t, "v"], ...]."""
-        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
-        url = f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10.0) as reply:
-                body = json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-            raise InvalidArgument(f"query {quote(expr)}: {body.get('error', exc.reason)}") from None
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
+            raise InvalidArgument(f"query {quote(params['query'])}: {body.get('error', exc.reason)}") from None
+        return [
+            Series({str(k): str(v) for k, v in item["metric"].items()},
+                   [(float(t), float(v)) for t, v in item.get("values") or [item["value"]]])
+            for item in body["data"]["result"]
+        ]  # fmt: skip
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (Prometheus flushes and exits), SIGKILL if it does not in time; a private data folder goes."""
@@ -214,20 +221,20 @@ class LocalPrometheus:
 
 
 def run_monitor(config: MonitorConfig) -> int:
-    """Starts Prometheus, prints its address, and stops it on SIGTERM or Ctrl-C."""
+    """Starts Prometheus, logs its address, and stops it on SIGTERM or Ctrl-C; 1 when Prometheus itself exits."""
     stop = stop_on_signals("Prometheus")
     prometheus = LocalPrometheus(config)
     try:
         prometheus.start()
         targets = ", ".join(config.targets) or "none"
-        print(f"prometheus on {prometheus.url} (targets: {targets}; rules: {prometheus.rules})", flush=True)
+        log.info("prometheus on %s (targets: %s; rules: %s)", prometheus.url, targets, prometheus.rules)
         while not stop.wait(1.0):
             if prometheus.proc is None or prometheus.proc.poll() is not None:
-                print(f"[monitor] Prometheus exited:\n{prometheus.log_tail()}", flush=True)
+                log.error("Prometheus exited:\n%s", prometheus.log_tail())
                 return 1
     finally:
         started = prometheus.proc is not None
         prometheus.stop()
         if started:
-            print("[monitor] Prometheus stopped", flush=True)
+            log.info("Prometheus stopped")
     return 0

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plumbing.errors import NotFound
+from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
 from plumbing.settings import nested, setting
 from serving.archive import ArchiveConfig
 from serving.autopilot import AutopilotConfig
 from serving.client import PROTOCOLS
+from serving.endpoints import write_endpoints
+from serving.registry import Registry, Routing, add_archive, add_version
 from serving.torchserve import TorchServeConfig
 
 if TYPE_CHECKING:
     from serving.reconcile import Reconciler
+    from serving.torchserve import LocalTorchServe
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class AutopilotCommandConfig:
 
     game: tuple[str, ...] = setting(help="game server address(es), comma-separated", metavar="ADDR[,ADDR]")
     model_server: tuple[str, ...] = setting(
-        help="model server gRPC inference address (rrp serve prints it); several: replicas, the next one taking "
+        help="model server gRPC inference address (rrp serve logs it); several: replicas, the next one taking "
         "over the calls when the one in use is unavailable",
         metavar="ADDR[,ADDR]",
     )
@@ -81,12 +84,11 @@ class AutopilotCommandConfig:
     autopilot: AutopilotConfig = nested(AutopilotConfig)
 
 
-def run_package(config: PackageConfig) -> int:
+def run_package(config: PackageConfig) -> Path:
+    """The archive built; its path."""
     from serving.archive import build_archive
 
-    path = build_archive(config.model, config.version, config.out, config.archive)
-    print(path, flush=True)
-    return 0
+    return build_archive(config.model, config.version, config.out, config.archive)
 
 
 def latest_model(root: Path) -> Path:
@@ -99,7 +101,7 @@ def latest_model(root: Path) -> Path:
 
 
 def run_serve(config: ServeConfig) -> int:
-    from pipeline.deploy import write_endpoints
+    """TorchServe on the registry's routing until SIGTERM or Ctrl-C; 1 when TorchServe itself exits."""
     from serving.torchserve import LocalTorchServe
 
     stop = stop_on_signals("TorchServe")
@@ -110,29 +112,26 @@ def run_serve(config: ServeConfig) -> int:
         write_endpoints(server.workdir, server)
         routing = follower.registry.routing()
         auth = f"inference token in {server.key_file}" if config.torchserve.token_auth else "token auth off"
-        print(
-            f"torchserve listening on {server.inference_address} (management {server.management_address}, "
-            f"metrics {server.metrics_url}); default version {routing.default if routing else '-'}, following "
-            f"{follower.registry.routing_path}; {auth}",
-            flush=True,
-        )
+        log.info(
+            "torchserve listening on %s (management %s, metrics %s); default version %s, following %s; %s",
+            server.inference_address, server.management_address, server.metrics_url,
+            routing.default if routing else "-", follower.registry.routing_path, auth,
+        )  # fmt: skip
         while not stop.wait(1.0):
             if server.proc is None or server.proc.poll() is not None:
-                print(f"[serve] TorchServe exited:\n{server.log_tail()}", file=sys.stderr, flush=True)
+                log.error("TorchServe exited:\n%s", server.log_tail())
                 return 1
     finally:
         server.stop()
-        print("[serve] TorchServe stopped", flush=True)
+        log.info("TorchServe stopped")
     return 0
 
 
-def start_registry(config: ServeConfig, server: Any) -> Reconciler:
+def start_registry(config: ServeConfig, server: LocalTorchServe) -> Reconciler:
     """TorchServe starts empty: the registry's routing says what to serve. A store without one gets its first
     version (--archive, or the newest trained model packaged here); --archive on a store with one becomes the
     default. Returns once this server serves the routing's versions."""
-    from pipeline.deploy import add_archive, add_version
     from serving.reconcile import Reconciler
-    from serving.registry import Registry, Routing
 
     registry = Registry(server.model_store)
     routing = registry.routing()
@@ -155,14 +154,12 @@ def start_registry(config: ServeConfig, server: Any) -> Reconciler:
     reconciler = Reconciler(registry, server.admin(), server.inference_address, server.inference_key)
     status = reconciler.once()
     routing = registry.routing()
-    if routing is not None and status["default"] != routing.default:
-        from plumbing.errors import FailedPrecondition
-
-        raise FailedPrecondition(f"the default version does not load: {status['errors']}")
+    if routing is not None and status.default != routing.default:
+        raise FailedPrecondition(f"the default version does not load: {status.errors}")
     return reconciler
 
 
-def follow_registry(config: ServeConfig, server: Any, stop: threading.Event) -> Reconciler:
+def follow_registry(config: ServeConfig, server: LocalTorchServe, stop: threading.Event) -> Reconciler:
     """`start_registry`, then a thread that keeps the server on the registry's routing until `stop`."""
     reconciler = start_registry(config, server)
     threading.Thread(target=reconciler.run, args=(stop, config.follow_every_s), name="reconcile", daemon=True).start()
@@ -171,8 +168,6 @@ def follow_registry(config: ServeConfig, server: Any, stop: threading.Event) -> 
 
 def token_files(servers: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, Path]:
     """Each model server's token file: none (token auth off), one for all, or one each."""
-    from plumbing.errors import InvalidArgument
-
     if not servers:
         raise InvalidArgument("give a model server address: --model-server ADDR[,ADDR]")
     if len(files) not in (0, 1, len(servers)):
@@ -182,7 +177,11 @@ def token_files(servers: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, 
     return dict(zip(servers, files, strict=False))
 
 
-def run_autopilot_command(config: AutopilotCommandConfig) -> int:
+def run_autopilot_command(
+    config: AutopilotCommandConfig, on_lap: Callable[[dict[str, object]], None] = lambda summary: None
+) -> dict[str, object]:
+    """Races the cars until their laps are done (or SIGTERM); each lap's summary goes to `on_lap` as it ends
+    (from the cars' threads); returns the totals."""
     from pipeline.plots import plot_latency
     from serving.autopilot import result_json, run_autopilot
     from serving.client import ModelRef, connect_replicas, read_token
@@ -198,12 +197,8 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
 
     stop = stop_on_signals("the cars")
 
-    printing = threading.Lock()
-
-    def on_lap(r: Any) -> None:
-        with printing:  # cars are threads: one whole line each
-            sys.stdout.write(f"[autopilot] {json.dumps(r.summary())}\n")
-            sys.stdout.flush()
+    def lap_done(r: Any) -> None:
+        on_lap(r.summary())
 
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
     try:
@@ -216,7 +211,7 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
                 config.autopilot,
                 config.game,
                 stop=stop,
-                on_lap=on_lap,
+                on_lap=lap_done,
                 router=router,
                 connect_version=lambda v: connect_replicas(config.protocol, servers, ModelRef(name, v), token_of),
             )
@@ -226,15 +221,15 @@ def run_autopilot_command(config: AutopilotCommandConfig) -> int:
                 config.game,
                 lambda: connect_replicas(config.protocol, servers, model, token_of),
                 stop=stop,
-                on_lap=on_lap,
+                on_lap=lap_done,
             )
     finally:
         if endpoint is not None:
             endpoint.stop()
     report = result_json(result)
-    print(json.dumps(report["totals"]), flush=True)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "autopilot.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         plot_latency(result, config.out / "latency.png")
-    return 0
+    totals: dict[str, object] = report["totals"]
+    return totals

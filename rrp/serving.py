@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from rrp.command import Commands
 
+if TYPE_CHECKING:
+    from pipeline.deploy import DeployConfig, ModelsConfig, ModelsListing
+    from pipeline.serve import AutopilotCommandConfig, PackageConfig
+    from serving.rollout.records import DeploymentRecord
+
 
 def _package() -> tuple[type[Any], Any]:
-    from pipeline.serve import PackageConfig, run_package
+    from pipeline.serve import PackageConfig
 
-    return PackageConfig, run_package
+    return PackageConfig, package
+
+
+def package(config: PackageConfig) -> int:
+    from pipeline.serve import run_package
+
+    print(run_package(config), flush=True)
+    return 0
 
 
 def _serve() -> tuple[type[Any], Any]:
@@ -20,21 +35,78 @@ def _serve() -> tuple[type[Any], Any]:
 
 
 def _autopilot() -> tuple[type[Any], Any]:
-    from pipeline.serve import AutopilotCommandConfig, run_autopilot_command
+    from pipeline.serve import AutopilotCommandConfig
 
-    return AutopilotCommandConfig, run_autopilot_command
+    return AutopilotCommandConfig, autopilot
+
+
+def autopilot(config: AutopilotCommandConfig) -> int:
+    """Races the cars; a line per lap as it ends (`[autopilot] {json}`), then the totals."""
+    import threading
+
+    from pipeline.serve import run_autopilot_command
+
+    printing = threading.Lock()
+
+    def on_lap(summary: dict[str, object]) -> None:
+        with printing:  # cars are threads: one whole line each
+            sys.stdout.write(f"[autopilot] {json.dumps(summary)}\n")
+            sys.stdout.flush()
+
+    totals = run_autopilot_command(config, on_lap)
+    print(json.dumps(totals), flush=True)
+    return 0
 
 
 def _deploy() -> tuple[type[Any], Any]:
-    from pipeline.deploy import DeployConfig, run_deploy
+    from pipeline.deploy import DeployConfig
 
-    return DeployConfig, run_deploy
+    return DeployConfig, deploy
+
+
+def deploy(config: DeployConfig) -> int:
+    """The rollout; a line per finished deployment."""
+    from pipeline.deploy import run_deploy
+
+    def on_record(record: DeploymentRecord | None) -> None:
+        print(f"[deploy] {record.summary()}" if record else "[deploy] nothing to resume: give --model DIR", flush=True)
+
+    return run_deploy(config, on_record)
 
 
 def _models() -> tuple[type[Any], Any]:
-    from pipeline.deploy import ModelsConfig, run_models
+    from pipeline.deploy import ModelsConfig
 
-    return ModelsConfig, run_models
+    return ModelsConfig, models
+
+
+def models(config: ModelsConfig) -> int:
+    """The versions as a table (or JSON), and the last deployments."""
+    from pipeline.deploy import list_models
+
+    listing = list_models(config)
+    if config.json:
+        print(json.dumps(_models_json(listing), indent=2, default=str))
+        return 0
+    if not listing.rows:
+        print(f"no model versions in {listing.store} (rrp serve registers the first; rrp deploy --model DIR the next)")
+        return 0
+    rows = [{k: "-" if v is None else str(v) for k, v in asdict(r).items()} for r in listing.rows]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in rows[0]}
+    print("  ".join(c.ljust(w) for c, w in widths.items()))
+    for r in rows:
+        print("  ".join(r[c].ljust(w) for c, w in widths.items()))
+    for d in listing.deployments[-3:]:
+        print(f"[deploy] {d.summary()}")
+    return 0
+
+
+def _models_json(listing: ModelsListing) -> dict[str, object]:
+    return {
+        "routing": asdict(listing.routing) if listing.routing else None,
+        "versions": [asdict(r) for r in listing.rows],
+        "deployments": [asdict(d) for d in listing.deployments[-5:]],
+    }
 
 
 def register(commands: Commands) -> None:

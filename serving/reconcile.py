@@ -13,11 +13,10 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
 
 from plumbing.errors import DomainError
 from serving.archive import archive_info
-from serving.registry import Registry
+from serving.registry import Registry, ReplicaStatus
 from serving.torchserve import ModelServerAdmin, wait_model
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,12 @@ class Reconciler:
         self.replica = replica or f"{socket.gethostname()}-{inference.rsplit(':', 1)[-1]}"
         self.errors: dict[str, str] = {}  # version -> why it does not load (not retried until its archive changes)
 
-    def once(self) -> dict[str, Any]:
+    def once(self) -> ReplicaStatus:
         """One pass: register, set the default, unregister; returns (and saves) this replica's status."""
         routing = self.registry.routing()
-        status: dict[str, Any] = {"replica": self.replica, "inference": self.inference, "registered": [],
-                                  "default": "", "errors": self.errors, "updated": time.time()}  # fmt: skip
         if routing is None:
-            self.registry.save_replica(self.replica, status)
+            status = ReplicaStatus(self.replica, self.inference, errors=dict(self.errors), updated=time.time())
+            self.registry.save_replica(status)
             return status
         want = routing.desired()
         have = self.admin.versions(routing.name)
@@ -72,9 +70,10 @@ class Reconciler:
             except DomainError as exc:
                 log.warning("unregistering version %s: %s", number, exc)
         self.errors = {v: e for v, e in self.errors.items() if v in want}
-        status.update(registered=sorted(have), default=next((v for v, d in have.items() if d), ""),
-                      errors=self.errors, updated=time.time())  # fmt: skip
-        self.registry.save_replica(self.replica, status)
+        status = ReplicaStatus(self.replica, self.inference, registered=sorted(have),
+                               default=next((v for v, d in have.items() if d), ""), errors=dict(self.errors),
+                               updated=time.time())  # fmt: skip
+        self.registry.save_replica(status)
         return status
 
     def run(self, stop: threading.Event, every_s: float = 1.0) -> None:

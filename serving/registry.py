@@ -16,11 +16,13 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from serving.archive import ArchiveConfig, archive_info, build_archive
+from serving.rollout.records import DeploymentRecord, GateOutcome, LiveOutcome, dump_record, load_record
 
 REGISTRY_DIR = "registry"
 ROUTING_FILE = "routing.json"
@@ -62,16 +64,12 @@ class ModelVersion:
     archive: str  # file name in the model store
     source: str  # the trained model's directory
     created: float
+    # The model card's essentials and where its training data came from: free-form JSON written by training.
     card: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)  # where its training data came from
+    data: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # offline evaluation, when the model dir has one
-    gate: dict[str, Any] = field(default_factory=dict)  # the last gate's figures
-    live: dict[str, Any] = field(default_factory=dict)  # the last canary's figures
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelVersion:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    gate: GateOutcome | None = None  # the last gate's figures
+    live: LiveOutcome | None = None  # the last canary's figures
 
 
 @dataclass(frozen=True)
@@ -85,13 +83,6 @@ class Routing:
     canary_share: float = 0.0
     staged: tuple[str, ...] = ()  # registered on every model server, with no traffic (a candidate being gated)
     updated: float = 0.0
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Routing:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["staged"] = tuple(values.get("staged", ()))
-        return cls(**values)
 
     def desired(self) -> list[str]:
         """The versions every model server must have registered: the routed ones and the staged ones."""
@@ -112,6 +103,18 @@ class Routing:
     def routed(self) -> set[str]:
         """The versions a lap may go on driving: the model server keeps each of them registered."""
         return {v for v in (self.default, self.canary, self.previous) if v}
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """What one model server has registered, as its `rrp serve` reports after each reconciliation."""
+
+    replica: str
+    inference: str = ""  # its gRPC inference address
+    registered: list[str] = field(default_factory=list)  # versions registered on it
+    default: str = ""  # its default version
+    errors: dict[str, str] = field(default_factory=dict)  # version -> why it does not load
+    updated: float = 0.0  # time.time() of the report
 
 
 class Router:
@@ -137,7 +140,7 @@ class Router:
         stamp = (st.st_mtime_ns, st.st_ino)
         if stamp != self._stamp or self._routing is None:
             with contextlib.suppress(FailedPrecondition, NotFound, TypeError):
-                self._routing = Routing.from_json(read_json(self.path))
+                self._routing = load_record(Routing, read_json(self.path))
                 self._stamp = stamp
             if self._routing is None:
                 raise FailedPrecondition(f"routing file {self.path} is not a routing")
@@ -157,7 +160,7 @@ class Registry:
 
     # -- versions ---------------------------------------------------------------------------------------------
     def versions(self) -> list[ModelVersion]:
-        found = [ModelVersion.from_json(read_json(p)) for p in (self.root / "versions").glob("*.json")]
+        found = [load_record(ModelVersion, read_json(p)) for p in (self.root / "versions").glob("*.json")]
         return sorted(found, key=lambda v: (v.created, v.id))
 
     def find(self, key: str) -> ModelVersion:
@@ -171,7 +174,7 @@ class Registry:
 
     def by_id(self, version_id: str) -> ModelVersion | None:
         path = self.root / "versions" / f"{version_id}.json"
-        return ModelVersion.from_json(read_json(path)) if path.is_file() else None
+        return load_record(ModelVersion, read_json(path)) if path.is_file() else None
 
     def by_version(self, version: str) -> ModelVersion:
         for v in self.versions():
@@ -184,7 +187,7 @@ class Registry:
         return str(max(numbers, default=0) + 1)
 
     def save(self, version: ModelVersion) -> None:
-        write_json(self.root / "versions" / f"{version.id}.json", asdict(version))
+        write_json(self.root / "versions" / f"{version.id}.json", dump_record(version))
 
     def update(self, version_id: str, **changes: Any) -> ModelVersion:
         current = self.by_id(version_id)
@@ -198,41 +201,41 @@ class Registry:
     def routing(self) -> Routing | None:
         if not self.routing_path.is_file():
             return None
-        return Routing.from_json(read_json(self.routing_path))
+        return load_record(Routing, read_json(self.routing_path))
 
     def set_routing(self, routing: Routing) -> Routing:
         if not routing.default:
             raise FailedPrecondition("a routing without a default version")  # never written
         routing = replace(routing, updated=time.time())
-        write_json(self.routing_path, asdict(routing))
+        write_json(self.routing_path, dump_record(routing))
         return routing
 
     # -- model servers ----------------------------------------------------------------------------------------
-    def save_replica(self, replica: str, status: dict[str, Any]) -> None:
+    def save_replica(self, status: ReplicaStatus) -> None:
         """What one model server has registered, written by its `rrp serve` after each reconciliation."""
-        write_json(self.root / "replicas" / f"{replica}.json", status)
+        write_json(self.root / "replicas" / f"{status.replica}.json", dump_record(status))
 
-    def replicas(self, fresh_s: float = 15.0) -> list[dict[str, Any]]:
+    def replicas(self, fresh_s: float = 15.0) -> list[ReplicaStatus]:
         """The model servers that reported within `fresh_s`: the ones a rollout waits for."""
         now, found = time.time(), []
         for path in (self.root / "replicas").glob("*.json"):
             with contextlib.suppress(NotFound, FailedPrecondition):
-                status = read_json(path)
-                if now - float(status.get("updated", 0)) <= fresh_s:
+                status = load_record(ReplicaStatus, read_json(path))
+                if now - status.updated <= fresh_s:
                     found.append(status)
         return found
 
     # -- deployments ------------------------------------------------------------------------------------------
-    def deployments(self) -> list[dict[str, Any]]:
-        records = [read_json(p) for p in (self.root / "deployments").glob("*.json")]
-        return sorted(records, key=lambda r: r["started"])
+    def deployments(self) -> list[DeploymentRecord]:
+        records = [load_record(DeploymentRecord, read_json(p)) for p in (self.root / "deployments").glob("*.json")]
+        return sorted(records, key=lambda r: r.started)
 
-    def unfinished(self) -> dict[str, Any] | None:
-        open_ = [r for r in self.deployments() if r.get("state") != "done"]
+    def unfinished(self) -> DeploymentRecord | None:
+        open_ = [r for r in self.deployments() if r.state != "done"]
         return open_[-1] if open_ else None
 
-    def save_deployment(self, record: dict[str, Any]) -> None:
-        write_json(self.root / "deployments" / f"{record['id']}.json", record)
+    def save_deployment(self, record: DeploymentRecord) -> None:
+        write_json(self.root / "deployments" / f"{record.id}.json", dump_record(record))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -247,3 +250,82 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- new versions ----------------------------------------------------------------------------------------------
+
+
+def _card_parts(card: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a version keeps of its model card: the essentials, and where its training data came from."""
+    data = card.get("data", {}) if isinstance(card.get("data"), dict) else {}
+    kept = ("model", "date", "seed", "input", "output", "metrics", "training")
+    essentials = {k: card[k] for k in kept if k in card}
+    source = {
+        k: data[k] for k in ("source", "train_frames", "val_frames", "split_by", "frames", "episodes") if k in data
+    }
+    return essentials, source
+
+
+def add_version(registry: Registry, model_dir: Path, version: str | None, packaging: ArchiveConfig) -> ModelVersion:
+    """The model directory as a registry version (the existing one when the same weights are there already)."""
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise NotFound(f"{model_dir}: no model.safetensors (train one: rrp train)")
+    vid = content_id(weights)
+    known = registry.by_id(vid)
+    if known is not None:
+        if not (registry.model_store / known.archive).is_file():
+            build_archive(model_dir, known.version, registry.model_store, replace(packaging, name=known.name))
+        return known
+    number = version or registry.next_version()
+    with contextlib.suppress(NotFound):
+        other = registry.by_version(number)
+        raise FailedPrecondition(f"version {number} is already {other.id} in {registry.root}: give another --version")
+    archive = build_archive(model_dir, number, registry.model_store, packaging)
+    card: dict[str, Any] = {}
+    with contextlib.suppress(NotFound, FailedPrecondition):
+        card = read_json(model_dir / "model_card.json")
+    evaluation: dict[str, Any] = {}
+    for name in ("evaluation.json", "evaluate.json"):
+        if (model_dir / name).is_file():
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                evaluation = read_json(model_dir / name)
+    essentials, source = _card_parts(card)
+    entry = ModelVersion(
+        id=vid, version=number, name=packaging.name, archive=archive.name, source=str(model_dir.resolve()),
+        created=time.time(), card=essentials, data=source, evaluation=evaluation,
+    )  # fmt: skip
+    registry.save(entry)
+    return entry
+
+
+def add_archive(registry: Registry, archive: Path) -> ModelVersion:
+    """An archive built by `rrp package` as a registry version (its id: the hash of the weights inside)."""
+    import shutil
+    import zipfile
+
+    info = archive_info(archive)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            weights = z.read("model.safetensors")
+            card = json.loads(z.read("model_card.json")) if "model_card.json" in z.namelist() else {}
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise InvalidArgument(f"{archive}: no model.safetensors inside ({exc})") from None
+    vid = hashlib.sha256(weights).hexdigest()[:16]
+    known = registry.by_id(vid)
+    if known is not None:
+        return known
+    with contextlib.suppress(NotFound):
+        other = registry.by_version(info["version"])
+        raise FailedPrecondition(f"version {info['version']} is already {other.id} in {registry.root}")
+    target = registry.model_store / archive.name
+    if archive.resolve() != target.resolve():
+        registry.model_store.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(archive, target)
+    essentials, source = _card_parts(card)
+    entry = ModelVersion(
+        id=vid, version=info["version"], name=info["name"], archive=archive.name, source=str(archive.resolve()),
+        created=time.time(), card=essentials, data=source,
+    )  # fmt: skip
+    registry.save(entry)
+    return entry

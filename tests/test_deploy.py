@@ -18,24 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.deploy import (
-    CanaryConfig,
-    DeployConfig,
-    Deployer,
-    Endpoints,
-    GateConfig,
-    judge_canary,
-    judge_lap,
-    models_table,
-    parse_exposition,
-    window,
-    write_endpoints,
-)
+from pipeline.deploy import models_table
 from pipeline.serve import ServeConfig, follow_registry
-from plumbing.errors import InvalidArgument
 from plumbing.procs import ServiceProcess
 from serving.client import ModelRef, TorchServeClient
+from serving.endpoints import Endpoints, write_endpoints
 from serving.registry import Registry, Router, Routing
+from serving.rollout.config import CanaryConfig, GateConfig
+from serving.rollout.deployer import Deployer, RolloutConfig
+from serving.rollout.records import CanaryFigures, DeploymentRecord
 from serving.torchserve import LocalTorchServe, TorchServeConfig, free_port
 from trainer.vision.model import DrivingNet
 from trainer.vision.train import save_weights
@@ -132,18 +123,13 @@ class DefaultWatch:
         self._thread.join(10)
 
 
-def _config(server: LocalTorchServe, game: str, **changes: object) -> DeployConfig:
-    values: dict[str, object] = {"serve_dir": server.workdir, "game": (game,), "gate": GATE, "canary": CANARY}
-    return DeployConfig(**{**values, **changes})  # type: ignore[arg-type]
+def _deployer(server: LocalTorchServe, game: str, canary: CanaryConfig = CANARY) -> Deployer:
+    config = RolloutConfig(game=(game,), gate=GATE, canary=canary)
+    return Deployer(config, Endpoints.resolve(server.workdir, None, "", None))
 
 
-def _deploy(server: LocalTorchServe, game: str, model: Path, **changes: object) -> dict[str, object]:
-    config = _config(server, game, model=model, **changes)
-    deployer = Deployer(config, Endpoints.resolve(server.workdir, None, "", None))
-    try:
-        return deployer.deploy(model)
-    finally:
-        deployer.close()
+def _deploy(server: LocalTorchServe, game: str, model: Path, canary: CanaryConfig = CANARY) -> DeploymentRecord:
+    return _deployer(server, game, canary).deploy(model)
 
 
 # -- pure parts --------------------------------------------------------------------------------------------------
@@ -156,32 +142,6 @@ def test_routing_splits_cars_by_version_and_keeps_a_baseline_car() -> None:
     assert Routing(NAME, default="1", canary="2", canary_share=1.0).version_for(0, 4) == "1"  # car 0 stays
     assert Routing(NAME, default="1", canary="2", canary_share=0.1).version_for(0, 1) == "2"
     assert Routing(NAME, default="1").version_for(3, 4) == "1"
-
-
-def test_gate_and_canary_judge_against_the_default() -> None:
-    base = {"track": "t", "finished": True, "lap_ticks": 1000, "lap_s": 40.0, "progress": 1.0, "wall_contacts": 10}
-    assert judge_lap(dict(base), base, GATE) == []
-    slow = {**base, "lap_ticks": 1100, "lap_s": 44.0}
-    assert "lap 44.00 s" in judge_lap(slow, base, GATE)[0]
-    dnf = {**base, "finished": False, "progress": 0.5, "stop_reason": "no progress"}
-    assert "did not finish" in judge_lap(dnf, base, GATE)[0]
-    assert judge_lap({**base, "wall_contacts": 100}, base, GATE)
-    text = """# TYPE rrp_autopilot_laps_total counter
-rrp_autopilot_laps_total{version="1",finished="true"} 3.0
-rrp_autopilot_laps_total{version="2",finished="false"} 2.0
-rrp_autopilot_ticks_total{version="2"} 500.0
-rrp_autopilot_fallbacks_total{version="2"} 100.0
-"""
-    after = parse_exposition(text)
-    cand, default = window({}, after, "2"), window({}, after, "1")
-    assert cand["laps"] == 2 and cand["fallback_rate"] == 0.2 and default["completion"] == 1.0
-    failures = judge_canary(cand, default, CanaryConfig())
-    assert any("completion" in f for f in failures) and any("fallback" in f for f in failures)
-    assert judge_canary(window(after, after, "2"), default, CanaryConfig()) == [
-        "no candidate lap was driven during the canary"
-    ]
-    with pytest.raises(InvalidArgument, match="training tracks"):
-        GateConfig(tracks=("kidney",))
 
 
 def test_router_rereads_a_changed_routing_and_survives_a_missing_file(tmp_path: Path) -> None:
@@ -204,16 +164,18 @@ def test_a_worse_candidate_is_rolled_back_at_the_gate_and_the_default_never_chan
 ) -> None:
     with DefaultWatch(served) as watch:
         record = _deploy(served, game_server_processes[0].address, models["bad"])
-    assert record["decision"] == "rollback", record
-    assert "gen-1001" in str(record["reason"]), record["reason"]
-    assert [s["stage"] for s in record["steps"]] == ["register", "gate", "rollback"]  # type: ignore[attr-defined]
+    assert record.decision == "rollback", record
+    assert "gen-1001" in record.reason, record.reason
+    assert [s.stage for s in record.steps] == ["register", "gate", "rollback"]
     registry = Registry(served.model_store)
     routing = registry.routing()
     assert routing is not None and routing.default == "1" and not routing.canary
     assert "2" not in served.admin().versions(NAME), "the candidate must leave TorchServe"
     assert watch.checks > 5 and not watch.failures and watch.defaults == {"1"}
     gate = registry.by_version("2").gate
-    assert gate["passed"] is False and gate["laps"]["gen-1001@300"]["progress"] < 0.05
+    assert gate is not None and gate.passed is False and gate.laps["gen-1001@300"].progress < 0.05
+    # The record on disk reads back as the record the deployer returned.
+    assert registry.deployments()[-1] == record
 
 
 @pytest.mark.slow
@@ -221,7 +183,8 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     served: LocalTorchServe, models: dict[str, Path], game_server_processes: list[ServiceProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from pipeline.deploy import ModelsConfig, run_models
+    from pipeline.deploy import ModelsConfig
+    from rrp.serving import models as models_command
 
     registry = Registry(served.model_store)
     # The cars race in a process of their own, on the routing; the deployer reads their /metrics.
@@ -239,13 +202,14 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     finally:
         cars.send_signal(signal.SIGTERM)
         assert cars.wait(60) == 0, "".join(car_lines[-20:])
-    assert record["decision"] == "promote", record
-    steps = {s["stage"]: s for s in record["steps"]}  # type: ignore[attr-defined]
+    assert record.decision == "promote", record
+    steps = {s.stage: s for s in record.steps}
     assert list(steps) == ["register", "gate", "canary", "promote"]
-    canary = steps["canary"]["figures"]
-    assert canary["candidate"]["laps"] >= 2 and canary["default"]["laps"] >= 1, canary
+    canary = steps["canary"].figures
+    assert isinstance(canary, CanaryFigures), canary
+    assert canary.candidate.laps >= 2 and canary.default.laps >= 1, canary
     laps = [json.loads(line.split("[autopilot] ", 1)[1]) for line in car_lines if line.startswith("[autopilot] {")]
-    cand = record["version"]
+    cand = record.version
     assert {lap["version"] for lap in laps} >= {"1", cand}, laps
     assert {lap["car"] for lap in laps if lap["version"] == cand} == {1}  # car 0 keeps the default
     routing = registry.routing()
@@ -253,13 +217,13 @@ def test_a_candidate_as_good_is_promoted_through_the_canary_and_rolls_back_at_on
     new = routing.default
     assert served.admin().versions(NAME) == {"1": False, new: True}
     assert not watch.failures, watch.failures[:3]
-    rows = {r["version"]: r for r in models_table(registry)}
-    assert rows[new]["role"] == "default" and rows["1"]["role"] == "previous" and rows[new]["gate"] == "passed"
-    run_models(ModelsConfig(serve_dir=served.workdir))
+    rows = {r.version: r for r in models_table(registry)}
+    assert rows[new].role == "default" and rows["1"].role == "previous" and rows[new].gate == "passed"
+    assert rows[new].live_completion is not None
+    models_command(ModelsConfig(serve_dir=served.workdir))
     assert "default" in capsys.readouterr().out
     # --rollback: the previous version is the default again, at once.
-    deployer = Deployer(_config(served, game_server_processes[0].address, rollback=True),
-                        Endpoints.resolve(served.workdir, None, "", None))  # fmt: skip
+    deployer = _deployer(served, game_server_processes[0].address)
     t0 = time.monotonic()
     deployer.rollback_now()
     assert time.monotonic() - t0 < 5.0
@@ -304,8 +268,7 @@ def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
     args = _deploy_args(served, game_server_processes[0].address, models["same"])
     with DefaultWatch(served) as watch:
         if routing.default != "1":  # an earlier case promoted the candidate: start each case from version 1
-            Deployer(_config(served, game_server_processes[0].address, rollback=True),
-                     Endpoints.resolve(served.workdir, None, "", None)).rollback_now()  # fmt: skip
+            _deployer(served, game_server_processes[0].address).rollback_now()
         # Version 1 alone, so that registering the candidate takes its real time.
         registry.set_routing(Routing(NAME, default="1"))
         deadline = time.monotonic() + 30
@@ -316,8 +279,8 @@ def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
         deadline = time.monotonic() + 120
         killed = False
         while time.monotonic() < deadline and first.poll() is None:
-            running = [r for r in registry.deployments() if r.get("state") == "running"]
-            if running and running[-1]["stage"] == stage:
+            running = [r for r in registry.deployments() if r.state == "running"]
+            if running and running[-1].stage == stage:
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
                 killed = True
@@ -325,15 +288,15 @@ def test_a_deployer_killed_in_any_stage_finishes_the_rollout_when_started_again(
             time.sleep(0.05)
         assert killed, f"never reached {stage}:\n{''.join(lines[-20:])}"
         unfinished = registry.unfinished()
-        assert unfinished is not None and unfinished["stage"] == stage
+        assert unfinished is not None and unfinished.stage == stage
         second, lines2 = _rrp(args)
         assert second.wait(240) == 0, "".join(lines2[-30:])
     record = registry.deployments()[-1]
-    assert record["id"] == unfinished["id"] and record["state"] == "done" and record["decision"] == "promote"
+    assert record.id == unfinished.id and record.state == "done" and record.decision == "promote"
     assert registry.unfinished() is None
     assert watch.checks > 5 and not watch.failures, watch.failures[:3]
     final = registry.routing()
-    assert final is not None and final.default == record["version"] and not final.canary
+    assert final is not None and final.default == record.version and not final.canary
 
 
 @pytest.mark.slow
@@ -394,8 +357,7 @@ def test_a_second_model_server_on_the_same_store_serves_the_same_versions_and_fo
         routing = registry.routing()
         assert routing is not None and routing.previous, "an earlier test promoted and rolled back"
         # --rollback waits until both servers have the previous version as their default.
-        Deployer(_config(served, game_server_processes[0].address, rollback=True),
-                 Endpoints.resolve(served.workdir, None, "", None)).rollback_now()  # fmt: skip
+        _deployer(served, game_server_processes[0].address).rollback_now()
         after = registry.routing()
         assert after is not None and after.default == routing.previous
         for server in (served, second):
@@ -419,8 +381,8 @@ def test_an_empty_model_store_serves_nothing_until_the_first_deployment_makes_it
         assert registry.routing() is None and server.admin().versions(NAME) == {}
         write_endpoints(server.workdir, server)
         record = _deploy(server, game_server_processes[0].address, models["good"])
-        assert record["kind"] == "first" and record["decision"] == "promote", record
-        assert [s["stage"] for s in record["steps"]] == ["register", "promote"]  # type: ignore[attr-defined]
+        assert record.kind == "first" and record.decision == "promote", record
+        assert [s.stage for s in record.steps] == ["register", "promote"]
         routing = registry.routing()
         assert routing is not None and routing.default == "1" and not routing.previous
         assert server.admin().versions(NAME) == {"1": True}

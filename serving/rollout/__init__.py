@@ -1,0 +1,1 @@
+"""A model version's rollout: typed records, the pure judges, the live figures and the deployer's state machine."""
