@@ -55,8 +55,9 @@ class DriveRecord:
     speed: list[float] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     expert_labels: list[int] = field(default_factory=list)
-    applied: list[int] = field(default_factory=list)
+    applied: list[int] = field(default_factory=list)  # the keys chosen each tick, in tick order
     observations: list[sim_pb2.Observation] = field(default_factory=list)  # kept frames' states, frame cleared
+    final_state: sim_pb2.SimState | None = None  # the last observed state (on a server): a lap record's claim
 
     @property
     def finished(self) -> bool:
@@ -115,9 +116,9 @@ class _Episode:
             r.expert_labels.append(self.expert.act(state()))
         elif self.expert is not None:
             r.expert_labels.append(expert_label(self.expert, rays, speed))
+        r.applied.append(mask)
         if self.keep_frames:
             r.frames.append(frame.copy())
-            r.applied.append(mask)
         return mask
 
 
@@ -147,6 +148,7 @@ def drive_on_server(
 
     def policy(obs: sim_pb2.Observation) -> int | None:
         s = obs.state
+        episode.record.final_state = s
         mask = episode.observe(
             s.tick,
             frame_array(obs.frame),

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from collector.store import RedisConfig
 from game_server.client import GameClient, frame_array, watch_observation
 from game_server.core.drivers import RayDriver
 from game_server.core.lap import LapWatch
@@ -26,6 +27,7 @@ from game_server.core.tracks import (
     TRAINING_TRACKS,
     load_track,
 )
+from game_server.leaderboard import Leaderboard, LeaderboardConfig, leaderboard_markdown
 from game_server.trackmap import plot_laps, save_frame_strip
 from pipeline.collect import PINNED_SHARE, CollectConfig, run_collect
 from pipeline.deploy_job import DeployJobConfig
@@ -36,6 +38,7 @@ from pipeline.serving_job import ServingJobConfig, run_serving_job
 from plumbing.redis_local import LocalRedis
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
+from serving.registry import content_id
 from trainer.data.redis_source import RedisRuns
 from trainer.data.validate import DataRequirements, validate_source
 from trainer.evolve import KIND_DRIVER, EvolveConfig
@@ -128,10 +131,12 @@ def run_main_job(config: MainJobConfig) -> int:
         _collect(config, addresses, collector.address, evolved, report)
         data_ok = _validate(config, redis.url, report)
         model_path, trained = _train(config, redis.url, report)
-        targets_met = _evaluate(config, model_path, addresses, evolved, report)
+        board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=redis.url)))
+        targets_met = _evaluate(config, model_path, addresses, evolved, report, board)
         _serve(config, model_path.parent, addresses, report)
         if config.deployment.enabled:
             _deploy(config, model_path.parent, trained, addresses, evolved, report)
+        _leaderboard(config, board, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
     log.info("report: %s (%s s)", out / "report.md", report.figures["wall_time_s"])
@@ -205,8 +210,28 @@ def _train(config: MainJobConfig, redis_url: str, report: Report) -> tuple[Path,
     return out / "model.safetensors", {"frames": frames, "train_config": train_config, "data": data}
 
 
+def _leaderboard(config: MainJobConfig, board: Leaderboard, report: Report) -> None:
+    """The verified laps this run put on its leaderboard (kept in its Redis, so they outlive the run)."""
+    tracks = [config.track, *(t for t in BUILTIN_TRACKS if t != config.track)]
+    tracks += [t for t in board.tracks() if t not in tracks]
+    report.figures["leaderboard"] = {
+        t: [dataclasses.asdict(e) for e in board.top(t, 3)] for t in tracks if board.top(t, 1)
+    }
+    report.add(
+        "Leaderboard: verified laps",
+        "Every lap the evaluation suite finished, replayed from its keys and verified before it was stored "
+        "(`rrp leaderboard --redis URL`, `docs/leaderboard.md`); the best three per track:\n\n"
+        + leaderboard_markdown(board, [t for t in tracks if board.top(t, 1)], n=3),
+    )
+
+
 def _evaluate(
-    config: MainJobConfig, model_path: Path, addresses: tuple[str, ...], evolved: EvolveOutcome, report: Report
+    config: MainJobConfig,
+    model_path: Path,
+    addresses: tuple[str, ...],
+    evolved: EvolveOutcome,
+    report: Report,
+    board: Leaderboard | None = None,
 ) -> bool:
     """The evaluation suite: every suite track with plain and randomised frames, and the recovery starts."""
     import torch
@@ -220,7 +245,8 @@ def _evaluate(
     pilot = VisionPilot(model, model.config.width, model.config.height)
     eval_config = EvalConfig(driver_path=evolved.driver_path, pool=PoolSpec(servers=addresses))
     suite = run_suite(pilot, eval_config, config.suite_tracks, config.out_dir / "evaluation",
-                      recovery=config.suite_recovery)  # fmt: skip
+                      recovery=config.suite_recovery, board=board, model_version=content_id(model_path),
+                      data_source=f"main job, seed {config.seed}")  # fmt: skip
     # The model version's evaluation, as the registry records it when the model is served.
     (model_path.parent / "evaluation.json").write_text(suite_json(suite))
     plain, randomised = suite.summary["plain"], suite.summary["randomised"]

@@ -21,6 +21,7 @@ from game_server.core.pilot import drive_lap
 from game_server.core.recovery import RecoveringDriver, RecoveringPolicy, recovery_starts
 from game_server.core.state import TICK_HZ, SimState
 from game_server.core.tracks import BUILTIN_TRACKS, load_track
+from game_server.leaderboard import Leaderboard, Submission, drive_lap_record, submit_lap
 from game_server.trackmap import plot_lap_grid
 from pipeline.evaluate import DriveRecord, EvalConfig, baselines, drive_on_server, lap_ratios, lap_text
 from pipeline.pools import open_pool
@@ -80,6 +81,9 @@ def run_suite(
     out_dir: Path | None = None,
     pool: EvaluationPool | None = None,
     recovery: bool = True,
+    board: Leaderboard | None = None,
+    model_version: str = "",
+    data_source: str = "",
 ) -> SuiteReport:
     """Drives every track under every condition (all at once over the pool) and compares each lap with the
     evolved and reference drivers; writes `suite.json`, `suite.md` and `suite_grid.png`.
@@ -87,6 +91,9 @@ def run_suite(
     With `recovery`, the model also starts pinned against a wall and facing the wrong way at three places on
     each built-in track (plain frames), beside the recovering teacher and the bare evolved driver from the same
     starts (`recovery_grid.png`). The drives are lockstep and seeded: the same model gives the same report.
+
+    With a `board`, every finished lap from the start line goes to the leaderboard, which verifies it by
+    replaying its keys before it stores it (`model_version` names the model there).
     """
     saved = load_driver(config.driver_path) if config.driver_path else None
     driver = saved.ray_driver() if saved is not None and saved.kind != "program" else None
@@ -121,6 +128,7 @@ def run_suite(
         }
         records = {key: f.result() for key, f in futures.items()}
         pinned = {key: f.result() for key, f in pinned_futures.items()}
+    submit_suite_laps(board, list(records.values()), model_version, data_source)
     rows = []
     panels = []
     for t in tracks:
@@ -158,6 +166,23 @@ def run_suite(
                 columns=3,
             )  # fmt: skip
     return report
+
+
+def submit_suite_laps(
+    board: Leaderboard | None, records: Sequence[DriveRecord], model_version: str, data_source: str
+) -> list[Submission | None]:
+    """Submits every finished lap (each is verified before it is stored; a refusal is logged, never raised)."""
+    if board is None:
+        return []
+    submissions = []
+    for rec in records:
+        if rec.finished:
+            record = drive_lap_record(
+                rec.track, rec.applied, rec.lap_ticks, rec.outcome.wall_contacts, rec.final_state,
+                model_version=model_version or "unnamed", data_source=data_source,
+            )  # fmt: skip
+            submissions.append(submit_lap(board, record))
+    return submissions
 
 
 def _recovery_rows(
