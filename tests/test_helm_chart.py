@@ -107,6 +107,12 @@ def pod_spec(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
     return dict(by_kind(docs, kind)[name]["spec"]["template"]["spec"])
 
 
+def job_of(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The one Job of a pipeline step (its name ends with a hash of its pod template)."""
+    (job,) = [d for d in docs if d["kind"] == "Job" and component(d["spec"]["template"]) == name]
+    return job
+
+
 def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in container.get("volumeMounts", [])}
 
@@ -228,7 +234,7 @@ def test_every_rrp_container_carries_the_opentelemetry_settings(rendered: tuple[
     name, docs = rendered
     for workload, pod in workloads(docs):
         for c in containers(pod):
-            if not is_rrp(c) or workload["kind"] == "Pod":
+            if not is_rrp(c) or workload["kind"] == "Pod" or "command" in c:  # a Job's wait for its inputs: sh
                 continue
             env = {e["name"]: e for e in c["env"]}
             assert env["OTEL_SERVICE_NAME"]["value"] == component(pod)
@@ -296,7 +302,13 @@ def test_redis_is_a_statefulset_with_aof_on_a_volume_and_a_password_from_a_secre
         values("minimal"),
         values("production"),
         SERVING_ON,
-        {**(values("minimal") or {}), **SERVING_ON, "collector": {"enabled": True}, "redis": {"enabled": True}},
+        {
+            **(values("minimal") or {}),
+            **SERVING_ON,
+            "collector": {"enabled": True},
+            "redis": {"enabled": True},
+            "serving": {"allowInsecure": True},
+        },
     ],
     ids=["default", "minimal", "production", "serving-on", "serving-on-no-metrics"],
 )
@@ -332,14 +344,16 @@ def test_serving_command_lines_mean_what_the_cluster_needs() -> None:
     inference = "rrp-rallyrobopilot-torchserve:7070"
     game = "rrp-rallyrobopilot-game-server:50051"
     deployer = lines["rrp-rallyrobopilot-deployer"]
-    job = lines["rrp-rallyrobopilot-deploy-model-1"]
+    job = parse_rrp(job_of(docs, "deploy-model")["spec"]["template"]["spec"]["containers"][0]["args"])
     for deploy in (deployer, job):
         assert deploy.command == "deploy" and str(deploy.model_store) == "/models"
         assert deploy.model_server == inference and deploy.game == (game,)
         assert deploy.canary_prometheus == PROMETHEUS_URL and deploy.token_file is None
     assert str(deployer.watch) == "/artifacts/model" and deployer.model is None
     assert (deployer.metrics_port, deployer.metrics_host) == (9100, "0.0.0.0")
-    assert str(job.model) == "/artifacts/model" and job.watch is None and job.version is None
+    train_out = parse_rrp(job_of(docs, "train")["spec"]["template"]["spec"]["containers"][0]["args"]).out
+    assert job.model == train_out and str(job.model).startswith("/artifacts/model/")  # the model this pipeline trains
+    assert job.watch is None and job.version is None
     autopilot = lines["rrp-rallyrobopilot-autopilot"]
     assert autopilot.model_server == (inference,) and autopilot.game == (game,) and autopilot.token_file == ()
     assert autopilot.mode == "realtime" and autopilot.laps >= 100_000
@@ -358,7 +372,7 @@ def test_model_store_mounts_and_no_torchserve_token() -> None:
         "torchserve": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve"),
         "deployer": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-deployer"),
         "autopilot": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-autopilot"),
-        "deploy-model": pod_spec(docs, "Job", "rrp-rallyrobopilot-deploy-model-1"),
+        "deploy-model": job_of(docs, "deploy-model")["spec"]["template"]["spec"],
     }
     for name, spec in specs.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
@@ -368,7 +382,8 @@ def test_model_store_mounts_and_no_torchserve_token() -> None:
         read_only = name == "autopilot"
         assert bool(store.get("readOnly")) is read_only, name
         assert bool(volumes["model-store"]["persistentVolumeClaim"].get("readOnly")) is read_only, name
-        assert "token" not in volumes and not spec.get("initContainers"), name
+        assert "token" not in volumes, name
+        assert all(c["name"] == "wait-inputs" for c in spec.get("initContainers", [])), name
         env = {e["name"] for c in spec["containers"] for e in c["env"]}
         assert not {"RRP_MODEL_SERVER_TOKEN_FILE", "RRP_TOKEN_FILE"} & env, name
     autopilot_args = specs["autopilot"]["containers"][0]["args"]
@@ -405,8 +420,9 @@ def test_pipeline_jobs_are_all_there_in_production() -> None:
         "--discover",
         "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051",
     ]
-    assert jobs["deploy-model"]["containers"][0]["args"][:3] == ["deploy", "--model", "/artifacts/model"]
-    assert "initContainers" not in jobs["deploy-model"]  # rrp deploy builds the archive into the store itself
+    assert jobs["deploy-model"]["containers"][0]["args"][:2] == ["deploy", "--model"]
+    # rrp deploy builds the archive into the store itself: its only init container waits for the trained model
+    assert [c["name"] for c in jobs["deploy-model"]["initContainers"]] == ["wait-inputs"]
     train_env = {e["name"] for e in jobs["train"]["containers"][0]["env"]}
     assert "RRP_REDIS_PASSWORD" in train_env
 
