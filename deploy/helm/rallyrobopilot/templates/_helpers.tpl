@@ -227,6 +227,7 @@ apiVersion: policy/v1
 kind: PodDisruptionBudget
 metadata:
   name: {{ include "rrp.component" . }}
+  namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "rrp.labels" . | nindent 4 }}
 spec:

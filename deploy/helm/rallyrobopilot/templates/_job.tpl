@@ -97,6 +97,7 @@ apiVersion: batch/v1
 kind: Job
 metadata:
   name: {{ printf "%s-%s" (include "rrp.component" $c | trunc 52 | trimSuffix "-") ($pod | sha256sum | trunc 10) }}
+  namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "rrp.labels" $c | nindent 4 }}
 spec:
