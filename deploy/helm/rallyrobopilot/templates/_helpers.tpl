@@ -276,3 +276,50 @@ runs on one node (ReadWriteOnce is per node); ReadWriteOncePod is never shared. 
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The shared inference token (base64) of a generated model-token Secret: kept from the live Secret, else made once
+per render (memoised in .Values, like the Redis password). */}}
+{{- define "rrp.modelToken" -}}
+{{- if not (hasKey .Values.torchserve.auth "generated") }}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "rrp.component" (dict "root" . "name" "model-token")) }}
+{{- $_ := set .Values.torchserve.auth "generated" (dig "data" "token" (randAlphaNum 40 | b64enc) ($old | default dict)) }}
+{{- end }}
+{{- .Values.torchserve.auth.generated }}
+{{- end }}
+
+{{- define "rrp.modelTokenSecretName" -}}
+{{- default (include "rrp.component" (dict "root" . "name" "model-token")) .Values.torchserve.auth.existingSecret }}
+{{- end }}
+
+{{- define "rrp.modelTokenChecksum" -}}
+{{- if .Values.torchserve.auth.existingSecret }}
+{{- $s := lookup "v1" "Secret" .Release.Namespace .Values.torchserve.auth.existingSecret }}
+checksum/model-token: {{ (dig "data" "token" "" ($s | default dict)) | sha256sum | quote }}
+{{- else }}
+checksum/model-token: {{ include "rrp.modelToken" . | sha256sum | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The model clients' side of inference auth: the token file mounted, and the flag that sends it. */}}
+{{- define "rrp.modelTokenVolume" -}}
+- name: model-token
+  secret:
+    secretName: {{ include "rrp.modelTokenSecretName" . }}
+    defaultMode: 0400
+    items:
+      - key: token
+        path: token
+{{- end }}
+
+{{- define "rrp.modelTokenMount" -}}
+- name: model-token
+  mountPath: /var/run/secrets/rrp/model-token
+  readOnly: true
+{{- end }}
+
+{{- define "rrp.modelTokenArgs" -}}
+{{- if .Values.torchserve.auth.enabled }}
+- --token-file
+- /var/run/secrets/rrp/model-token/token
+{{- end }}
+{{- end }}

@@ -1,5 +1,5 @@
 {{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store,
-read-write), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
+read-write), modelToken (bool: the inference token's file), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
 
 The Job is named by its pod template's hash: an upgrade with the same values renders the same Job, which Helm leaves
 alone (no rerun), and a changed input makes a new Job (a Job's pod template is immutable). The template carries no
@@ -77,6 +77,9 @@ spec:
         - name: model-store
           mountPath: /models
         {{- end }}
+        {{- if .job.modelToken }}
+        {{- include "rrp.modelTokenMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "rrp.tmpVolume" $root | nindent 4 }}
     - name: artifacts
@@ -86,6 +89,9 @@ spec:
     - name: model-store
       persistentVolumeClaim:
         claimName: {{ include "rrp.component" (dict "root" $root "name" "model-store") }}
+    {{- end }}
+    {{- if .job.modelToken }}
+    {{- include "rrp.modelTokenVolume" $root | nindent 4 }}
     {{- end }}
 {{- end }}
 
