@@ -245,3 +245,28 @@ def test_torchserve_without_the_network_policy_needs_an_explicit_insecure() -> N
         render(open_)
     assert "rrp-rallyrobopilot-torchserve" in by_kind(render({**open_, "serving": {"allowInsecure": True}}),
                                                       "Deployment")  # fmt: skip
+
+
+def test_only_the_deployers_get_a_token_and_it_reaches_one_lease() -> None:
+    docs = render(values("production"))
+    (role,) = by_kind(docs, "Role").values()
+    rules = {tuple(r["verbs"]): r.get("resourceNames") for r in role["rules"]}
+    assert rules == {("get", "update"): ["rrp-rallyrobopilot-deployer"], ("create",): None}
+    assert all(r["resources"] == ["leases"] and r["apiGroups"] == ["coordination.k8s.io"] for r in role["rules"])
+    binding = by_kind(docs, "RoleBinding")["rrp-rallyrobopilot-deployer"]
+    assert binding["subjects"][0]["name"] == by_kind(docs, "ServiceAccount")["rrp-rallyrobopilot-deployer"][
+        "metadata"]["name"]  # fmt: skip
+    with_token = set()
+    for _, pod in workloads(docs):
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        if spec.get("serviceAccountName"):
+            with_token.add(component(pod))
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            sources = volumes["kube-api-access"]["projected"]["sources"]
+            assert sources[0]["serviceAccountToken"]["expirationSeconds"] <= 3600
+            env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+            assert env["RRP_DEPLOY_LEASE"] == "rrp-rallyrobopilot-deployer"
+    assert with_token == {"deployer", "deploy-model"}
+    assert not by_kind(render({**SERVING_ON, "deployer": {**SERVING_ON["deployer"], "lease": {"enabled": False}},
+                               "jobs": {}}), "Role")  # fmt: skip

@@ -323,3 +323,52 @@ checksum/model-token: {{ include "rrp.modelToken" . | sha256sum | quote }}
 - /var/run/secrets/rrp/model-token/token
 {{- end }}
 {{- end }}
+
+{{/* The deployer's Lease (templates/lease.yaml): its service account, and its token as an explicit projected
+volume at the usual path (automountServiceAccountToken stays false: no other pod gets a token). */}}
+{{- define "rrp.leaseOn" -}}
+{{- if and .Values.deployer.lease.enabled (or .Values.deployer.enabled .Values.jobs.deployModel.enabled) }}true{{ end }}
+{{- end }}
+
+{{- define "rrp.leaseAccount" -}}
+{{- if include "rrp.leaseOn" . }}
+serviceAccountName: {{ include "rrp.component" (dict "root" . "name" "deployer") }}
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseEnv" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: RRP_DEPLOY_LEASE
+  value: {{ include "rrp.component" (dict "root" . "name" "deployer") | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseMount" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseVolume" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3600
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
+{{- end }}
+{{- end }}

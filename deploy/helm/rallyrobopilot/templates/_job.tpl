@@ -1,5 +1,5 @@
 {{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store,
-read-write), modelToken (bool: the inference token's file), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
+read-write), modelToken (bool: the inference token's file), lease (bool: the deployer's Lease), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
 
 The Job is named by its pod template's hash: an upgrade with the same values renders the same Job, which Helm leaves
 alone (no rerun), and a changed input makes a new Job (a Job's pod template is immutable). The template carries no
@@ -16,6 +16,9 @@ spec:
   restartPolicy: Never
   {{- include "rrp.imagePullSecrets" $root | nindent 2 }}
   automountServiceAccountToken: false
+  {{- if .job.lease }}
+  {{- include "rrp.leaseAccount" $root | nindent 2 }}
+  {{- end }}
   enableServiceLinks: false
   terminationGracePeriodSeconds: 30
   securityContext:
@@ -58,6 +61,9 @@ spec:
         {{- toYaml .job.args | nindent 8 }}
       env:
         {{- include "rrp.commonEnv" $c | nindent 8 }}
+        {{- if .job.lease }}
+        {{- include "rrp.leaseEnv" $root | nindent 8 }}
+        {{- end }}
         {{- if .job.redis }}
         - name: RRP_REDIS_PASSWORD
           valueFrom:
@@ -80,6 +86,9 @@ spec:
         {{- if .job.modelToken }}
         {{- include "rrp.modelTokenMount" $root | nindent 8 }}
         {{- end }}
+        {{- if .job.lease }}
+        {{- include "rrp.leaseMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "rrp.tmpVolume" $root | nindent 4 }}
     - name: artifacts
@@ -92,6 +101,9 @@ spec:
     {{- end }}
     {{- if .job.modelToken }}
     {{- include "rrp.modelTokenVolume" $root | nindent 4 }}
+    {{- end }}
+    {{- if .job.lease }}
+    {{- include "rrp.leaseVolume" $root | nindent 4 }}
     {{- end }}
 {{- end }}
 
