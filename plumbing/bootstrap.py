@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -54,6 +55,32 @@ class ServerConfig:
         " (DEADLINE_EXCEEDED)",
     )
     metrics_port: int = setting(0, "port of the Prometheus metrics endpoint (/metrics, on --host); 0: none")
+    # TLS: a certificate and its key (PEM files, e.g. a Kubernetes TLS Secret mounted as files) make the port
+    # TLS-only; a client CA on top makes it mutual (clients must show a certificate that CA signed).
+    tls_cert_file: Path | None = setting(
+        None, "PEM certificate (chain) to serve TLS with (with --tls-key); none: plaintext", flag="tls-cert"
+    )
+    tls_key_file: Path | None = setting(None, "PEM private key of --tls-cert", flag="tls-key")
+    tls_client_ca_file: Path | None = setting(
+        None, "PEM CA bundle: clients must present a certificate it signed (mutual TLS)", flag="tls-client-ca"
+    )
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's files; None for plaintext. Files are read once, at start."""
+    cert, key, client_ca = config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise errors.InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise errors.InvalidArgument("TLS needs both --tls-cert and --tls-key")
+    try:
+        pair = (key.read_bytes(), cert.read_bytes())
+        ca = client_ca.read_bytes() if client_ca is not None else None
+    except OSError as exc:
+        raise errors.FailedPrecondition(f"TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -344,6 +371,7 @@ def create_server(
 
     `always_admitted` names methods ("/package.Service/Method") as cheap as a health check, which
     schedulers call to decide whether a server is usable: they are never refused for capacity."""
+    credentials = server_credentials(config)  # before anything starts: a bad TLS setting fails alone
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -367,7 +395,8 @@ def create_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    bind = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(bind) if credentials is None else server.add_secure_port(bind, credentials)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     try:
@@ -378,7 +407,7 @@ def create_server(
     server.start()
     running = RunningServer(server, port, health_servicer, names, config, metrics)
     running.set_serving(True)
-    log.info("%s listening on %s:%d", config.service_name, config.host, port)
+    log.info("%s listening on %s:%d%s", config.service_name, config.host, port, " (TLS)" if credentials else "")
     return running
 
 

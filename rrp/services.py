@@ -1,4 +1,4 @@
-"""`rrp game-server`, `rrp scheduler`, `rrp collector`: the long-running gRPC services."""
+"""`rrp game-server`, `rrp scheduler`, `rrp collector`, `rrp auth-proxy`: the long-running gRPC services."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def _collector() -> tuple[type[Any], Any]:
     return CollectorConfig, run_collector
 
 
+def _auth_proxy() -> tuple[type[Any], Any]:
+    from plumbing.authproxy import AuthProxyConfig, run
+
+    def run_proxy(config: AuthProxyConfig) -> int:
+        run(config)
+        return 0
+
+    return AuthProxyConfig, run_proxy
+
+
 def register(commands: Commands) -> None:
     commands.add("game-server", _game_server, help="serve the racing game over gRPC")
     commands.add(
@@ -52,4 +62,11 @@ def register(commands: Commands) -> None:
         help="ingest recorded camera frames into Redis Streams",
         description="Serves CollectorService.Ingest and ListRuns/GetRun on Redis: a given --redis, or a private "
         "redis-server (append-only file on) in --redis-dir.",
+    )
+    commands.add(
+        "auth-proxy",
+        _auth_proxy,
+        help="admit only callers with the shared bearer token to a local gRPC server",
+        description="Holds a pod's gRPC port in front of a server bound to loopback (TorchServe): callers must send "
+        "'authorization: Bearer TOKEN' (--token-file); every method is forwarded byte for byte to --upstream.",
     )

@@ -30,4 +30,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -n
   .venv/bin/pip install -q -e ".[dev]"
   touch "$STAMP"
 fi
+# checkov (tests/test_helm_checkov.py) lives in its own environment: its install is large and pins many packages.
+if [ ! -x .venv-checkov/bin/checkov ]; then
+  "$PY" -m venv .venv-checkov
+  .venv-checkov/bin/pip install -q "checkov==3.3.30"
+fi
 echo "setup: ready (.venv/bin/rrp)"

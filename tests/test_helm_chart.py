@@ -107,6 +107,12 @@ def pod_spec(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
     return dict(by_kind(docs, kind)[name]["spec"]["template"]["spec"])
 
 
+def job_of(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The one Job of a pipeline step (its name ends with a hash of its pod template)."""
+    (job,) = [d for d in docs if d["kind"] == "Job" and component(d["spec"]["template"]) == name]
+    return job
+
+
 def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in container.get("volumeMounts", [])}
 
@@ -162,7 +168,7 @@ def test_the_cli_validates_the_rendered_files_too(tmp_path: Path) -> None:
         {"autopilot": {"enabled": True}},  # needs TorchServe
         {"torchserve": {"enabled": True}, "deployer": {"enabled": True}},  # needs deployer.prometheusUrl
         {"torchserve": {"enabled": True}, "jobs": {"deployModel": {"enabled": True}}},  # the same
-        {"torchserve": {"auth": {"existingSecret": "x"}}},  # no token any more: refused, not silently ignored
+        {"torchserve": {"auth": {"token": "in-values"}}},  # a token comes from a Secret, never from values
         {"autopilot": {"model": "rrp-pilot"}},  # the routing names the model
     ],
 )
@@ -228,7 +234,7 @@ def test_every_rrp_container_carries_the_opentelemetry_settings(rendered: tuple[
     name, docs = rendered
     for workload, pod in workloads(docs):
         for c in containers(pod):
-            if not is_rrp(c) or workload["kind"] == "Pod":
+            if not is_rrp(c) or workload["kind"] == "Pod" or "command" in c:  # a Job's wait for its inputs: sh
                 continue
             env = {e["name"]: e for e in c["env"]}
             assert env["OTEL_SERVICE_NAME"]["value"] == component(pod)
@@ -296,7 +302,13 @@ def test_redis_is_a_statefulset_with_aof_on_a_volume_and_a_password_from_a_secre
         values("minimal"),
         values("production"),
         SERVING_ON,
-        {**(values("minimal") or {}), **SERVING_ON, "collector": {"enabled": True}, "redis": {"enabled": True}},
+        {
+            **(values("minimal") or {}),
+            **SERVING_ON,
+            "collector": {"enabled": True},
+            "redis": {"enabled": True},
+            "serving": {"allowInsecure": True},
+        },
     ],
     ids=["default", "minimal", "production", "serving-on", "serving-on-no-metrics"],
 )
@@ -320,79 +332,112 @@ def test_the_cli_check_does_refuse_a_flag_rrp_does_not_have() -> None:
             parse_rrp(args)
 
 
+TOKEN_FILE = "/var/run/secrets/rrp/model-token/token"
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
 def test_serving_command_lines_mean_what_the_cluster_needs() -> None:
-    """TorchServe follows the registry on the shared store, token auth off; every model client asks its gRPC
-    inference port; the canary reads Prometheus; the autopilots drive on the store's routing."""
+    """TorchServe follows the registry on the shared store, on the pod's loopback behind the token front; every
+    model client asks the front's port with the token; the canary reads Prometheus; the autopilots drive on the
+    store's routing."""
     docs = render(SERVING_ON)
-    lines = {where.split("/")[1]: parse_rrp(args) for where, args in rrp_command_lines(docs).items()}
-    serve = lines["rrp-rallyrobopilot-torchserve"]
-    assert (serve.command, serve.ts_host, serve.token_auth) == ("serve", "0.0.0.0", False)
-    assert (serve.grpc_port, serve.metrics_port) == (7070, 8082)
+    lines = {where.split("/", 1)[1]: parse_rrp(args) for where, args in rrp_command_lines(docs).items()}
+    serve = lines["rrp-rallyrobopilot-torchserve/torchserve"]
+    assert (serve.command, serve.ts_host, serve.token_auth) == ("serve", "127.0.0.1", False)
+    assert (serve.grpc_port, serve.metrics_port) == (7080, 8082)
     assert str(serve.model_store) == "/models" and str(serve.workdir).startswith("/tmp/")
+    front = lines["rrp-rallyrobopilot-torchserve/auth-proxy"]
+    assert (front.command, front.host, front.port) == ("auth-proxy", "0.0.0.0", 7070)
+    assert front.upstream == "127.0.0.1:7080" and str(front.token_file) == TOKEN_FILE
     inference = "rrp-rallyrobopilot-torchserve:7070"
     game = "rrp-rallyrobopilot-game-server:50051"
-    deployer = lines["rrp-rallyrobopilot-deployer"]
-    job = lines["rrp-rallyrobopilot-deploy-model-1"]
+    deployer = lines["rrp-rallyrobopilot-deployer/deployer"]
+    job = parse_rrp(job_of(docs, "deploy-model")["spec"]["template"]["spec"]["containers"][0]["args"])
     for deploy in (deployer, job):
         assert deploy.command == "deploy" and str(deploy.model_store) == "/models"
         assert deploy.model_server == inference and deploy.game == (game,)
-        assert deploy.canary_prometheus == PROMETHEUS_URL and deploy.token_file is None
+        assert deploy.canary_prometheus == PROMETHEUS_URL and str(deploy.token_file) == TOKEN_FILE
     assert str(deployer.watch) == "/artifacts/model" and deployer.model is None
     assert (deployer.metrics_port, deployer.metrics_host) == (9100, "0.0.0.0")
-    assert str(job.model) == "/artifacts/model" and job.watch is None and job.version is None
-    autopilot = lines["rrp-rallyrobopilot-autopilot"]
-    assert autopilot.model_server == (inference,) and autopilot.game == (game,) and autopilot.token_file == ()
+    train_out = parse_rrp(job_of(docs, "train")["spec"]["template"]["spec"]["containers"][0]["args"]).out
+    assert job.model == train_out and str(job.model).startswith("/artifacts/model/")  # the model this pipeline trains
+    assert job.watch is None and job.version is None
+    autopilot = lines["rrp-rallyrobopilot-autopilot/autopilot"]
+    assert autopilot.model_server == (inference,) and autopilot.game == (game,)
+    assert [str(t) for t in autopilot.token_file] == [TOKEN_FILE]
     assert autopilot.mode == "realtime" and autopilot.laps >= 100_000
     assert str(autopilot.routing) == "/models/registry/routing.json"
     versioned = render({**SERVING_ON, "jobs": {"deployModel": {"enabled": True, "version": "7"}}})
     args = next(a for w, a in rrp_command_lines(versioned).items() if "deploy-model" in w)
     assert parse_rrp(args).version == "7"
+    # Auth off on purpose: TorchServe on the pod's port, no token anywhere.
+    plain = render({**SERVING_ON, "torchserve": {"enabled": True, "auth": {"enabled": False}}})
+    plain_lines = {w.split("/", 1)[1]: parse_rrp(a) for w, a in rrp_command_lines(plain).items()}
+    assert (plain_lines["rrp-rallyrobopilot-torchserve/torchserve"].ts_host, plain_lines[
+        "rrp-rallyrobopilot-torchserve/torchserve"].grpc_port) == ("0.0.0.0", 7070)  # fmt: skip
+    assert "rrp-rallyrobopilot-torchserve/auth-proxy" not in plain_lines
+    assert plain_lines["rrp-rallyrobopilot-autopilot/autopilot"].token_file == ()
+    assert not any(d["kind"] == "Secret" and "model-token" in d["metadata"]["name"] for d in plain)
 
 
-def test_model_store_mounts_and_no_torchserve_token() -> None:
+def test_model_store_and_token_mounts() -> None:
     """Autopilots read the routing from the store read-only; TorchServe, the deployer and the deploy Job write
-    it. No token Secret, token file or token variable is left anywhere."""
+    it. The token Secret reaches the front and every model client as a 0400 file, never TorchServe itself nor an
+    environment variable."""
     docs = render(values("production"))
     claim = "rrp-rallyrobopilot-model-store"
     specs = {
         "torchserve": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve"),
         "deployer": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-deployer"),
         "autopilot": pod_spec(docs, "Deployment", "rrp-rallyrobopilot-autopilot"),
-        "deploy-model": pod_spec(docs, "Job", "rrp-rallyrobopilot-deploy-model-1"),
+        "deploy-model": job_of(docs, "deploy-model")["spec"]["template"]["spec"],
     }
+    secret = by_kind(docs, "Secret")["rrp-rallyrobopilot-model-token"]
+    assert len(secret["data"]["token"]) > 40
     for name, spec in specs.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == claim, name
-        store = mounts(spec["containers"][0])["model-store"]
+        main = container(spec, name)
+        store = mounts(main)["model-store"]
         assert store["mountPath"] == "/models", name
         read_only = name == "autopilot"
         assert bool(store.get("readOnly")) is read_only, name
         assert bool(volumes["model-store"]["persistentVolumeClaim"].get("readOnly")) is read_only, name
-        assert "token" not in volumes and not spec.get("initContainers"), name
+        assert volumes["model-token"]["secret"]["secretName"] == "rrp-rallyrobopilot-model-token", name
+        assert volumes["model-token"]["secret"]["defaultMode"] == 0o400, name
+        holder = container(spec, "auth-proxy") if name == "torchserve" else main
+        assert mounts(holder)["model-token"]["mountPath"] == str(Path(TOKEN_FILE).parent), name
+        assert all(c["name"] == "wait-inputs" for c in spec.get("initContainers", [])), name
         env = {e["name"] for c in spec["containers"] for e in c["env"]}
         assert not {"RRP_MODEL_SERVER_TOKEN_FILE", "RRP_TOKEN_FILE"} & env, name
+    assert "model-token" not in mounts(container(specs["torchserve"], "torchserve"))
     autopilot_args = specs["autopilot"]["containers"][0]["args"]
     routing = autopilot_args[autopilot_args.index("--routing") + 1]
     assert routing.startswith(mounts(specs["autopilot"]["containers"][0])["model-store"]["mountPath"] + "/")
     assert mounts(specs["deployer"]["containers"][0])["artifacts"]["readOnly"] is True
-    assert "--no-token-auth" in specs["torchserve"]["containers"][0]["args"]
-    assert not any(d["kind"] == "Secret" and "torchserve" in d["metadata"]["name"] for d in docs)
-    assert not any("secret" in v for spec in specs.values() for v in spec["volumes"])
+    assert "--no-token-auth" in container(specs["torchserve"], "torchserve")["args"]
+    # GitOps: with an existing Secret the chart makes none.
+    given = render({**SERVING_ON, "torchserve": {"enabled": True, "auth": {"existingSecret": "model-token"}}})
+    assert not any(d["kind"] == "Secret" and "model-token" in d["metadata"]["name"] for d in given)
 
 
-def test_torchserve_management_is_not_reachable_from_outside_the_pod() -> None:
+def test_torchserve_is_reachable_only_through_its_token_front() -> None:
     docs = render(values("production"))
     service = by_kind(docs, "Service")["rrp-rallyrobopilot-torchserve"]
-    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
-    container = pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve")["containers"][0]
-    assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
-    assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"  # nothing probes the management port
-    assert container["startupProbe"]["tcpSocket"]["port"] == "grpc"
-    ready = container["readinessProbe"]["exec"]["command"]  # ready once this replica serves the default version
-    assert "/models/registry/replicas/" in ready[-1] and "-7070.json" in ready[-1]
+    assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("grpc", "grpc")]
+    spec = pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve")
+    front, serve = container(spec, "auth-proxy"), container(spec, "torchserve")
+    assert {p["name"] for p in front["ports"]} == {"grpc"} and "ports" not in serve  # TorchServe: loopback only
+    assert front["readinessProbe"]["grpc"]["port"] == 7070
+    assert "127.0.0.1', 7080" in serve["livenessProbe"]["exec"]["command"][-1]
+    ready = serve["readinessProbe"]["exec"]["command"]  # ready once this replica serves the default version
+    assert "/models/registry/replicas/" in ready[-1] and "-7080.json" in ready[-1]
     policy = by_kind(docs, "NetworkPolicy")["rrp-rallyrobopilot-torchserve"]
     rules = {tuple(p["port"] for p in r["ports"]): r["from"] for r in policy["spec"]["ingress"]}
-    assert rules.keys() == {("grpc",), ("metrics",)}
+    assert rules.keys() == {("grpc",)}
     assert rules[("grpc",)] == [{"podSelector": {"matchLabels": {"rallyrobopilot.io/model-client": "true"}}}]
 
 
@@ -405,8 +450,9 @@ def test_pipeline_jobs_are_all_there_in_production() -> None:
         "--discover",
         "rrp-rallyrobopilot-game-server.racing.svc.cluster.local:50051",
     ]
-    assert jobs["deploy-model"]["containers"][0]["args"][:3] == ["deploy", "--model", "/artifacts/model"]
-    assert "initContainers" not in jobs["deploy-model"]  # rrp deploy builds the archive into the store itself
+    assert jobs["deploy-model"]["containers"][0]["args"][:2] == ["deploy", "--model"]
+    # rrp deploy builds the archive into the store itself: its only init container waits for the trained model
+    assert [c["name"] for c in jobs["deploy-model"]["initContainers"]] == ["wait-inputs"]
     train_env = {e["name"] for e in jobs["train"]["containers"][0]["env"]}
     assert "RRP_REDIS_PASSWORD" in train_env
 

@@ -40,9 +40,14 @@ rallyrobopilot.io/{{ . }}: "true"
 {{- end }}
 {{- end }}
 
+{{/* An image by digest (repo@sha256:...) when images.<name>.digest is set, else by tag. */}}
 {{- define "rrp.image" -}}
 {{- $img := index .root.Values.images .image -}}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
 {{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion $img.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "rrp.podSecurityContext" -}}
@@ -185,5 +190,185 @@ nodeSelector:
 {{- with .Values.tolerations }}
 tolerations:
 {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Placement of a replicated workload: soft anti-affinity per node and a soft spread over zones and nodes, so
+that replicas land apart where the cluster allows and still schedule where it does not. */}}
+{{- define "rrp.placement" -}}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "rrp.selectorLabels" . | nindent 14 }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "rrp.selectorLabels" . | nindent 8 }}
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "rrp.selectorLabels" . | nindent 8 }}
+{{- end }}
+
+{{/* A PodDisruptionBudget; .budget holds minAvailable or maxUnavailable. Unhealthy pods (not ready: a TorchServe
+waiting for its first model, a crash-looping one) may always be evicted, so they never block a node drain. */}}
+{{- define "rrp.pdb" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "rrp.component" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "rrp.labels" . | nindent 4 }}
+spec:
+  {{- if hasKey .budget "maxUnavailable" }}
+  maxUnavailable: {{ .budget.maxUnavailable }}
+  {{- else }}
+  minAvailable: {{ .budget.minAvailable }}
+  {{- end }}
+  unhealthyPodEvictionPolicy: AlwaysAllow
+  selector:
+    matchLabels:
+      {{- include "rrp.selectorLabels" . | nindent 6 }}
+{{- end }}
+
+{{/* The checksum of the Redis password, as a pod annotation: a changed password rolls Redis and its clients. An
+existingSecret is read with lookup (empty under `helm template`, so the annotation stays constant there: GitOps
+tools roll pods with their own secret reloaders). */}}
+{{- define "rrp.redisChecksum" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- $s := lookup "v1" "Secret" .Release.Namespace .Values.redis.auth.existingSecret }}
+checksum/redis-auth: {{ (dig "data" "password" "" ($s | default dict)) | sha256sum | quote }}
+{{- else }}
+checksum/redis-auth: {{ include "rrp.redisPassword" . | sha256sum | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The generated Redis password (base64), the same for every template that asks within one render: kept from the
+live Secret when there is one (install, upgrade), else made once and memoised in .Values. */}}
+{{- define "rrp.redisPassword" -}}
+{{- if not (hasKey .Values.redis.auth "generated") }}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "rrp.component" (dict "root" . "name" "redis")) }}
+{{- $_ := set .Values.redis.auth "generated" (dig "data" "password" (randAlphaNum 32 | b64enc) ($old | default dict)) }}
+{{- end }}
+{{- .Values.redis.auth.generated }}
+{{- end }}
+
+{{/* A store (PVC) mounted by several pods (.sharers > 1) must be ReadWriteMany, unless singleNode says every pod
+runs on one node (ReadWriteOnce is per node); ReadWriteOncePod is never shared. */}}
+{{- define "rrp.checkSharedStore" -}}
+{{- if gt (int .sharers) 1 }}
+{{- if eq .accessMode "ReadWriteOncePod" }}
+{{- fail (printf "%s: ReadWriteOncePod, but %d workloads mount it: use ReadWriteMany" .what (int .sharers)) }}
+{{- end }}
+{{- if and (eq .accessMode "ReadWriteOnce") (not .root.Values.singleNode) }}
+{{- fail (printf "%s: ReadWriteOnce, but %d workloads mount it and pods on other nodes would hang on Multi-Attach: use ReadWriteMany (a RWX StorageClass), or set singleNode=true on a one-node cluster" .what (int .sharers)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The shared inference token (base64) of a generated model-token Secret: kept from the live Secret, else made once
+per render (memoised in .Values, like the Redis password). */}}
+{{- define "rrp.modelToken" -}}
+{{- if not (hasKey .Values.torchserve.auth "generated") }}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "rrp.component" (dict "root" . "name" "model-token")) }}
+{{- $_ := set .Values.torchserve.auth "generated" (dig "data" "token" (randAlphaNum 40 | b64enc) ($old | default dict)) }}
+{{- end }}
+{{- .Values.torchserve.auth.generated }}
+{{- end }}
+
+{{- define "rrp.modelTokenSecretName" -}}
+{{- default (include "rrp.component" (dict "root" . "name" "model-token")) .Values.torchserve.auth.existingSecret }}
+{{- end }}
+
+{{- define "rrp.modelTokenChecksum" -}}
+{{- if .Values.torchserve.auth.existingSecret }}
+{{- $s := lookup "v1" "Secret" .Release.Namespace .Values.torchserve.auth.existingSecret }}
+checksum/model-token: {{ (dig "data" "token" "" ($s | default dict)) | sha256sum | quote }}
+{{- else }}
+checksum/model-token: {{ include "rrp.modelToken" . | sha256sum | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The model clients' side of inference auth: the token file mounted, and the flag that sends it. */}}
+{{- define "rrp.modelTokenVolume" -}}
+- name: model-token
+  secret:
+    secretName: {{ include "rrp.modelTokenSecretName" . }}
+    defaultMode: 0400
+    items:
+      - key: token
+        path: token
+{{- end }}
+
+{{- define "rrp.modelTokenMount" -}}
+- name: model-token
+  mountPath: /var/run/secrets/rrp/model-token
+  readOnly: true
+{{- end }}
+
+{{- define "rrp.modelTokenArgs" -}}
+{{- if .Values.torchserve.auth.enabled }}
+- --token-file
+- /var/run/secrets/rrp/model-token/token
+{{- end }}
+{{- end }}
+
+{{/* The deployer's Lease (templates/lease.yaml): its service account, and its token as an explicit projected
+volume at the usual path (automountServiceAccountToken stays false: no other pod gets a token). */}}
+{{- define "rrp.leaseOn" -}}
+{{- if and .Values.deployer.lease.enabled (or .Values.deployer.enabled .Values.jobs.deployModel.enabled) }}true{{ end }}
+{{- end }}
+
+{{- define "rrp.leaseAccount" -}}
+{{- if include "rrp.leaseOn" . }}
+serviceAccountName: {{ include "rrp.component" (dict "root" . "name" "deployer") }}
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseEnv" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: RRP_DEPLOY_LEASE
+  value: {{ include "rrp.component" (dict "root" . "name" "deployer") | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseMount" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "rrp.leaseVolume" -}}
+{{- if include "rrp.leaseOn" . }}
+- name: kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3600
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
 {{- end }}
 {{- end }}

@@ -1,0 +1,63 @@
+"""Client channels: round robin over every address a name resolves to, and TLS when a CA is given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from plumbing import errors
+from plumbing.settings import setting
+
+# Every call picks the next ready subchannel: a headless Service's name (one A record per pod) spreads calls over
+# its pods, where gRPC's default (pick_first) would send every call of the channel to one pod.
+ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client verifies the servers it calls (and, for mutual TLS, proves who it is)."""
+
+    ca_file: Path | None = setting(None, "PEM CA bundle the servers' certificates chain to: TLS on", flag="tls-ca")
+    cert_file: Path | None = setting(
+        None, "PEM client certificate, for servers that ask (mutual TLS)", flag="tls-client-cert"
+    )
+    key_file: Path | None = setting(None, "PEM private key of --tls-client-cert", flag="tls-client-key")
+    server_name: str = setting("", "name the servers' certificates must carry, if not the target's host")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
+def target(address: str) -> str:
+    """`host:port` as a DNS target (every A record is a backend); targets with a scheme stay as they are."""
+    return address if "://" in address or address.startswith(("unix:", "ipv4:", "ipv6:")) else f"dns:///{address}"
+
+
+def channel_credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise errors.InvalidArgument("mutual TLS needs both --tls-client-cert and --tls-client-key")
+    try:
+        ca = tls.ca_file.read_bytes() if tls.ca_file is not None else None
+        key = tls.key_file.read_bytes() if tls.key_file is not None else None
+        cert = tls.cert_file.read_bytes() if tls.cert_file is not None else None
+    except OSError as exc:
+        raise errors.FailedPrecondition(f"TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def open_channel(address: str, tls: ClientTLS | None = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to every backend `address` names, calls spread round robin; TLS when `tls` has a CA.
+
+    `options` (message limits, back-off) come first; the load-balancing config is added last. gRPC resolves the
+    name again when a backend goes away, so pods that a Service gains are picked up on the next re-resolution."""
+    opts: list[tuple[str, Any]] = [*options, ROUND_ROBIN]
+    if tls is not None and tls.enabled:
+        if tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", tls.server_name))
+        return grpc.secure_channel(target(address), channel_credentials(tls), options=opts)
+    return grpc.insecure_channel(target(address), options=opts)
