@@ -10,7 +10,6 @@ never sees half a file and a killed deployer never leaves one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -21,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from plumbing.lease import FileLock, Lock, lock_for
 from serving.archive import ArchiveConfig, archive_info, build_archive
 from serving.rollout.records import DeploymentRecord, GateOutcome, LiveOutcome, dump_record, load_record
+
+LEASE_ENV = "RRP_DEPLOY_LEASE"  # the Lease that one deployer at a time holds in a cluster (the chart sets it)
 
 REGISTRY_DIR = "registry"
 ROUTING_FILE = "routing.json"
@@ -238,18 +240,22 @@ class Registry:
         write_json(self.root / "deployments" / f"{record.id}.json", dump_record(record))
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """One deployer at a time; the kernel drops the lock of a killed one."""
+    def lock(self) -> Iterator[Lock]:
+        """One deployer at a time, across nodes: the Kubernetes Lease named by RRP_DEPLOY_LEASE when this runs
+        in a cluster pod, flock on `deploy.lock` otherwise. A killed holder's flock is dropped by the kernel, its
+        Lease expires; the lock's `lost` is set if another holder took the Lease, and the work must stop."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "deploy.lock").open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FailedPrecondition(f"another deployer holds {self.root / 'deploy.lock'}") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        path = self.root / "deploy.lock"
+        name = os.environ.get(LEASE_ENV, "")
+        lock = lock_for(name, path) if name else FileLock(path)
+        try:
+            lock.acquire()
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"another deployer holds the deploy lock: {exc}") from None
+        try:
+            yield lock
+        finally:
+            lock.release()
 
 
 # -- new versions ----------------------------------------------------------------------------------------------

@@ -237,3 +237,27 @@ def test_lock_for_picks_the_lease_in_a_cluster_and_flock_elsewhere(tmp_path: Pat
         "racing",
         account / "token",
     )
+
+
+def test_the_registry_takes_the_lease_its_env_names_and_flock_without_one(
+    api: tuple[FakeApi, ApiServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving import registry as registry_module
+
+    fake, server = api
+    one, other = registry_module.Registry(tmp_path / "store"), registry_module.Registry(tmp_path / "store")
+    with one.lock() as lock:  # no RRP_DEPLOY_LEASE: flock on the store
+        assert isinstance(lock, FileLock)
+        with pytest.raises(FailedPrecondition, match="another deployer holds"):
+            other.lock().__enter__()
+    # In a pod (the API found from the service account), the Lease the chart names: a second deployer,
+    # on another node where flock would not see the first, is refused by the API server.
+    holders = iter(("deployer-a", "deployer-b"))
+    monkeypatch.setattr(registry_module, "lock_for", lambda name, path: LeaseLock(server, name, next(holders)))
+    monkeypatch.setenv(registry_module.LEASE_ENV, "rrp-deployer")
+    with one.lock() as lock:
+        assert isinstance(lock, LeaseLock)
+        assert fake.leases["rrp-deployer"]["spec"]["holderIdentity"] == "deployer-a"
+        with pytest.raises(FailedPrecondition, match=r"another deployer holds.*held by deployer-a"):
+            other.lock().__enter__()
+    assert fake.leases["rrp-deployer"]["spec"]["holderIdentity"] is None

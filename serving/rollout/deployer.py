@@ -20,6 +20,7 @@ from typing import Any
 
 from plumbing import telemetry
 from plumbing.errors import DomainError, FailedPrecondition, Unavailable
+from plumbing.lease import Lock
 from plumbing.settings import nested, setting
 from serving import metrics
 from serving.archive import ArchiveConfig
@@ -76,6 +77,7 @@ class Deployer:
         self.tracer = provider.get_tracer("rrp.deployer") if provider is not None else None
         self._games = games
         self._game: tuple[str, ...] = config.game
+        self._lock: Lock | None = None  # the deploy lock while it is held
 
     def client(self, name: str, version: str) -> InferenceClient:
         """An inference client of one version, from the one factory (`serving.client.connect`)."""
@@ -97,7 +99,7 @@ class Deployer:
     # -- entry points -------------------------------------------------------------------------------------------
     def deploy(self, model_dir: Path) -> DeploymentRecord:
         """Finishes an interrupted rollout first, then rolls out `model_dir` (nothing to do if it is the default)."""
-        with self.registry.lock():
+        with self.registry.lock() as self._lock:
             unfinished = self.registry.unfinished()
             if unfinished is not None:
                 log.warning("deployment %s was interrupted in %s: taking it up", unfinished.id, unfinished.stage)
@@ -114,13 +116,13 @@ class Deployer:
             return self._run(self._new_record(candidate, routing))
 
     def resume(self) -> DeploymentRecord | None:
-        with self.registry.lock():
+        with self.registry.lock() as self._lock:
             unfinished = self.registry.unfinished()
             return self._run(unfinished) if unfinished is not None else None
 
     def rollback_now(self) -> DeploymentRecord:
         """`--rollback`: the previous default becomes the default again, at once."""
-        with self.registry.lock():
+        with self.registry.lock() as self._lock:
             unfinished = self.registry.unfinished()
             if unfinished is not None:  # a rollout in flight is undone, not finished
                 if not unfinished.decision:
@@ -171,6 +173,8 @@ class Deployer:
                     continue
                 if self.stop.is_set():
                     raise FailedPrecondition("stopped: the rollout resumes when the deployer starts again")
+                if self._lock is not None and self._lock.lost.is_set():
+                    raise FailedPrecondition("the deploy lock went to another deployer: this one stops here")
                 result = self._timed(stage, record, functools.partial(self._step, stage, record, candidate))
                 if not result.ok:
                     record.decision, record.reason = "rollback", result.reason
