@@ -160,9 +160,11 @@ def run_drivers(
     gate: Gate | None = None,
     record_trajectory: bool = False,
     cancelled: Callable[[], bool] | None = None,
+    min_population: int = batch.MIN_POPULATION,
 ) -> list[RunResult]:
     """`[run_driver(track, s, d, max_ticks=m, ...) for ...]` bit for bit, computed as one population: the
-    rays of every car at once (`batch.raycast_cars`), then the drivers, then the physics.
+    rays of every car at once (`batch.raycast_cars`), then the drivers, then the physics. The last few
+    cars still running (fewer than `min_population`), cheaper alone, finish with the scalar loop.
 
     Drivers inside the recovering teacher read more than their rays: run those with `run_driver`."""
     if not len(starts) == len(drivers) == len(max_ticks):
@@ -176,7 +178,26 @@ def run_drivers(
         rays = batch.raycast_cars(k, cars.x, cars.y, cars.h, cars.seg)
         return act_cars(params[ids], rays, cars.v)
 
+    def finisher(i: int, done: int, state: SimState, left: int) -> RunResult:
+        return episode.run_episode(
+            track,
+            state,
+            episode.SensorPolicy(drivers[i].act_on),
+            max_ticks=left,
+            gate=gate,
+            record_trajectory=record_trajectory,
+            cancelled=cancelled,
+        ).result
+
     limits = np.array(max_ticks, dtype=np.int64)
     return batch.run_population(
-        track, starts, limits, choose, gate=gate, record_trajectory=record_trajectory, cancelled=cancelled
+        track,
+        starts,
+        limits,
+        choose,
+        gate=gate,
+        record_trajectory=record_trajectory,
+        cancelled=cancelled,
+        finisher=finisher,
+        min_population=min_population,
     )
