@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -54,9 +55,15 @@ def map_in_process(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[R]:
     """The builtin `map`, with the Evaluate calls of a task all made as one in-process EvaluateBatch, so
     that drivers on one track run as one population (the same results, several times faster). The first
     task that fails raises EvaluationError, as it would in the builtin map."""
-    if not isinstance(fn, EvaluationTask):
+    task: Any = fn
+    bound: tuple[Any, ...] = ()
+    keywords: dict[str, Any] = {}
+    while isinstance(task, functools.partial):  # DEAP's toolbox.register wraps every function in one
+        bound, keywords = (*task.args, *bound), {**task.keywords, **keywords}
+        task = task.func
+    if not isinstance(task, EvaluationTask):
         return list(map(fn, *iterables))
-    requests = [fn.request(*args) for args in zip(*iterables, strict=False)]
+    requests = [task.request(*bound, *args, **keywords) for args in zip(*iterables, strict=False)]
     if not requests:
         return []
     results: list[R] = []
@@ -64,7 +71,7 @@ def map_in_process(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[R]:
         if item.WhichOneof("outcome") == "error":
             code = next((c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN)
             raise EvaluationError(code, item.error.message)
-        results.append(fn.result(item.response))
+        results.append(task.result(item.response))
     return results
 
 

@@ -146,7 +146,15 @@ def _wall_distance(k: Kernel, side: str, x: np.ndarray, y: np.ndarray, seg: np.n
     return np.asarray((x - a[side + "x"][seg]) * a[side + "nx"][seg] + (y - a[side + "y"][seg]) * a[side + "ny"][seg])
 
 
-def _crosses(g: GateParams, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=128)
+def _checkpoint_table(k: Kernel) -> np.ndarray:
+    """(4, checkpoints): the GateParams of every checkpoint, as rows."""
+    return np.array(k.checkpoints, dtype=np.float64).reshape(-1, 4).T.copy()
+
+
+def _crosses(
+    g: GateParams | tuple[np.ndarray, ...], x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
+) -> np.ndarray:
     ax, ay, gx, gy = g
     side_ok = (gx * (y0 - ay) - gy * (x0 - ax) < 0.0) & (gx * (y1 - ay) - gy * (x1 - ax) >= 0.0)
     mx, my = x1 - x0, y1 - y0
@@ -229,10 +237,12 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
 
     n_cp = len(k.checkpoints)
     next_cp = cars.next_cp
-    passed_cp = np.zeros(len(cars), dtype=np.bool_)
-    for cp in np.unique(next_cp[next_cp < n_cp]):
-        sel = np.nonzero(next_cp == cp)[0]
-        passed_cp[sel] = _crosses(k.checkpoints[int(cp)], x[sel], y[sel], x1[sel], y1[sel])
+    if n_cp:
+        # Each car's next checkpoint at once: its gate's numbers gathered, then the scalar test element-wise.
+        gates = _checkpoint_table(k)[:, np.minimum(next_cp, n_cp - 1)]
+        passed_cp = (next_cp < n_cp) & _crosses((gates[0], gates[1], gates[2], gates[3]), x, y, x1, y1)
+    else:
+        passed_cp = np.zeros(len(cars), dtype=np.bool_)
     cars.next_cp = next_cp + passed_cp
     cars.passed = cars.passed + passed_cp
     cars.tick = cars.tick + 1
@@ -398,17 +408,21 @@ def run_programs(
 # Each car's 15 rays are tested against the barrier segments of its window, as the scalar raycast does,
 # but only in the (ray, segment) pairs that can meet. A cheap, conservative angular test in float32
 # picks them: a pair it leaves out misses by a wide margin, so the nearest hit, computed for the kept
-# pairs with the scalar raycast's own float64 operations, is the scalar's bit for bit. About 1 pair in 30
-# is kept.
+# pairs with the scalar raycast's own float64 operations, is the scalar's bit for bit. About 32 pairs
+# of a car's 15 x 178 are kept.
 
 # Angles are measured in ray steps (pi / 14) from the leftmost ray: ray i sits at i, straight behind at
-# -7 = 21. The float32 angle of a point is off by ~1e-6 steps; a segment's span is widened by far more.
+# -7 = 21. Coordinates are rounded to float32 for this test, so a point's direction is off by up to
+# ~2 ulp(coordinate) / distance; a segment's span is widened by more than that (RayTable.margin), and a
+# segment with an end nearer than _NEAR_M has every ray tested against it, as has one whose span, in
+# whole steps, reaches _WIDE_STEPS: any span over half a turn (14 steps) does, as it passes behind the car.
 _STEPS_PER_RAD = (N_RAYS - 1) / PI
-_MARGIN_STEPS = 1e-3
-# A segment end this close (m^2) to the car has no reliable direction, and a span wider than this
-# (nearly half a turn) may pass behind the car: every ray is tested against such segments.
-_NEAR_M2 = 1e-4
-_WIDE_STEPS = 13.5
+_NEAR_M = 0.5
+# Added to a too-near point's steps: its segments' spans then exceed _WIDE_STEPS (and every step count
+# below stays within int8).
+_NEAR_STEPS = 60
+_WIDE_STEPS = 12
+_TURN_STEPS = 2 * (N_RAYS - 1)
 
 
 class RayTable:
@@ -420,9 +434,11 @@ class RayTable:
         self.first = int(k.ray_offsets[0])
         self.span = span = len(k.ray_offsets)  # segments per barrier in a window
         wrap = np.arange(n + span + 1) % n
+        px = np.stack([a["lx"][wrap], a["rx"][wrap]]).astype(np.float32)
+        py = np.stack([a["ly"][wrap], a["ry"][wrap]]).astype(np.float32)
         # (2, n + 1, span + 1) views: [w, start] is barrier w's window of span segments (span + 1 points).
-        self.win_x = sliding_window_view(np.stack([a["lx"][wrap], a["rx"][wrap]]), span + 1, axis=1)
-        self.win_y = sliding_window_view(np.stack([a["ly"][wrap], a["ry"][wrap]]), span + 1, axis=1)
+        self.win_x = sliding_window_view(px, span + 1, axis=1)
+        self.win_y = sliding_window_view(py, span + 1, axis=1)
         self.wx = np.concatenate([a["lx"], a["rx"]])
         self.wy = np.concatenate([a["ly"], a["ry"]])
         self.wex = np.concatenate([a["lex"], a["rex"]])
@@ -430,6 +446,11 @@ class RayTable:
         longest = float(np.sqrt(self.wex * self.wex + self.wey * self.wey).max())
         # A segment whose first point is this far (m^2) lies wholly beyond the rays' range.
         self.far2 = np.float32((RAY_RANGE + longest + 1.0) ** 2)
+        # The widest error of a float32 direction (a point and the car each rounded, then their difference),
+        # at least _NEAR_M away, plus float32 arctan2 and heading, ten times over.
+        reach = float(max(np.abs(px).max(), np.abs(py).max())) + RAY_RANGE + 2 * longest
+        error_rad = 4.0 * float(np.spacing(np.float32(reach))) / _NEAR_M + 1e-6
+        self.margin = np.float32(10.0 * error_rad * _STEPS_PER_RAD)
 
 
 @functools.lru_cache(maxsize=128)
@@ -440,22 +461,30 @@ def ray_table(k: Kernel) -> RayTable:
 def _candidates(
     table: RayTable, x: np.ndarray, y: np.ndarray, h: np.ndarray, start: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per barrier, car and window segment ((2, P, span) arrays): how many rays may hit it, and the first."""
+    """Per barrier, car and window segment ((2, P, span) int8 arrays): how many rays may hit it, and the
+    first of them."""
     f32 = np.float32
-    qx = (table.win_x[:, start] - x[:, None]).astype(f32)
-    qy = (table.win_y[:, start] - y[:, None]).astype(f32)
+    qx = table.win_x[:, start] - x.astype(f32)[:, None]
+    qy = table.win_y[:, start] - y.astype(f32)[:, None]
     # Ray steps of each point from the leftmost ray, wrapped into [-7, 21).
-    steps = (f32(HALF_PI) + h.astype(f32)[:, None] - np.arctan2(qy, qx)) * f32(_STEPS_PER_RAD)
-    steps -= f32(2 * N_RAYS - 2) * np.floor((steps + f32(7.0)) * f32(1.0 / (2 * N_RAYS - 2)))
-    sa, sb = steps[..., :-1], steps[..., 1:]
-    lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
+    steps = np.arctan2(qy, qx) * f32(-_STEPS_PER_RAD) + ((h + HALF_PI) * _STEPS_PER_RAD).astype(f32)[:, None]
+    steps -= f32(_TURN_STEPS) * np.floor((steps + f32(7.0)) * f32(1.0 / _TURN_STEPS))
     q2 = qx * qx + qy * qy
-    every = ((hi - lo) > f32(_WIDE_STEPS)) | (q2[..., :-1] < f32(_NEAR_M2)) | (q2[..., 1:] < f32(_NEAR_M2))
-    widen = f32(_MARGIN_STEPS) + every * f32(100.0)
-    first = np.maximum(np.ceil(lo - widen), f32(0.0))
-    end = np.minimum(np.floor(hi + widen) + f32(1.0), f32(N_RAYS))
-    counts = np.maximum(end - first, f32(0.0)) * (q2[..., :-1] <= table.far2)
-    return counts.astype(np.intp), first.astype(np.intp)
+    # A point too near to have a direction makes both its segments wide (every ray).
+    steps += (q2 < f32(_NEAR_M * _NEAR_M)) * f32(_NEAR_STEPS)
+    # The rays each point's direction may round to, widened by the margin, as small integers: the ray
+    # range of a segment is then [min of its ends' lows, max of its ends' highs] (ceil, floor are monotone).
+    low = np.ceil(steps - table.margin).astype(np.int8)
+    high = np.floor(steps + table.margin).astype(np.int8)
+    first = np.minimum(low[..., :-1], low[..., 1:])
+    last = np.maximum(high[..., :-1], high[..., 1:])
+    # Spans of half a turn or more pass behind the car (or come from a point too near): every ray. The
+    # test is loose by up to 2 steps, which only sends a few near segments to every ray.
+    wide = (last - first) >= np.int8(_WIDE_STEPS)
+    first = np.where(wide, np.int8(0), np.maximum(first, np.int8(0)))
+    last = np.where(wide, np.int8(N_RAYS - 1), np.minimum(last, np.int8(N_RAYS - 1)))
+    count = np.maximum(last - first + np.int8(1), np.int8(0)) * (q2[..., :-1] <= table.far2)
+    return count, first
 
 
 def raycast_cars(k: Kernel, x: np.ndarray, y: np.ndarray, h: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -465,10 +494,12 @@ def raycast_cars(k: Kernel, x: np.ndarray, y: np.ndarray, h: np.ndarray, seg: np
     n, span = k.n, table.span
     start = (seg + table.first) % n
     counts, first_ray = _candidates(table, x, y, h, start)
-    counts = counts.ravel()
     # The kept (segment, ray) pairs, flattened: pair -> (barrier w, car i, window segment j, ray r).
-    pair_seg = np.repeat(np.arange(counts.size), counts)
-    ray = first_ray.ravel()[pair_seg] + (np.arange(len(pair_seg)) - (np.cumsum(counts) - counts)[pair_seg])
+    kept = np.flatnonzero(counts)
+    n_rays = counts.ravel()[kept].astype(np.intp)
+    before = np.cumsum(n_rays) - n_rays  # pairs ahead of each kept segment's first
+    pair_seg = np.repeat(kept, n_rays)
+    ray = np.repeat(first_ray.ravel()[kept] - before, n_rays) + np.arange(len(pair_seg))
     w, rest = np.divmod(pair_seg, p * span)
     car, j = np.divmod(rest, span)
     g = w * n + (start[car] + j) % n
@@ -488,4 +519,4 @@ def raycast_cars(k: Kernel, x: np.ndarray, y: np.ndarray, h: np.ndarray, seg: np
     hit = (denom != 0.0) & (t >= 0.0) & (u >= 0.0) & (u <= 1.0)
     out = np.full(p * N_RAYS, RAY_RANGE)
     np.minimum.at(out, b[hit], t[hit])
-    return out.reshape(p, N_RAYS)
+    return (out + 0.0).reshape(p, N_RAYS)  # + 0.0: a zero is +0.0, whichever order the minimum took

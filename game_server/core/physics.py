@@ -293,7 +293,8 @@ def raycast(track: Track, car: CarState, segment: int | None = None) -> tuple[fl
         u = (qx * dy - qy * dx) / denom
     hit = (denom != 0.0) & (t >= 0.0) & (u >= 0.0) & (u <= 1.0)
     dist = np.where(hit, t, RAY_RANGE).min(axis=1)
-    return tuple(float(d) if d < RAY_RANGE else RAY_RANGE for d in dist)
+    # + 0.0: a zero distance is +0.0 whichever way the minimum was taken (so batched rays match bit for bit).
+    return tuple(float(d) + 0.0 if d < RAY_RANGE else RAY_RANGE for d in dist)
 
 
 def validate_masks(masks: bytes) -> None:
