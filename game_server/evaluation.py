@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -20,6 +20,10 @@ from rallyrobopilot.v1 import game_pb2, sim_pb2
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
+# The most memory a population of drivers may hold for the trajectories it records.
+TRAJECTORY_RECORD_BYTES = 64 * 1024 * 1024
+# One driver item of a batch: (index in the batch, start state, driver, max_ticks).
+_Run = tuple[int, SimState, RayDriver, int]
 
 
 def result_to_pb(r: RunResult) -> sim_pb2.LapResult:
@@ -101,7 +105,7 @@ def _driver_runs(
 ) -> dict[int, game_pb2.EvaluateBatchItem]:
     """The items of a batch that are sensor drivers, each group on one track run as one population
     (drivers.run_drivers: bit for bit the scalar episode, several times faster). Others are left out."""
-    groups: dict[tuple[str, Gate | None, bool], list[tuple[int, SimState, RayDriver, int]]] = {}
+    groups: dict[tuple[str, Gate | None, bool], list[_Run]] = {}
     items: dict[int, game_pb2.EvaluateBatchItem] = {}
     tracks: dict[str, Track] = {}
     for i, task in enumerate(tasks):
@@ -113,9 +117,13 @@ def _driver_runs(
         except DomainError as exc:
             items[i] = _item_error(exc)
             continue
+        except Exception:  # a bug hit by this item alone
+            log.exception("evaluation of a batch item failed")
+            items[i] = _item_error(RuntimeError("internal error"))
+            continue
         assert isinstance(policy, RayDriver)
         groups.setdefault((name, gate, task.return_trajectory), []).append((i, begin, policy, task.max_ticks))
-    for (name, gate, with_trajectory), runs in groups.items():
+    for (name, gate, with_trajectory), runs in _bounded(groups):
         try:
             results = drivers.run_drivers(
                 tracks[name],
@@ -135,6 +143,20 @@ def _driver_runs(
         for (i, _, _, _), result in zip(runs, results, strict=True):
             items[i] = game_pb2.EvaluateBatchItem(response=evaluation_response(result, with_trajectory))
     return items
+
+
+def _bounded(
+    groups: dict[tuple[str, Gate | None, bool], list[_Run]],
+) -> Iterator[tuple[tuple[str, Gate | None, bool], list[_Run]]]:
+    """The groups, those that record trajectories cut so that a population's record (33 bytes a car and
+    tick) stays under TRAJECTORY_RECORD_BYTES, as a lone run's would."""
+    for key, runs in groups.items():
+        if not key[2]:
+            yield key, runs
+            continue
+        per_chunk = max(1, TRAJECTORY_RECORD_BYTES // (33 * max(ticks for _, _, _, ticks in runs)))
+        for first in range(0, len(runs), per_chunk):
+            yield key, runs[first : first + per_chunk]
 
 
 def evaluate_batch(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from game_server import evaluation
 from game_server.core import physics
 from game_server.core.batch import Cars, raycast_cars
 from game_server.core.drivers import LOWER, N_PARAMS, UPPER, RayDriver, default_driver, run_driver, run_drivers
@@ -156,3 +158,25 @@ def test_a_bad_driver_item_fails_alone() -> None:
     assert [i.WhichOneof("outcome") for i in items] == ["response", "error", "error", "response"]
     assert items[0].response == items[3].response == evaluate_in_process(good)
     assert "outside" in items[1].error.message and "max_ticks" in items[2].error.message
+
+
+def test_trajectories_through_a_batch_in_bounded_populations(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Room for 9 cars' records of 150 ticks a population: 20 drivers run as 9 + 9 + 2.
+    monkeypatch.setattr(evaluation, "TRAJECTORY_RECORD_BYTES", 9 * 33 * 150)
+    rng = np.random.default_rng(5)
+    base = np.array(default_driver().params)
+    requests = [
+        game_pb2.EvaluateRequest(
+            track="alpine",
+            driver=sim_pb2.DriverParams(
+                kind="rays-v1",
+                params=np.clip(base + rng.normal(0.0, 0.05, N_PARAMS) * (UPPER - LOWER), LOWER, UPPER).tolist(),
+            ),
+            max_ticks=150,
+            return_trajectory=True,
+        )
+        for _ in range(20)
+    ]
+    for request, item in zip(requests, evaluate_batch(requests, 1 << 30).items, strict=True):
+        assert item.response == evaluate_in_process(request)
+        assert len(item.response.trajectory.x_m) == 150
