@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from game_server.core.episode import STOP_CHECK_TICKS
 from game_server.core.physics import (
     ACCEL_DV,
     BRAKE_DV,
@@ -311,7 +310,7 @@ def run_population(
     """The episode loop for a population: car i runs up to `limits[i]` ticks, stopping at the finish, and
     its result equals `episode.run_episode` with the same policy (a finished start simulates nothing).
 
-    `cancelled` is looked at every STOP_CHECK_TICKS ticks, as the scalar loop does. With a `finisher`,
+    `cancelled` is looked at every tick (ending the run with Cancelled). With a `finisher`,
     the last few live cars (fewer than `min_population`) are handed to it."""
     k = kernel(track)
     finish = None if gate is None else gate_params(gate)
@@ -330,7 +329,8 @@ def run_population(
         if finisher is not None and len(ids) < min_population:
             handed = {int(i): (t, finisher(int(i), t, cars.state(j), int(limits[i]) - t)) for j, i in enumerate(ids)}
             break
-        if cancelled is not None and t % STOP_CHECK_TICKS == 0 and cancelled():
+        # Every tick: a tick of a population is ~as long as a few hundred scalar ticks.
+        if cancelled is not None and cancelled():
             raise Cancelled(f"stopped after {t} ticks: the caller left")
         contact = tick_cars(k, cars, choose(ids, t, cars), finish)
         if record is not None and contact_log is not None:
