@@ -50,6 +50,8 @@ _FIELDS = (
     "contacts",
     "finished",
     "finish",
+    "sin",
+    "cos",
 )
 
 
@@ -70,15 +72,19 @@ class Cars:
     contacts: np.ndarray  # int64
     finished: np.ndarray  # bool
     finish: np.ndarray  # int64
+    # sincos of h, kept beside it: the next tick's rays look along the heading the last tick computed.
+    sin: np.ndarray
+    cos: np.ndarray
 
     @classmethod
     def of(cls, states: Sequence[SimState]) -> Cars:
         col = np.array
+        heading = np.array([s.car.heading for s in states], np.float64)
         return cls(
             col([s.tick for s in states], np.int64),
             col([s.car.x for s in states], np.float64),
             col([s.car.y for s in states], np.float64),
-            col([s.car.heading for s in states], np.float64),
+            heading,
             col([s.car.speed for s in states], np.float64),
             col([s.lap.next_checkpoint for s in states], np.int64),
             col([s.lap.checkpoints_passed for s in states], np.int64),
@@ -88,6 +94,7 @@ class Cars:
             col([s.lap.wall_contacts for s in states], np.int64),
             col([s.lap.finished for s in states], np.bool_),
             col([s.lap.finish_tick for s in states], np.int64),
+            *sincos_array(heading),
         )
 
     def take(self, idx: np.ndarray) -> Cars:
@@ -253,6 +260,7 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
     cars.finish = np.where(done, cars.tick, 0)
     cars.contacts = cars.contacts + contact
     cars.x, cars.y, cars.h, cars.v, cars.seg = x1, y1, h, v, seg
+    cars.sin, cars.cos = s, c
     return contact
 
 
@@ -487,8 +495,17 @@ def _candidates(
     return count, first
 
 
-def raycast_cars(k: Kernel, x: np.ndarray, y: np.ndarray, h: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """(P, 15) ray distances of P cars, each row bit-identical to `physics.raycast` of that car and segment."""
+def raycast_cars(
+    k: Kernel,
+    x: np.ndarray,
+    y: np.ndarray,
+    h: np.ndarray,
+    seg: np.ndarray,
+    sincos: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """(P, 15) ray distances of P cars, each row bit-identical to `physics.raycast` of that car and segment.
+
+    `sincos`: `trig.sincos_array(h)` when already known (Cars.sin, Cars.cos)."""
     table = ray_table(k)
     p = len(x)
     n, span = k.n, table.span
@@ -504,7 +521,7 @@ def raycast_cars(k: Kernel, x: np.ndarray, y: np.ndarray, h: np.ndarray, seg: np
     car, j = np.divmod(rest, span)
     g = w * n + (start[car] + j) % n
     # The scalar raycast's operations, pair by pair.
-    s, c = sincos_array(h)
+    s, c = sincos_array(h) if sincos is None else sincos
     cc, ss = c[:, None], s[:, None]
     b = car * N_RAYS + ray
     dx = (cc * RAY_COS - ss * RAY_SIN).ravel()[b]

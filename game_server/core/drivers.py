@@ -175,7 +175,7 @@ def run_drivers(
     params = np.array([d.params for d in drivers], dtype=np.float64).reshape(len(drivers), N_PARAMS)
 
     def choose(ids: np.ndarray, t: int, cars: batch.Cars) -> np.ndarray:
-        rays = batch.raycast_cars(k, cars.x, cars.y, cars.h, cars.seg)
+        rays = batch.raycast_cars(k, cars.x, cars.y, cars.h, cars.seg, (cars.sin, cars.cos))
         return act_cars(params[ids], rays, cars.v)
 
     def finisher(i: int, done: int, state: SimState, left: int) -> RunResult:
