@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -20,8 +20,6 @@ from rallyrobopilot.v1 import game_pb2, sim_pb2
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
-# The most memory a population of drivers may hold for the trajectories it records.
-TRAJECTORY_RECORD_BYTES = 64 * 1024 * 1024
 # One driver item of a batch: (index in the batch, start state, driver, max_ticks).
 _Run = tuple[int, SimState, RayDriver, int]
 
@@ -104,12 +102,14 @@ def _driver_runs(
     tasks: Sequence[game_pb2.EvaluateRequest], stop: Callable[[], bool] | None
 ) -> dict[int, game_pb2.EvaluateBatchItem]:
     """The items of a batch that are sensor drivers, each group on one track run as one population
-    (drivers.run_drivers: bit for bit the scalar episode, several times faster). Others are left out."""
-    groups: dict[tuple[str, Gate | None, bool], list[_Run]] = {}
+    (drivers.run_drivers: bit for bit the scalar episode, several times faster). Others are left out, and
+    so are items that want a trajectory: evaluated one by one, each of those is dropped as soon as it is
+    found not to fit in the reply, where a population would hold all of them at once."""
+    groups: dict[tuple[str, Gate | None], list[_Run]] = {}
     items: dict[int, game_pb2.EvaluateBatchItem] = {}
     tracks: dict[str, Track] = {}
     for i, task in enumerate(tasks):
-        if task.WhichOneof("policy") != "driver" or task.driver.recovering:
+        if task.WhichOneof("policy") != "driver" or task.driver.recovering or task.return_trajectory:
             continue
         try:
             name, start, policy, gate = evaluation_args(task)
@@ -122,8 +122,8 @@ def _driver_runs(
             items[i] = _item_error(RuntimeError("internal error"))
             continue
         assert isinstance(policy, RayDriver)
-        groups.setdefault((name, gate, task.return_trajectory), []).append((i, begin, policy, task.max_ticks))
-    for (name, gate, with_trajectory), runs in _bounded(groups):
+        groups.setdefault((name, gate), []).append((i, begin, policy, task.max_ticks))
+    for (name, gate), runs in groups.items():
         try:
             results = drivers.run_drivers(
                 tracks[name],
@@ -131,7 +131,6 @@ def _driver_runs(
                 [policy for _, _, policy, _ in runs],
                 max_ticks=[ticks for _, _, _, ticks in runs],
                 gate=gate,
-                record_trajectory=with_trajectory,
                 cancelled=stop,
             )
         except Cancelled:
@@ -141,22 +140,8 @@ def _driver_runs(
             items.update((i, _item_error(RuntimeError("internal error"))) for i, _, _, _ in runs)
             continue
         for (i, _, _, _), result in zip(runs, results, strict=True):
-            items[i] = game_pb2.EvaluateBatchItem(response=evaluation_response(result, with_trajectory))
+            items[i] = game_pb2.EvaluateBatchItem(response=evaluation_response(result, False))
     return items
-
-
-def _bounded(
-    groups: dict[tuple[str, Gate | None, bool], list[_Run]],
-) -> Iterator[tuple[tuple[str, Gate | None, bool], list[_Run]]]:
-    """The groups, those that record trajectories cut so that a population's record (33 bytes a car and
-    tick) stays under TRAJECTORY_RECORD_BYTES, as a lone run's would."""
-    for key, runs in groups.items():
-        if not key[2]:
-            yield key, runs
-            continue
-        per_chunk = max(1, TRAJECTORY_RECORD_BYTES // (33 * max(ticks for _, _, _, ticks in runs)))
-        for first in range(0, len(runs), per_chunk):
-            yield key, runs[first : first + per_chunk]
 
 
 def evaluate_batch(
