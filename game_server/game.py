@@ -76,6 +76,22 @@ def evaluate(
     """The one evaluation every caller uses, on a server or in process, so that both give the same result.
 
     `stop` answers True once the caller has left; the run then ends with Cancelled within ~256 ticks."""
+    track, begin = evaluation_start(track_name, start, policy, max_ticks)
+    return episode.run_episode(
+        track,
+        begin,
+        as_policy(policy, track),
+        max_ticks=episode.program_ticks(policy, max_ticks) if isinstance(policy, bytes) else max_ticks,
+        gate=gate,
+        record_trajectory=record_trajectory,
+        cancelled=stop,
+    ).result
+
+
+def evaluation_start(
+    track_name: str, start: SimState | None, policy: bytes | RayDriver, max_ticks: int
+) -> tuple[Track, SimState]:
+    """Checks an evaluation's inputs; returns its track and start state (the base state unless given)."""
     if max_ticks > MAX_PROGRAM_TICKS:
         raise InvalidArgument(f"max_ticks is at most {MAX_PROGRAM_TICKS}, got {max_ticks}")
     if isinstance(policy, bytes) and len(policy) > MAX_PROGRAM_TICKS:
@@ -89,16 +105,7 @@ def evaluate(
     track = load_track(track_name)
     if start is not None:
         physics.validate_state(track, start)
-    begin = track.base_state if start is None else start
-    return episode.run_episode(
-        track,
-        begin,
-        as_policy(policy, track),
-        max_ticks=episode.program_ticks(policy, max_ticks) if isinstance(policy, bytes) else max_ticks,
-        gate=gate,
-        record_trajectory=record_trajectory,
-        cancelled=stop,
-    ).result
+    return track, track.base_state if start is None else start
 
 
 def as_policy(policy: bytes | RayDriver, track: Track) -> episode.Policy:

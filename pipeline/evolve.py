@@ -23,6 +23,7 @@ from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps
 from pipeline.pools import PoolSpec, open_pool
 from plumbing.settings import nested, setting
+from scheduler.tasks import map_in_process
 from trainer.evolve import (
     KIND_PROGRAM,
     Evolution,
@@ -45,7 +46,7 @@ class EvolveJobConfig:
 
     evolve: EvolveConfig = nested(EvolveConfig)
     pool: PoolSpec = nested(PoolSpec)
-    in_process: bool = setting(False, "evaluate in this process with the builtin map, no servers")
+    in_process: bool = setting(False, "evaluate in this process (drivers as one population), no servers")
     out_dir: Path = setting(Path("out/evolve"), "folder for checkpoint, plots, driver", flag="out", env="out")
     resume: bool = setting(False, "continue from the checkpoint in --out")
 
@@ -60,9 +61,10 @@ class EvolveOutcome:
 
 @contextlib.contextmanager
 def evaluation_map(spec: PoolSpec, in_process: bool) -> Iterator[tuple[Any, str]]:
-    """Yields a `map` for DEAP and a description: the builtin map in process, or the pool's."""
+    """Yields a `map` for DEAP and a description: in process (a generation's drivers on a track run as
+    one population), or the pool's."""
     if in_process:
-        yield map, "in process (builtin map)"
+        yield map_in_process, "in process (batched map)"
         return
     with open_pool(spec) as (pool, where):
         yield pool.map, f"pool of {where}"

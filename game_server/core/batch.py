@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from game_server.core.physics import (
     ACCEL_DV,
@@ -14,6 +16,10 @@ from game_server.core.physics import (
     COAST_DV,
     MAX_SEGMENT_STEPS,
     MIN_TURN_RADIUS,
+    N_RAYS,
+    RAY_COS,
+    RAY_RANGE,
+    RAY_SIN,
     REVERSE_SPEED,
     TOP_SPEED,
     TURN_RADIUS_GAIN,
@@ -27,7 +33,8 @@ from game_server.core.physics import (
 )
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, TICK_S, CarState, Gate, LapState, SimState
 from game_server.core.track import Track
-from game_server.core.trig import PI, TWO_PI, sincos_array
+from game_server.core.trig import HALF_PI, PI, TWO_PI, sincos_array
+from plumbing.errors import Cancelled
 
 _FIELDS = (
     "tick",
@@ -43,6 +50,8 @@ _FIELDS = (
     "contacts",
     "finished",
     "finish",
+    "sin",
+    "cos",
 )
 
 
@@ -63,15 +72,19 @@ class Cars:
     contacts: np.ndarray  # int64
     finished: np.ndarray  # bool
     finish: np.ndarray  # int64
+    # sincos of h, kept beside it: the next tick's rays look along the heading the last tick computed.
+    sin: np.ndarray
+    cos: np.ndarray
 
     @classmethod
     def of(cls, states: Sequence[SimState]) -> Cars:
         col = np.array
+        heading = np.array([s.car.heading for s in states], np.float64)
         return cls(
             col([s.tick for s in states], np.int64),
             col([s.car.x for s in states], np.float64),
             col([s.car.y for s in states], np.float64),
-            col([s.car.heading for s in states], np.float64),
+            heading,
             col([s.car.speed for s in states], np.float64),
             col([s.lap.next_checkpoint for s in states], np.int64),
             col([s.lap.checkpoints_passed for s in states], np.int64),
@@ -81,6 +94,7 @@ class Cars:
             col([s.lap.wall_contacts for s in states], np.int64),
             col([s.lap.finished for s in states], np.bool_),
             col([s.lap.finish_tick for s in states], np.int64),
+            *sincos_array(heading),
         )
 
     def take(self, idx: np.ndarray) -> Cars:
@@ -138,7 +152,15 @@ def _wall_distance(k: Kernel, side: str, x: np.ndarray, y: np.ndarray, seg: np.n
     return np.asarray((x - a[side + "x"][seg]) * a[side + "nx"][seg] + (y - a[side + "y"][seg]) * a[side + "ny"][seg])
 
 
-def _crosses(g: GateParams, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=128)
+def _checkpoint_table(k: Kernel) -> np.ndarray:
+    """(4, checkpoints): the GateParams of every checkpoint, as rows."""
+    return np.array(k.checkpoints, dtype=np.float64).reshape(-1, 4).T.copy()
+
+
+def _crosses(
+    g: GateParams | tuple[np.ndarray, ...], x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
+) -> np.ndarray:
     ax, ay, gx, gy = g
     side_ok = (gx * (y0 - ay) - gy * (x0 - ax) < 0.0) & (gx * (y1 - ay) - gy * (x1 - ax) >= 0.0)
     mx, my = x1 - x0, y1 - y0
@@ -221,10 +243,12 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
 
     n_cp = len(k.checkpoints)
     next_cp = cars.next_cp
-    passed_cp = np.zeros(len(cars), dtype=np.bool_)
-    for cp in np.unique(next_cp[next_cp < n_cp]):
-        sel = np.nonzero(next_cp == cp)[0]
-        passed_cp[sel] = _crosses(k.checkpoints[int(cp)], x[sel], y[sel], x1[sel], y1[sel])
+    if n_cp:
+        # Each car's next checkpoint at once: its gate's numbers gathered, then the scalar test element-wise.
+        gates = _checkpoint_table(k)[:, np.minimum(next_cp, n_cp - 1)]
+        passed_cp = (next_cp < n_cp) & _crosses((gates[0], gates[1], gates[2], gates[3]), x, y, x1, y1)
+    else:
+        passed_cp = np.zeros(len(cars), dtype=np.bool_)
     cars.next_cp = next_cp + passed_cp
     cars.passed = cars.passed + passed_cp
     cars.tick = cars.tick + 1
@@ -236,6 +260,7 @@ def tick_cars(k: Kernel, cars: Cars, masks: np.ndarray, finish: GateParams | Non
     cars.finish = np.where(done, cars.tick, 0)
     cars.contacts = cars.contacts + contact
     cars.x, cars.y, cars.h, cars.v, cars.seg = x1, y1, h, v, seg
+    cars.sin, cars.cos = s, c
     return contact
 
 
@@ -268,36 +293,54 @@ class BatchSimulation:
         return [self.cars.state(i) for i in range(len(self.cars))]
 
 
-def run_programs(
+# Chooses the keys of the live cars at one tick: (index into the run's cars of each live car, tick
+# index, the live cars) -> one mask per live car.
+Chooser = Callable[[np.ndarray, int, Cars], np.ndarray]
+# Runs car i on alone, with the scalar loop: (i, ticks done, its state, ticks left) -> its result.
+Finisher = Callable[[int, int, SimState, int], RunResult]
+# Below this many live cars, a tick of the population costs more than the scalar loop (numpy's per-call
+# overhead, ~0.4 ms a tick): a finisher, when given, runs them on one by one.
+MIN_POPULATION = 8
+
+
+def run_population(
     track: Track,
     starts: Sequence[SimState],
-    masks_list: Sequence[bytes],
+    limits: np.ndarray,
+    choose: Chooser,
     *,
     gate: Gate | None = None,
-    max_ticks: int = 0,
     record_trajectory: bool = False,
+    cancelled: Callable[[], bool] | None = None,
+    finisher: Finisher | None = None,
+    min_population: int = MIN_POPULATION,
 ) -> list[RunResult]:
-    """`[run_program(track, s, m, ...) for s, m in zip(starts, masks_list)]`, computed as one population."""
-    if len(starts) != len(masks_list):
-        raise ValueError("one start state per program")
+    """The episode loop for a population: car i runs up to `limits[i]` ticks, stopping at the finish, and
+    its result equals `episode.run_episode` with the same policy (a finished start simulates nothing).
+
+    `cancelled` is looked at every tick (ending the run with Cancelled). With a `finisher`,
+    the last few live cars (fewer than `min_population`) are handed to it."""
     k = kernel(track)
     finish = None if gate is None else gate_params(gate)
     p = len(starts)
-    limits = np.array(
-        [0 if s.lap.finished else (max_ticks or len(m)) for s, m in zip(starts, masks_list, strict=True)],
-        dtype=np.int64,
-    )
+    limits = np.where([s.lap.finished for s in starts], 0, limits).astype(np.int64)
     horizon = int(limits.max(initial=0))
-    program = np.zeros((p, horizon), dtype=np.uint8)
-    for i, m in enumerate(masks_list):
-        program[i, : min(len(m), horizon)] = np.frombuffer(m, dtype=np.uint8)[:horizon]
     all_cars = Cars.of(starts)
     ids = np.nonzero(limits > 0)[0]
     cars = all_cars.take(ids)
     record = np.zeros((4, horizon, p)) if record_trajectory else None
     contact_log = np.zeros((horizon, p), dtype=np.bool_) if record_trajectory else None
+    handed: dict[int, tuple[int, RunResult]] = {}  # car -> (ticks done here, the finisher's result)
     for t in range(horizon):
-        contact = tick_cars(k, cars, program[ids, t], finish)
+        if len(ids) == 0:
+            break
+        if finisher is not None and len(ids) < min_population:
+            handed = {int(i): (t, finisher(int(i), t, cars.state(j), int(limits[i]) - t)) for j, i in enumerate(ids)}
+            break
+        # Every tick: a tick of a population is ~as long as a few hundred scalar ticks.
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"stopped after {t} ticks: the caller left")
+        contact = tick_cars(k, cars, choose(ids, t, cars), finish)
         if record is not None and contact_log is not None:
             record[0, t, ids], record[1, t, ids], record[2, t, ids], record[3, t, ids] = (
                 cars.x,
@@ -313,14 +356,13 @@ def run_programs(
             keep = np.nonzero(~stop)[0]
             ids = ids[keep]
             cars = cars.take(keep)
-            if len(ids) == 0:
-                break
     results = []
     for i, start in enumerate(starts):
-        final = all_cars.state(i)
+        done_here, rest = handed.get(i, (0, None))
+        final = all_cars.state(i) if rest is None else rest.final_state
         trajectory = None
         if record is not None and contact_log is not None:
-            n = final.tick - start.tick
+            n = final.tick - start.tick if rest is None else done_here
             trajectory = Trajectory(
                 record[0, :n, i].copy(),
                 record[1, :n, i].copy(),
@@ -328,5 +370,170 @@ def run_programs(
                 record[3, :n, i].copy(),
                 tuple(int(t) + 1 for t in np.nonzero(contact_log[:n, i])[0]),
             )
+            if rest is not None and rest.trajectory is not None:
+                trajectory = _joined(trajectory, rest.trajectory)
         results.append(result_of(track, start, final, trajectory))
     return results
+
+
+def _joined(a: Trajectory, b: Trajectory) -> Trajectory:
+    """Trajectory `a`, then `b` (which started where `a` ended)."""
+    n = len(a.x)
+    return Trajectory(
+        np.concatenate([a.x, b.x]),
+        np.concatenate([a.y, b.y]),
+        np.concatenate([a.heading, b.heading]),
+        np.concatenate([a.speed, b.speed]),
+        a.wall_contact_ticks + tuple(n + t for t in b.wall_contact_ticks),
+    )
+
+
+def run_programs(
+    track: Track,
+    starts: Sequence[SimState],
+    masks_list: Sequence[bytes],
+    *,
+    gate: Gate | None = None,
+    max_ticks: int = 0,
+    record_trajectory: bool = False,
+) -> list[RunResult]:
+    """`[run_program(track, s, m, ...) for s, m in zip(starts, masks_list)]`, computed as one population."""
+    if len(starts) != len(masks_list):
+        raise ValueError("one start state per program")
+    limits = np.array([max_ticks or len(m) for m in masks_list], dtype=np.int64)
+    horizon = int(limits.max(initial=0))
+    program = np.zeros((len(starts), horizon), dtype=np.uint8)
+    for i, m in enumerate(masks_list):
+        program[i, : min(len(m), horizon)] = np.frombuffer(m, dtype=np.uint8)[:horizon]
+
+    def choose(ids: np.ndarray, t: int, cars: Cars) -> np.ndarray:
+        return program[ids, t]
+
+    return run_population(track, starts, limits, choose, gate=gate, record_trajectory=record_trajectory)
+
+
+# -- rays for a population ---------------------------------------------------------------------------
+# Each car's 15 rays are tested against the barrier segments of its window, as the scalar raycast does,
+# but only in the (ray, segment) pairs that can meet. A cheap, conservative angular test in float32
+# picks them: a pair it leaves out misses by a wide margin, so the nearest hit, computed for the kept
+# pairs with the scalar raycast's own float64 operations, is the scalar's bit for bit. About 32 pairs
+# of a car's 15 x 178 are kept.
+
+# Angles are measured in ray steps (pi / 14) from the leftmost ray: ray i sits at i, straight behind at
+# -7 = 21. Coordinates are rounded to float32 for this test, so a point's direction is off by up to
+# ~2 ulp(coordinate) / distance; a segment's span is widened by more than that (RayTable.margin), and a
+# segment with an end nearer than _NEAR_M has every ray tested against it, as has one whose span, in
+# whole steps, reaches _WIDE_STEPS: any span over half a turn (14 steps) does, as it passes behind the car.
+_STEPS_PER_RAD = (N_RAYS - 1) / PI
+_NEAR_M = 0.5
+# Added to a too-near point's steps: its segments' spans then exceed _WIDE_STEPS (and every step count
+# below stays within int8).
+_NEAR_STEPS = 60
+_WIDE_STEPS = 12
+_TURN_STEPS = 2 * (N_RAYS - 1)
+
+
+class RayTable:
+    """Per-track arrays for the batched rays: each car's window of barrier points is one row copy."""
+
+    def __init__(self, k: Kernel) -> None:
+        a = k.a
+        n = k.n
+        self.first = int(k.ray_offsets[0])
+        self.span = span = len(k.ray_offsets)  # segments per barrier in a window
+        wrap = np.arange(n + span + 1) % n
+        px = np.stack([a["lx"][wrap], a["rx"][wrap]]).astype(np.float32)
+        py = np.stack([a["ly"][wrap], a["ry"][wrap]]).astype(np.float32)
+        # (2, n + 1, span + 1) views: [w, start] is barrier w's window of span segments (span + 1 points).
+        self.win_x = sliding_window_view(px, span + 1, axis=1)
+        self.win_y = sliding_window_view(py, span + 1, axis=1)
+        self.wx = np.concatenate([a["lx"], a["rx"]])
+        self.wy = np.concatenate([a["ly"], a["ry"]])
+        self.wex = np.concatenate([a["lex"], a["rex"]])
+        self.wey = np.concatenate([a["ley"], a["rey"]])
+        longest = float(np.sqrt(self.wex * self.wex + self.wey * self.wey).max())
+        # A segment whose first point is this far (m^2) lies wholly beyond the rays' range.
+        self.far2 = np.float32((RAY_RANGE + longest + 1.0) ** 2)
+        # The widest error of a float32 direction (a point and the car each rounded, then their difference),
+        # at least _NEAR_M away, plus float32 arctan2 and heading, ten times over.
+        reach = float(max(np.abs(px).max(), np.abs(py).max())) + RAY_RANGE + 2 * longest
+        error_rad = 4.0 * float(np.spacing(np.float32(reach))) / _NEAR_M + 1e-6
+        self.margin = np.float32(10.0 * error_rad * _STEPS_PER_RAD)
+
+
+@functools.lru_cache(maxsize=128)
+def ray_table(k: Kernel) -> RayTable:
+    return RayTable(k)
+
+
+def _candidates(
+    table: RayTable, x: np.ndarray, y: np.ndarray, h: np.ndarray, start: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per barrier, car and window segment ((2, P, span) int8 arrays): how many rays may hit it, and the
+    first of them."""
+    f32 = np.float32
+    qx = table.win_x[:, start] - x.astype(f32)[:, None]
+    qy = table.win_y[:, start] - y.astype(f32)[:, None]
+    # Ray steps of each point from the leftmost ray, wrapped into [-7, 21).
+    steps = np.arctan2(qy, qx) * f32(-_STEPS_PER_RAD) + ((h + HALF_PI) * _STEPS_PER_RAD).astype(f32)[:, None]
+    steps -= f32(_TURN_STEPS) * np.floor((steps + f32(7.0)) * f32(1.0 / _TURN_STEPS))
+    q2 = qx * qx + qy * qy
+    # A point too near to have a direction makes both its segments wide (every ray).
+    steps += (q2 < f32(_NEAR_M * _NEAR_M)) * f32(_NEAR_STEPS)
+    # The rays each point's direction may round to, widened by the margin, as small integers: the ray
+    # range of a segment is then [min of its ends' lows, max of its ends' highs] (ceil, floor are monotone).
+    low = np.ceil(steps - table.margin).astype(np.int8)
+    high = np.floor(steps + table.margin).astype(np.int8)
+    first = np.minimum(low[..., :-1], low[..., 1:])
+    last = np.maximum(high[..., :-1], high[..., 1:])
+    # Spans of half a turn or more pass behind the car (or come from a point too near): every ray. The
+    # test is loose by up to 2 steps, which only sends a few near segments to every ray.
+    wide = (last - first) >= np.int8(_WIDE_STEPS)
+    first = np.where(wide, np.int8(0), np.maximum(first, np.int8(0)))
+    last = np.where(wide, np.int8(N_RAYS - 1), np.minimum(last, np.int8(N_RAYS - 1)))
+    count = np.maximum(last - first + np.int8(1), np.int8(0)) * (q2[..., :-1] <= table.far2)
+    return count, first
+
+
+def raycast_cars(
+    k: Kernel,
+    x: np.ndarray,
+    y: np.ndarray,
+    h: np.ndarray,
+    seg: np.ndarray,
+    sincos: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """(P, 15) ray distances of P cars, each row bit-identical to `physics.raycast` of that car and segment.
+
+    `sincos`: `trig.sincos_array(h)` when already known (Cars.sin, Cars.cos)."""
+    table = ray_table(k)
+    p = len(x)
+    n, span = k.n, table.span
+    start = (seg + table.first) % n
+    counts, first_ray = _candidates(table, x, y, h, start)
+    # The kept (segment, ray) pairs, flattened: pair -> (barrier w, car i, window segment j, ray r).
+    kept = np.flatnonzero(counts)
+    n_rays = counts.ravel()[kept].astype(np.intp)
+    before = np.cumsum(n_rays) - n_rays  # pairs ahead of each kept segment's first
+    pair_seg = np.repeat(kept, n_rays)
+    ray = np.repeat(first_ray.ravel()[kept] - before, n_rays) + np.arange(len(pair_seg))
+    w, rest = np.divmod(pair_seg, p * span)
+    car, j = np.divmod(rest, span)
+    g = w * n + (start[car] + j) % n
+    # The scalar raycast's operations, pair by pair.
+    s, c = sincos_array(h) if sincos is None else sincos
+    cc, ss = c[:, None], s[:, None]
+    b = car * N_RAYS + ray
+    dx = (cc * RAY_COS - ss * RAY_SIN).ravel()[b]
+    dy = (ss * RAY_COS + cc * RAY_SIN).ravel()[b]
+    qx = table.wx[g] - x[car]
+    qy = table.wy[g] - y[car]
+    ex, ey = table.wex[g], table.wey[g]
+    denom = dx * ey - dy * ex
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (qx * ey - qy * ex) / denom
+        u = (qx * dy - qy * dx) / denom
+    hit = (denom != 0.0) & (t >= 0.0) & (u >= 0.0) & (u <= 1.0)
+    out = np.full(p * N_RAYS, RAY_RANGE)
+    np.minimum.at(out, b[hit], t[hit])
+    return (out + 0.0).reshape(p, N_RAYS)  # + 0.0: a zero is +0.0, whichever order the minimum took

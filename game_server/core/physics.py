@@ -264,8 +264,8 @@ def progress_fraction(track: Track, lap: LapState) -> float:
 
 
 # Ray directions relative to the heading, +90 degrees (left) first, as (cos, sin) pairs.
-_RAY_ANGLES = np.array([HALF_PI - i * (PI / (N_RAYS - 1)) for i in range(N_RAYS)])
-_RAY_SIN, _RAY_COS = sincos_array(_RAY_ANGLES)
+RAY_ANGLES = np.array([HALF_PI - i * (PI / (N_RAYS - 1)) for i in range(N_RAYS)])
+RAY_SIN, RAY_COS = sincos_array(RAY_ANGLES)
 
 
 def raycast(track: Track, car: CarState, segment: int | None = None) -> tuple[float, ...]:
@@ -285,15 +285,16 @@ def raycast(track: Track, car: CarState, segment: int | None = None) -> tuple[fl
     ex = np.concatenate([a["lex"][idx], a["rex"][idx]])
     ey = np.concatenate([a["ley"][idx], a["rey"][idx]])
     s, c = sincos(car.heading)
-    dx = (c * _RAY_COS - s * _RAY_SIN)[:, None]
-    dy = (s * _RAY_COS + c * _RAY_SIN)[:, None]
+    dx = (c * RAY_COS - s * RAY_SIN)[:, None]
+    dy = (s * RAY_COS + c * RAY_SIN)[:, None]
     denom = dx * ey - dy * ex
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (qx * ey - qy * ex) / denom
         u = (qx * dy - qy * dx) / denom
     hit = (denom != 0.0) & (t >= 0.0) & (u >= 0.0) & (u <= 1.0)
     dist = np.where(hit, t, RAY_RANGE).min(axis=1)
-    return tuple(float(d) if d < RAY_RANGE else RAY_RANGE for d in dist)
+    # + 0.0: a zero distance is +0.0 whichever way the minimum was taken (so batched rays match bit for bit).
+    return tuple(float(d) + 0.0 if d < RAY_RANGE else RAY_RANGE for d in dist)
 
 
 def validate_masks(masks: bytes) -> None:
