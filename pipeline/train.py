@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.curves import CurvesConfig, run_learning_curves
 from plumbing.settings import env_value, nested, setting
-from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
+from trainer.vision.train import DataConfig, TrainConfig, load_frames, resolve_device, save_training_run, train
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ def run_train_job(config: TrainJobConfig) -> int:
         rows = run_learning_curves(data, settings, config.curves, out, password)
         print(f"[train] learning curves ({len(rows)} points) written to {out}", flush=True)
         return 0
+    resolve_device(settings.device)  # a missing GPU is said before any data is loaded
     frames = load_frames(data, (settings.vision.width, settings.vision.height), redis_password=password)
     result = train(settings, frames)
     card = save_training_run(result, settings, data, frames, out)

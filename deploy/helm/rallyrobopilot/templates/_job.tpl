@@ -1,4 +1,4 @@
-{{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store, read-write). */}}
+{{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store, read-write), gpu (int, optional: nvidia.com/gpu limit). */}}
 {{- define "rrp.job" -}}
 {{- $root := .root }}
 {{- $c := dict "root" $root "name" .job.name }}
@@ -41,7 +41,11 @@ spec:
                   key: password
             {{- end }}
           resources:
-            {{- toYaml $root.Values.jobs.resources | nindent 12 }}
+            {{- $resources := deepCopy $root.Values.jobs.resources }}
+            {{- if gt (int (.job.gpu | default 0)) 0 }}
+            {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .job.gpu)) ($resources.limits | default dict)) }}
+            {{- end }}
+            {{- toYaml $resources | nindent 12 }}
           securityContext:
             {{- include "rrp.containerSecurityContext" $root | nindent 12 }}
           volumeMounts:
