@@ -264,10 +264,12 @@ def main() -> None:
             if fsync_ != fsync:
                 continue
             verdict = f"lost {lost}  duplicated {duplicated}"
-            if name == "RAW":
+            if name == "RAW" and fsync == "always":  # the target's setting: every write fsynced
                 ok = fps >= TARGET_RATIO * bench and lost == duplicated == 0
                 verdict += f"  {fps / bench:.2f}x redis-benchmark (target >= {TARGET_RATIO:.2f}x, exact): "
                 verdict += "OK" if ok else "MISSED"
+            elif name == "RAW":
+                verdict += f"  {fps / bench:.2f}x redis-benchmark (no target without fsync on every write)"
             line = f"    collector, {name}, {STREAMS} streams"
             print(f"{line:<56s} {fps:7.0f} frames/s {mbps:6.1f} MB/s  {verdict}")
     print("bytes per image: " + ", ".join(f"{k} {v:,.0f}" for k, v in sizes.items()))
