@@ -1,10 +1,15 @@
-"""Benchmark: vision model training throughput (frames/s, augmentation included) on this machine's cores."""
+"""Benchmark: vision model training, seconds per epoch on the CPU and on a GPU when there is one.
+
+Augmentation included; `--prefetch 0` prepares each batch in turn (augmentation on the critical path), the
+default prepares batches on a background thread while the device trains.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
+import torch
 
 from trainer.data.records import RunInfo
 from trainer.vision.data import FrameSet
@@ -31,15 +36,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer frames")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefetch", type=int, default=TrainConfig.prefetch_batches, help="batches prepared ahead")
+    parser.add_argument("--resolutions", default="128x96,64x48", help="comma-separated WIDTHxHEIGHT")
     args = parser.parse_args()
     n = 1500 if args.quick else 6000
-    print(f"{'resolution':<11} {'frames/epoch':>12} {'frames/s':>9} {'s/epoch':>8}  (threads {args.threads})")
-    for width, height in ((128, 96), (64, 48)):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"{'device':<8} {'resolution':<11} {'frames/epoch':>12} {'frames/s':>9} {'s/epoch':>8}", end="")
+    print(f"  (threads {args.threads}, prefetch {args.prefetch})")
+    per_epoch: dict[tuple[str, str], float] = {}
+    for resolution in args.resolutions.split(","):
+        width, height = (int(v) for v in resolution.split("x"))
         vision = VisionConfig(width=width, height=height)
-        config = TrainConfig(vision=vision, epochs=2, threads=args.threads, progress=False, patience=10)
-        result = train(config, synthetic_frames(n, vision))
-        per_epoch = result.train_frames / result.frames_per_s
-        print(f"{width}x{height:<7} {result.train_frames:>12} {result.frames_per_s:>9.0f} {per_epoch:>8.1f}")
+        frames = synthetic_frames(n, vision)
+        for device in devices:
+            config = TrainConfig(
+                vision=vision,
+                epochs=2,
+                threads=args.threads,
+                progress=False,
+                patience=10,
+                device=device,  # type: ignore[arg-type]
+                prefetch_batches=args.prefetch,
+            )
+            result = train(config, frames)
+            seconds = result.seconds / len(result.history)
+            per_epoch[device, resolution] = seconds
+            print(f"{device:<8} {resolution:<11} {result.train_frames:>12} {result.frames_per_s:>9.0f} {seconds:>8.1f}")
+    if "cuda" in devices:
+        name = torch.cuda.get_device_name()
+        for resolution in args.resolutions.split(","):
+            speedup = per_epoch["cpu", resolution] / per_epoch["cuda", resolution]
+            print(f"{resolution}: GPU ({name}) {speedup:.1f}x faster per epoch than the CPU ({args.threads} threads)")
+    else:
+        print("GPU: none present on this machine (torch.cuda.is_available() is False); CPU figures only")
     print("default `rrp train`: ~14,000 training frames x <= 12 epochs at 128x96")
 
 

@@ -206,12 +206,17 @@ class FrameStore:
 
         Idempotent on (run_id, tick): the entry ID comes from the tick and Redis refuses an ID that is not
         above the stream's last one, so a resent record is counted as a duplicate instead of stored twice.
+
+        The batch is one MULTI/EXEC transaction, for speed and atomicity: Redis applies and appends the whole
+        batch to its append-only file at EXEC, so with `appendfsync always` a batch costs one fsync instead of
+        one per record (or per event-loop turn), and a batch is stored whole or not at all (a refused batch,
+        out of memory, stores nothing; a batch resent after a lost reply comes back as duplicates).
         """
         if not records:
             raise ValueError("append needs at least one record")
         key = self._frames(run_id)
         with self._translated("append"):
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.r.pipeline(transaction=True)
             sizes = []
             for record in records:
                 data = record.SerializeToString()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.curves import CurvesConfig, run_learning_curves
 from plumbing.settings import env_value, nested, setting
-from trainer.vision.train import DataConfig, TrainConfig, load_frames, save_training_run, train
+from trainer.vision.train import DataConfig, TrainConfig, load_frames, resolve_device, save_training_run, train
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def run_train_job(config: TrainJobConfig) -> str:
     if config.learning_curves:
         rows = run_learning_curves(data, settings, config.curves, out, password)
         return f"learning curves ({len(rows)} points) written to {out}"
+    resolve_device(settings.device)  # a missing GPU is said before any data is loaded
     frames = load_frames(data, (settings.vision.width, settings.vision.height), redis_password=password)
     result = train(settings, frames)
     card = save_training_run(result, settings, data, frames, out)

@@ -299,3 +299,53 @@ def test_list_runs_never_answers_more_than_fits_in_a_reply(redis_server: LocalRe
             assert 0 < len(reply.runs) < 60 and reply.ByteSize() <= 256 * 1024
     finally:
         server.stop(0.2)
+
+
+def _exact_ticks(store: FrameStore, run_id: str, frames: int) -> None:
+    """Redis holds ticks 0..frames-1 of the run, each once."""
+    assert [r.tick for r in store.iter_frames(run_id, batch=500)] == list(range(frames))
+    assert store.frame_count(run_id) == frames
+
+
+def test_a_resent_pipelined_batch_after_a_reconnect_stores_only_what_was_missing(
+    redis_server: LocalRedis, store: FrameStore
+) -> None:
+    start = run_start()
+    store.start_run(start)
+    first = store.append(start.run_id, [frame(start, t) for t in range(64)])
+    assert (first.stored, first.duplicates) == (64, 0)
+    killed = redis_server.client().client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the store's pooled connection is dead: the next batch goes out on a fresh one
+    # A producer that lost its acknowledgement resends from its last acknowledged tick: an overlapping batch.
+    resent = store.append(start.run_id, [frame(start, t) for t in range(32, 128)])
+    assert (resent.stored, resent.duplicates, resent.stored_frames) == (64, 32, 128)
+    again = store.append(start.run_id, [frame(start, t) for t in range(32, 128)])
+    assert (again.stored, again.duplicates) == (0, 96)
+    _exact_ticks(store, start.run_id, 128)
+
+
+def test_pipelined_ingest_loses_and_duplicates_nothing_while_redis_connections_are_killed(
+    redis_server: LocalRedis, collector: CollectorServer, store: FrameStore
+) -> None:
+    start, frames = run_start(), 1500
+    stop, kills = threading.Event(), [0]
+    killer = redis_server.client()
+
+    def kill_loop() -> None:
+        # Every few milliseconds, drop the collector's Redis connections, mid-transaction or between them.
+        while not stop.wait(0.005):
+            kills[0] += int(killer.client_kill_filter(_type="normal", skipme=True))
+
+    thread = threading.Thread(target=kill_loop, daemon=True)
+    thread.start()
+    try:
+        with RunProducer(collector.address, start, window=256, timeout_s=20.0, outage_budget_s=30.0) as producer:
+            for tick in range(frames):
+                producer.send(frame(start, tick))
+            stats = producer.finish(RunEnd(finished=True))
+    finally:
+        stop.set()
+        thread.join()
+    assert kills[0] > 0
+    assert stats.acked == frames and stats.stored_frames == frames
+    _exact_ticks(store, start.run_id, frames)

@@ -23,6 +23,7 @@ from game_server.core.state import BACK, FORWARD, LEFT, RIGHT
 from game_server.core.tracks import load_track
 from pipeline.evaluate import EvalConfig, run_evaluation
 from pipeline.pools import PoolSpec
+from plumbing import errors
 from plumbing.procs import ServiceProcess, start_service
 from rrp.cli import main
 from trainer.vision.data import AugmentConfig, FrameSet, augment, class_weights, generate_samples, split_frames
@@ -36,7 +37,7 @@ from trainer.vision.model import (
     mask_targets,
 )
 from trainer.vision.pilot import VisionPilot
-from trainer.vision.train import TrainConfig, export_torchscript, load_model, save_weights, train
+from trainer.vision.train import TrainConfig, export_torchscript, load_model, resolve_device, save_weights, train
 
 SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
 
@@ -154,6 +155,75 @@ def test_heads_and_flip_keep_masks_consistent() -> None:
     flipped = AugmentConfig(brightness=0, contrast=0, colour=0, shift_px=0, flip_prob=1.0)
     _, swapped = augment(images, masks, flipped, torch.Generator().manual_seed(0))
     assert swapped.tolist() == [0, FORWARD, BACK | RIGHT, FORWARD | LEFT, FORWARD | BACK | LEFT | RIGHT]
+
+
+def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference_does() -> None:
+    """The batched gather equals padding each frame (edges repeated), cropping it and mirroring it."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (9, 12, 16, 3), dtype=torch.uint8, generator=g)
+    config = AugmentConfig(brightness=0, contrast=0, colour=0, shift_px=3, flip_prob=0.5)
+    got, _ = augment(images, torch.zeros(9, dtype=torch.long), config, torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)  # the same draws, in augment's order
+    (
+        torch.rand(9, 1, 1, 1, generator=draws),
+        torch.rand(9, 1, 1, 1, generator=draws),
+        torch.rand(9, 1, 1, 3, generator=draws),
+    )
+    dx, dy = torch.randint(0, 7, (9,), generator=draws), torch.randint(0, 7, (9,), generator=draws)
+    flip = torch.rand(9, generator=draws) < 0.5
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="replicate")
+    for i in range(9):
+        want = padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 16].permute(1, 2, 0).to(torch.uint8)
+        assert torch.equal(got[i], want.flip(1) if flip[i] else want), i
+    assert 0 < int(flip.sum()) < 9 and bool((dx != 3).any())  # the case covers shifts and both flip outcomes
+    # Channels-first memory, as the per-frame crop made it: the net's convolutions round the same as before.
+    assert got.permute(0, 3, 1, 2).is_contiguous()
+
+
+def test_same_seed_same_weights_on_cpu_with_or_without_background_augmentation(frames: FrameSet) -> None:
+    config = TrainConfig(vision=SMALL, epochs=2, batch_size=32, progress=False, seed=4, device="cpu")
+    runs = [train(dataclasses.replace(config, prefetch_batches=ahead), frames) for ahead in (2, 2, 0)]
+    states = [r.model.state_dict() for r in runs]
+    for other in states[1:]:
+        assert states[0].keys() == other.keys()
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
+    assert all(t.device.type == "cpu" for t in states[0].values())
+    changed = train(dataclasses.replace(config, seed=5), frames).model.state_dict()
+    assert not all(torch.equal(states[0][k], changed[k]) for k in states[0])  # the seed matters
+
+
+def test_device_auto_is_cuda_when_present_and_cuda_absent_is_a_clear_error() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+        return
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(errors.FailedPrecondition, match="no CUDA device is available"):
+        resolve_device("cuda")
+    with pytest.raises(errors.FailedPrecondition, match="no CUDA device"):
+        train(TrainConfig(vision=SMALL, epochs=1, progress=False, device="cuda"), _tiny_frames())
+
+
+def test_rrp_train_device_cuda_without_a_gpu_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    args = ["train", "--generate", "--tracks", "oval", "--episodes", "1", "--ticks", "10", "--width", "64"]
+    code = main([*args, "--height", "48", "--epochs", "1", "--device", "cuda", "--out", str(tmp_path / "m")])
+    assert code != 0
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def _tiny_frames() -> FrameSet:
+    from trainer.data.records import RunInfo
+
+    rng = np.random.default_rng(0)
+    return FrameSet(
+        rng.integers(0, 256, (8, 48, 64, 3), dtype=np.uint8),
+        np.zeros(8, np.float32),
+        np.ones(8, np.uint8),
+        (np.arange(8) % 2).astype(np.int32),
+        tuple(RunInfo(f"r{i}", "oval", "driver", "", 64, 48, "raw_rgb", 0, 0.0) for i in range(2)),
+    )
 
 
 def test_closed_loop_reports_a_model_that_never_drives_as_failed(game_server: ServiceProcess) -> None:

@@ -240,26 +240,35 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A jittered copy of a uint8 (N, H, W, 3) batch and its masks; a horizontal flip swaps left and right.
 
-    Randomness comes only from `generator`, so a seeded run augments identically every time.
+    Randomness comes only from `generator`, so a seeded run augments identically every time, on any thread.
+    The shift (edges replicated) and the flip move pixels without changing them, so they are one gather on
+    the uint8 frames; the photometric jitter, per frame and channel, then runs on the smaller cropped batch.
     """
-    n = images.shape[0]
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
 
     def uniform(spread: float, *shape: int) -> torch.Tensor:
         return 1.0 + spread * (2.0 * torch.rand(n, *shape, generator=generator) - 1.0)
 
-    x = images.float()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * uniform(config.contrast, 1, 1, 1) + mean
-    x = x * uniform(config.brightness, 1, 1, 1) * uniform(config.colour, 1, 1, 3)
+    contrast = uniform(config.contrast, 1, 1, 1)
+    brightness = uniform(config.brightness, 1, 1, 1)
+    colour = uniform(config.colour, 1, 1, 3)
+    rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
     if config.shift_px:
         s = config.shift_px
-        padded = functional.pad(x.permute(0, 3, 1, 2), (s, s, s, s), mode="replicate")
-        dx = torch.randint(0, 2 * s + 1, (n,), generator=generator).tolist()
-        dy = torch.randint(0, 2 * s + 1, (n,), generator=generator).tolist()
-        h, w = images.shape[1], images.shape[2]
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]).permute(0, 2, 3, 1)
+        dx = torch.randint(0, 2 * s + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * s + 1, (n,), generator=generator)
+        # Shifted by dy - s rows and dx - s columns, the frame's edge rows and columns repeated beyond it.
+        rows = (rows + (dy - s)[:, None]).clamp(0, h - 1)
+        cols = (cols + (dx - s)[:, None]).clamp(0, w - 1)
     flip = torch.rand(n, generator=generator) < config.flip_prob
-    x = torch.where(flip[:, None, None, None], x.flip(2), x)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    # Gathered channels-first, so the batch reaches the net's convolutions in the layout (and so with the
+    # rounding) it always had: (N, H, W, 3) indexing over (N, 3, H, W) memory.
+    index = (torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None])
+    x = images.permute(0, 3, 1, 2)[(*index, rows[:, None, :, None], cols[:, None, None, :])].float()
+    mean = images.float().mean(dim=(1, 2, 3)).reshape(n, 1, 1, 1)  # of the whole frame, before the shift
+    x = (x - mean) * contrast.reshape(n, 1, 1, 1) + mean
+    x = x * brightness.reshape(n, 1, 1, 1) * colour.reshape(n, 3, 1, 1)
     m = masks.long()
     swapped = (m & ~(LEFT | RIGHT)) | ((m & LEFT) << 1) | ((m & RIGHT) >> 1)
-    return x.round().clamp(0, 255).to(torch.uint8), torch.where(flip, swapped, m)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1), torch.where(flip, swapped, m)

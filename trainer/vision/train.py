@@ -10,7 +10,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from game_server.core import drivers
 from game_server.core.driver_file import load_driver
 from game_server.core.tracks import TRAINING_TRACKS
+from plumbing.errors import FailedPrecondition
 from plumbing.settings import nested, setting
 from trainer.vision.data import (
     AugmentConfig,
@@ -142,6 +145,10 @@ class TrainConfig:
         "teacher most likely pressed; 0: argmax of the weighted net)",
     )
     threads: int = setting(2, "torch threads (fixed, for reproducibility)")
+    # The same seed gives the same model on the same device; a GPU's kernels round differently from the CPU's.
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train: auto (CUDA when present), cpu or cuda")
+    # Batches are gathered and augmented on a background thread while the device trains on earlier ones.
+    prefetch_batches: int = setting(2, "batches prepared ahead of training (0: prepare each in turn)")
     seed: int = setting(0, "seed of data, initialisation, order and augmentation")
     # Off by default: a model must depend on its seed and data, never on how busy the machine was.
     time_limit_s: float | None = setting(None, "optional: stop after the epoch that crosses this many seconds")
@@ -150,6 +157,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not math.isfinite(self.decision_prior) or self.decision_prior < 0:
             raise ValueError(f"decision_prior must be a finite share >= 0, got {self.decision_prior}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
 
 
 @dataclass(frozen=True)
@@ -172,19 +181,47 @@ class TrainResult:
     val_frames: int
     seconds: float
     frames_per_s: float
+    device: str = "cpu"  # where it trained: "cpu", or the GPU's name
 
     @property
     def best(self) -> EpochMetrics:
         return self.history[self.best_epoch - 1]
 
 
-def seed_everything(seed: int, threads: int) -> None:
+def resolve_device(choice: str) -> torch.device:
+    """The device a training run uses: CUDA when asked for or, with "auto", when present; CPU otherwise."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (a CPU-only build)"
+        raise FailedPrecondition(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, CUDA {built}); "
+            "train with --device auto or --device cpu, or install a CUDA build of PyTorch on a machine with a GPU"
+        )
+    # cuBLAS picks deterministic kernels only with a fixed workspace, set before its first use.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return torch.device("cuda")
+
+
+def device_name(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
+def seed_everything(seed: int, threads: int, device: torch.device | None = None) -> None:
     """The one seeding block: Python, NumPy and torch, deterministic kernels, a fixed thread count (reductions
-    split over another number of threads round differently)."""
+    split over another number of threads round differently).
+
+    On CUDA an operation without a deterministic kernel warns instead of failing: a GPU run is reproducible
+    as far as its kernels allow, a CPU run bit for bit."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)  # every device's generator
+    on_cuda = device is not None and device.type == "cuda"
+    torch.use_deterministic_algorithms(True, warn_only=on_cuda)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = False
     torch.set_num_threads(threads)
 
 
@@ -200,15 +237,16 @@ def head_losses(
 
 @torch.inference_mode()
 def evaluate_offline(model: DrivingNet, frames: FrameSet, batch_size: int = 512) -> dict[str, float]:
-    """Unweighted loss and accuracies of both heads on held-out frames."""
+    """Unweighted loss and accuracies of both heads on held-out frames, on the model's device."""
     model.eval()
+    device = model.decision_offset.device
     n = len(frames)
     loss = 0.0
     right = np.zeros(3)
     for start in range(0, n, batch_size):
-        images = torch.from_numpy(frames.images[start : start + batch_size])
-        speeds = torch.from_numpy(frames.speeds[start : start + batch_size])
-        masks = torch.from_numpy(frames.labels[start : start + batch_size].astype(np.int64))
+        images = torch.from_numpy(frames.images[start : start + batch_size]).to(device)
+        speeds = torch.from_numpy(frames.speeds[start : start + batch_size]).to(device)
+        masks = torch.from_numpy(frames.labels[start : start + batch_size].astype(np.int64)).to(device)
         logits = model(images, speeds)
         loss += float(head_losses(logits, masks, None)) * len(masks)
         throttle, steer = mask_targets(masks)
@@ -231,8 +269,11 @@ def train(
 
     `init` continues from existing weights (DAgger); otherwise the net starts from `config.vision.seed`.
     `val`, when given, is the validation set and all of `frames` is trained on (learning curves hold it fixed).
+    The model trains on `config.device` and is returned on the CPU.
     """
-    seed_everything(config.seed, config.threads)
+    device = resolve_device(config.device)
+    seed_everything(config.seed, config.threads, device)
+    log.info("training on %s", device_name(device))
     if val is None:
         train_idx, val_idx = split_frames(frames, config.val_fraction, config.seed, config.split_by)
         train_set, val_set = frames.take(train_idx), frames.take(val_idx)
@@ -246,12 +287,13 @@ def train(
     # car will make; the loss reads the raw logits and never sees it.
     with torch.no_grad():
         model.decision_offset.copy_(decision_offset(weights, config.decision_prior))
+    model.to(device)
+    device_weights = None if weights is None else (weights[0].to(device), weights[1].to(device))
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * max(1, -(-len(train_set) // config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=steps)
     generator = torch.Generator().manual_seed(config.seed)
-    images, speeds = torch.from_numpy(train_set.images), torch.from_numpy(train_set.speeds)
-    labels = torch.from_numpy(train_set.labels.astype(np.int64))
+    batches = _Batches(train_set, config, generator, pin=device.type == "cuda")
     history: list[EpochMetrics] = []
     best_score, best_epoch, best_state = -1.0, 0, model.state_dict()
     t_start = time.perf_counter()
@@ -259,24 +301,21 @@ def train(
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train_set), generator=generator)
         total = 0.0
         bar = tqdm(
-            range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not config.progress, leave=False
+            batches.epoch(), total=batches.per_epoch, desc=f"epoch {epoch}", disable=not config.progress, leave=False
         )
-        for start in bar:
-            idx = order[start : start + config.batch_size]
-            x, m = images[idx], labels[idx]
-            if config.augment:
-                x, m = augment(x, m, config.augmentation, generator)
-            loss = head_losses(model.raw_logits(x, speeds[idx]), m, weights)
+        for x, v, m in bar:
+            x, v, m = (t.to(device, non_blocking=True) for t in (x, v, m))
+            loss = head_losses(model.raw_logits(x, v), m, device_weights)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += loss.item() * len(idx)
-            trained += len(idx)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            batch_loss = loss.item()
+            total += batch_loss * len(m)
+            trained += len(m)
+            bar.set_postfix(loss=f"{batch_loss:.3f}")
         metrics = evaluate_offline(model, val_set) if len(val_set) else evaluate_offline(model, train_set)
         history.append(
             EpochMetrics(
@@ -313,9 +352,55 @@ def train(
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history)
-    model.eval()
+    model.to("cpu").eval()
     seconds = time.perf_counter() - t_start
-    return TrainResult(model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds)
+    return TrainResult(
+        model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds, device_name(device)
+    )
+
+
+class _Batches:
+    """An epoch's training batches (frames, speeds, masks), gathered and augmented on a background thread.
+
+    One worker thread prepares batches in order, `prefetch_batches` ahead of the training step, so
+    augmentation runs beside the forward and backward passes instead of between them. The epoch's order
+    and every augmentation draw come from one generator, used by one thread at a time in the same sequence
+    as preparing each batch in turn: the batches, and the model, are the same with or without prefetching.
+    """
+
+    def __init__(self, frames: FrameSet, config: TrainConfig, generator: torch.Generator, pin: bool) -> None:
+        self.images, self.speeds = torch.from_numpy(frames.images), torch.from_numpy(frames.speeds)
+        self.labels = torch.from_numpy(frames.labels.astype(np.int64))
+        self.config = config
+        self.generator = generator
+        self.pin = pin  # page-locked batches copy to a GPU asynchronously
+        self.per_epoch = -(-len(frames) // config.batch_size)
+
+    def _prepare(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, m = self.images[idx], self.labels[idx]
+        if self.config.augment:
+            x, m = augment(x, m, self.config.augmentation, self.generator)
+        batch = (x, self.speeds[idx], m)
+        return tuple(t.pin_memory() for t in batch) if self.pin else batch  # type: ignore[return-value]
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # Drawn here, after the previous epoch's batches were all prepared: the generator's sequence is fixed.
+        order = torch.randperm(len(self.images), generator=self.generator)
+        slices = (
+            order[start : start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size)
+        )
+        ahead = self.config.prefetch_batches
+        if ahead == 0:
+            yield from map(self._prepare, slices)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="augment") as worker:
+            pending: deque[Future[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = deque()
+            for idx in slices:
+                pending.append(worker.submit(self._prepare, idx))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
 
 def decision_offset(weights: tuple[torch.Tensor, torch.Tensor] | None, share: float) -> torch.Tensor:
@@ -400,6 +485,7 @@ def save_training_run(
             "seconds": round(result.seconds, 1),
             "frames_per_s": round(result.frames_per_s, 1),
             "epochs_run": len(result.history),
+            "device": result.device,
             "torch": torch.__version__,
             "torchscript_agrees": agree,
         },

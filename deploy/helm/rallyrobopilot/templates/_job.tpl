@@ -1,5 +1,5 @@
 {{/* One Job of the pipeline. .job: name, args (list), peers (list), redis (bool), modelStore (bool: the model store,
-read-write), modelToken (bool: the inference token's file), lease (bool: the deployer's Lease), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
+read-write), gpu (int, optional: nvidia.com/gpu limit), modelToken (bool: the inference token's file), lease (bool: the deployer's Lease), waitFor (list of files the Job's inputs are: an init container waits until every one exists).
 
 The Job is named by its pod template's hash: an upgrade with the same values renders the same Job, which Helm leaves
 alone (no rerun), and a changed input makes a new Job (a Job's pod template is immutable). The template carries no
@@ -72,7 +72,11 @@ spec:
               key: password
         {{- end }}
       resources:
-        {{- toYaml $root.Values.jobs.resources | nindent 8 }}
+        {{- $resources := deepCopy $root.Values.jobs.resources }}
+        {{- if gt (int (.job.gpu | default 0)) 0 }}
+        {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .job.gpu)) ($resources.limits | default dict)) }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
       securityContext:
         {{- include "rrp.containerSecurityContext" $root | nindent 8 }}
       volumeMounts:
