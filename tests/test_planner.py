@@ -92,4 +92,4 @@ def test_config_is_checked() -> None:
         {"max_ticks": 0},
     ):
         with pytest.raises(ValueError):
-            PlannerConfig(**bad)  # type: ignore[arg-type]
+            PlannerConfig(**bad)

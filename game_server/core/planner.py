@@ -175,7 +175,7 @@ class PlannerPolicy(episode.Policy):
         self._expected: SimState | None = None
 
     def act(self, index: int, state: SimState, rays: Sequence[float]) -> int:
-        on_plan = state == self._expected
+        on_plan = index > 0 and state == self._expected  # a new episode starts a new plan
         if not on_plan or not self._plan or self._since >= self.planner.config.replan_ticks:
             self._plan = self.planner.decide(state, self._plan if on_plan else b"")
             self._since = 0
