@@ -76,14 +76,17 @@ def main() -> None:
     print("| track | family | evolved driver | planner | ratio | planner's lap from | planner wall s | planner CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
+    rows: list[Row] = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = [Row(**json.loads(r)) for r in pool.map(measure, jobs)]
-    for r in rows:
-        ratio = f"{r.planner_ticks / r.driver_ticks:.3f}" if r.driver_ticks and r.planner_ticks else "-"
-        print(
-            f"| {r.track} | {r.family} | {r.driver_ticks or 'DNF'} | {r.planner_ticks or 'DNF'} | {ratio} | "
-            f"{r.source} | {r.wall_s:.1f} | {r.cpu_s:.1f} |"
-        )
+        for text in pool.map(measure, jobs):  # in order, printed as they come
+            r = Row(**json.loads(text))
+            rows.append(r)
+            ratio = f"{r.planner_ticks / r.driver_ticks:.3f}" if r.driver_ticks and r.planner_ticks else "-"
+            print(
+                f"| {r.track} | {r.family} | {r.driver_ticks or 'DNF'} | {r.planner_ticks or 'DNF'} | {ratio} | "
+                f"{r.source} | {r.wall_s:.1f} | {r.cpu_s:.1f} |",
+                flush=True,
+            )
     print()
     print("| family | driver finished | planner finished | median ratio (both finished) | CPU s per lap (median) |")
     print("| --- | --- | --- | --- | --- |")

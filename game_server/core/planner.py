@@ -5,7 +5,7 @@ each followed by the evolved ray driver (the base policy) to a fixed horizon, al
 (`batch.tick_cars`, bit-identical to the scalar step, with the rays and the driver computed per population
 here); it keeps the candidate that ends furthest along the track (or first over the finish line), and drives
 its keys until the next decision. The base driver's own keys are a candidate, and the plan so far is one
-too, so a decision never predicts less progress than the one before. A lap is a pure function of (track,
+too: the planner only drops its plan for one it predicts better. A lap is a pure function of (track,
 start state, settings, driver): reproducible anywhere, and cacheable. It labels data; a student still sees
 only frames.
 """
