@@ -1,4 +1,4 @@
-"""The track catalogue: hand-made built-in circuits and seeded procedural ones named gen-<seed>."""
+"""The track catalogue: hand-made built-in circuits, seeded smooth (gen-<seed>) and technical (tech-<seed>) ones."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from game_server.core.state import CarState, LapState, SimState
+from game_server.core.technical import TECH_PREFIX, generate_technical_track
 from game_server.core.track import Track, build_track, curvature_of, geometry_ok
 from game_server.core.trig import PI, TWO_PI, sincos_array
 from plumbing.errors import InvalidArgument, NotFound
 
 SPACING_M = 3.0  # centre-line point spacing after resampling
 _GEN_NAME = re.compile(r"gen-(\d{1,18})")
+_TECH_NAME = re.compile(TECH_PREFIX + r"(\d{1,18})")
 _GEN_ATTEMPTS = 200
 
 
@@ -130,6 +132,10 @@ UNSEEN_TRACKS: tuple[str, ...] = tuple(f"gen-{i}" for i in range(1001, 1006))
 # The closed-loop suite's fixed, named held-out set (`rrp evaluate --suite`): in no other set, so nothing is
 # ever trained, evolved, DAgger-labelled or model-selected on it.
 SUITE_UNSEEN_TRACKS: tuple[str, ...] = tuple(f"gen-{i}" for i in range(3001, 3021))
+# Technical tracks (hairpins, chicanes, narrow stretches): a training set, and the suite's 20 held-out ones,
+# which, like SUITE_UNSEEN_TRACKS, are in no other set.
+TECH_TRAINING_TRACKS: tuple[str, ...] = tuple(f"{TECH_PREFIX}{i}" for i in range(1, 10))
+SUITE_TECH_TRACKS: tuple[str, ...] = tuple(f"{TECH_PREFIX}{i}" for i in range(3001, 3021))
 BUILTIN_TRACKS: tuple[str, ...] = tuple(_BUILTINS)
 
 
@@ -176,7 +182,8 @@ def generate_track(seed: int) -> Track:
 
 @functools.lru_cache(maxsize=64)
 def load_track(name: str) -> Track:
-    """A built-in track by name, or a generated one for "gen-<seed>"; cached, tracks are immutable."""
+    """A built-in track by name, or a generated one for "gen-<seed>" or "tech-<seed>"; cached, tracks are
+    immutable."""
     if not name:
         raise InvalidArgument("a track name is required")
     if len(name) > 64:
@@ -188,7 +195,12 @@ def load_track(name: str) -> Track:
         if match is None:
             raise InvalidArgument(f"generated track names are gen-<seed> with a decimal seed >= 0, got {name!r}")
         return generate_track(int(match.group(1)))
-    raise NotFound(f"unknown track {name!r}; built-ins are {', '.join(_BUILTINS)} or gen-<seed>")
+    if name.startswith(TECH_PREFIX):
+        match = _TECH_NAME.fullmatch(name)
+        if match is None:
+            raise InvalidArgument(f"technical track names are tech-<seed> with a decimal seed >= 0, got {name!r}")
+        return generate_technical_track(int(match.group(1)))
+    raise NotFound(f"unknown track {name!r}; built-ins are {', '.join(_BUILTINS)}, gen-<seed> or tech-<seed>")
 
 
 def builtin_tracks() -> list[Track]:
