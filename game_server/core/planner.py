@@ -17,19 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from game_server.core import episode, physics
+from game_server.core import batch, episode, physics
 from game_server.core.batch import Cars, tick_cars
-from game_server.core.drivers import MIN_TARGET_SPEED, N_RAYS, RayDriver
-from game_server.core.physics import RAY_RANGE, TOP_SPEED, Kernel, RunResult, kernel
+from game_server.core.drivers import RayDriver, act_cars
+from game_server.core.physics import Kernel, RunResult, kernel
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, SimState
 from game_server.core.track import Track
-from game_server.core.trig import HALF_PI, PI, sincos_array
 
 # The nine key combinations a driver would press (forward and back together is only coasting).
 KEY_COMBINATIONS = tuple(t | s for t in (FORWARD, 0, BACK) for s in (0, LEFT, RIGHT))
-_PAIRS = N_RAYS // 2
-# The rays' directions relative to the heading, exactly as `physics.raycast` computes them.
-_RAY_SIN, _RAY_COS = sincos_array(np.array([HALF_PI - i * (PI / (N_RAYS - 1)) for i in range(N_RAYS)]))
 
 
 @dataclass(frozen=True)
@@ -61,42 +57,13 @@ class Plan:
 
 def raycast_cars(k: Kernel, cars: Cars) -> np.ndarray:
     """(P, 15) ray distances of a population, element for element what `physics.raycast` gives each car."""
-    a = k.a
-    idx = (k.ray_offsets[None, :] + cars.seg[:, None]) % k.n
-    x, y = cars.x[:, None, None], cars.y[:, None, None]
-    qx = np.concatenate([a["lx"][idx], a["rx"][idx]], axis=1)[:, None, :] - x
-    qy = np.concatenate([a["ly"][idx], a["ry"][idx]], axis=1)[:, None, :] - y
-    ex = np.concatenate([a["lex"][idx], a["rex"][idx]], axis=1)[:, None, :]
-    ey = np.concatenate([a["ley"][idx], a["rey"][idx]], axis=1)[:, None, :]
-    s, c = sincos_array(cars.h)
-    s, c = s[:, None], c[:, None]
-    dx = (c * _RAY_COS[None, :] - s * _RAY_SIN[None, :])[:, :, None]
-    dy = (s * _RAY_COS[None, :] + c * _RAY_SIN[None, :])[:, :, None]
-    denom = dx * ey - dy * ex
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (qx * ey - qy * ex) / denom
-        u = (qx * dy - qy * dx) / denom
-    hit = (denom != 0.0) & (t >= 0.0) & (u >= 0.0) & (u <= 1.0)
-    dist = np.where(hit, t, RAY_RANGE).min(axis=2)
-    return np.asarray(np.where(dist < RAY_RANGE, dist, RAY_RANGE))
+    return batch.raycast_cars(k, cars.x, cars.y, cars.h, cars.seg, (cars.sin, cars.cos))
 
 
 def driver_keys(driver: RayDriver, rays: np.ndarray, speed: np.ndarray) -> np.ndarray:
     """`driver.act_on` for a population, with the same operations in the same order."""
-    p = driver.params
-    steer = np.zeros(len(speed))
-    for i in range(_PAIRS):
-        steer = steer + p[i] * (rays[:, i] - rays[:, N_RAYS - 1 - i])
-    steer = steer / RAY_RANGE
-    front = np.minimum(np.minimum(rays[:, _PAIRS - 1], rays[:, _PAIRS]), rays[:, _PAIRS + 1])
-    target = p[_PAIRS + 1] + p[_PAIRS + 2] * front
-    target = np.minimum(TOP_SPEED, np.maximum(MIN_TARGET_SPEED, target))
-    fwd = (speed < target) | (target >= TOP_SPEED)
-    back = ~fwd & (speed > target + p[_PAIRS + 3])
-    deadband = p[_PAIRS]
-    keys = np.where(fwd, FORWARD, np.where(back, BACK, 0))
-    keys = keys | np.where(steer > deadband, LEFT, np.where(steer < -deadband, RIGHT, 0))
-    return keys.astype(np.uint8)
+    params = np.broadcast_to(np.asarray(driver.params, dtype=np.float64), (len(speed), len(driver.params)))
+    return act_cars(params, rays, speed)
 
 
 class Planner:
