@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collector.store import RedisConfig
-from game_server.core.tracks import BUILTIN_TRACKS, SUITE_UNSEEN_TRACKS
+from game_server.core.tracks import BUILTIN_TRACKS, SUITE_TECH_TRACKS, SUITE_UNSEEN_TRACKS
 from game_server.leaderboard import Leaderboard, LeaderboardConfig
 from pipeline.evaluate import EvalConfig, load_pilot, markdown_report, run_evaluation
 from pipeline.suite import run_suite, suite_markdown
@@ -24,7 +24,8 @@ class EvaluateJobConfig:
     out_dir: Path = setting(Path("out/vision/eval"), "folder for JSON, Markdown, maps", flag="out", env="out")
     suite: bool = setting(False, "run the suite instead: --suite-tracks, plain and domain-randomised frames")
     suite_tracks: tuple[str, ...] = setting(
-        (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS), "the suite's tracks: every built-in and 20 held-out generated ones"
+        (*BUILTIN_TRACKS, *SUITE_UNSEEN_TRACKS, *SUITE_TECH_TRACKS),
+        "the suite's tracks: every built-in, 20 smooth and 20 technical held-out generated ones",
     )
     suite_recovery: bool = setting(
         True, "with --suite, also start pinned against walls and facing the wrong way on the built-in tracks"

@@ -20,6 +20,7 @@ from game_server.core.driver_file import load_driver
 from game_server.core.pilot import drive_lap
 from game_server.core.recovery import RecoveringDriver, RecoveringPolicy, recovery_starts
 from game_server.core.state import TICK_HZ, SimState
+from game_server.core.technical import TECH_PREFIX
 from game_server.core.tracks import BUILTIN_TRACKS, load_track
 from game_server.leaderboard import Leaderboard, Submission, drive_lap_record, submit_lap
 from game_server.trackmap import plot_lap_grid
@@ -39,11 +40,14 @@ class ConditionSummary:
 
     builtin_completed: int
     builtin_tracks: int
-    unseen_completed: int
+    unseen_completed: int  # smooth held-out tracks (gen-<seed>)
     unseen_tracks: int
     wall_contacts: int
     median_vs_driver: float | None
     median_vs_reference: float | None
+    technical_completed: int = 0  # technical held-out tracks (tech-<seed>): hairpins, chicanes, narrow stretches
+    technical_tracks: int = 0
+    technical_median_vs_driver: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,9 @@ def run_suite(
         laps = []
         for condition, _ in SUITE_CONDITIONS:
             rec = records[(t, condition)]
-            row: dict[str, Any] = {"track": t, "builtin": t in BUILTIN_TRACKS, "condition": condition}
+            row: dict[str, Any] = {
+                "track": t, "builtin": t in BUILTIN_TRACKS, "family": track_family(t), "condition": condition
+            }  # fmt: skip
             row.update(rec.summary())
             row.update(base)
             row.update(lap_ratios(rec.lap_ticks if rec.finished else None, base, None))
@@ -224,7 +230,8 @@ def recovery_summary(rows: Sequence[dict[str, Any]]) -> dict[str, StartSummary]:
 
 
 def suite_summary(rows: Sequence[dict[str, Any]]) -> dict[str, ConditionSummary]:
-    """Per condition: built-in and held-out laps completed, and the median lap ratios over completed laps."""
+    """Per condition: built-in, smooth and technical held-out laps completed, and the median lap ratios over
+    completed laps (the technical family's apart, so that the smooth figures stay comparable across runs)."""
 
     def median(key: str, mine: list[dict[str, Any]]) -> float | None:
         ratios = [r[key] for r in mine if key in r]
@@ -234,17 +241,28 @@ def suite_summary(rows: Sequence[dict[str, Any]]) -> dict[str, ConditionSummary]
     for condition, _ in SUITE_CONDITIONS:
         mine = [r for r in rows if r["condition"] == condition]
         builtin = [r for r in mine if r["builtin"]]
-        unseen = [r for r in mine if not r["builtin"]]
+        unseen = [r for r in mine if track_family(r["track"]) == "smooth"]
+        technical = [r for r in mine if track_family(r["track"]) == "technical"]
         out[condition] = ConditionSummary(
             builtin_completed=sum(r["finished"] for r in builtin),
             builtin_tracks=len(builtin),
             unseen_completed=sum(r["finished"] for r in unseen),
             unseen_tracks=len(unseen),
             wall_contacts=sum(r["wall_contacts"] for r in mine),
-            median_vs_driver=median("vs_driver", mine),
-            median_vs_reference=median("vs_reference", mine),
+            median_vs_driver=median("vs_driver", builtin + unseen),
+            median_vs_reference=median("vs_reference", builtin + unseen),
+            technical_completed=sum(r["finished"] for r in technical),
+            technical_tracks=len(technical),
+            technical_median_vs_driver=median("vs_driver", technical),
         )
     return out
+
+
+def track_family(name: str) -> str:
+    """built-in, smooth (gen-<seed>) or technical (tech-<seed>): the suite reports each family apart."""
+    if name in BUILTIN_TRACKS:
+        return "built-in"
+    return "technical" if name.startswith(TECH_PREFIX) else "smooth"
 
 
 def suite_json(report: SuiteReport) -> str:
@@ -259,14 +277,15 @@ def _ticks(n: int | None) -> str:
 def summary_table(report: SuiteReport) -> str:
     """The per-condition table: laps completed, median ratios, wall contacts."""
     lines = [
-        "| condition | built-in completed | held-out completed | median vs driver | median vs reference | "
-        "wall contacts |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| condition | built-in completed | held-out completed | technical completed | median vs driver | "
+        "technical median vs driver | median vs reference | wall contacts |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for condition, s in report.summary.items():
         lines.append(
             f"| {condition} | {s.builtin_completed}/{s.builtin_tracks} | "
-            f"{s.unseen_completed}/{s.unseen_tracks} | {s.median_vs_driver or '-'} | "
+            f"{s.unseen_completed}/{s.unseen_tracks} | {s.technical_completed}/{s.technical_tracks} | "
+            f"{s.median_vs_driver or '-'} | {s.technical_median_vs_driver or '-'} | "
             f"{s.median_vs_reference or '-'} | {s.wall_contacts} |"
         )
     return "\n".join(lines)

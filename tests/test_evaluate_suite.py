@@ -20,7 +20,7 @@ from trainer.vision.model import THROTTLE_FORWARD, VisionConfig, build_model
 from trainer.vision.pilot import VisionPilot
 
 TINY = VisionConfig(width=64, height=48, channels=(8, 8, 16, 16), hidden=16, seed=11)
-TRACKS = ("oval", "gen-3001")
+TRACKS = ("oval", "gen-3001", "tech-3001")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,10 @@ def test_suite_is_deterministic_and_reports_every_track_and_condition(
     for r in rows:
         assert r["ticks"] > 0 and r["reference_lap_ticks"] > 0 and "driver_lap_ticks" in r
         assert r["progress_fraction"] > 0 and "wall_contacts" in r
-    assert [r["builtin"] for r in rows] == [True, True, False, False]
+    assert [r["builtin"] for r in rows] == [True, True, False, False, False, False]
+    assert [r["family"] for r in rows[::2]] == ["built-in", "smooth", "technical"]
     plain = first.summary["plain"]
-    assert plain.builtin_tracks == 1 and plain.unseen_tracks == 1
+    assert plain.builtin_tracks == 1 and plain.unseen_tracks == 1 and plain.technical_tracks == 1
     assert json.loads((tmp_path / "a" / "suite.json").read_text()) == json.loads(json.dumps(first.to_json()))
     assert "| oval | randomised |" in (tmp_path / "a" / "suite.md").read_text()
     assert (tmp_path / "a" / "suite_grid.png").stat().st_size > 10_000
