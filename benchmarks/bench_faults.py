@@ -12,7 +12,12 @@ For each it prints whether the results are identical to the undisturbed run (GA:
 statistics; collection: every episode's result and every stored frame) and the extra seconds.
 The GA uses neither the collector nor Redis, so those two faults are run for the collection only.
 
-    python benchmarks/bench_faults.py [--quick]
+Then stragglers (issue 21): a longer GA, undisturbed and with one of the three servers frozen (SIGSTOP)
+for `--freeze-s` seconds from a few seconds in; it prints every generation's time side by side, the
+slowest frozen generation against the median undisturbed one (target: at most 2x), the extra seconds
+of the whole run, and whether every generation's statistics are identical.
+
+    python benchmarks/bench_faults.py [--quick] [--only table|stragglers] [--freeze-s 70]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import hashlib
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -42,6 +48,7 @@ from trainer.evolve import Evolution, EvolveConfig
 
 STOP_S = 20.0
 FAULT_AFTER_S = 1.0
+FREEZE_AFTER_S = 5.0
 
 
 class Rig:
@@ -157,13 +164,73 @@ def collection_work(rig: Rig, quick: bool, tag: str) -> Callable[[], Any]:
     return work
 
 
+def straggler_ga(rig: Rig, generations: int, population: int, freeze_s: float) -> tuple[list[Any], list[float]]:
+    """A GA on the three servers, one of them frozen for `freeze_s` (0: none) from FREEZE_AFTER_S in, or until the
+    run ends; returns every generation's statistics and seconds."""
+    config = EvolveConfig(
+        track="oval", kind="driver", population=population, generations=generations, seed=5,
+        extra_tracks=("kidney", "alpine"),
+    )  # fmt: skip
+    ended = threading.Event()
+    victim = rig.games[1]
+
+    def freeze() -> None:
+        if ended.wait(FREEZE_AFTER_S):
+            return
+        os.kill(victim.pid, signal.SIGSTOP)
+        print(f"    (server {victim.address} frozen at {time.perf_counter() - t0:.1f} s)", flush=True)
+        ended.wait(freeze_s)
+        os.kill(victim.pid, signal.SIGCONT)
+        print(f"    (server {victim.address} resumed at {time.perf_counter() - t0:.1f} s)", flush=True)
+
+    thread = threading.Thread(target=freeze, daemon=True) if freeze_s > 0 else None
+    with rig.pool() as pool:
+        t0 = time.perf_counter()
+        if thread is not None:
+            thread.start()
+        try:
+            evolution = Evolution(config, pool.map)
+            state = evolution.start()
+            for generation in evolution.run(state):
+                state = generation
+        finally:
+            ended.set()
+            if thread is not None:
+                thread.join()
+    stats = [(g.best_cost, g.median_cost, g.worst_cost, g.best_lap_ticks) for g in state.history]
+    return stats, [g.seconds for g in state.history]
+
+
+def stragglers(rig: Rig, quick: bool, freeze_s: float) -> None:
+    generations, population = (6, 32) if quick else (int(freeze_s // 2) + 10, 48)
+    print(f"Stragglers: a driver GA of {generations + 1} generations x {population} drivers x 3 tracks on 3 servers")
+    calm, calm_s = straggler_ga(rig, generations, population, 0)
+    frozen, frozen_s = straggler_ga(rig, generations, population, freeze_s)
+    print(f"  {'generation':>10} {'undisturbed s':>14} {f'1 frozen {freeze_s:g} s':>16}")
+    for i, (a, b) in enumerate(zip(calm_s, frozen_s, strict=True)):
+        print(f"  {i:>10} {a:>14.2f} {b:>16.2f}")
+    normal = statistics.median(calm_s)
+    worst = max(frozen_s)
+    print(f"  normal generation (median, undisturbed): {normal:.2f} s")
+    print(f"  slowest generation with the frozen server: {worst:.2f} s = {worst / normal:.2f}x (target <= 2x)")
+    extra = sum(frozen_s) - sum(calm_s)
+    print(f"  whole run: {sum(calm_s):.1f} s undisturbed, {sum(frozen_s):.1f} s frozen ({extra:+.1f} s)")
+    print(f"  fitness identical in every generation: {'yes' if frozen == calm else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller GA and collection")
+    parser.add_argument("--only", choices=("table", "stragglers"), help="run one part only")
+    parser.add_argument("--freeze-s", type=float, default=70.0, help="how long the stragglers part freezes a server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rrp-faults-") as tmp:
         rig = Rig(Path(tmp))
         try:
+            if args.only != "table":
+                stragglers(rig, args.quick, args.freeze_s)
+            if args.only == "stragglers":
+                return
             collection_work(rig, True, "warmup")()  # every server's renderer started before anything is timed
             faults: dict[str, Callable[[], None] | None] = {
                 "undisturbed": None,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -83,7 +83,9 @@ def instrument_channel(channel: grpc.Channel, service_name: str = "rrp-client") 
 
 
 @contextlib.contextmanager
-def root_span(name: str, service_name: str = "rrp", **attributes: str | int | float | bool) -> Iterator[None]:
+def root_span(
+    name: str, attributes: Mapping[str, str | int | float | bool] | None = None, service_name: str = "rrp"
+) -> Iterator[None]:
     """A new trace whose root span is current while the block runs, when tracing is on: one unit of work (a GA
     generation), so that every call made inside it, on any thread that carries the context, joins its tree."""
     provider = tracer_provider(service_name)
@@ -93,7 +95,7 @@ def root_span(name: str, service_name: str = "rrp", **attributes: str | int | fl
     from opentelemetry.context import Context
 
     tracer = provider.get_tracer("rrp")
-    with tracer.start_as_current_span(name, context=Context(), attributes=attributes):
+    with tracer.start_as_current_span(name, context=Context(), attributes=dict(attributes or {})):
         yield
 
 

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import socket
+import statistics
 import threading
 import time
 from collections import deque
@@ -67,6 +68,15 @@ class PoolConfig:
     max_batch: int = setting(16, "evaluations sent together in one EvaluateBatch call when many wait")
     # submit() blocks beyond this, so a producer cannot outrun the pool.
     max_pending: int = setting(4096, "evaluations queued before submitters wait")
+    # Backup tasks, as MapReduce's: once nothing waits in the queue, a call running far longer than its peers
+    # (or on a server that stopped answering health checks) is copied to an idle slot on another server. Any
+    # copy's answer is the same (the simulation is deterministic): the first wins and the other is cancelled.
+    backup_factor: float = setting(
+        3.0,
+        "a call running this many times longer than recent calls' time per tick gets a backup copy on another"
+        " server once the queue is empty; 0: no backups",
+    )
+    backup_min_s: float = setting(0.5, "seconds a call runs before it may get a backup copy")
     # A pool whose servers are all gone should say so, not hang.
     unavailable_timeout_s: float | None = setting(
         120.0,
@@ -80,6 +90,8 @@ class PoolConfig:
             raise ValueError("timeouts and intervals must be positive")
         if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
+        if self.backup_factor < 0 or self.backup_min_s < 0:
+            raise ValueError("backup_factor and backup_min_s must not be negative")
         if self.health_slow_limit < 1:
             raise ValueError("health_slow_limit must be at least 1")
         if self.unavailable_timeout_s == 0:
@@ -109,8 +121,24 @@ class _Job:
     alone: bool = False  # its response did not fit in a batch's reply: it travels alone
     ticks: int = 0  # the simulated ticks it asks for, which size its deadline
     reply_bytes: int = 0  # a guess at its response's size (trajectories are ~40 bytes a tick)
+    copies: int = 0  # calls carrying it now: two while a backup copy races the straggling original
+    resolved: bool = False  # its future has its outcome: a copy still out lost the race and is ignored
     # The submitter's trace context: the call made on a pool thread joins the submitter's trace.
     trace_context: Any = field(default_factory=otel_context.get_current)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call out on a server, carrying one job or a batch; what backup tasks watch and cancel."""
+
+    jobs: list[_Job]
+    address: str
+    started: float
+    ticks: int
+    backupable: bool  # only Evaluate calls: pure, deterministic, so that any copy's answer is the same
+    rpc: Any = None  # its grpc future once sent, to cancel it
+    cancelled: bool = False
+    backed_up: bool = False  # a copy of its jobs was sent elsewhere
 
 
 # One call's outcome for one job: (response, None, "") or (None, code, details).
@@ -206,6 +234,9 @@ class EvaluationPool(Executor):
         self._space = threading.Condition(self._lock)  # submitters and waiters: a task left the queue
         self._ledger = Ledger()
         self._queue: deque[_Job] = deque()
+        self._calls: set[_Call] = set()  # out on servers now
+        # Seconds per simulated tick of recent calls: what a straggler is measured against.
+        self._tick_seconds: deque[float] = deque(maxlen=64)
         self._connections: dict[str, _Connection] = {}
         self._workers: list[threading.Thread] = []
         # Jobs accepted whose future is not resolved yet: shutdown(wait=True) waits for zero.
@@ -311,17 +342,15 @@ class EvaluationPool(Executor):
 
     # -- dispatch -------------------------------------------------------------------------------
     def _work_loop(self) -> None:
-        while (leased := self._next_jobs()) is not None:
-            jobs, address = leased
+        while (call := self._next_call()) is not None:
+            jobs, address = call.jobs, call.address
             # The lease keeps the server's record, and so its connection, until the call returns.
             with self._lock:
                 connection = self._connections[address]
             first = jobs[0]
             token = otel_context.attach(first.trace_context)
             # Sized by the work it carries, so that a heavy batch is not cut off (and then computed twice).
-            timeout = (first.timeout_s or self.config.evaluate_timeout_s) + self.config.tick_timeout_s * sum(
-                job.ticks for job in jobs
-            )
+            timeout = (first.timeout_s or self.config.evaluate_timeout_s) + self.config.tick_timeout_s * call.ticks
             outcomes: list[_Outcome]
             call_code: grpc.StatusCode | None = None
             try:
@@ -333,11 +362,11 @@ class EvaluationPool(Executor):
                     except Exception as exc:  # the caller's own failure: its future gets it, not a retry
                         outcomes = [(_Raised(exc), None, "")]
                 elif len(jobs) == 1:
-                    response = getattr(connection.game, first.method)(first.request, timeout=timeout)
+                    response = self._send(call, getattr(connection.game, first.method), first.request, timeout)
                     outcomes = [(response, None, "")]
                 else:
                     batch = game_pb2.EvaluateBatchRequest(tasks=[job.request for job in jobs])
-                    items = connection.game.EvaluateBatch(batch, timeout=timeout).items
+                    items = self._send(call, connection.game.EvaluateBatch, batch, timeout).items
                     outcomes = [
                         (item.response, None, "")
                         if item.WhichOneof("outcome") == "response"
@@ -349,6 +378,9 @@ class EvaluationPool(Executor):
             except grpc.RpcError as exc:
                 call_code = exc.code()
                 outcomes = [(None, call_code, exc.details() or "")] * len(jobs)
+            except grpc.FutureCancelledError:  # its backup copy answered first
+                call_code = grpc.StatusCode.CANCELLED
+                outcomes = [(None, call_code, "cancelled: a backup copy answered first")] * len(jobs)
             finally:
                 otel_context.detach(token)
             busy = [job for job, outcome in zip(jobs, outcomes, strict=False) if outcome[1] in _BUSY_CODES]
@@ -357,10 +389,21 @@ class EvaluationPool(Executor):
                 # lease a moment, so that the retry does not find the same slot still busy.
                 wait = min(_BUSY_BACKOFF_S[1], _BUSY_BACKOFF_S[0] * 2 ** min(max(j.busy for j in busy), 5))
                 self._stopped.wait(wait)
-            self._finished(jobs, address, outcomes, call_code)
+            self._finished(call, outcomes, call_code)
 
-    def _next_jobs(self) -> tuple[list[_Job], str] | None:
-        """Waits for queued tasks and a free slot and leases it; None when the pool has stopped.
+    def _send(self, call: _Call, method: Any, request: Any, timeout: float) -> Any:
+        """Makes the call through grpc's future API, so that a backup copy that answers first can cancel it."""
+        rpc = method.future(request, timeout=timeout)
+        with self._lock:
+            call.rpc = rpc
+            cancelled = call.cancelled
+        if cancelled:
+            rpc.cancel()
+        return rpc.result()
+
+    def _next_call(self) -> _Call | None:
+        """Waits for queued tasks and a free slot and leases it, or for a straggling call to back up; None when
+        the pool has stopped.
 
         Evaluate tasks are taken several at a time, about an equal share of the queue per slot."""
         with self._lock:
@@ -391,10 +434,64 @@ class EvaluationPool(Executor):
                                 continue
                             ticks, reply = ticks + mate.ticks, reply + mate.reply_bytes
                             jobs.append(mate)
+                    if not self._queue:
+                        self._work.notify_all()  # idle workers: the tail begins, stragglers may want backups
                     address = self._ledger.lease(avoid=job.last_server)
                     assert address is not None  # free_slots() > 0
-                    return jobs, address
-                self._work.wait()
+                    return self._call_locked(jobs, address)
+                backup = self._backup_locked()
+                if isinstance(backup, _Call):
+                    return backup
+                self._work.wait(backup)
+
+    def _call_locked(self, jobs: list[_Job], address: str) -> _Call:
+        backupable = all(job.method == "Evaluate" for job in jobs)
+        call = _Call(jobs, address, time.monotonic(), sum(job.ticks for job in jobs), backupable)
+        for job in jobs:
+            job.copies += 1
+        self._calls.add(call)
+        return call
+
+    def _backup_locked(self) -> _Call | float | None:
+        """A backup copy of a straggling call's work, on a slot leased on another server; otherwise the seconds
+        until the next call would straggle (None: none can until something changes).
+
+        Only once the queue is empty, as MapReduce does near the end of a map: a copy never delays fresh work.
+        A call straggles when it has run `backup_factor` times longer than recent calls took for its ticks, or
+        at once (after `backup_min_s`) when its server stopped answering health checks."""
+        if self.config.backup_factor <= 0 or self._queue or not self._calls:
+            return None
+        now = time.monotonic()
+        per_tick = statistics.median(self._tick_seconds) if self._tick_seconds else None
+        next_due: float | None = None
+        for call in self._calls:
+            if call.backed_up or call.cancelled or not call.backupable or all(j.resolved for j in call.jobs):
+                continue
+            record = self._ledger.servers.get(call.address)
+            answering = record is not None and record.healthy and record.slow_probes == 0
+            if answering and per_tick is None:
+                continue  # nothing to compare with yet; a deadline or a failed health check will tell
+            expected = self.config.backup_factor * per_tick * max(1, call.ticks) if answering and per_tick else 0.0
+            due = call.started + max(self.config.backup_min_s, expected)
+            if due > now:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            address = self._ledger.lease(exclude=call.address)
+            if address is None:
+                return None  # no free slot elsewhere: a call that ends frees one and its worker looks again
+            call.backed_up = True
+            jobs = [j for j in call.jobs if not j.resolved]
+            self._ledger.counters.backups += len(jobs)
+            log.info(
+                "backup: %d task(s) running %.1f s on %s (%s) copied to %s",
+                len(jobs),
+                now - call.started,
+                call.address,
+                f"expected {expected / self.config.backup_factor:.2f} s" if answering else "not answering",
+                address,
+            )
+            return self._call_locked(jobs, address)
+        return None if next_due is None else max(0.0, next_due - now)
 
     def _start_locked(self, job: _Job) -> bool:
         """Marks a job taken from the queue as running; False (and forgotten) if it was cancelled there."""
@@ -416,19 +513,30 @@ class EvaluationPool(Executor):
             job.alone = True
         return now - job.busy_since < self.config.busy_timeout_s
 
-    def _finished(
-        self, jobs: list[_Job], address: str, outcomes: list[_Outcome], call_code: grpc.StatusCode | None
-    ) -> None:
-        # A busy server is healthy: it answered. Only real faults set it aside until a health check passes.
-        server_fault = (
-            call_code is not None and call_code not in _BUSY_CODES and self._retry.is_server_fault(call_code.name)
-        )
+    def _finished(self, call: _Call, outcomes: list[_Outcome], call_code: grpc.StatusCode | None) -> None:
+        jobs, address = call.jobs, call.address
+        # A busy server is healthy: it answered. Only real faults set it aside until a health check passes; a
+        # straggler that lost to its backup copy is set aside too, while a backup that lost is not at fault.
+        if call.cancelled and call_code == grpc.StatusCode.CANCELLED:
+            server_fault = call.backed_up
+        else:
+            server_fault = (
+                call_code is not None and call_code not in _BUSY_CODES and self._retry.is_server_fault(call_code.name)
+            )
         resolved: list[tuple[_Job, _Outcome]] = []
+        losers: list[_Call] = []
         with self._lock:
+            self._calls.discard(call)
+            if call_code is None and call.ticks and not call.cancelled:
+                self._tick_seconds.append((time.monotonic() - call.started) / call.ticks)
             record = self._ledger.servers.get(address)  # gone after the release if it left the pool
-            self._ledger.release(address, server_fault, tasks=len(jobs))
+            counted = 0
             for job, outcome in zip(jobs, outcomes, strict=True):
+                job.copies -= 1
                 code = outcome[1]
+                if job.resolved or (code is not None and job.copies > 0):
+                    continue  # another copy answered first, or is still out and has the last word
+                counted += 1
                 if code in _BUSY_CODES:
                     retry = self._busy_retry(job, outcome[2])
                 else:
@@ -446,8 +554,20 @@ class EvaluationPool(Executor):
                 else:
                     self._ledger.counters.failed += 1
                 if not retry:
+                    job.resolved = True
                     resolved.append((job, outcome))
-        if server_fault:
+            self._ledger.release(address, server_fault, tasks=len(jobs) if server_fault else counted)
+            if resolved:
+                # Copies whose every job now has its answer are no longer needed: cancel them.
+                for other in self._calls:
+                    if not other.cancelled and all(j.resolved for j in other.jobs):
+                        other.cancelled = True
+                        losers.append(other)
+        for loser in losers:
+            if loser.rpc is not None:
+                loser.rpc.cancel()
+            log.info("a backup copy answered first; cancelled the call on %s", loser.address)
+        if server_fault and not call.cancelled:
             assert call_code is not None
             log.warning(
                 "%s failed %d task(s) with %s (%s); retrying what has attempts left elsewhere",

@@ -192,7 +192,7 @@ class Evolution:
     # -- the loop -------------------------------------------------------------------------------
     def start(self) -> EvolveState:
         random.seed(self.config.seed)
-        with telemetry.root_span(GENERATION_SPAN, **{GENERATION_ATTRIBUTE: 0}):
+        with telemetry.root_span(GENERATION_SPAN, {GENERATION_ATTRIBUTE: 0}):
             population = self.initial_population()
             t0 = time.perf_counter()
             n = self.evaluate(population)
@@ -206,7 +206,7 @@ class Evolution:
         last = self.config.generations if until is None else until
         while state.generation < last:
             # One trace per generation: its evaluations, on whichever pool threads and servers, are its children.
-            with telemetry.root_span(GENERATION_SPAN, **{GENERATION_ATTRIBUTE: state.generation + 1}):
+            with telemetry.root_span(GENERATION_SPAN, {GENERATION_ATTRIBUTE: state.generation + 1}):
                 t0 = time.perf_counter()
                 population = self.next_generation(state.population)
                 n = self.evaluate(population)
