@@ -202,7 +202,8 @@ def straggler_ga(rig: Rig, generations: int, population: int, freeze_s: float) -
 
 
 def stragglers(rig: Rig, quick: bool, freeze_s: float) -> None:
-    generations, population = (6, 32) if quick else (int(freeze_s // 2) + 10, 48)
+    # Long enough that the server comes back before the end: the run then shows the freeze and the rejoin.
+    generations, population = (6, 32) if quick else (int(freeze_s // 3) + 6, 32)
     print(f"Stragglers: a driver GA of {generations + 1} generations x {population} drivers x 3 tracks on 3 servers")
     calm, calm_s = straggler_ga(rig, generations, population, 0)
     frozen, frozen_s = straggler_ga(rig, generations, population, freeze_s)

@@ -159,8 +159,8 @@ class Ledger:
             record.healthy = False
 
     # -- leases ---------------------------------------------------------------------------------
-    def free_slots(self) -> int:
-        return sum(r.free_slots for r in self.servers.values())
+    def free_slots(self, exclude: str | None = None) -> int:
+        return sum(r.free_slots for r in self.servers.values() if r.address != exclude)
 
     def lease(self, avoid: str | None = None, exclude: str | None = None) -> str | None:
         """Leases a slot on the least loaded healthy server, preferring one other than `avoid` and never on

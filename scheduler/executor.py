@@ -72,7 +72,7 @@ class PoolConfig:
     # (or on a server that stopped answering health checks) is copied to an idle slot on another server. Any
     # copy's answer is the same (the simulation is deterministic): the first wins and the other is cancelled.
     backup_factor: float = setting(
-        3.0,
+        2.0,
         "a call running this many times longer than recent calls' time per tick gets a backup copy on another"
         " server once the queue is empty; 0: no backups",
     )
@@ -122,6 +122,8 @@ class _Job:
     ticks: int = 0  # the simulated ticks it asks for, which size its deadline
     reply_bytes: int = 0  # a guess at its response's size (trajectories are ~40 bytes a tick)
     copies: int = 0  # calls carrying it now: two while a backup copy races the straggling original
+    queued_copy: bool = False  # a backup copy of it waits in the queue
+    exclude: str | None = None  # the server its straggling original runs on: its copy goes elsewhere
     resolved: bool = False  # its future has its outcome: a copy still out lost the race and is ignored
     # The submitter's trace context: the call made on a pool thread joins the submitter's trace.
     trace_context: Any = field(default_factory=otel_context.get_current)
@@ -147,6 +149,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TRAJECTORY_BYTES_PER_TICK = 48
 _BUSY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
 _BUSY_BACKOFF_S = (0.05, 1.0)  # first and longest wait before a busy server is asked again
+_SHARES_PER_SLOT = 2  # calls per slot a map is cut into at first (fewer as its queue drains)
 
 
 def _work_of(method: str, request: Any) -> tuple[int, int]:
@@ -235,6 +238,7 @@ class EvaluationPool(Executor):
         self._ledger = Ledger()
         self._queue: deque[_Job] = deque()
         self._calls: set[_Call] = set()  # out on servers now
+        self._probing: dict[str, float] = {}  # servers with a health check out, and since when
         # Seconds per simulated tick of recent calls: what a straggler is measured against.
         self._tick_seconds: deque[float] = deque(maxlen=64)
         self._connections: dict[str, _Connection] = {}
@@ -402,15 +406,18 @@ class EvaluationPool(Executor):
         return rpc.result()
 
     def _next_call(self) -> _Call | None:
-        """Waits for queued tasks and a free slot and leases it, or for a straggling call to back up; None when
-        the pool has stopped.
+        """Waits for queued tasks and a free slot and leases it; None when the pool has stopped.
 
-        Evaluate tasks are taken several at a time, about an equal share of the queue per slot."""
+        Evaluate tasks are taken several at a time, about half a fair share of the queue per slot. Backup copies
+        of straggling calls join the front of the queue, never to be sent where their original runs."""
         with self._lock:
             while True:
                 if self._stopped.is_set():
                     return None
-                if self._queue and self._ledger.free_slots() > 0:
+                next_due = self._queue_backups_locked()
+                while self._queue and self._queue[0].resolved:  # a copy whose original answered meanwhile
+                    self._queue.popleft().queued_copy = False
+                if self._queue and self._ledger.free_slots(exclude=self._queue[0].exclude) > 0:
                     job = self._queue.popleft()
                     self._space.notify_all()
                     if not self._start_locked(job):
@@ -418,79 +425,95 @@ class EvaluationPool(Executor):
                     jobs = [job]
                     if job.method == "Evaluate" and not job.alone:
                         slots = max(1, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
-                        want = min(self.config.max_batch, math.ceil((len(self._queue) + 1) / slots))
+                        # Guided self-scheduling: half a fair share per call, so that the calls shrink towards
+                        # the end of a map and a straggler (or its backup copy) holds little of it.
+                        # With one slot there is nothing to balance: fewer, bigger calls.
+                        shares = _SHARES_PER_SLOT * slots if slots > 1 else 1
+                        share = math.ceil((len(self._queue) + 1) / shares)
+                        want = min(self.config.max_batch, share)
                         ticks, reply = job.ticks, job.reply_bytes
                         while len(jobs) < want and self._queue:
                             mate = self._queue[0]
                             if (
                                 mate.method != "Evaluate"
                                 or mate.alone
+                                or mate.exclude not in (None, job.exclude)
                                 or ticks + mate.ticks > self.config.max_batch_ticks
                                 or reply + mate.reply_bytes > MAX_MESSAGE_BYTES // 2
                             ):
                                 break
                             self._queue.popleft()
+                            if mate.resolved:
+                                mate.queued_copy = False
+                                continue
                             if not self._start_locked(mate):
                                 continue
                             ticks, reply = ticks + mate.ticks, reply + mate.reply_bytes
                             jobs.append(mate)
                     if not self._queue:
                         self._work.notify_all()  # idle workers: the tail begins, stragglers may want backups
-                    address = self._ledger.lease(avoid=job.last_server)
-                    assert address is not None  # free_slots() > 0
+                    address = self._ledger.lease(avoid=job.last_server, exclude=job.exclude)
+                    assert address is not None  # free_slots(exclude) > 0
                     return self._call_locked(jobs, address)
-                backup = self._backup_locked()
-                if isinstance(backup, _Call):
-                    return backup
-                self._work.wait(backup)
+                self._work.wait(next_due)
 
     def _call_locked(self, jobs: list[_Job], address: str) -> _Call:
         backupable = all(job.method == "Evaluate" for job in jobs)
         call = _Call(jobs, address, time.monotonic(), sum(job.ticks for job in jobs), backupable)
         for job in jobs:
             job.copies += 1
+            job.queued_copy = False
         self._calls.add(call)
         return call
 
-    def _backup_locked(self) -> _Call | float | None:
-        """A backup copy of a straggling call's work, on a slot leased on another server; otherwise the seconds
-        until the next call would straggle (None: none can until something changes).
+    def _queue_backups_locked(self) -> float | None:
+        """Puts backup copies of straggling calls at the front of the queue; returns the seconds until the next
+        call would straggle (None: none can until something changes).
 
-        Only once the queue is empty, as MapReduce does near the end of a map: a copy never delays fresh work.
-        A call straggles when it has run `backup_factor` times longer than recent calls took for its ticks, or
-        at once (after `backup_min_s`) when its server stopped answering health checks."""
-        if self.config.backup_factor <= 0 or self._queue or not self._calls:
+        A call on a server that stopped answering (a failed health check, or one out for half its deadline) is
+        copied at once, after `backup_min_s`. Otherwise only once the queue is empty and a slot is free on
+        another server, as MapReduce does near the end of a map, so that a copy never delays fresh work: a call
+        straggles when it has run `backup_factor` times longer than recent calls took for as many ticks."""
+        if self.config.backup_factor <= 0 or not self._calls:
             return None
         now = time.monotonic()
         per_tick = statistics.median(self._tick_seconds) if self._tick_seconds else None
+        tail = not self._queue
         next_due: float | None = None
         for call in self._calls:
             if call.backed_up or call.cancelled or not call.backupable or all(j.resolved for j in call.jobs):
                 continue
             record = self._ledger.servers.get(call.address)
-            answering = record is not None and record.healthy and record.slow_probes == 0
-            if answering and per_tick is None:
-                continue  # nothing to compare with yet; a deadline or a failed health check will tell
-            expected = self.config.backup_factor * per_tick * max(1, call.ticks) if answering and per_tick else 0.0
-            due = call.started + max(self.config.backup_min_s, expected)
+            earliest = call.started + self.config.backup_min_s
+            due = math.inf
+            if record is None or not record.healthy or record.slow_probes > 0:
+                due = earliest
+            elif (probed := self._probing.get(call.address)) is not None:
+                due = max(earliest, probed + self.config.health_timeout_s / 2)
+            answering = math.isinf(due)
+            if tail and per_tick is not None:
+                due = min(due, max(earliest, call.started + self.config.backup_factor * per_tick * max(1, call.ticks)))
+            if math.isinf(due):
+                continue  # its server answers and there is nothing to compare with: a deadline would tell
             if due > now:
                 next_due = due if next_due is None else min(next_due, due)
                 continue
-            address = self._ledger.lease(exclude=call.address)
-            if address is None:
-                return None  # no free slot elsewhere: a call that ends frees one and its worker looks again
+            if answering and self._ledger.free_slots(exclude=call.address) == 0:
+                continue  # late, not hung: a copy is worth an idle slot only; a call that ends frees one
             call.backed_up = True
-            jobs = [j for j in call.jobs if not j.resolved]
-            self._ledger.counters.backups += len(jobs)
+            copies = [j for j in call.jobs if not j.resolved]
+            for job in reversed(copies):
+                job.exclude = call.address
+                job.queued_copy = True
+                self._queue.appendleft(job)
+            self._ledger.counters.backups += len(copies)
             log.info(
-                "backup: %d task(s) running %.1f s on %s (%s) copied to %s",
-                len(jobs),
+                "backup: %d task(s) running %.1f s on %s (%s) queued for another server",
+                len(copies),
                 now - call.started,
                 call.address,
-                f"expected {expected / self.config.backup_factor:.2f} s" if answering else "not answering",
-                address,
+                "late" if answering else "its server is not answering",
             )
-            return self._call_locked(jobs, address)
         return None if next_due is None else max(0.0, next_due - now)
 
     def _start_locked(self, job: _Job) -> bool:
@@ -534,7 +557,7 @@ class EvaluationPool(Executor):
             for job, outcome in zip(jobs, outcomes, strict=True):
                 job.copies -= 1
                 code = outcome[1]
-                if job.resolved or (code is not None and job.copies > 0):
+                if job.resolved or (code is not None and (job.copies > 0 or job.queued_copy)):
                     continue  # another copy answered first, or is still out and has the last word
                 counted += 1
                 if code in _BUSY_CODES:
@@ -548,7 +571,7 @@ class EvaluationPool(Executor):
                     self._ledger.counters.retried += 1
                     if record is not None:
                         record.retried += 1
-                    job.last_server = address
+                    job.last_server, job.exclude = address, None
                     self._queue.appendleft(job)
                     self._work.notify()
                 else:
@@ -667,6 +690,13 @@ class EvaluationPool(Executor):
             )
             for address, c, faults in targets
         ]
+        sent = time.monotonic()
+        with self._lock:
+            for address, _, _ in targets:
+                self._probing.setdefault(address, sent)
+            self._work.notify_all()  # idle workers time the backups of calls on servers that stay silent
+        for address, _, health, _ in probes:
+            health.add_done_callback(functools.partial(self._answered, address))
         verdicts: list[tuple[str, int, int | None]] = []  # capacity None: the check ran out of time
         for address, faults, health, info in probes:
             capacity: int | None
@@ -701,6 +731,11 @@ class EvaluationPool(Executor):
         if stranded:
             self._fail_stranded(stranded, members)
 
+    def _answered(self, address: str, _: Any) -> None:
+        """A health check came back (whatever it said): the server is not hung."""
+        with self._lock:
+            self._probing.pop(address, None)
+
     def _take_stranded_locked(self) -> list[_Job]:
         """The queue, once no server has been healthy for `unavailable_timeout_s`; otherwise nothing."""
         if any(r.healthy for r in self._ledger.servers.values()):
@@ -712,7 +747,13 @@ class EvaluationPool(Executor):
         limit = self.config.unavailable_timeout_s
         if limit is None or not self._queue or now - self._no_server_since < limit:
             return []
-        stranded, self._queue = list(self._queue), deque()
+        # A backup copy's job is left to its original, still out.
+        stranded = [job for job in dict.fromkeys(self._queue) if not job.resolved and job.copies == 0]
+        for job in self._queue:
+            job.queued_copy = False
+        for job in stranded:
+            job.resolved = True
+        self._queue = deque()
         self._ledger.counters.failed += len(stranded)
         self._space.notify_all()
         return stranded
