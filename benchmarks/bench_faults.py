@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ from trainer.evolve import Evolution, EvolveConfig
 STOP_S = 20.0
 FAULT_AFTER_S = 1.0
 FREEZE_AFTER_S = 20.0  # a few generations in: the first one, which scores every individual, is longer
+AFTER_RESUME = 3  # generations run after the frozen server resumed
+MAX_GENERATIONS = 1000
 
 
 class Rig:
@@ -164,62 +167,87 @@ def collection_work(rig: Rig, quick: bool, tag: str) -> Callable[[], Any]:
     return work
 
 
-def straggler_ga(rig: Rig, generations: int, population: int, freeze_s: float) -> tuple[list[Any], list[float]]:
-    """A GA on the three servers, one of them frozen for `freeze_s` (0: none) from FREEZE_AFTER_S in, or until the
-    run ends; returns every generation's statistics and seconds."""
+@dataclass
+class GaRun:
+    """A GA's statistics per generation, each generation's seconds and end (seconds from the start), and when
+    the server was frozen and resumed (None: it was not)."""
+
+    stats: list[Any]
+    seconds: list[float]
+    ends: list[float]
+    frozen_at: float | None = None
+    resumed_at: float | None = None
+
+
+def straggler_ga(rig: Rig, population: int, freeze_s: float, generations: int | None = None) -> GaRun:
+    """A GA on the three servers, one of them frozen for `freeze_s` (0: none) from FREEZE_AFTER_S in; it runs
+    `generations` generations, or (None) until AFTER_RESUME generations have run since the server resumed."""
     config = EvolveConfig(
-        track="oval", kind="driver", population=population, generations=generations, seed=5,
+        track="oval", kind="driver", population=population, generations=MAX_GENERATIONS, seed=5,
         extra_tracks=("kidney", "alpine"),
     )  # fmt: skip
     ended = threading.Event()
     victim = rig.games[1]
+    run = GaRun([], [], [])
 
     def freeze() -> None:
         if ended.wait(FREEZE_AFTER_S):
             return
         os.kill(victim.pid, signal.SIGSTOP)
-        print(f"    (server {victim.address} frozen at {time.perf_counter() - t0:.1f} s)", flush=True)
+        run.frozen_at = time.perf_counter() - t0
         ended.wait(freeze_s)
         os.kill(victim.pid, signal.SIGCONT)
-        print(f"    (server {victim.address} resumed at {time.perf_counter() - t0:.1f} s)", flush=True)
+        run.resumed_at = time.perf_counter() - t0
 
     thread = threading.Thread(target=freeze, daemon=True) if freeze_s > 0 else None
     with rig.pool() as pool:
+        evolution = Evolution(config, pool.map)
         t0 = time.perf_counter()
         if thread is not None:
             thread.start()
         try:
-            evolution = Evolution(config, pool.map)
             state = evolution.start()
+            run.ends.append(time.perf_counter() - t0)
             for generation in evolution.run(state):
                 state = generation
+                run.ends.append(time.perf_counter() - t0)
+                if generations is not None and state.generation >= generations:
+                    break
+                resumed = run.resumed_at
+                if generations is None and resumed is not None and sum(e > resumed for e in run.ends) > AFTER_RESUME:
+                    break
         finally:
             ended.set()
             if thread is not None:
                 thread.join()
-    stats = [(g.best_cost, g.median_cost, g.worst_cost, g.best_lap_ticks) for g in state.history]
-    return stats, [g.seconds for g in state.history]
+    run.stats = [(g.best_cost, g.median_cost, g.worst_cost, g.best_lap_ticks) for g in state.history]
+    run.seconds = [g.seconds for g in state.history]
+    return run
 
 
 def stragglers(rig: Rig, quick: bool, freeze_s: float) -> None:
-    # Long enough that the server comes back before the end: the run then shows the freeze and the rejoin.
-    generations, population = (6, 32) if quick else (int(freeze_s // 3) + 6, 32)
-    print(f"Stragglers: a driver GA of {generations + 1} generations x {population} drivers x 3 tracks on 3 servers")
-    calm, calm_s = straggler_ga(rig, generations, population, 0)
-    frozen, frozen_s = straggler_ga(rig, generations, population, freeze_s)
+    population = 16 if quick else 32
+    print(f"Stragglers: a driver GA of {population} drivers x 3 tracks on 3 servers, one frozen {freeze_s:g} s")
+    frozen = straggler_ga(rig, population, freeze_s)
+    calm = straggler_ga(rig, population, 0, generations=len(frozen.seconds) - 1)
+    assert frozen.frozen_at is not None and frozen.resumed_at is not None
+    struck = next(i for i, end in enumerate(frozen.ends) if end > frozen.frozen_at)
+    back = next((i for i, end in enumerate(frozen.ends) if end > frozen.resumed_at), len(frozen.ends) - 1)
+    print(f"  frozen at {frozen.frozen_at:.1f} s (generation {struck}), resumed at {frozen.resumed_at:.1f} s")
     print(f"  {'generation':>10} {'undisturbed s':>14} {f'1 frozen {freeze_s:g} s':>16}")
-    for i, (a, b) in enumerate(zip(calm_s, frozen_s, strict=True)):
-        print(f"  {i:>10} {a:>14.2f} {b:>16.2f}")
-    normal = statistics.median(calm_s)
-    worst = max(range(len(frozen_s)), key=lambda i: frozen_s[i] - calm_s[i])
-    print(f"  normal generation (median, undisturbed): {normal:.2f} s")
+    for i, (a, b) in enumerate(zip(calm.seconds, frozen.seconds, strict=True)):
+        note = " <- frozen during it" if i == struck else " <- resumed during it" if i == back else ""
+        print(f"  {i:>10} {a:>14.2f} {b:>16.2f}{note}")
+    # The load of a shared machine drifts between runs: a normal generation is the struck run's own, just before.
+    normal = statistics.median(frozen.seconds[max(1, struck - 3) : struck] or frozen.seconds[:1])
+    hit = frozen.seconds[struck]
+    print(f"  normal generation (median of the 3 before the freeze, same run): {normal:.2f} s")
+    print(f"  the generation the freeze struck: {hit:.2f} s = {hit / normal:.2f}x a normal one (target <= 2x)")
     print(
-        f"  generation most delayed by the freeze: {worst}, {frozen_s[worst]:.2f} s = {frozen_s[worst] / normal:.2f}x"
-        f" the normal generation (target <= 2x), {frozen_s[worst] / calm_s[worst]:.2f}x itself undisturbed"
+        f"  whole run: {sum(calm.seconds):.1f} s undisturbed, {sum(frozen.seconds):.1f} s frozen"
+        f" ({sum(frozen.seconds) - sum(calm.seconds):+.1f} s; the machine's load drifts between runs)"
     )
-    extra = sum(frozen_s) - sum(calm_s)
-    print(f"  whole run: {sum(calm_s):.1f} s undisturbed, {sum(frozen_s):.1f} s frozen ({extra:+.1f} s)")
-    print(f"  fitness identical in every generation: {'yes' if frozen == calm else 'NO'}")
+    print(f"  fitness identical in every generation: {'yes' if frozen.stats == calm.stats else 'NO'}")
 
 
 def main() -> None:

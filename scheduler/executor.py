@@ -500,6 +500,8 @@ class EvaluationPool(Executor):
                 continue
             if answering and self._ledger.free_slots(exclude=call.address) == 0:
                 continue  # late, not hung: a copy is worth an idle slot only; a call that ends frees one
+            if not any(r.healthy and a != call.address for a, r in self._ledger.servers.items()):
+                continue  # no other server to copy it to
             call.backed_up = True
             copies = [j for j in call.jobs if not j.resolved]
             for job in reversed(copies):
@@ -557,6 +559,8 @@ class EvaluationPool(Executor):
             for job, outcome in zip(jobs, outcomes, strict=True):
                 job.copies -= 1
                 code = outcome[1]
+                if code is not None and job.queued_copy:
+                    job.exclude = None  # its queued copy is now its only attempt: on any server, as a retry is
                 if job.resolved or (code is not None and (job.copies > 0 or job.queued_copy)):
                     continue  # another copy answered first, or is still out and has the last word
                 counted += 1
