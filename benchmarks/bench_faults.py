@@ -12,7 +12,12 @@ For each it prints whether the results are identical to the undisturbed run (GA:
 statistics; collection: every episode's result and every stored frame) and the extra seconds.
 The GA uses neither the collector nor Redis, so those two faults are run for the collection only.
 
-    python benchmarks/bench_faults.py [--quick]
+Then stragglers (issue 21): a longer GA, undisturbed and with one of the three servers frozen (SIGSTOP)
+for `--freeze-s` seconds from a few seconds in; it prints every generation's time side by side, the
+slowest frozen generation against the median undisturbed one (target: at most 2x), the extra seconds
+of the whole run, and whether every generation's statistics are identical.
+
+    python benchmarks/bench_faults.py [--quick] [--only table|stragglers] [--freeze-s 70]
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import argparse
 import hashlib
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,9 @@ from trainer.evolve import Evolution, EvolveConfig
 
 STOP_S = 20.0
 FAULT_AFTER_S = 1.0
+FREEZE_AFTER_S = 20.0  # a few generations in: the first one, which scores every individual, is longer
+AFTER_RESUME = 3  # generations run after the frozen server resumed
+MAX_GENERATIONS = 1000
 
 
 class Rig:
@@ -157,13 +167,102 @@ def collection_work(rig: Rig, quick: bool, tag: str) -> Callable[[], Any]:
     return work
 
 
+@dataclass
+class GaRun:
+    """A GA's statistics per generation, each generation's seconds and end (seconds from the start), and when
+    the server was frozen and resumed (None: it was not)."""
+
+    stats: list[Any]
+    seconds: list[float]
+    ends: list[float]
+    frozen_at: float | None = None
+    resumed_at: float | None = None
+
+
+def straggler_ga(rig: Rig, population: int, freeze_s: float, generations: int | None = None) -> GaRun:
+    """A GA on the three servers, one of them frozen for `freeze_s` (0: none) from FREEZE_AFTER_S in; it runs
+    `generations` generations, or (None) until AFTER_RESUME generations have run since the server resumed."""
+    config = EvolveConfig(
+        track="oval", kind="driver", population=population, generations=MAX_GENERATIONS, seed=5,
+        extra_tracks=("kidney", "alpine"),
+    )  # fmt: skip
+    ended = threading.Event()
+    victim = rig.games[1]
+    run = GaRun([], [], [])
+
+    def freeze() -> None:
+        if ended.wait(FREEZE_AFTER_S):
+            return
+        os.kill(victim.pid, signal.SIGSTOP)
+        run.frozen_at = time.perf_counter() - t0
+        ended.wait(freeze_s)
+        os.kill(victim.pid, signal.SIGCONT)
+        run.resumed_at = time.perf_counter() - t0
+
+    thread = threading.Thread(target=freeze, daemon=True) if freeze_s > 0 else None
+    with rig.pool() as pool:
+        evolution = Evolution(config, pool.map)
+        t0 = time.perf_counter()
+        if thread is not None:
+            thread.start()
+        try:
+            state = evolution.start()
+            run.ends.append(time.perf_counter() - t0)
+            for generation in evolution.run(state):
+                state = generation
+                run.ends.append(time.perf_counter() - t0)
+                if generations is not None and state.generation >= generations:
+                    break
+                resumed = run.resumed_at
+                if generations is None and resumed is not None and sum(e > resumed for e in run.ends) > AFTER_RESUME:
+                    break
+        finally:
+            ended.set()
+            if thread is not None:
+                thread.join()
+    run.stats = [(g.best_cost, g.median_cost, g.worst_cost, g.best_lap_ticks) for g in state.history]
+    run.seconds = [g.seconds for g in state.history]
+    return run
+
+
+def stragglers(rig: Rig, quick: bool, freeze_s: float) -> None:
+    population = 16 if quick else 32
+    print(f"Stragglers: a driver GA of {population} drivers x 3 tracks on 3 servers, one frozen {freeze_s:g} s")
+    frozen = straggler_ga(rig, population, freeze_s)
+    calm = straggler_ga(rig, population, 0, generations=len(frozen.seconds) - 1)
+    assert frozen.frozen_at is not None and frozen.resumed_at is not None
+    struck = next(i for i, end in enumerate(frozen.ends) if end > frozen.frozen_at)
+    back = next((i for i, end in enumerate(frozen.ends) if end > frozen.resumed_at), len(frozen.ends) - 1)
+    print(f"  frozen at {frozen.frozen_at:.1f} s (generation {struck}), resumed at {frozen.resumed_at:.1f} s")
+    print(f"  {'generation':>10} {'undisturbed s':>14} {f'1 frozen {freeze_s:g} s':>16}")
+    for i, (a, b) in enumerate(zip(calm.seconds, frozen.seconds, strict=True)):
+        note = " <- frozen during it" if i == struck else " <- resumed during it" if i == back else ""
+        print(f"  {i:>10} {a:>14.2f} {b:>16.2f}{note}")
+    # The load of a shared machine drifts between runs: a normal generation is the struck run's own, just before.
+    normal = statistics.median(frozen.seconds[max(1, struck - 3) : struck] or frozen.seconds[:1])
+    hit = frozen.seconds[struck]
+    print(f"  normal generation (median of the 3 before the freeze, same run): {normal:.2f} s")
+    print(f"  the generation the freeze struck: {hit:.2f} s = {hit / normal:.2f}x a normal one (target <= 2x)")
+    print(
+        f"  whole run: {sum(calm.seconds):.1f} s undisturbed, {sum(frozen.seconds):.1f} s frozen"
+        f" ({sum(frozen.seconds) - sum(calm.seconds):+.1f} s; the machine's load drifts between runs)"
+    )
+    print(f"  fitness identical in every generation: {'yes' if frozen.stats == calm.stats else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller GA and collection")
+    parser.add_argument("--only", choices=("table", "stragglers"), help="run one part only")
+    parser.add_argument("--freeze-s", type=float, default=70.0, help="how long the stragglers part freezes a server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rrp-faults-") as tmp:
         rig = Rig(Path(tmp))
         try:
+            if args.only != "table":
+                stragglers(rig, args.quick, args.freeze_s)
+            if args.only == "stragglers":
+                return
             collection_work(rig, True, "warmup")()  # every server's renderer started before anything is timed
             faults: dict[str, Callable[[], None] | None] = {
                 "undisturbed": None,

@@ -22,6 +22,7 @@ from game_server.core.state import TICK_HZ
 from game_server.core.tracks import load_track
 from game_server.trackmap import plot_laps
 from pipeline.pools import PoolSpec, open_pool
+from plumbing import telemetry
 from plumbing.settings import nested, setting
 from scheduler.tasks import map_in_process
 from trainer.evolve import (
@@ -74,6 +75,7 @@ def run_evolve_job(job: EvolveJobConfig) -> EvolveOutcome:
     config, out_dir, resume = job.evolve, job.out_dir, job.resume
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT
+    telemetry.tracer_provider("rrp-evolve")  # names this process in traces before the pool's channels do
     with evaluation_map(job.pool, job.in_process) as (map_fn, where):
         if resume and checkpoint.exists():
             state = load_checkpoint(checkpoint)

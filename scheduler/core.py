@@ -77,15 +77,18 @@ class PoolStatus:
     done: int
     retried: int
     failed: int
+    backups: int = 0
 
 
 @dataclass
 class Counters:
-    """Evaluations finished with a result (done) or an error (failed), and attempts retried."""
+    """Evaluations finished with a result (done) or an error (failed), attempts retried, and backup copies
+    sent for straggling calls."""
 
     done: int = 0
     retried: int = 0
     failed: int = 0
+    backups: int = 0
 
 
 @dataclass
@@ -156,15 +159,16 @@ class Ledger:
             record.healthy = False
 
     # -- leases ---------------------------------------------------------------------------------
-    def free_slots(self) -> int:
-        return sum(r.free_slots for r in self.servers.values())
+    def free_slots(self, exclude: str | None = None) -> int:
+        return sum(r.free_slots for r in self.servers.values() if r.address != exclude)
 
-    def lease(self, avoid: str | None = None) -> str | None:
-        """Leases a slot on the least loaded healthy server, preferring one other than `avoid`."""
+    def lease(self, avoid: str | None = None, exclude: str | None = None) -> str | None:
+        """Leases a slot on the least loaded healthy server, preferring one other than `avoid` and never on
+        `exclude` (a backup copy must run elsewhere than the call it backs up)."""
         best: ServerRecord | None = None
         best_key: tuple[bool, float] | None = None
         for record in self.servers.values():
-            if record.free_slots == 0:
+            if record.free_slots == 0 or record.address == exclude:
                 continue
             key = (record.address == avoid, record.leased / record.capacity)
             if best_key is None or key < best_key:
@@ -196,7 +200,7 @@ class Ledger:
             for r in sorted(self.servers.values(), key=lambda r: r.address)
         )
         c = self.counters
-        return PoolStatus(servers, self.in_flight(), pending, c.done, c.retried, c.failed)
+        return PoolStatus(servers, self.in_flight(), pending, c.done, c.retried, c.failed, c.backups)
 
 
 def parse_target(target: str, default_port: int) -> tuple[str, int]:

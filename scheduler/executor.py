@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import socket
+import statistics
 import threading
 import time
 from collections import deque
@@ -67,6 +68,15 @@ class PoolConfig:
     max_batch: int = setting(16, "evaluations sent together in one EvaluateBatch call when many wait")
     # submit() blocks beyond this, so a producer cannot outrun the pool.
     max_pending: int = setting(4096, "evaluations queued before submitters wait")
+    # Backup tasks, as MapReduce's: once nothing waits in the queue, a call running far longer than its peers
+    # (or on a server that stopped answering health checks) is copied to an idle slot on another server. Any
+    # copy's answer is the same (the simulation is deterministic): the first wins and the other is cancelled.
+    backup_factor: float = setting(
+        2.0,
+        "a call running this many times longer than recent calls' time per tick gets a backup copy on another"
+        " server once the queue is empty; 0: no backups",
+    )
+    backup_min_s: float = setting(0.5, "seconds a call runs before it may get a backup copy")
     # A pool whose servers are all gone should say so, not hang.
     unavailable_timeout_s: float | None = setting(
         120.0,
@@ -80,6 +90,8 @@ class PoolConfig:
             raise ValueError("timeouts and intervals must be positive")
         if self.discover_interval_s <= 0 or self.max_pending < 1 or self.max_attempts < 1 or self.max_batch < 1:
             raise ValueError("discover_interval_s, max_pending and max_attempts must be positive")
+        if self.backup_factor < 0 or self.backup_min_s < 0:
+            raise ValueError("backup_factor and backup_min_s must not be negative")
         if self.health_slow_limit < 1:
             raise ValueError("health_slow_limit must be at least 1")
         if self.unavailable_timeout_s == 0:
@@ -109,8 +121,26 @@ class _Job:
     alone: bool = False  # its response did not fit in a batch's reply: it travels alone
     ticks: int = 0  # the simulated ticks it asks for, which size its deadline
     reply_bytes: int = 0  # a guess at its response's size (trajectories are ~40 bytes a tick)
+    copies: int = 0  # calls carrying it now: two while a backup copy races the straggling original
+    queued_copy: bool = False  # a backup copy of it waits in the queue
+    exclude: str | None = None  # the server its straggling original runs on: its copy goes elsewhere
+    resolved: bool = False  # its future has its outcome: a copy still out lost the race and is ignored
     # The submitter's trace context: the call made on a pool thread joins the submitter's trace.
     trace_context: Any = field(default_factory=otel_context.get_current)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call out on a server, carrying one job or a batch; what backup tasks watch and cancel."""
+
+    jobs: list[_Job]
+    address: str
+    started: float
+    ticks: int
+    backupable: bool  # only Evaluate calls: pure, deterministic, so that any copy's answer is the same
+    rpc: Any = None  # its grpc future once sent, to cancel it
+    cancelled: bool = False
+    backed_up: bool = False  # a copy of its jobs was sent elsewhere
 
 
 # One call's outcome for one job: (response, None, "") or (None, code, details).
@@ -119,6 +149,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TRAJECTORY_BYTES_PER_TICK = 48
 _BUSY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
 _BUSY_BACKOFF_S = (0.05, 1.0)  # first and longest wait before a busy server is asked again
+_SHARES_PER_SLOT = 2  # calls per slot a map is cut into at first (fewer as its queue drains)
 
 
 def _work_of(method: str, request: Any) -> tuple[int, int]:
@@ -206,6 +237,10 @@ class EvaluationPool(Executor):
         self._space = threading.Condition(self._lock)  # submitters and waiters: a task left the queue
         self._ledger = Ledger()
         self._queue: deque[_Job] = deque()
+        self._calls: set[_Call] = set()  # out on servers now
+        self._probing: dict[str, float] = {}  # servers with a health check out, and since when
+        # Seconds per simulated tick of recent calls: what a straggler is measured against.
+        self._tick_seconds: deque[float] = deque(maxlen=64)
         self._connections: dict[str, _Connection] = {}
         self._workers: list[threading.Thread] = []
         # Jobs accepted whose future is not resolved yet: shutdown(wait=True) waits for zero.
@@ -311,17 +346,15 @@ class EvaluationPool(Executor):
 
     # -- dispatch -------------------------------------------------------------------------------
     def _work_loop(self) -> None:
-        while (leased := self._next_jobs()) is not None:
-            jobs, address = leased
+        while (call := self._next_call()) is not None:
+            jobs, address = call.jobs, call.address
             # The lease keeps the server's record, and so its connection, until the call returns.
             with self._lock:
                 connection = self._connections[address]
             first = jobs[0]
             token = otel_context.attach(first.trace_context)
             # Sized by the work it carries, so that a heavy batch is not cut off (and then computed twice).
-            timeout = (first.timeout_s or self.config.evaluate_timeout_s) + self.config.tick_timeout_s * sum(
-                job.ticks for job in jobs
-            )
+            timeout = (first.timeout_s or self.config.evaluate_timeout_s) + self.config.tick_timeout_s * call.ticks
             outcomes: list[_Outcome]
             call_code: grpc.StatusCode | None = None
             try:
@@ -333,11 +366,11 @@ class EvaluationPool(Executor):
                     except Exception as exc:  # the caller's own failure: its future gets it, not a retry
                         outcomes = [(_Raised(exc), None, "")]
                 elif len(jobs) == 1:
-                    response = getattr(connection.game, first.method)(first.request, timeout=timeout)
+                    response = self._send(call, getattr(connection.game, first.method), first.request, timeout)
                     outcomes = [(response, None, "")]
                 else:
                     batch = game_pb2.EvaluateBatchRequest(tasks=[job.request for job in jobs])
-                    items = connection.game.EvaluateBatch(batch, timeout=timeout).items
+                    items = self._send(call, connection.game.EvaluateBatch, batch, timeout).items
                     outcomes = [
                         (item.response, None, "")
                         if item.WhichOneof("outcome") == "response"
@@ -349,6 +382,9 @@ class EvaluationPool(Executor):
             except grpc.RpcError as exc:
                 call_code = exc.code()
                 outcomes = [(None, call_code, exc.details() or "")] * len(jobs)
+            except grpc.FutureCancelledError:  # its backup copy answered first
+                call_code = grpc.StatusCode.CANCELLED
+                outcomes = [(None, call_code, "cancelled: a backup copy answered first")] * len(jobs)
             finally:
                 otel_context.detach(token)
             busy = [job for job, outcome in zip(jobs, outcomes, strict=False) if outcome[1] in _BUSY_CODES]
@@ -357,17 +393,31 @@ class EvaluationPool(Executor):
                 # lease a moment, so that the retry does not find the same slot still busy.
                 wait = min(_BUSY_BACKOFF_S[1], _BUSY_BACKOFF_S[0] * 2 ** min(max(j.busy for j in busy), 5))
                 self._stopped.wait(wait)
-            self._finished(jobs, address, outcomes, call_code)
+            self._finished(call, outcomes, call_code)
 
-    def _next_jobs(self) -> tuple[list[_Job], str] | None:
+    def _send(self, call: _Call, method: Any, request: Any, timeout: float) -> Any:
+        """Makes the call through grpc's future API, so that a backup copy that answers first can cancel it."""
+        rpc = method.future(request, timeout=timeout)
+        with self._lock:
+            call.rpc = rpc
+            cancelled = call.cancelled
+        if cancelled:
+            rpc.cancel()
+        return rpc.result()
+
+    def _next_call(self) -> _Call | None:
         """Waits for queued tasks and a free slot and leases it; None when the pool has stopped.
 
-        Evaluate tasks are taken several at a time, about an equal share of the queue per slot."""
+        Evaluate tasks are taken several at a time, about half a fair share of the queue per slot. Backup copies
+        of straggling calls join the front of the queue, never to be sent where their original runs."""
         with self._lock:
             while True:
                 if self._stopped.is_set():
                     return None
-                if self._queue and self._ledger.free_slots() > 0:
+                next_due = self._queue_backups_locked()
+                while self._queue and self._queue[0].resolved:  # a copy whose original answered meanwhile
+                    self._queue.popleft().queued_copy = False
+                if self._queue and self._ledger.free_slots(exclude=self._queue[0].exclude) > 0:
                     job = self._queue.popleft()
                     self._space.notify_all()
                     if not self._start_locked(job):
@@ -375,26 +425,98 @@ class EvaluationPool(Executor):
                     jobs = [job]
                     if job.method == "Evaluate" and not job.alone:
                         slots = max(1, sum(r.capacity for r in self._ledger.servers.values() if r.healthy))
-                        want = min(self.config.max_batch, math.ceil((len(self._queue) + 1) / slots))
+                        # Guided self-scheduling: half a fair share per call, so that the calls shrink towards
+                        # the end of a map and a straggler (or its backup copy) holds little of it.
+                        # With one slot there is nothing to balance: fewer, bigger calls.
+                        shares = _SHARES_PER_SLOT * slots if slots > 1 else 1
+                        share = math.ceil((len(self._queue) + 1) / shares)
+                        want = min(self.config.max_batch, share)
                         ticks, reply = job.ticks, job.reply_bytes
                         while len(jobs) < want and self._queue:
                             mate = self._queue[0]
                             if (
                                 mate.method != "Evaluate"
                                 or mate.alone
+                                or mate.exclude not in (None, job.exclude)
                                 or ticks + mate.ticks > self.config.max_batch_ticks
                                 or reply + mate.reply_bytes > MAX_MESSAGE_BYTES // 2
                             ):
                                 break
                             self._queue.popleft()
+                            if mate.resolved:
+                                mate.queued_copy = False
+                                continue
                             if not self._start_locked(mate):
                                 continue
                             ticks, reply = ticks + mate.ticks, reply + mate.reply_bytes
                             jobs.append(mate)
-                    address = self._ledger.lease(avoid=job.last_server)
-                    assert address is not None  # free_slots() > 0
-                    return jobs, address
-                self._work.wait()
+                    if not self._queue:
+                        self._work.notify_all()  # idle workers: the tail begins, stragglers may want backups
+                    address = self._ledger.lease(avoid=job.last_server, exclude=job.exclude)
+                    assert address is not None  # free_slots(exclude) > 0
+                    return self._call_locked(jobs, address)
+                self._work.wait(next_due)
+
+    def _call_locked(self, jobs: list[_Job], address: str) -> _Call:
+        backupable = all(job.method == "Evaluate" for job in jobs)
+        call = _Call(jobs, address, time.monotonic(), sum(job.ticks for job in jobs), backupable)
+        for job in jobs:
+            job.copies += 1
+            job.queued_copy = False
+        self._calls.add(call)
+        return call
+
+    def _queue_backups_locked(self) -> float | None:
+        """Puts backup copies of straggling calls at the front of the queue; returns the seconds until the next
+        call would straggle (None: none can until something changes).
+
+        A call on a server that stopped answering (a failed health check, or one out for half its deadline) is
+        copied at once, after `backup_min_s`. Otherwise only once the queue is empty and a slot is free on
+        another server, as MapReduce does near the end of a map, so that a copy never delays fresh work: a call
+        straggles when it has run `backup_factor` times longer than recent calls took for as many ticks."""
+        if self.config.backup_factor <= 0 or not self._calls:
+            return None
+        now = time.monotonic()
+        per_tick = statistics.median(self._tick_seconds) if self._tick_seconds else None
+        tail = not self._queue
+        next_due: float | None = None
+        for call in self._calls:
+            if call.backed_up or call.cancelled or not call.backupable or all(j.resolved for j in call.jobs):
+                continue
+            record = self._ledger.servers.get(call.address)
+            earliest = call.started + self.config.backup_min_s
+            due = math.inf
+            if record is None or not record.healthy or record.slow_probes > 0:
+                due = earliest
+            elif (probed := self._probing.get(call.address)) is not None:
+                due = max(earliest, probed + self.config.health_timeout_s / 2)
+            answering = math.isinf(due)
+            if tail and per_tick is not None:
+                due = min(due, max(earliest, call.started + self.config.backup_factor * per_tick * max(1, call.ticks)))
+            if math.isinf(due):
+                continue  # its server answers and there is nothing to compare with: a deadline would tell
+            if due > now:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            if answering and self._ledger.free_slots(exclude=call.address) == 0:
+                continue  # late, not hung: a copy is worth an idle slot only; a call that ends frees one
+            if not any(r.healthy and a != call.address for a, r in self._ledger.servers.items()):
+                continue  # no other server to copy it to
+            call.backed_up = True
+            copies = [j for j in call.jobs if not j.resolved]
+            for job in reversed(copies):
+                job.exclude = call.address
+                job.queued_copy = True
+                self._queue.appendleft(job)
+            self._ledger.counters.backups += len(copies)
+            log.info(
+                "backup: %d task(s) running %.1f s on %s (%s) queued for another server",
+                len(copies),
+                now - call.started,
+                call.address,
+                "late" if answering else "its server is not answering",
+            )
+        return None if next_due is None else max(0.0, next_due - now)
 
     def _start_locked(self, job: _Job) -> bool:
         """Marks a job taken from the queue as running; False (and forgotten) if it was cancelled there."""
@@ -416,19 +538,32 @@ class EvaluationPool(Executor):
             job.alone = True
         return now - job.busy_since < self.config.busy_timeout_s
 
-    def _finished(
-        self, jobs: list[_Job], address: str, outcomes: list[_Outcome], call_code: grpc.StatusCode | None
-    ) -> None:
-        # A busy server is healthy: it answered. Only real faults set it aside until a health check passes.
-        server_fault = (
-            call_code is not None and call_code not in _BUSY_CODES and self._retry.is_server_fault(call_code.name)
-        )
+    def _finished(self, call: _Call, outcomes: list[_Outcome], call_code: grpc.StatusCode | None) -> None:
+        jobs, address = call.jobs, call.address
+        # A busy server is healthy: it answered. Only real faults set it aside until a health check passes; a
+        # straggler that lost to its backup copy is set aside too, while a backup that lost is not at fault.
+        if call.cancelled and call_code == grpc.StatusCode.CANCELLED:
+            server_fault = call.backed_up
+        else:
+            server_fault = (
+                call_code is not None and call_code not in _BUSY_CODES and self._retry.is_server_fault(call_code.name)
+            )
         resolved: list[tuple[_Job, _Outcome]] = []
+        losers: list[_Call] = []
         with self._lock:
+            self._calls.discard(call)
+            if call_code is None and call.ticks and not call.cancelled:
+                self._tick_seconds.append((time.monotonic() - call.started) / call.ticks)
             record = self._ledger.servers.get(address)  # gone after the release if it left the pool
-            self._ledger.release(address, server_fault, tasks=len(jobs))
+            counted = 0
             for job, outcome in zip(jobs, outcomes, strict=True):
+                job.copies -= 1
                 code = outcome[1]
+                if code is not None and job.queued_copy:
+                    job.exclude = None  # its queued copy is now its only attempt: on any server, as a retry is
+                if job.resolved or (code is not None and (job.copies > 0 or job.queued_copy)):
+                    continue  # another copy answered first, or is still out and has the last word
+                counted += 1
                 if code in _BUSY_CODES:
                     retry = self._busy_retry(job, outcome[2])
                 else:
@@ -440,14 +575,26 @@ class EvaluationPool(Executor):
                     self._ledger.counters.retried += 1
                     if record is not None:
                         record.retried += 1
-                    job.last_server = address
+                    job.last_server, job.exclude = address, None
                     self._queue.appendleft(job)
                     self._work.notify()
                 else:
                     self._ledger.counters.failed += 1
                 if not retry:
+                    job.resolved = True
                     resolved.append((job, outcome))
-        if server_fault:
+            self._ledger.release(address, server_fault, tasks=len(jobs) if server_fault else counted)
+            if resolved:
+                # Copies whose every job now has its answer are no longer needed: cancel them.
+                for other in self._calls:
+                    if not other.cancelled and all(j.resolved for j in other.jobs):
+                        other.cancelled = True
+                        losers.append(other)
+        for loser in losers:
+            if loser.rpc is not None:
+                loser.rpc.cancel()
+            log.info("a backup copy answered first; cancelled the call on %s", loser.address)
+        if server_fault and not call.cancelled:
             assert call_code is not None
             log.warning(
                 "%s failed %d task(s) with %s (%s); retrying what has attempts left elsewhere",
@@ -547,6 +694,13 @@ class EvaluationPool(Executor):
             )
             for address, c, faults in targets
         ]
+        sent = time.monotonic()
+        with self._lock:
+            for address, _, _ in targets:
+                self._probing.setdefault(address, sent)
+            self._work.notify_all()  # idle workers time the backups of calls on servers that stay silent
+        for address, _, health, _ in probes:
+            health.add_done_callback(functools.partial(self._answered, address))
         verdicts: list[tuple[str, int, int | None]] = []  # capacity None: the check ran out of time
         for address, faults, health, info in probes:
             capacity: int | None
@@ -581,6 +735,11 @@ class EvaluationPool(Executor):
         if stranded:
             self._fail_stranded(stranded, members)
 
+    def _answered(self, address: str, _: Any) -> None:
+        """A health check came back (whatever it said): the server is not hung."""
+        with self._lock:
+            self._probing.pop(address, None)
+
     def _take_stranded_locked(self) -> list[_Job]:
         """The queue, once no server has been healthy for `unavailable_timeout_s`; otherwise nothing."""
         if any(r.healthy for r in self._ledger.servers.values()):
@@ -592,7 +751,13 @@ class EvaluationPool(Executor):
         limit = self.config.unavailable_timeout_s
         if limit is None or not self._queue or now - self._no_server_since < limit:
             return []
-        stranded, self._queue = list(self._queue), deque()
+        # A backup copy's job is left to its original, still out.
+        stranded = [job for job in dict.fromkeys(self._queue) if not job.resolved and job.copies == 0]
+        for job in self._queue:
+            job.queued_copy = False
+        for job in stranded:
+            job.resolved = True
+        self._queue = deque()
         self._ledger.counters.failed += len(stranded)
         self._space.notify_all()
         return stranded

@@ -53,6 +53,11 @@ class PoolCollector(Collector):
         yield total(
             "rrp_scheduler_failed_total", "evaluations failed after every retry", sum(s.failed for s in statuses)
         )
+        yield total(
+            "rrp_scheduler_backups_total",
+            "backup copies of evaluations sent for straggling calls",
+            sum(s.backups for s in statuses),
+        )
         servers = [server for status in statuses for server in status.servers]
         yield GaugeMetricFamily(
             "rrp_scheduler_servers", "game servers in the pool (listed or discovered)", value=len(servers)

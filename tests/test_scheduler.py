@@ -233,7 +233,7 @@ def test_sigkill_of_a_server_mid_batch_costs_time_not_results(
     assert not {s.address: s for s in status.servers}[victim.address].healthy
 
 
-def test_a_stopped_server_hits_the_deadline_and_its_work_moves(
+def test_without_backups_a_stopped_server_hits_the_deadline_and_its_work_moves(
     servers: list[ServiceProcess],
     victim: ServiceProcess,
     task: LapTask,
@@ -241,7 +241,9 @@ def test_a_stopped_server_hits_the_deadline_and_its_work_moves(
 ) -> None:
     programs, expected = batch[0][:20], batch[1][:20]
     addresses = (*(s.address for s in servers), victim.address)
-    config = PoolConfig(servers=addresses, evaluate_timeout_s=2.0, health_timeout_s=0.5, health_interval_s=0.2)
+    config = PoolConfig(
+        servers=addresses, evaluate_timeout_s=2.0, health_timeout_s=0.5, health_interval_s=0.2, backup_factor=0
+    )
     with EvaluationPool(config) as pool:
         pool.wait_ready(3)
         os.kill(victim.pid, signal.SIGSTOP)
@@ -254,6 +256,43 @@ def test_a_stopped_server_hits_the_deadline_and_its_work_moves(
             os.kill(victim.pid, signal.SIGCONT)
     stopped = {s.address: s for s in status.servers}[victim.address]
     assert status.retried >= 1 and stopped.failed >= 1 and not stopped.healthy
+
+
+def test_a_frozen_server_costs_a_backup_copy_not_its_deadline_and_rejoins(
+    servers: list[ServiceProcess],
+    victim: ServiceProcess,
+    task: LapTask,
+    batch: tuple[list[bytes], list[sim_pb2.LapResult]],
+) -> None:
+    """Issue 21: work held by a hung server is copied to an idle one once the queue is empty; the first answer
+    wins, the hung call is cancelled and its server set aside until it answers health checks again."""
+    programs, expected = batch
+    addresses = (*(s.address for s in servers), victim.address)
+    deadline_s = 120.0
+    config = PoolConfig(servers=addresses, evaluate_timeout_s=deadline_s, health_interval_s=0.2)
+    with EvaluationPool(config) as pool:
+        pool.wait_ready(3)
+        assert list(pool.map(task, programs[:12])) == expected[:12]  # recent calls: what a straggler is measured by
+        os.kill(victim.pid, signal.SIGSTOP)  # the pool still counts it healthy: it gets its share of the map
+        try:
+            t0 = time.monotonic()
+            assert list(pool.map(task, programs, timeout=deadline_s / 2)) == expected
+            seconds = time.monotonic() - t0
+            # The hung calls' copies answered; the calls themselves are cancelled, and their slots come back.
+            deadline = time.monotonic() + 30
+            while (frozen := {s.address: s for s in pool.status().servers}[victim.address]).in_flight:
+                assert time.monotonic() < deadline, frozen
+                time.sleep(0.01)
+            status = pool.status()
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        assert status.backups >= 1 and status.failed == 0
+        assert frozen.failed >= 1 and not frozen.healthy, frozen
+        assert seconds < deadline_s / 4, "the map waited for the hung calls' deadline"
+        pool.wait_ready(3, timeout_s=30)  # it answers health checks again: back in the pool
+        done_before = {s.address: s.done for s in pool.status().servers}[victim.address]
+        assert list(pool.map(task, programs)) == expected
+        assert {s.address: s.done for s in pool.status().servers}[victim.address] > done_before
 
 
 # -- membership ------------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ def test_lease_prefers_least_loaded_and_avoids_the_failed_server() -> None:
     assert ledger.lease(avoid="a") == "a"  # the only free slot left
 
 
+def test_a_backup_lease_is_never_on_the_excluded_server() -> None:
+    ledger = ledger_with(a=2, b=1)
+    assert ledger.lease(exclude="a") == "b"
+    assert ledger.lease(exclude="a") is None  # a has free slots, but the copy must run elsewhere
+    assert ledger.lease() == "a"
+
+
 def test_server_fault_marks_unhealthy_until_a_newer_check_passes() -> None:
     ledger = ledger_with(a=1)
     assert ledger.lease() == "a"

@@ -21,6 +21,7 @@ from game_server.core import drivers
 from game_server.core.pilot import drive_lap
 from game_server.core.state import BACK, FORWARD, LEFT, RIGHT, TICK_HZ
 from game_server.core.tracks import load_track
+from plumbing import telemetry
 from plumbing.settings import setting
 from trainer.fitness import DriverLap, ProgramCost, relative_cost
 
@@ -30,6 +31,8 @@ CHECKPOINT_FORMAT = "rrp-evolve-checkpoint"
 CHECKPOINT_VERSION = 1
 KIND_PROGRAM: Final = "program"
 KIND_DRIVER: Final = "driver"
+GENERATION_SPAN = "ga.generation"
+GENERATION_ATTRIBUTE = "rrp.ga.generation"
 # The nine key combinations a driver would press (forward+back together is just coasting).
 SENSIBLE_MASKS = tuple(t | s for t in (0, FORWARD, BACK) for s in (0, LEFT, RIGHT))
 
@@ -189,29 +192,32 @@ class Evolution:
     # -- the loop -------------------------------------------------------------------------------
     def start(self) -> EvolveState:
         random.seed(self.config.seed)
-        population = self.initial_population()
-        t0 = time.perf_counter()
-        n = self.evaluate(population)
-        best = self.toolbox.clone(tools.selBest(population, 1)[0])
-        state = EvolveState(self.config, 0, population, best)
-        state.history.append(self._stats(0, population, best, n, time.perf_counter() - t0))
+        with telemetry.root_span(GENERATION_SPAN, {GENERATION_ATTRIBUTE: 0}):
+            population = self.initial_population()
+            t0 = time.perf_counter()
+            n = self.evaluate(population)
+            best = self.toolbox.clone(tools.selBest(population, 1)[0])
+            state = EvolveState(self.config, 0, population, best)
+            state.history.append(self._stats(0, population, best, n, time.perf_counter() - t0))
         return state
 
     def run(self, state: EvolveState, until: int | None = None) -> Iterator[EvolveState]:
         """Advances generation by generation up to `until` (default: the configured count)."""
         last = self.config.generations if until is None else until
         while state.generation < last:
-            t0 = time.perf_counter()
-            population = self.next_generation(state.population)
-            n = self.evaluate(population)
-            champion = tools.selBest(population, 1)[0]
-            best = (
-                self.toolbox.clone(champion)
-                if champion.fitness.values[0] < state.best.fitness.values[0]
-                else state.best
-            )
-            state = EvolveState(self.config, state.generation + 1, population, best, state.history)
-            state.history.append(self._stats(state.generation, population, best, n, time.perf_counter() - t0))
+            # One trace per generation: its evaluations, on whichever pool threads and servers, are its children.
+            with telemetry.root_span(GENERATION_SPAN, {GENERATION_ATTRIBUTE: state.generation + 1}):
+                t0 = time.perf_counter()
+                population = self.next_generation(state.population)
+                n = self.evaluate(population)
+                champion = tools.selBest(population, 1)[0]
+                best = (
+                    self.toolbox.clone(champion)
+                    if champion.fitness.values[0] < state.best.fitness.values[0]
+                    else state.best
+                )
+                state = EvolveState(self.config, state.generation + 1, population, best, state.history)
+                state.history.append(self._stats(state.generation, population, best, n, time.perf_counter() - t0))
             yield state
 
     def best_lap_ticks(self, best: Any) -> int:
