@@ -65,7 +65,7 @@ class PoolConfig:
     # using up an attempt, until the task has waited this long for a slot.
     busy_timeout_s: float = setting(300.0, "seconds a task may be refused by busy servers before it fails")
     # Short laps sent together pay one round trip per batch; batches shrink as the queue drains.
-    max_batch: int = setting(16, "evaluations sent together in one EvaluateBatch call when many wait")
+    max_batch: int = setting(64, "evaluations sent together in one EvaluateBatch call when many wait")
     # submit() blocks beyond this, so a producer cannot outrun the pool.
     max_pending: int = setting(4096, "evaluations queued before submitters wait")
     # Backup tasks, as MapReduce's: once nothing waits in the queue, a call running far longer than its peers

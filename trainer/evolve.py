@@ -164,12 +164,14 @@ class Evolution:
                 ind.fitness.values = (cost,)
             return len(todo)
         tracks = self.config.tracks
-        genomes = [ind for ind in todo for _ in tracks]
-        names = [t for _ in todo for t in tracks]
+        # Track by track: a batch of drivers on one track runs as one population on the game server (its rays and
+        # decisions vectorised across cars), where drivers of mixed tracks would run one at a time.
+        genomes = [ind for _ in tracks for ind in todo]
+        names = [t for t in tracks for _ in todo]
         results = list(self.toolbox.map(self.toolbox.evaluate, genomes, names))
         for i, ind in enumerate(todo):
             costs = [
-                relative_cost(results[i * len(tracks) + j], self.reference.lap_ticks[t], self.budgets[t])
+                relative_cost(results[j * len(todo) + i], self.reference.lap_ticks[t], self.budgets[t])
                 for j, t in enumerate(tracks)
             ]
             ind.fitness.values = (sum(costs) / len(costs),)
