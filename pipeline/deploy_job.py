@@ -76,9 +76,11 @@ def train_second_model(
 
 def run_deploy_job(
     first_model: Path, second_model: Path, addresses: tuple[str, ...], track: str, out_dir: Path,
-    config: DeployJobConfig,
+    config: DeployJobConfig, leaderboard: str = "",
 ) -> dict[str, Any]:  # fmt: skip
-    """Serves `first_model` as the default, races `config.cars` cars, rolls `second_model` out; the figures."""
+    """Serves `first_model` as the default, races `config.cars` cars, rolls `second_model` out; the figures.
+
+    `leaderboard`: a Redis URL that every finished gate lap is submitted to (verified first)."""
     from pipeline.monitor import LocalPrometheus, MonitorConfig
     from plumbing.metrics import start_metrics
     from plumbing.redis_local import free_port
@@ -122,6 +124,7 @@ def run_deploy_job(
         cars.start()
         rollout = RolloutConfig(
             game=addresses[:1],
+            leaderboard=leaderboard,
             gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),

@@ -137,7 +137,7 @@ def run_main_job(config: MainJobConfig) -> int:
         targets_met = _evaluate(config, model_path, addresses, evolved, report, board)
         _serve(config, model_path.parent, addresses, report)
         if config.deployment.enabled:
-            _deploy(config, model_path.parent, trained, addresses, evolved, report)
+            _deploy(config, model_path.parent, trained, addresses, evolved, report, redis.url)
         _leaderboard(config, board, report)
     report.figures["wall_time_s"] = round(time.monotonic() - t0, 1)
     report.write(out)
@@ -156,9 +156,10 @@ def _serve(config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], r
 
 def _deploy(
     config: MainJobConfig, model_dir: Path, trained: dict[str, Any], addresses: tuple[str, ...],
-    evolved: EvolveOutcome, report: Report,
+    evolved: EvolveOutcome, report: Report, leaderboard: str,
 ) -> None:  # fmt: skip
-    """A second model, trained and rolled out through the gate and the canary while cars race."""
+    """A second model, trained and rolled out through the gate and the canary while cars race; the gate's finished
+    laps go to the run's leaderboard."""
     from pipeline.deploy_job import run_deploy_job, train_second_model
 
     out = config.out_dir / "deployment"
@@ -166,7 +167,7 @@ def _deploy(
         model_dir / "model.safetensors", trained["frames"], trained["train_config"], trained["data"],
         evolved.driver_path, addresses, out / "model-2", config.deployment.dagger_epochs,
     )  # fmt: skip
-    figures = run_deploy_job(model_dir, second, addresses, config.track, out, config.deployment)
+    figures = run_deploy_job(model_dir, second, addresses, config.track, out, config.deployment, leaderboard)
     log.info("deployment of the second model: %s (%s)", figures["decision"], figures["reason"])
     report.add("Deployment: a second model through gate and canary", figures.pop("markdown"))
     report.figures["deployment"] = figures
@@ -221,7 +222,8 @@ def _leaderboard(config: MainJobConfig, board: Leaderboard, report: Report) -> N
     }
     report.add(
         "Leaderboard: verified laps",
-        "Every lap the evaluation suite finished, replayed from its keys and verified before it was stored "
+        "Every lap the evaluation suite, the rollout's gate and the racing cars finished, replayed from its keys and "
+        "verified before it was stored "
         "(`rrp leaderboard --redis URL`, `docs/leaderboard.md`); the best three per track:\n\n"
         + leaderboard_markdown(board, [t for t in tracks if board.top(t, 1)], n=3),
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from collector.store import RedisConfig
+from game_server.leaderboard import Leaderboard, LeaderboardConfig
 from plumbing import telemetry
 from plumbing.errors import DomainError, FailedPrecondition, Unavailable
 from plumbing.lease import Lock
@@ -58,6 +60,9 @@ class RolloutConfig:
     gate: GateConfig = nested(GateConfig, prefix="gate_")
     canary: CanaryConfig = nested(CanaryConfig, prefix="canary_")
     packaging: ArchiveConfig = nested(ArchiveConfig)
+    leaderboard: str = setting(
+        "", "Redis URL of a leaderboard: every finished gate lap is verified and submitted ('' = none)"
+    )
 
 
 class Deployer:
@@ -216,8 +221,11 @@ class Deployer:
         if stage == "gate":
             default = self.registry.by_version(record.default)
             self._ensure_registered(default)
+            board = None
+            if self.config.leaderboard:
+                board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=self.config.leaderboard)))
             gate = Gate(self.config.gate, self.registry, lambda v: self.client(v.name, v.version),
-                        lambda: self.games()[0], self._span)  # fmt: skip
+                        lambda: self.games()[0], self._span, board)  # fmt: skip
             return gate.run(candidate, default)
         return Canary(self.config.canary, self.registry, self.client, self.games, self.stop).run(candidate)
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from game_server.core.state import TICK_S
+from game_server.leaderboard import Leaderboard, drive_lap_record, submit_lap
 from serving.archive import archive_info
 from serving.client import InferenceClient
 from serving.registry import ModelVersion, Registry
@@ -26,14 +27,21 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
 
+def lap_data_source(version: ModelVersion) -> str:
+    """Where a version's training data came from, as its leaderboard laps say it."""
+    source = version.data.get("source") if isinstance(version.data, dict) else None
+    return f"version {version.version}: {source}" if source else f"version {version.version}"
+
+
 class Gate:
     """One gate run: the candidate's laps and latency against the default's, its outcome kept on both versions."""
 
     def __init__(
         self, config: GateConfig, registry: Registry, connect: Callable[[ModelVersion], InferenceClient],
-        game: Callable[[], str], span: Spans,
+        game: Callable[[], str], span: Spans, board: Leaderboard | None = None,
     ) -> None:  # fmt: skip
         self.config, self.registry, self.connect, self.game, self.span = config, registry, connect, game, span
+        self.board = board  # every finished gate lap goes to it, verified before it is stored
 
     def run(self, candidate: ModelVersion, default: ModelVersion) -> StepResult:
         """Both versions registered; the candidate's gate, judged and kept on its version."""
@@ -74,6 +82,10 @@ class Gate:
                 r = drive_lap(game, client, pilot, LapRecord(0, 0, address, version=version.version), counted=False)
         finally:
             client.close()
+        if r.finished:  # a lockstep lap: every key sent was the key applied
+            record = drive_lap_record(track, r.keys, r.lap_ticks, r.wall_contacts, model_version=version.id,
+                                      data_source=lap_data_source(version))  # fmt: skip
+            submit_lap(self.board, record)
         return GateLap(
             track=track, version=version.version, finished=r.finished, lap_ticks=r.lap_ticks,
             lap_s=round(r.lap_ticks * TICK_S, 2), progress=round(r.progress_fraction, 4),
