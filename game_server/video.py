@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -126,14 +126,12 @@ def write_animation(frames: Sequence[np.ndarray], out_path: Path, spec: VideoSpe
     durations[-1] = max(spec.frame_ms, _END_HOLD_MS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".webp":
-        options: dict[str, object] = {"quality": spec.quality, "method": 4, "minimize_size": True}
+        options: dict[str, Any] = {"quality": spec.quality, "method": 4, "minimize_size": True}
     else:
         # One adaptive palette per frame (dithering off: it makes every frame differ, and the file large).
         pictures = [p.quantize(colors=128, dither=Image.Dither.NONE) for p in pictures]
         options = {"optimize": True, "disposal": 1}
-    pictures[0].save(
-        out_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0, **options
-    )
+    pictures[0].save(out_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0, **options)
     return out_path
 
 
