@@ -35,7 +35,7 @@ class VideoSpec:
     every_ticks: int = 2  # 12.5 frames/s at the simulation's 25 Hz: the lap plays in real time
     rig: ChaseRig = TV_RIG
     overlay: bool = True  # track, lap time and speed in the top-left corner
-    quality: int = 60  # lossy WebP quality (0-100); ignored for GIF
+    quality: int = 55  # lossy WebP quality (0-100); ignored for GIF
 
     def __post_init__(self) -> None:
         FrameSpec(self.width, self.height)  # the renderer's size limits
@@ -126,7 +126,8 @@ def write_animation(frames: Sequence[np.ndarray], out_path: Path, spec: VideoSpe
     durations[-1] = max(spec.frame_ms, _END_HOLD_MS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".webp":
-        options: dict[str, Any] = {"quality": spec.quality, "method": 4, "minimize_size": True}
+        # method 2 encodes a lap ~3x faster than the slower methods for ~5% more bytes.
+        options: dict[str, Any] = {"quality": spec.quality, "method": 2}
     else:
         # One adaptive palette per frame (dithering off: it makes every frame differ, and the file large).
         pictures = [p.quantize(colors=128, dither=Image.Dither.NONE) for p in pictures]
