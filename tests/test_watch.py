@@ -3,6 +3,8 @@ clearly, and a watcher that stalls or dies costs the session nothing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from game_server.core.tracks import load_track
 from game_server.game import GameConfig
 from game_server.server import GameServer, GameServerConfig, create_game_server
 from plumbing.bootstrap import ServerConfig
+from plumbing.procs import rrp_command
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, sim_pb2
 
 MAX_WATCHERS = 2
@@ -142,8 +145,8 @@ def test_a_watched_realtime_drive_misses_no_tick(client: GameClient, keys: bytes
 def test_hostile_watch_requests_get_clear_statuses(server: GameServer, client: GameClient) -> None:
     assert code_of(client.watch("no-such-session", timeout_s=10)) == grpc.StatusCode.NOT_FOUND
     assert code_of(client.watch("x" * 65, timeout_s=10)) == grpc.StatusCode.INVALID_ARGUMENT
-    if len(server.game.sessions) == 0:
-        assert code_of(client.watch("", timeout_s=10)) == grpc.StatusCode.NOT_FOUND  # nothing to watch
+    assert len(server.game.sessions) == 0  # the tests before closed theirs
+    assert code_of(client.watch("", timeout_s=10)) == grpc.StatusCode.NOT_FOUND  # nothing to watch
     with client.session("oval") as first, client.session("kidney") as second:
         assert code_of(client.watch(first.session_id, 61, timeout_s=10)) == grpc.StatusCode.INVALID_ARGUMENT
         watchers = [client.watch("", timeout_s=30) for _ in range(MAX_WATCHERS)]  # empty: the oldest session
@@ -164,3 +167,10 @@ def test_hostile_watch_requests_get_clear_statuses(server: GameServer, client: G
         assert next(again).state.tick == 0
         client.close_session(first.session_id)
         assert list(again) == []  # the stream ends with OK once the session is gone (its last state was sent)
+
+
+def test_rrp_watch_without_a_display_says_how_to_get_one() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    done = subprocess.run([*rrp_command(), "watch"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no display" in done.stderr and "xvfb-run" in done.stderr and "Traceback" not in done.stderr
