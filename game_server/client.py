@@ -7,6 +7,7 @@ import logging
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -45,6 +46,16 @@ class DriveStep:
     """What the policy of a lockstep Drive sees each tick."""
 
     observation: sim_pb2.Observation
+
+
+class WatchStream(Protocol):
+    """A WatchSession stream: its messages, and `cancel()` to end it."""
+
+    def __iter__(self) -> Iterator[game_pb2.WatchSessionResponse]: ...
+
+    def __next__(self) -> game_pb2.WatchSessionResponse: ...
+
+    def cancel(self) -> bool: ...
 
 
 class GameClient:
@@ -135,6 +146,12 @@ class GameClient:
             return_trajectory=return_trajectory,
         )
         return self.stub.Evaluate(req, timeout=timeout_s or self.timeout_s)
+
+    def watch(self, session_id: str = "", max_rate_hz: int = 0, timeout_s: float | None = None) -> WatchStream:
+        """A session's newest states as it is driven (the oldest open session when `session_id` is empty);
+        the returned stream is also a call: `cancel()` ends it."""
+        req = game_pb2.WatchSessionRequest(session_id=session_id, max_rate_hz=max_rate_hz)
+        return self.stub.WatchSession(req, timeout=timeout_s)
 
     def drive_lockstep(
         self,

@@ -40,6 +40,7 @@ class GameConfig:
     idle_timeout_s: float = setting(300.0, "seconds before an idle session is closed")
     # Physics holds the GIL, so more than a couple only adds queueing.
     evaluate_slots: int = setting(2, "concurrent Evaluate/Record calls before RESOURCE_EXHAUSTED")
+    max_watchers: int = setting(4, "WatchSession streams per session; more are refused with RESOURCE_EXHAUSTED")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,22 @@ class DriveEvent:
     applied_tick: int
     late_commands: int
     missed_ticks: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """What a watcher sees: the session's newest state, and how many states it skipped to get there."""
+
+    session_id: str
+    track: str
+    state: SimState
+    progress_fraction: float
+    skipped_states: int
+
+
+# A watcher's states per second: by default the simulation's real-time rate, at most a fast display's.
+DEFAULT_WATCH_HZ = 25
+MAX_WATCH_HZ = 60
 
 
 def lap_ticks_of(state: SimState) -> int:
@@ -209,6 +226,40 @@ class Game:
         """Runs a control program (bytes) or a closed-loop driver, physics only, in one of the evaluation slots."""
         with self.evaluation_slot():
             return evaluate(track_name, start, policy, gate, max_ticks, record_trajectory, stop)
+
+    # -- watching -------------------------------------------------------------------------------
+    def watch(
+        self,
+        session_id: str,
+        max_rate_hz: int,
+        is_active: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Iterator[WatchEvent]:
+        """The session's newest state, at most `max_rate_hz` times a second, from the state it is in now until
+        it closes or the watcher leaves. An empty id watches the oldest open session.
+
+        Never slows the session: it reads the session's feed and holds none of the session's locks, so a
+        watcher slower than the session skips states (counted) instead of delaying a tick."""
+        if not 0 <= max_rate_hz <= MAX_WATCH_HZ:
+            raise InvalidArgument(f"max_rate_hz must be in [0, {MAX_WATCH_HZ}] (0: the default), got {max_rate_hz}")
+        session = self.sessions.get(session_id) if session_id else self.sessions.oldest()
+        feed, gap_s = session.feed, 1.0 / (max_rate_hz or DEFAULT_WATCH_HZ)
+        with feed.watching(self.config.max_watchers, session.session_id):
+            sent = -1
+            next_at = clock()
+            while is_active():
+                wait_s = max(next_at - clock(), 0.0)
+                if wait_s > 0:
+                    time.sleep(min(wait_s, gap_s))  # the rate limit: whatever is published meanwhile is skipped
+                    continue
+                version, state = feed.wait_newer(sent, 0.25) if not feed.closed else feed.latest()
+                if version != sent:
+                    skipped = max(version - sent - 1, 0) if sent >= 0 else 0
+                    progress = physics.progress_fraction(session.track, state.lap)
+                    yield WatchEvent(session.session_id, session.track.name, state, progress, skipped)
+                    sent, next_at = version, clock() + gap_s
+                elif feed.closed:
+                    return
 
     # -- driving --------------------------------------------------------------------------------
     def drive_lockstep(

@@ -40,6 +40,12 @@ class LapTimes:
     best_s: float | None = None
 
 
+def blend_cars(a: CarState, b: CarState, alpha: float) -> CarState:
+    """The pose a share `alpha` of the way from `a` to `b`, turning the short way round."""
+    turn = math.remainder(b.heading - a.heading, 2 * math.pi)
+    return replace(b, x=a.x + (b.x - a.x) * alpha, y=a.y + (b.y - a.y) * alpha, heading=a.heading + turn * alpha)
+
+
 class PlaySession:
     """The game loop without the window: fixed ticks from accumulated frame time, lap times, reset.
 
@@ -84,10 +90,7 @@ class PlaySession:
 
     def display_car(self) -> CarState:
         """The car pose between the last two ticks, for smooth motion at any frame rate."""
-        alpha = self._accumulated_s / TICK_S
-        a, b = self.previous.car, self.state.car
-        turn = math.remainder(b.heading - a.heading, 2 * math.pi)
-        return replace(b, x=a.x + (b.x - a.x) * alpha, y=a.y + (b.y - a.y) * alpha, heading=a.heading + turn * alpha)
+        return blend_cars(self.previous.car, self.state.car, self._accumulated_s / TICK_S)
 
     def hud(self) -> str:
         """The lap timer overlay: current, last and best lap, progress along the track, speed."""

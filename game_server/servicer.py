@@ -178,6 +178,18 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
         metrics.TICKS.labels("Record").inc(outcome.result.ticks)
         return outcome_to_pb(outcome)
 
+    def WatchSession(
+        self, request: game_pb2.WatchSessionRequest, context: grpc.ServicerContext
+    ) -> Iterator[game_pb2.WatchSessionResponse]:
+        for event in self.game.watch(request.session_id, request.max_rate_hz, is_active=context.is_active):
+            yield game_pb2.WatchSessionResponse(
+                session_id=event.session_id,
+                track=event.track,
+                state=convert.state_to_pb(event.state),
+                progress_fraction=event.progress_fraction,
+                skipped_states=event.skipped_states,
+            )
+
     def VerifyLap(
         self, request: game_pb2.VerifyLapRequest, context: grpc.ServicerContext
     ) -> game_pb2.VerifyLapResponse:

@@ -70,9 +70,14 @@ class SuiteReport:
     summary: dict[str, ConditionSummary]  # per condition
     recovery: list[dict[str, Any]]
     recovery_summary: dict[str, StartSummary]  # per start kind
+    # The keys the model applied each tick of its plain-frame lap from the base state, per track: enough to
+    # replay the lap bit for bit (lap videos). Not part of the JSON.
+    lap_keys: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        found = dataclasses.asdict(self)
+        del found["lap_keys"]
+        return found
 
     def row(self, track: str, condition: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["track"] == track and r["condition"] == condition), None)
@@ -160,6 +165,7 @@ def run_suite(
         summary=suite_summary(rows),
         recovery=recovery_rows,
         recovery_summary=recovery_summary(recovery_rows),
+        lap_keys={t: bytes(records[(t, "plain")].applied) for t in tracks},
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

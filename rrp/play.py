@@ -1,4 +1,4 @@
-"""`rrp play`: drive the game yourself in a window, optionally recording every tick to a collector."""
+"""`rrp play`: drive the game yourself in a window, optionally recording every tick; `rrp watch`: watch a session."""
 
 from __future__ import annotations
 
@@ -22,11 +22,7 @@ def play(config: Any) -> int:
     from game_server.core.tracks import load_track
     from game_server.play import run_play
 
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise SystemExit(
-            "rrp play: no display to open a window on (DISPLAY is not set); on a headless machine run it under "
-            "a virtual one: xvfb-run -s '-screen 0 1280x720x24' .venv/bin/rrp play"
-        )
+    _no_display("play")
     track = load_track(config.track)
     if not config.record:
         run_play(track, physics.step)
@@ -48,9 +44,37 @@ def play(config: Any) -> int:
     return 0
 
 
+def _watch_config() -> type[Any]:
+    from game_server.watch import WatchConfig
+
+    return WatchConfig
+
+
+def _no_display(command: str) -> None:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise SystemExit(
+            f"rrp {command}: no display to open a window on (DISPLAY is not set); on a headless machine run it "
+            f"under a virtual one: xvfb-run -s '-screen 0 1280x720x24' .venv/bin/rrp {command}"
+        )
+
+
+def watch(config: Any) -> int:
+    from game_server.watch import run_watch
+
+    _no_display("watch")
+    follower = run_watch(config)
+    return 1 if follower.error else 0
+
+
 def register(commands: Commands) -> None:
     commands.add(
         "play",
         lambda: (_config(), play),
         help="drive the game yourself in a window (WASD or arrows, R reset, Esc quit)",
+    )
+    commands.add(
+        "watch",
+        lambda: (_watch_config(), watch),
+        help="watch a live session of a game server in a window, with a chase camera (Esc quits); "
+        "it only reads the session's states and never slows it",
     )

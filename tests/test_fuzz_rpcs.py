@@ -36,6 +36,8 @@ EXAMPLES_PER_RPC = int(os.environ.get("RRP_FUZZ_EXAMPLES", "30"))
 CALL_TIMEOUT_S = 3.0
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FD = FieldDescriptor
+# Streams that last as long as what they watch: a call reads their first message, then cancels.
+ENDLESS_STREAMS = {"WatchSession"}
 
 INT_RANGES = {
     FD.TYPE_INT32: (-(2**31), 2**31 - 1),
@@ -207,8 +209,11 @@ def call(channel: grpc.Channel, method: MethodDescriptor, requests: list[bytes])
         elif method.client_streaming:
             channel.stream_unary(path)(iter(requests), timeout=CALL_TIMEOUT_S)
         elif method.server_streaming:
-            for _ in channel.unary_stream(path)(requests[0], timeout=CALL_TIMEOUT_S):
-                pass
+            stream = channel.unary_stream(path)(requests[0], timeout=CALL_TIMEOUT_S)
+            for _ in stream:
+                if method.name in ENDLESS_STREAMS:
+                    stream.cancel()  # its first message proves the request was accepted
+                    break
         else:
             channel.unary_unary(path)(requests[0], timeout=CALL_TIMEOUT_S)
     except grpc.RpcError as exc:

@@ -20,7 +20,7 @@ COMMANDS = [
     ["game-server"], ["scheduler"], ["collector"], ["play"], ["evolve"], ["collect"], ["run"],
     ["data", "validate"], ["data", "export"], ["train"], ["evaluate"], ["dagger"], ["package"], ["serve"],
     ["autopilot"], ["deploy"], ["models"], ["monitor"], ["lap", "record"], ["lap", "verify"], ["lap", "submit"],
-    ["leaderboard"],
+    ["leaderboard"], ["watch"],
 ]  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from game_server.core.track import Track
 from plumbing.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
-    from game_server.render.scene import Appearance
+    from game_server.render.scene import Appearance, ChaseRig
 
 logger = logging.getLogger(__name__)
 
@@ -283,15 +283,17 @@ class Renderer:
         self._released = False  # the scene is gone: frames queued before close() have been drawn
         self._scene: _Scene | None = None
 
-    def render(self, track: Track, state: SimState, spec: FrameSpec) -> np.ndarray:
-        """RGB frame (height, width, 3) uint8, row 0 at the top; a pure function of (track, state, spec)."""
+    def render(self, track: Track, state: SimState, spec: FrameSpec, rig: ChaseRig | None = None) -> np.ndarray:
+        """RGB frame (height, width, 3) uint8, row 0 at the top; a pure function of (track, state, spec, rig).
+
+        `rig` places the chase camera; the game's own (the model's view) unless given."""
         car = state.car
         if not all(math.isfinite(v) for v in (car.x, car.y, car.heading)):
             raise InvalidArgument("car pose must be finite")
         with self._lock:
             if self._closed:
                 raise FailedPrecondition("renderer is closed")
-        return _worker().call(lambda: self._draw(track, state, spec))
+        return _worker().call(lambda: self._draw(track, state, spec, rig))
 
     def close(self) -> None:
         """Frees this renderer's scene, after the frames already queued; later renders fail.
@@ -311,12 +313,12 @@ class Renderer:
             if _open_instance is self:
                 _open_instance = None
 
-    def _draw(self, track: Track, state: SimState, spec: FrameSpec) -> np.ndarray:
+    def _draw(self, track: Track, state: SimState, spec: FrameSpec, rig: ChaseRig | None) -> np.ndarray:
         if self._released:
             raise FailedPrecondition("renderer is closed")
         if self._scene is None:
             self._scene = _Scene(_ursina_app())
-        return self._scene.draw(track, state, spec)
+        return self._scene.draw(track, state, spec, rig)
 
     def _release(self) -> None:
         self._released = True
@@ -376,9 +378,10 @@ class _Scene:
         self._look: Appearance | None = None
         self._dirty = True
 
-    def draw(self, track: Track, state: SimState, spec: FrameSpec) -> np.ndarray:
+    def draw(self, track: Track, state: SimState, spec: FrameSpec, rig: ChaseRig | None = None) -> np.ndarray:
         from game_server.render import scene
 
+        rig = scene.DRIVER_RIG if rig is None else rig
         target = self._target(spec.width, spec.height)
         track_scene = self._track(track)
         look = appearance_for(spec.randomize, spec.seed)
@@ -391,8 +394,8 @@ class _Scene:
         target.output.setClearColor((*look.sky, 1.0))  # as `window.color`, on whichever output draws
         right, up, back, dfov = camera_jitter(spec.randomize, spec.seed, state.tick)
         camera = self._camera
-        camera.fov = scene.CAMERA_FOV_DEG + dfov
-        pos, aim = scene.chase_camera(state.car, (right, up, back))
+        camera.fov = rig.fov_deg + dfov
+        pos, aim = scene.chase_camera(state.car, (right, up, back), rig)
         camera.setPos(pos)
         camera.lookAt(aim)
         self._car.setMat(scene.car_matrix(state.car))

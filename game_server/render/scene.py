@@ -380,13 +380,32 @@ def car_matrix(car: CarState) -> Mat4:
     return Mat4(s, 0, -c, 0, 0, 1, 0, 0, c, 0, s, 0, car.x, 0, car.y, 1)
 
 
-def chase_camera(car: CarState, jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[LVector3, LVector3]:
+@dataclass(frozen=True)
+class ChaseRig:
+    """Where a chase camera sits behind the car and where it aims (m), and its horizontal FOV (degrees)."""
+
+    back_m: float = CHASE_BACK_M
+    up_m: float = CHASE_UP_M
+    look_ahead_m: float = LOOK_AHEAD_M
+    look_up_m: float = LOOK_UP_M
+    fov_deg: float = CAMERA_FOV_DEG
+
+
+# The game's camera: the model's frames and `rrp play` see the track through it.
+DRIVER_RIG = ChaseRig()
+# A broadcast view, higher and further back, so that a watcher sees the next corner and the car's line.
+TV_RIG = ChaseRig(back_m=14.0, up_m=7.0, look_ahead_m=12.0, look_up_m=0.0, fov_deg=70.0)
+
+
+def chase_camera(
+    car: CarState, jitter: tuple[float, float, float] = (0.0, 0.0, 0.0), rig: ChaseRig = DRIVER_RIG
+) -> tuple[LVector3, LVector3]:
     """Camera position and look-at target behind and above the car; jitter offsets (right, up, back) in m."""
     c, s = math.cos(car.heading), math.sin(car.heading)
     right, up, back = jitter
-    dist = CHASE_BACK_M + back
-    pos = LVector3(car.x - c * dist + s * right, CHASE_UP_M + up, car.y - s * dist - c * right)
-    target = LVector3(car.x + c * LOOK_AHEAD_M, LOOK_UP_M, car.y + s * LOOK_AHEAD_M)
+    dist = rig.back_m + back
+    pos = LVector3(car.x - c * dist + s * right, rig.up_m + up, car.y - s * dist - c * right)
+    target = LVector3(car.x + c * rig.look_ahead_m, rig.look_up_m, car.y + s * rig.look_ahead_m)
     return pos, target
 
 

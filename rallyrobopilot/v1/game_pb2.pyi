@@ -19,6 +19,28 @@ DRIVE_MODE_UNSPECIFIED: DriveMode
 DRIVE_MODE_LOCKSTEP: DriveMode
 DRIVE_MODE_REALTIME: DriveMode
 
+class WatchSessionRequest(_message.Message):
+    __slots__ = ("session_id", "max_rate_hz")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_rate_hz: int
+    def __init__(self, session_id: _Optional[str] = ..., max_rate_hz: _Optional[int] = ...) -> None: ...
+
+class WatchSessionResponse(_message.Message):
+    __slots__ = ("session_id", "track", "state", "progress_fraction", "skipped_states")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STATES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    track: str
+    state: _sim_pb2.SimState
+    progress_fraction: float
+    skipped_states: int
+    def __init__(self, session_id: _Optional[str] = ..., track: _Optional[str] = ..., state: _Optional[_Union[_sim_pb2.SimState, _Mapping]] = ..., progress_fraction: _Optional[float] = ..., skipped_states: _Optional[int] = ...) -> None: ...
+
 class VerifyLapRequest(_message.Message):
     __slots__ = ("record",)
     RECORD_FIELD_NUMBER: _ClassVar[int]

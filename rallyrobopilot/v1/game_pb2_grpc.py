@@ -107,6 +107,11 @@ class GameServiceStub:
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.SerializeToString,
                 response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.FromString,
                 _registered_method=True)
+        self.WatchSession = channel.unary_stream(
+                '/rallyrobopilot.v1.GameService/WatchSession',
+                request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionRequest.SerializeToString,
+                response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class GameServiceServicer:
@@ -242,6 +247,21 @@ class GameServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSession(self, request, context):
+        """Streams a session's newest state to a viewer (`rrp watch`) while something else drives it, and never
+        slows that session: the stream reads the state the session last published, holds none of its locks,
+        and sends at most max_rate_hz states a second; a watcher slower than the session skips states
+        (counted in skipped_states) and the session never waits for it. The first message is the session's
+        state now; the stream ends with OK after the last state once the session closes or expires, and
+        stops when the watcher cancels. An empty session_id watches the oldest open session (the first car
+        of a race). NOT_FOUND for an unknown session, or for an empty id when no session is open;
+        INVALID_ARGUMENT for max_rate_hz above 60; RESOURCE_EXHAUSTED when the session already has its
+        maximum of watchers (--max-watchers, 4 by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GameServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +324,11 @@ def add_GameServiceServicer_to_server(servicer, server):
                     servicer.VerifyLap,
                     request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.FromString,
                     response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.SerializeToString,
+            ),
+            'WatchSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSession,
+                    request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionRequest.FromString,
+                    response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -643,6 +668,33 @@ class GameService:
             '/rallyrobopilot.v1.GameService/VerifyLap',
             rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapRequest.SerializeToString,
             rallyrobopilot_dot_v1_dot_game__pb2.VerifyLapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rallyrobopilot.v1.GameService/WatchSession',
+            rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionRequest.SerializeToString,
+            rallyrobopilot_dot_v1_dot_game__pb2.WatchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
