@@ -36,6 +36,7 @@ from pipeline.evolve import EvolveJobConfig, EvolveOutcome, run_evolve_job
 from pipeline.pools import PoolSpec, local_game_servers, service
 from pipeline.record_task import RecordSettings
 from pipeline.serving_job import ServingJobConfig, run_serving_job
+from pipeline.videos import suite_lap_videos, videos_markdown
 from plumbing.redis_local import LocalRedis
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
@@ -318,6 +319,14 @@ def _evaluate(
         "![suite](evaluation/suite_grid.png)\n\n"
         + ("![recovery](evaluation/recovery_grid.png)\n" if suite.recovery else ""),
     )
+    videos = suite_lap_videos(suite, config.out_dir / "evaluation" / "videos")
+    if videos:
+        report.add(
+            "The model's laps on video",
+            "Replayed from the keys the model chose in the suite (plain frames), filmed by the game's own renderer "
+            "from a chase camera:\n\n" + videos_markdown(videos, config.out_dir),
+        )
+    report.figures["videos"] = [str(v.path.relative_to(config.out_dir)) for v in videos]
     return met
 
 
