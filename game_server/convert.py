@@ -81,6 +81,10 @@ def controls_to_mask(c: sim_pb2.Controls) -> int:
     return mask_of(c.forward, c.back, c.left, c.right)
 
 
+def mask_to_controls(mask: int) -> sim_pb2.Controls:
+    return sim_pb2.Controls(forward=bool(mask & 1), back=bool(mask & 2), left=bool(mask & 4), right=bool(mask & 8))
+
+
 def polyline(points: np.ndarray) -> list[sim_pb2.Vec2]:
     return [vec(x, y) for x, y in points.tolist()]
 

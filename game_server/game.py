@@ -59,6 +59,7 @@ class DriveEvent:
     applied_tick: int
     late_commands: int
     missed_ticks: int
+    applied_mask: int = 0  # the controls the tick ran with (held from the tick before when its command was missed)
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ class Game:
                     raise FailedPrecondition(f"command for tick {tick} but the session is at tick {session.state.tick}")
                 session.state, contact = physics.step(session.track, session.state, mask)
                 self.sessions.touch(session)
-                yield DriveEvent(self.observe(session, contact, with_frames), tick, 0, 0)
+                yield DriveEvent(self.observe(session, contact, with_frames), tick, 0, 0, mask)
 
     def drive_realtime(
         self,
@@ -309,7 +310,7 @@ class Game:
                 session.state, contact = physics.step(session.track, session.state, mask)
                 self.sessions.touch(session)
                 done += 1
-                yield DriveEvent(self.observe(session, contact, with_frames), tick, inbox.late, missed)
+                yield DriveEvent(self.observe(session, contact, with_frames), tick, inbox.late, missed, mask)
             inbox.stop()
 
 

@@ -40,6 +40,7 @@ def _drive_event_to_pb(e: DriveEvent) -> game_pb2.DriveResponse:
         applied_tick=e.applied_tick,
         late_commands=e.late_commands,
         missed_ticks=e.missed_ticks,
+        applied_controls=convert.mask_to_controls(e.applied_mask),
     )
 
 

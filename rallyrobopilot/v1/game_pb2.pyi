@@ -271,16 +271,18 @@ class DriveRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DriveStart, _Mapping]] = ..., command: _Optional[_Union[DriveCommand, _Mapping]] = ...) -> None: ...
 
 class DriveResponse(_message.Message):
-    __slots__ = ("observation", "applied_tick", "late_commands", "missed_ticks")
+    __slots__ = ("observation", "applied_tick", "late_commands", "missed_ticks", "applied_controls")
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     APPLIED_TICK_FIELD_NUMBER: _ClassVar[int]
     LATE_COMMANDS_FIELD_NUMBER: _ClassVar[int]
     MISSED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_CONTROLS_FIELD_NUMBER: _ClassVar[int]
     observation: _sim_pb2.Observation
     applied_tick: int
     late_commands: int
     missed_ticks: int
-    def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., applied_tick: _Optional[int] = ..., late_commands: _Optional[int] = ..., missed_ticks: _Optional[int] = ...) -> None: ...
+    applied_controls: _sim_pb2.Controls
+    def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., applied_tick: _Optional[int] = ..., late_commands: _Optional[int] = ..., missed_ticks: _Optional[int] = ..., applied_controls: _Optional[_Union[_sim_pb2.Controls, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("track", "start_state", "program", "driver", "finish_gate", "max_ticks", "return_trajectory")
