@@ -158,6 +158,15 @@ def test_torchserve_answers_like_the_model_in_process(torchserve: LocalTorchServ
         assert served.infer(frame, speed, 10.0) == local.infer(frame, speed, 10.0)
 
 
+def test_a_batched_request_through_torchserve_answers_like_single_requests(served: TorchServeClient) -> None:
+    frames, speeds = [_frame(seed) for seed in range(6)], [2.0 * k for k in range(6)]
+    batched = served.infer_batch(frames, speeds, 10.0)
+    for frame, speed, answer in zip(frames, speeds, batched, strict=True):
+        single = served.infer(frame, speed, 10.0)
+        assert isinstance(answer, codec.Decision) and answer.keys == single.keys
+        assert np.allclose(answer.logits, single.logits, atol=1e-5)
+
+
 def _weights_of(server: LocalTorchServe) -> Path:
     with zipfile.ZipFile(next(server.model_store.glob("*.mar"))) as z:
         target = server.workdir / "check.safetensors"

@@ -1,0 +1,170 @@
+"""One request per round for every car of an autopilot process: cars submit their frame, one sender packs them.
+
+Each car (a thread) hands its frame and speed to the `Batcher` and waits for its answer until its own deadline,
+as it would on its own call. One sender thread sends whatever is pending as one batched request (see
+serving.codec) as soon as every live car has submitted, or a short window after the oldest pending frame, and
+hands each car its own answer. While a batch is outstanding the next one gathers, so the batch grows with the
+load instead of the queue: N cars cost one call per round, not N calls (and N Python threads in gRPC) per tick.
+
+A car whose deadline passes first falls back as before; its frame is withdrawn if not sent yet, and a later
+answer is dropped. A car's next frame replaces its unsent one, so no car ever has more than one frame pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from plumbing.errors import DeadlineExceeded, DomainError, InvalidArgument
+from serving.client import BatchInferenceClient, FailoverClient, InferenceClient
+from serving.codec import MAX_BATCH, Decision, check_frame_array, encode_speed
+
+log = logging.getLogger(__name__)
+
+BatchTarget = BatchInferenceClient | FailoverClient
+
+
+@dataclass
+class _Item:
+    frame: np.ndarray
+    speed: float
+    deadline: float
+    submitted: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Decision | DomainError | None = None
+
+
+class Batcher:
+    """The shared sender of one model's requests; `car()` is each car's `InferenceClient`."""
+
+    def __init__(self, client: BatchTarget, window_s: float = 0.002, max_batch: int = MAX_BATCH) -> None:
+        if not 0 <= window_s <= 1 or not 1 <= max_batch <= MAX_BATCH:
+            raise InvalidArgument(f"batch window 0..1000 ms and batch size 1..{MAX_BATCH}")
+        self.client, self.window_s, self.max_batch = client, window_s, max_batch
+        self.model, self.version = client.model, client.version
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Item] = {}  # car slot -> its frame waiting to be sent
+        self._live: set[int] = set()
+        self._slots = 0
+        self._closed = False
+        self.sizes: list[int] = []  # frames per request sent: how well the cars were batched
+        self._sender = threading.Thread(target=self._run, name=f"batcher-{self.model}", daemon=True)
+        self._sender.start()
+
+    def car(self) -> CarClient:
+        with self._cond:
+            slot, self._slots = self._slots, self._slots + 1
+            self._live.add(slot)
+        return CarClient(self, slot)
+
+    def submit(self, slot: int, frame: np.ndarray, speed: float, timeout_s: float) -> Decision:
+        check_frame_array(frame)
+        encode_speed(speed)  # a bad speed is this car's error, not the batch's
+        item = _Item(frame, speed, time.monotonic() + timeout_s)
+        with self._cond:
+            if self._closed:
+                raise DeadlineExceeded("the batcher is closed")
+            self._pending[slot] = item
+            self._cond.notify_all()
+        if not item.done.wait(timeout_s):
+            with self._cond:
+                if self._pending.get(slot) is item:
+                    del self._pending[slot]
+            raise DeadlineExceeded("no answer from the model server within the deadline")
+        if isinstance(item.answer, DomainError):
+            raise item.answer
+        assert item.answer is not None
+        return item.answer
+
+    def leave(self, slot: int) -> None:
+        with self._cond:
+            self._live.discard(slot)
+            self._pending.pop(slot, None)
+            self._cond.notify_all()
+
+    def _gather(self) -> list[_Item] | None:
+        """The next batch: every live car's frame, or what is pending a window after the oldest; None: closed."""
+        with self._cond:
+            while True:
+                self._cond.wait_for(lambda: bool(self._pending) or self._closed)
+                if self._closed:
+                    return None
+                oldest = min(item.submitted for item in self._pending.values())
+                while len(self._pending) < min(len(self._live), self.max_batch) and not self._closed:
+                    left = oldest + self.window_s - time.monotonic()
+                    if left <= 0 or not self._pending:
+                        break
+                    self._cond.wait(left)
+                if self._pending:
+                    break
+            slots = list(self._pending)[: self.max_batch]
+            return [self._pending.pop(slot) for slot in slots]
+
+    def _run(self) -> None:
+        while (items := self._gather()) is not None:
+            now = time.monotonic()
+            items = [item for item in items if item.deadline > now]  # the rest have fallen back already
+            if not items:
+                continue
+            self.sizes.append(len(items))
+            error: DomainError = DeadlineExceeded("no answer")
+            try:
+                answers: list[Decision | InvalidArgument] | None = self.client.infer_batch(
+                    [i.frame for i in items], [i.speed for i in items], max(i.deadline for i in items) - now
+                )
+            except DomainError as exc:
+                answers, error = None, exc
+            except Exception as exc:  # a bug must not leave every car waiting on a dead sender
+                log.exception("batched inference failed")
+                answers, error = None, DeadlineExceeded(f"batched inference failed: {exc}")
+            for k, item in enumerate(items):
+                item.answer = answers[k] if answers is not None else error
+                item.done.set()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._sender.join(5.0)
+        self.client.close()
+
+
+class CarClient:
+    """One car's `InferenceClient` over the shared batcher; `close` is the car leaving (the batcher stays)."""
+
+    def __init__(self, batcher: Batcher, slot: int) -> None:
+        self.batcher, self.slot = batcher, slot
+        self.model, self.version = batcher.model, batcher.version
+
+    def infer(self, frame: np.ndarray, speed_m_per_s: float, timeout_s: float) -> Decision:
+        return self.batcher.submit(self.slot, frame, speed_m_per_s, timeout_s)
+
+    def close(self) -> None:
+        self.batcher.leave(self.slot)
+
+
+class Batchers:
+    """One batcher per model version, made on first use; `connect(version)` is a car's client of it."""
+
+    def __init__(self, make: Callable[[str], BatchTarget], window_s: float) -> None:
+        self.make, self.window_s = make, window_s
+        self._lock = threading.Lock()
+        self._batchers: dict[str, Batcher] = {}
+
+    def connect(self, version: str = "") -> InferenceClient:
+        with self._lock:
+            if version not in self._batchers:
+                self._batchers[version] = Batcher(self.make(version), self.window_s)
+            return self._batchers[version].car()
+
+    def sizes(self) -> list[int]:
+        return [n for b in self._batchers.values() for n in b.sizes]
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
