@@ -214,7 +214,7 @@ def run_autopilot_command(
         from serving.registry import Router
 
         router = Router(config.routing)
-    batchers = Batchers(replicas_of, pilot.batch_window_ms / 1e3) if batched else None
+    batchers = Batchers(replicas_of, pilot.batch_window_ms / 1e3, pilot.batch_in_flight) if batched else None
     connect_version = batchers.connect if batchers is not None else replicas_of
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
     try:
@@ -231,6 +231,9 @@ def run_autopilot_command(
         if endpoint is not None:
             endpoint.stop()
     report = result_json(result)
+    if batchers is not None:
+        sizes = batchers.sizes() or [0]
+        report["totals"]["batch_frames_mean"] = round(sum(sizes) / len(sizes), 2)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "autopilot.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

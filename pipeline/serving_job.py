@@ -74,7 +74,11 @@ def run_serving_job(
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
         log.info("TorchServe at %s: racing %s in real time", server.inference_address, config.track)
-        batcher = Batcher(TorchServeClient(server.inference_address, model, key), pilot.batch_window_ms / 1e3)
+        batcher = Batcher(
+            lambda: TorchServeClient(server.inference_address, model, key),
+            pilot.batch_window_ms / 1e3,
+            pilot.batch_in_flight,
+        )
         try:
             result = run_autopilot(pilot, game_servers, batcher.car)
         finally:

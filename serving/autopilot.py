@@ -86,6 +86,9 @@ class AutopilotConfig:
     batch_window_ms: float = setting(
         2.0, "batched: how long a frame waits for the other cars' before its request goes, ms (all in: at once)"
     )
+    batch_in_flight: int = setting(
+        2, "batched: requests of this process outstanding at once (a frame that just missed one goes in the next)"
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("realtime", "lockstep"):
@@ -98,6 +101,8 @@ class AutopilotConfig:
             raise InvalidArgument("laps and max ticks must be at least 1")
         if not 0.0 <= self.batch_window_ms <= 40.0:
             raise InvalidArgument(f"the batch window must be 0..40 ms (one tick), got {self.batch_window_ms:g}")
+        if not 1 <= self.batch_in_flight <= 16:
+            raise InvalidArgument(f"batch in flight must be 1..16, got {self.batch_in_flight}")
         if not 1 <= self.fallback_ticks <= 100:
             raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:

@@ -1,10 +1,13 @@
 """One request per round for every car of an autopilot process: cars submit their frame, one sender packs them.
 
 Each car (a thread) hands its frame and speed to the `Batcher` and waits for its answer until its own deadline,
-as it would on its own call. One sender thread sends whatever is pending as one batched request (see
+as it would on its own call. A sender thread sends whatever is pending as one batched request (see
 serving.codec) as soon as every live car has submitted, or a short window after the oldest pending frame, and
-hands each car its own answer. While a batch is outstanding the next one gathers, so the batch grows with the
-load instead of the queue: N cars cost one call per round, not N calls (and N Python threads in gRPC) per tick.
+hands each car its own answer: N cars cost one call per round, not N calls (and N Python threads in gRPC) per
+tick. There are `in_flight` senders, each with its own client (one outstanding call each, as serving.client's
+rule is): a car whose frame comes just after a batch left is sent by the next sender at once instead of waiting
+a whole round trip (with one sender, cars whose ticks fall just after another's were late tick after tick),
+and the model server never holds more than `in_flight` requests of one autopilot process.
 
 A car whose deadline passes first falls back as before; its frame is withdrawn if not sent yet, and a later
 answer is dropped. A car's next frame replaces its unsent one, so no car ever has more than one frame pending.
@@ -42,19 +45,30 @@ class _Item:
 class Batcher:
     """The shared sender of one model's requests; `car()` is each car's `InferenceClient`."""
 
-    def __init__(self, client: BatchTarget, window_s: float = 0.002, max_batch: int = MAX_BATCH) -> None:
-        if not 0 <= window_s <= 1 or not 1 <= max_batch <= MAX_BATCH:
-            raise InvalidArgument(f"batch window 0..1000 ms and batch size 1..{MAX_BATCH}")
-        self.client, self.window_s, self.max_batch = client, window_s, max_batch
-        self.model, self.version = client.model, client.version
+    def __init__(
+        self,
+        connect: Callable[[], BatchTarget],
+        window_s: float = 0.002,
+        in_flight: int = 2,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        if not 0 <= window_s <= 1 or not 1 <= max_batch <= MAX_BATCH or not 1 <= in_flight <= 16:
+            raise InvalidArgument(f"batch window 0..1000 ms, batch size 1..{MAX_BATCH}, 1..16 requests in flight")
+        self.window_s, self.max_batch = window_s, max_batch
+        self.clients = [connect() for _ in range(in_flight)]
+        self.model, self.version = self.clients[0].model, self.clients[0].version
         self._cond = threading.Condition()
         self._pending: dict[int, _Item] = {}  # car slot -> its frame waiting to be sent
         self._live: set[int] = set()
         self._slots = 0
         self._closed = False
         self.sizes: list[int] = []  # frames per request sent: how well the cars were batched
-        self._sender = threading.Thread(target=self._run, name=f"batcher-{self.model}", daemon=True)
-        self._sender.start()
+        self._senders = [
+            threading.Thread(target=self._run, args=(client,), name=f"batcher-{self.model}-{k}", daemon=True)
+            for k, client in enumerate(self.clients)
+        ]
+        for sender in self._senders:
+            sender.start()
 
     def car(self) -> CarClient:
         with self._cond:
@@ -105,7 +119,7 @@ class Batcher:
             slots = list(self._pending)[: self.max_batch]
             return [self._pending.pop(slot) for slot in slots]
 
-    def _run(self) -> None:
+    def _run(self, client: BatchTarget) -> None:
         while (items := self._gather()) is not None:
             now = time.monotonic()
             items = [item for item in items if item.deadline > now]  # the rest have fallen back already
@@ -114,7 +128,7 @@ class Batcher:
             self.sizes.append(len(items))
             error: DomainError = DeadlineExceeded("no answer")
             try:
-                answers: list[Decision | InvalidArgument] | None = self.client.infer_batch(
+                answers: list[Decision | InvalidArgument] | None = client.infer_batch(
                     [i.frame for i in items], [i.speed for i in items], max(i.deadline for i in items) - now
                 )
             except DomainError as exc:
@@ -130,8 +144,10 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._sender.join(5.0)
-        self.client.close()
+        for sender in self._senders:
+            sender.join(5.0)
+        for client in self.clients:
+            client.close()
 
 
 class CarClient:
@@ -151,15 +167,15 @@ class CarClient:
 class Batchers:
     """One batcher per model version, made on first use; `connect(version)` is a car's client of it."""
 
-    def __init__(self, make: Callable[[str], BatchTarget], window_s: float) -> None:
-        self.make, self.window_s = make, window_s
+    def __init__(self, make: Callable[[str], BatchTarget], window_s: float, in_flight: int = 2) -> None:
+        self.make, self.window_s, self.in_flight = make, window_s, in_flight
         self._lock = threading.Lock()
         self._batchers: dict[str, Batcher] = {}
 
     def connect(self, version: str = "") -> InferenceClient:
         with self._lock:
             if version not in self._batchers:
-                self._batchers[version] = Batcher(self.make(version), self.window_s)
+                self._batchers[version] = Batcher(lambda: self.make(version), self.window_s, self.in_flight)
             return self._batchers[version].car()
 
     def sizes(self) -> list[int]:

@@ -90,7 +90,7 @@ def test_a_batched_request_answers_like_single_ones_and_a_bad_item_fails_alone(h
 def test_the_batcher_sends_one_request_for_every_car_ready(model_dir: Path) -> None:
     local = InProcessClient.load(model_dir / "model.safetensors")
     frames = _frames(6)
-    batcher = Batcher(local, window_s=1.0)  # a long window: only "every live car is in" sends it
+    batcher = Batcher(lambda: local, window_s=1.0)  # a long window: only "every live car is in" sends it
     cars = [batcher.car() for _ in frames]
     with futures.ThreadPoolExecutor(len(frames)) as pool:
         answers = list(pool.map(lambda k: cars[k].infer(frames[k], 2.0, 10.0), range(len(frames))))
@@ -116,7 +116,7 @@ class _Slow(InProcessClient):
 
 def test_a_car_whose_deadline_passes_falls_back_and_the_late_answer_is_dropped(model_dir: Path) -> None:
     local = InProcessClient.load(model_dir / "model.safetensors")
-    batcher = Batcher(_Slow(local.net), window_s=0.0)
+    batcher = Batcher(lambda: _Slow(local.net), window_s=0.0, in_flight=1)
     car = batcher.car()
     frame = _frames(1)[0]
     with pytest.raises(DeadlineExceeded):
