@@ -217,6 +217,8 @@ def run_autopilot_command(
     batchers = Batchers(replicas_of, pilot.batch_window_ms / 1e3, pilot.batch_in_flight) if batched else None
     connect_version = batchers.connect if batchers is not None else replicas_of
     endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
+    log.info("racing %d car(s) on %s, model servers %s (%s)", pilot.cars, ",".join(config.game),
+             ",".join(replicas.targets), "batched" if batched else "one request per car")  # fmt: skip
     try:
         if router is not None:
             result = run_autopilot(
@@ -234,6 +236,7 @@ def run_autopilot_command(
     if batchers is not None:
         sizes = batchers.sizes() or [0]
         report["totals"]["batch_frames_mean"] = round(sum(sizes) / len(sizes), 2)
+        report["replicas"] = batchers.replica_calls()
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "autopilot.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -181,6 +181,18 @@ class Batchers:
     def sizes(self) -> list[int]:
         return [n for b in self._batchers.values() for n in b.sizes]
 
+    def replica_calls(self) -> dict[str, dict[str, float]]:
+        """Per model server replica: answered requests, and the wall-clock time of its first answer."""
+        out: dict[str, dict[str, float]] = {}
+        for batcher in self._batchers.values():
+            for client in batcher.clients:
+                if isinstance(client, FailoverClient):
+                    for target, n in client.calls.items():
+                        row = out.setdefault(target, {"requests": 0, "first_answer": client.first_answer[target]})
+                        row["requests"] += n
+                        row["first_answer"] = min(row["first_answer"], client.first_answer[target])
+        return out
+
     def close(self) -> None:
         for batcher in self._batchers.values():
             batcher.close()

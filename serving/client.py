@@ -428,6 +428,7 @@ class FailoverClient:
         self._down: dict[str, float] = {}  # replica -> when it was found unavailable
         self._next = 0
         self.calls: dict[str, int] = {}  # answered calls per replica: how the load was shared
+        self.first_answer: dict[str, float] = {}  # each replica's first answer, wall clock (when it joined)
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -507,6 +508,7 @@ class FailoverClient:
                 raise
             self._mark_up(target)
             self.calls[target] = self.calls.get(target, 0) + 1
+            self.first_answer.setdefault(target, time.time())
             return answer
         if unavailable is None:
             raise DeadlineExceeded("no time left to ask another model server replica")
