@@ -9,8 +9,10 @@ rule is): a car whose frame comes just after a batch left is sent by the next se
 a whole round trip (with one sender, cars whose ticks fall just after another's were late tick after tick),
 and the model server never holds more than `in_flight` requests of one autopilot process.
 
-A car whose deadline passes first falls back as before; its frame is withdrawn if not sent yet, and a later
-answer is dropped. A car's next frame replaces its unsent one, so no car ever has more than one frame pending.
+A sampled tick's trace context travels with its frame: the batch's gRPC call is a span of the first traced
+tick among its cars. A car whose deadline passes first falls back as before; its frame is withdrawn if not
+sent yet, and a later answer is dropped. A car's next frame replaces its unsent one, so no car ever has more
+than one frame pending.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from plumbing.errors import DeadlineExceeded, DomainError, InvalidArgument
 from serving.client import BatchInferenceClient, FailoverClient, InferenceClient
@@ -40,6 +44,7 @@ class _Item:
     submitted: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     answer: Decision | DomainError | None = None
+    context: otel_context.Context = field(default_factory=otel_context.get_current)  # the car's tick, if traced
 
 
 class Batcher:
@@ -127,6 +132,8 @@ class Batcher:
                 continue
             self.sizes.append(len(items))
             error: DomainError = DeadlineExceeded("no answer")
+            traced = next((i.context for i in items if trace.get_current_span(i.context).is_recording()), None)
+            token = otel_context.attach(traced) if traced is not None else None
             try:
                 answers: list[Decision | InvalidArgument] | None = client.infer_batch(
                     [i.frame for i in items], [i.speed for i in items], max(i.deadline for i in items) - now
@@ -136,6 +143,9 @@ class Batcher:
             except Exception as exc:  # a bug must not leave every car waiting on a dead sender
                 log.exception("batched inference failed")
                 answers, error = None, DeadlineExceeded(f"batched inference failed: {exc}")
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             for k, item in enumerate(items):
                 item.answer = answers[k] if answers is not None else error
                 item.done.set()
