@@ -443,11 +443,13 @@ def test_the_main_jobs_serving_step_writes_its_figures_and_plot(
 
     figures = run_serving_job(
         model_dir,
-        (game_server_processes[0].address,),
+        tuple(p.address for p in game_server_processes),
         tmp_path,
-        ServingJobConfig(track="oval", max_ticks=50),
+        ServingJobConfig(track="oval", max_ticks=50),  # 8 cars (the default), batched
     )
-    assert figures["ticks"] == 50 and figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
+    assert figures["cars"] == 8 and figures["ticks"] == 8 * 50 and figures["batch_frames_max"] >= 1
+    assert figures["markdown"].count("| yes |") + figures["markdown"].count("| no |") == 8  # the per-car table
+    assert figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
     assert figures["torchserve_memory_mb"]["jvm_mb"] > 0
     assert "late commands" in figures["markdown"] and "latency.png" in figures["markdown"]
     for name in ("serving.json", "serving.md", "latency.png"):
