@@ -90,6 +90,8 @@ def run_autopilots(
                "--lockstep" if args.lockstep_all else "--realtime"]  # fmt: skip
         if args.unbatched:
             cmd.append("--no-batched")
+        else:
+            cmd += ["--batch-window-ms", str(args.window_ms), "--batch-in-flight", str(args.in_flight)]
         log = open(out / f"p{k}.log", "w")  # noqa: SIM115 - closed once the process is waited for
         running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, k))
     cpu = 0.0
@@ -161,6 +163,8 @@ def main() -> int:
     parser.add_argument("--track", default="kidney")
     parser.add_argument("--max-ticks", type=int, default=1500, help="tick budget of a lap")
     parser.add_argument("--unbatched", action="store_true", help="one request per car per tick")
+    parser.add_argument("--window-ms", type=float, default=2.0, help="batch window of the autopilots, ms")
+    parser.add_argument("--in-flight", type=int, default=2, help="batched requests in flight per autopilot")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")
     args = parser.parse_args()
     args.lockstep_all = False
@@ -171,6 +175,7 @@ def main() -> int:
     counts = [int(c) for c in args.cars.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-cars-"))
     results: dict[str, Any] = {"load_before": os.getloadavg(), "procs": args.procs, "batched": not args.unbatched,
+                               "window_ms": args.window_ms, "in_flight": args.in_flight,
                                "model": str(args.model), "track": args.track, "rows": []}  # fmt: skip
     print(f"logs in {tmp}", flush=True)
     with services(args.model, args.procs, tmp) as (game_procs, ts):
