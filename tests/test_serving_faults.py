@@ -105,11 +105,19 @@ class Recorded:
 def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRecord, float, list[BaseException]]:
     """A real-time lap with `fault` run FAULT_AT_S into it, stopped RIDE_S after `fault` returns; the lap, when the
     fault began, the fault's errors."""
+    laps, fault_at, errors = _race_cars(game, lambda: client, fault, cars=1)
+    return laps[0], fault_at, errors
+
+
+def _race_cars(
+    game: str, connect: Callable[[], InferenceClient], fault: Callable[[], None], cars: int
+) -> tuple[list[LapRecord], float, list[BaseException]]:
+    """`cars` real-time laps with `fault` run FAULT_AT_S into them, stopped RIDE_S after `fault` returns."""
     # Ten ticks of fallback ahead: a TorchServe (re)starting takes both cores for a while, and the autopilot and
     # the game server must ride out their own stalls on this shared machine (the default 5 covers 200 ms).
     config = AutopilotConfig(
         track="oval", mode="realtime", max_ticks=1500, stuck_ticks=0, fallback_ticks=10, width=SMALL.width,
-        height=SMALL.height,
+        height=SMALL.height, cars=cars,
     )  # fmt: skip
     started, stop = threading.Event(), threading.Event()
     fault_at: list[float] = []
@@ -129,13 +137,13 @@ def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRe
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
 
-    def connect() -> Recorded:
+    def connect_started() -> InferenceClient:
         started.set()
-        return client
+        return connect()
 
-    result = run_autopilot(config, (game,), connect, stop=stop)
+    result = run_autopilot(config, (game,), connect_started, stop=stop)
     injector.join(60.0)
-    return result.laps[0], fault_at[0], errors
+    return result.laps, fault_at[0], errors
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -218,6 +226,39 @@ def test_a_killed_worker_is_ridden_through_on_the_fallback_and_answers_again(
     assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before["safe_ticks"] == lap.safe_ticks
     assert client.answered_after(killed_at + 1.0) > 20  # the new worker answers, for the RIDE_S after
     _assert_safe_mode_logged(caplog)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_under_four_batched_cars_costs_no_tick(
+    archive: Path, game_server_processes: list[ServiceProcess]
+) -> None:
+    from serving.batching import Batcher
+
+    with _serving(archive) as server:
+        assert server.keys is not None
+        key, address = server.keys.inference, server.inference_address
+        worker = workers_of(server)[0]
+        batcher = Batcher(lambda: TorchServeClient(address, MODEL, key))
+        answered: list[float] = []
+
+        def kill_worker() -> None:
+            """Kills the worker, and returns once a batch has been answered by a new one."""
+            worker.kill()
+            sent = len(batcher.sizes)
+            deadline = time.monotonic() + 60.0
+            while not [p for p in workers_of(server) if p.pid != worker.pid] or len(batcher.sizes) < sent + 25:
+                assert time.monotonic() < deadline, "no new worker answered"
+                time.sleep(0.05)
+            answered.append(time.monotonic())
+
+        try:
+            laps, _, errors = _race_cars(game_server_processes[0].address, batcher.car, kill_worker, cars=4)
+        finally:
+            batcher.close()
+    assert not errors and answered, errors
+    assert len(laps) == 4 and all(lap.stop_reason == "stopped" for lap in laps)
+    assert sum(lap.missed_ticks for lap in laps) == 0, [lap.summary() for lap in laps]
+    assert max(batcher.sizes) > 1  # the cars' frames did share requests
 
 
 @pytest.mark.slow
