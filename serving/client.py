@@ -490,13 +490,15 @@ class FailoverClient:
         """`call(replica's client, seconds left)` on the next replica, failing over on UNAVAILABLE."""
         deadline = time.monotonic() + timeout_s
         unavailable: DomainError | None = None
+        busy: DomainError | None = None  # a replica alive but on its last call: this call is late, not failed
         for step, target in enumerate(self._order()):
             if step and deadline - time.monotonic() <= 0.001:
-                break
+                # Replicas not asked may be up: out of time, the call is late rather than unavailable.
+                raise busy or DeadlineExceeded(f"no time left to ask another model server replica after {unavailable}")
             try:
                 answer = self._ask(target, call, deadline)
             except Busy as exc:  # still on its last call: the next replica, if any, is asked instead
-                unavailable = exc
+                busy = exc
                 continue
             except DomainError as exc:
                 if exc.code == "UNAVAILABLE":
@@ -510,8 +512,9 @@ class FailoverClient:
             self.calls[target] = self.calls.get(target, 0) + 1
             self.first_answer.setdefault(target, time.time())
             return answer
-        if unavailable is None:
-            raise DeadlineExceeded("no time left to ask another model server replica")
+        if busy is not None:
+            raise busy
+        assert unavailable is not None  # every replica was asked: each busy or unavailable
         raise unavailable
 
     def _mark_down(self, target: str, exc: DomainError) -> None:
