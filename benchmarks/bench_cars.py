@@ -132,13 +132,14 @@ def floor_ms(model_dir: Path, batch: int, n: int = 30) -> dict[str, float]:
 
 
 @contextmanager
-def services(model_dir: Path, procs: int, tmp: Path) -> Iterator[tuple[list[Any], Any]]:
+def services(model_dir: Path, server_batch: int, server_delay_ms: int, tmp: Path) -> Iterator[tuple[list[Any], Any]]:
     from plumbing.procs import start_service
     from serving.archive import ArchiveConfig, build_archive
     from serving.torchserve import LocalTorchServe, TorchServeConfig
 
-    # The autopilot batches its cars; TorchServe's own batching only merges several autopilot processes'.
-    archive_config = ArchiveConfig(batch_size=max(1, procs), max_batch_delay_ms=2 if procs > 1 else 0)
+    # The autopilot batches its cars; TorchServe's own batching could only merge several autopilot processes'
+    # requests, and waits up to its delay for them (--server-batch, --server-delay-ms).
+    archive_config = ArchiveConfig(batch_size=server_batch, max_batch_delay_ms=server_delay_ms)
     archive = build_archive(model_dir, "1", tmp / "store", archive_config)
     games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(2)]
     try:
@@ -164,6 +165,8 @@ def main() -> int:
     parser.add_argument("--max-ticks", type=int, default=1500, help="tick budget of a lap")
     parser.add_argument("--unbatched", action="store_true", help="one request per car per tick")
     parser.add_argument("--window-ms", type=float, default=2.0, help="batch window of the autopilots, ms")
+    parser.add_argument("--server-batch", type=int, default=1, help="TorchServe's batch size")
+    parser.add_argument("--server-delay-ms", type=int, default=0, help="TorchServe's max batch delay, ms")
     parser.add_argument("--in-flight", type=int, default=2, help="batched requests in flight per autopilot")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")
     args = parser.parse_args()
@@ -178,7 +181,7 @@ def main() -> int:
                                "window_ms": args.window_ms, "in_flight": args.in_flight,
                                "model": str(args.model), "track": args.track, "rows": []}  # fmt: skip
     print(f"logs in {tmp}", flush=True)
-    with services(args.model, args.procs, tmp) as (game_procs, ts):
+    with services(args.model, args.server_batch, args.server_delay_ms, tmp) as (game_procs, ts):
         games, game_pids = tuple(g.address for g in game_procs), [g.proc.pid for g in game_procs]
         address = ts.inference_address
         lockstep = argparse.Namespace(**{**vars(args), "lockstep_all": True})

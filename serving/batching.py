@@ -34,6 +34,7 @@ from serving.codec import MAX_BATCH, Decision, check_frame_array, encode_speed
 log = logging.getLogger(__name__)
 
 BatchTarget = BatchInferenceClient | FailoverClient
+SETTLE_S = 5.0  # the longest a sender waits for its late call's answer before taking frames again
 
 
 @dataclass
@@ -149,6 +150,12 @@ class Batcher:
             for k, item in enumerate(items):
                 item.answer = answers[k] if answers is not None else error
                 item.done.set()
+            if answers is None and isinstance(error, DeadlineExceeded):
+                # Its call still runs on the server (calls are never cancelled): until it is answered this
+                # sender's client would refuse every batch at once, so it waits and leaves the frames to the others.
+                settle = getattr(client, "settle", None)
+                if settle is not None:
+                    settle(SETTLE_S)
 
     def close(self) -> None:
         with self._cond:

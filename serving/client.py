@@ -245,6 +245,10 @@ class TorchServeClient:
         response = self._calls.call(self.stub.Predictions, request, timeout_s, self._metadata)
         return self._decoded(response.prediction, lambda payload: decode_batch_response(payload, len(frames)))
 
+    def settle(self, timeout_s: float) -> None:
+        """Waits until the last call is answered (or `timeout_s`): a late call keeps this client busy till then."""
+        self._calls.settle(timeout_s)
+
     def _decoded(self, payload: bytes, decode: Callable[[bytes], T]) -> T:
         """The answer decoded: a refusal stays INVALID_ARGUMENT; an answer not in the wire format (another
         model, a proxy's page) is the server's fault, UNAVAILABLE, so that another replica is asked."""
@@ -516,6 +520,14 @@ class FailoverClient:
             raise busy
         assert unavailable is not None  # every replica was asked: each busy or unavailable
         raise unavailable
+
+    def settle(self, timeout_s: float) -> None:
+        """Waits until every replica's last call is answered (or `timeout_s` in all)."""
+        deadline = time.monotonic() + timeout_s
+        for client in list(self._clients.values()):
+            settle = getattr(client, "settle", None)
+            if settle is not None:
+                settle(max(deadline - time.monotonic(), 0.0))
 
     def _mark_down(self, target: str, exc: DomainError) -> None:
         metrics.MODEL_SERVER_UP.labels(target).set(0)
