@@ -151,7 +151,10 @@ def _serve(config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], r
     """Packages the model, serves it with TorchServe and races the training track through it in real time."""
     serving = dataclasses.replace(config.serving, track=config.track)
     figures = run_serving_job(model_dir, addresses, config.out_dir / "serving", serving)
-    report.add("Serving: TorchServe, real time", figures.pop("markdown"))
+    # serving.md sits beside its plot; report.md is one directory up.
+    report.add(
+        "Serving: TorchServe, real time", figures.pop("markdown").replace("](latency.png)", "](serving/latency.png)")
+    )
     report.figures["serving"] = figures
 
 

@@ -184,7 +184,8 @@ def run_autopilot_command(
     (from the cars' threads); returns the totals."""
     from pipeline.plots import plot_latency
     from serving.autopilot import result_json, run_autopilot
-    from serving.client import ModelRef, connect_replicas, read_token
+    from serving.batching import Batchers
+    from serving.client import FailoverClient, ModelRef, Replicas, connect_replicas, read_token
 
     model = ModelRef.parse(config.model)
     servers, files = config.model_server, config.token_file
@@ -200,33 +201,42 @@ def run_autopilot_command(
     def lap_done(r: Any) -> None:
         on_lap(r.summary())
 
-    endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
-    try:
-        if config.routing is not None:
-            from serving.registry import Router
+    pilot = config.autopilot
+    batched = pilot.batched and config.protocol == "torchserve"
+    replicas = Replicas(servers)  # names looked up again every second: replicas that join take calls
 
-            router = Router(config.routing)
-            name = router.current().name
+    def replicas_of(version: str) -> FailoverClient:
+        name = router.current().name if router is not None else model.name
+        return connect_replicas(config.protocol, replicas, ModelRef(name, version or model.version), token_of)
+
+    router = None
+    if config.routing is not None:
+        from serving.registry import Router
+
+        router = Router(config.routing)
+    batchers = Batchers(replicas_of, pilot.batch_window_ms / 1e3, pilot.batch_in_flight) if batched else None
+    connect_version = batchers.connect if batchers is not None else replicas_of
+    endpoint = start_metrics(config.metrics_host, config.metrics_port, "autopilot")
+    log.info("racing %d car(s) on %s, model servers %s (%s)", pilot.cars, ",".join(config.game),
+             ",".join(replicas.targets), "batched" if batched else "one request per car")  # fmt: skip
+    try:
+        if router is not None:
             result = run_autopilot(
-                config.autopilot,
-                config.game,
-                stop=stop,
-                on_lap=lap_done,
-                router=router,
-                connect_version=lambda v: connect_replicas(config.protocol, servers, ModelRef(name, v), token_of),
+                pilot, config.game, stop=stop, on_lap=lap_done, router=router, connect_version=connect_version
             )
         else:
-            result = run_autopilot(
-                config.autopilot,
-                config.game,
-                lambda: connect_replicas(config.protocol, servers, model, token_of),
-                stop=stop,
-                on_lap=lap_done,
-            )
+            result = run_autopilot(pilot, config.game, lambda: connect_version(""), stop=stop, on_lap=lap_done)
     finally:
+        if batchers is not None:
+            batchers.close()
+        replicas.close()
         if endpoint is not None:
             endpoint.stop()
     report = result_json(result)
+    if batchers is not None:
+        sizes = batchers.sizes() or [0]
+        report["totals"]["batch_frames_mean"] = round(sum(sizes) / len(sizes), 2)
+        report["replicas"] = batchers.replica_calls()
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "autopilot.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

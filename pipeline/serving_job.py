@@ -14,6 +14,7 @@ from pipeline.plots import plot_latency
 from plumbing.settings import setting
 from serving.archive import ArchiveConfig, build_archive
 from serving.autopilot import AutopilotConfig, AutopilotResult, result_json, run_autopilot
+from serving.batching import Batcher
 from serving.client import ModelRef, TorchServeClient
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
@@ -26,7 +27,7 @@ class ServingJobConfig:
 
     track: str = setting("kidney", "track raced through TorchServe (the training track)", cli=False)
     laps: int = setting(1, "laps raced in real time")
-    cars: int = setting(1, "cars racing at once through the one TorchServe")
+    cars: int = setting(8, "cars racing at once through the one TorchServe, their frames batched per round")
     max_ticks: int = setting(3000, "tick budget of a lap")
     deadline_ms: float = setting(28.0, "inference deadline per tick before the fallback command, ms")
     batch_size: int = setting(1, "TorchServe batch size of the served model")
@@ -73,8 +74,17 @@ def run_serving_job(
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
         log.info("TorchServe at %s: racing %s in real time", server.inference_address, config.track)
-        result = run_autopilot(pilot, game_servers, lambda: TorchServeClient(server.inference_address, model, key))
+        batcher = Batcher(
+            lambda: TorchServeClient(server.inference_address, model, key),
+            pilot.batch_window_ms / 1e3,
+            pilot.batch_in_flight,
+        )
+        try:
+            result = run_autopilot(pilot, game_servers, batcher.car)
+        finally:
+            batcher.close()
         memory = server.memory_mb()
+    sizes = batcher.sizes or [0]
     plot_latency(result, out_dir / "latency.png")
     report = result_json(result)
     figures: dict[str, Any] = {
@@ -82,6 +92,8 @@ def run_serving_job(
         "version": version,
         **report["totals"],
         "torchserve_memory_mb": memory,
+        "batch_frames_mean": round(sum(sizes) / len(sizes), 2),
+        "batch_frames_max": max(sizes),
     }
     (out_dir / "serving.json").write_text(json.dumps({**report, "figures": figures}, indent=2, default=str) + "\n")
     figures["markdown"] = markdown(result, figures, settings=asdict(config))
@@ -110,6 +122,8 @@ each tick's frame went to TorchServe and its keys came back as the command for t
 - Latency per hop (p50 / p99): frame (tick due -> observation received) {t["frame_ms_p50"]} / {t["frame_ms_p99"]} ms;
   inference {t["inference_ms_p50"]} / {t["inference_ms_p99"]} ms; slack left before the tick was due
   {t["slack_ms_p50"]} ms (p1 {t["slack_ms_p1"]} ms)
+- Requests: one per round for every car ready (batched), {figures["batch_frames_mean"]} frames on average,
+  {figures["batch_frames_max"]} at most
 - TorchServe memory: JVM {mem["jvm_mb"]} MB, workers {mem["workers_mb"]} MB
 
 | car | lap | finished | lap ticks | ticks | late | missed | fallbacks | errors |

@@ -35,6 +35,7 @@ from serving.registry import Router
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("hold", "coast")
+MAX_CARS = 512  # each car is a thread and a Drive stream: far beyond what one process drives in real time
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,29 @@ class AutopilotConfig:
     randomize: bool = setting(False, "domain-randomised frames")
     seed: int = setting(0, "seed of the frames' randomisation")
     trace_every: int = setting(25, "with tracing on, one tick in this many becomes a trace (frame, inference, command)")
+    batched: bool = setting(
+        True, "one inference request per round carrying every car's frame (TorchServe's protocol), not one per car"
+    )
+    batch_window_ms: float = setting(
+        2.0, "batched: how long a frame waits for the other cars' before its request goes, ms (all in: at once)"
+    )
+    batch_in_flight: int = setting(
+        2, "batched: requests of this process outstanding at once (a frame that just missed one goes in the next)"
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("realtime", "lockstep"):
             raise InvalidArgument(f"mode {quote(self.mode)}: realtime or lockstep")
         if self.fallback not in FALLBACKS:
             raise InvalidArgument(f"fallback {quote(self.fallback)}: one of {', '.join(FALLBACKS)}")
-        if self.laps < 1 or self.cars < 1 or self.max_ticks < 1:
-            raise InvalidArgument("laps, cars and max ticks must be at least 1")
+        if not 1 <= self.cars <= MAX_CARS:
+            raise InvalidArgument(f"cars must be 1..{MAX_CARS}, got {self.cars}")
+        if self.laps < 1 or self.max_ticks < 1:
+            raise InvalidArgument("laps and max ticks must be at least 1")
+        if not 0.0 <= self.batch_window_ms <= 40.0:
+            raise InvalidArgument(f"the batch window must be 0..40 ms (one tick), got {self.batch_window_ms:g}")
+        if not 1 <= self.batch_in_flight <= 16:
+            raise InvalidArgument(f"batch in flight must be 1..16, got {self.batch_in_flight}")
         if not 1 <= self.fallback_ticks <= 100:
             raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:

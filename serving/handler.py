@@ -18,12 +18,15 @@ import torch
 
 from plumbing.errors import DomainError
 from serving.codec import (
+    decode_batch_request,
     decode_oip_request,
     decode_request,
+    encode_batch_response,
     encode_error,
     encode_oip_error,
     encode_oip_response,
     encode_response,
+    is_batch,
 )
 from trainer.vision.model import decide
 from trainer.vision.train import load_model
@@ -49,37 +52,54 @@ class VisionHandler:
         log.info("vision model loaded: %dx%d input, %d threads", self.width, self.height, torch.get_num_threads())
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | dict[str, Any]]:
+        """Every frame of the batch (single requests and batched ones alike) goes through one forward pass."""
         answers: list[bytes | dict[str, Any]] = [b"" for _ in data]
-        good: list[int] = []
-        frames: list[np.ndarray] = []
-        speeds: list[float] = []
         oip = [_oip_body(item) for item in data]
+        frames: list[np.ndarray] = []  # (n, H, W, 3) blocks, in order
+        speeds: list[np.ndarray] = []
+        # Each request's rows in the stacked batch: (request, first row, row count, per-row errors or None).
+        spans: list[tuple[int, int, int, list[str | None] | None]] = []
+        rows = 0
         for i, item in enumerate(data):
+            body = oip[i]
             try:
-                body = oip[i]
+                errors: list[str | None] | None = None
                 if body is not None:
                     frame, speed = decode_oip_request(body, self.height, self.width)
+                    block, block_speeds = frame[None], np.array([speed], dtype=np.float32)
+                elif is_batch(inputs := _inputs(item)):
+                    block, block_speeds, errors = decode_batch_request(inputs, self.height, self.width)
                 else:
-                    frame, speed = decode_request(_inputs(item), self.height, self.width)
+                    frame, speed = decode_request(inputs, self.height, self.width)
+                    block, block_speeds = frame[None], np.array([speed], dtype=np.float32)
             except DomainError as exc:
-                body = oip[i]
                 answers[i] = (
                     encode_oip_error(str(exc), _meta(body, context)) if body is not None else encode_error(str(exc))
                 )
                 continue
-            good.append(i)
-            frames.append(frame)
-            speeds.append(speed)
-        if good:
-            logits = self.logits(np.stack(frames), np.array(speeds, dtype=np.float32))
-            keys = decide(logits)
-            for row, i in enumerate(good):
-                body = oip[i]
-                values = logits[row].numpy()
-                if body is not None:
-                    answers[i] = encode_oip_response(values, int(keys[row]), _meta(body, context))
-                else:
-                    answers[i] = encode_response(values, int(keys[row]))
+            frames.append(block)
+            speeds.append(block_speeds)
+            spans.append((i, rows, len(block), errors))
+            rows += len(block)
+        if not spans:
+            return answers
+        batch = np.concatenate(frames)  # one writable (N, H, W, 3) block: the request bytes stay read-only
+        all_speeds = np.concatenate(speeds)
+        # A bad item of a batched request is answered alone; its row still runs (with a harmless speed of 0).
+        all_speeds = np.where(np.isfinite(all_speeds), all_speeds, 0.0).astype(np.float32)
+        logits = self.logits(batch, all_speeds)
+        keys = decide(logits)
+        values = logits.numpy()
+        for i, first, count, errors in spans:
+            body = oip[i]
+            if body is not None:
+                answers[i] = encode_oip_response(values[first], int(keys[first]), _meta(body, context))
+            elif errors is None:
+                answers[i] = encode_response(values[first], int(keys[first]))
+            else:
+                answers[i] = encode_batch_response(
+                    [_answer(values[first + k], int(keys[first + k]), errors[k]) for k in range(count)]
+                )
         return answers
 
     def logits(self, frames: np.ndarray, speeds: np.ndarray) -> torch.Tensor:
@@ -87,6 +107,10 @@ class VisionHandler:
         with torch.inference_mode():
             out: torch.Tensor = self.model(torch.from_numpy(frames), torch.from_numpy(speeds))
             return out
+
+
+def _answer(logits: np.ndarray, keys: int, error: str | None) -> bytes:
+    return encode_error(error) if error is not None else encode_response(logits, keys)
 
 
 def _weights_path(model_dir: str) -> Any:

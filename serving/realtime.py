@@ -132,6 +132,8 @@ class _Stream:
         self.last_response: game_pb2.DriveResponse | None = None
         self._responses: Any = None
         self._reader: threading.Thread | None = None
+        self._ahead_keys: int | None = None  # the fallback the ticks up to `_ahead_until` already hold
+        self._ahead_until = -1
 
     def open(self, session: str, clock: _Clock, first_keys: int) -> None:
         """Starts the stream (and the server's clock) with the first tick's command and its fallbacks ahead."""
@@ -157,11 +159,19 @@ class _Stream:
             self.latest.end(exc)
 
     def send(self, tick: int, keys: int, own: bool) -> None:
-        """The fallbacks of the ticks after `tick`, led by `tick`'s own command when `own`."""
+        """The fallbacks of the ticks after `tick`, led by `tick`'s own command when `own`.
+
+        Ticks ahead that already hold this fallback are not sent again: with steady keys a tick costs two
+        messages (its own command and the newest tick's fallback) instead of 1 + `fallback_ticks`, on both sides
+        of the stream, which is most of the per-car cost once many cars race."""
+        fallback = fallback_keys(self.config, keys)
         if own:
             self.outbox.put(command(tick, keys))
-        for ahead in range(1, self.config.fallback_ticks + 1):
-            self.outbox.put(command(tick + ahead, fallback_keys(self.config, keys)))
+        last = tick + self.config.fallback_ticks
+        first = tick + 1 if fallback != self._ahead_keys else max(tick + 1, self._ahead_until + 1)
+        for ahead in range(first, last + 1):
+            self.outbox.put(command(ahead, fallback))
+        self._ahead_keys, self._ahead_until = fallback, max(self._ahead_until, last)
 
     def observations(self, stop: threading.Event | None) -> Iterator[tuple[game_pb2.DriveResponse, float]]:
         """Each newest observation with the time it arrived, until the stream ends or `stop` is set."""

@@ -158,6 +158,15 @@ def test_torchserve_answers_like_the_model_in_process(torchserve: LocalTorchServ
         assert served.infer(frame, speed, 10.0) == local.infer(frame, speed, 10.0)
 
 
+def test_a_batched_request_through_torchserve_answers_like_single_requests(served: TorchServeClient) -> None:
+    frames, speeds = [_frame(seed) for seed in range(6)], [2.0 * k for k in range(6)]
+    batched = served.infer_batch(frames, speeds, 10.0)
+    for frame, speed, answer in zip(frames, speeds, batched, strict=True):
+        single = served.infer(frame, speed, 10.0)
+        assert isinstance(answer, codec.Decision) and answer.keys == single.keys
+        assert np.allclose(answer.logits, single.logits, atol=1e-5)
+
+
 def _weights_of(server: LocalTorchServe) -> Path:
     with zipfile.ZipFile(next(server.model_store.glob("*.mar"))) as z:
         target = server.workdir / "check.safetensors"
@@ -434,11 +443,13 @@ def test_the_main_jobs_serving_step_writes_its_figures_and_plot(
 
     figures = run_serving_job(
         model_dir,
-        (game_server_processes[0].address,),
+        tuple(p.address for p in game_server_processes),
         tmp_path,
-        ServingJobConfig(track="oval", max_ticks=50),
+        ServingJobConfig(track="oval", max_ticks=50),  # 8 cars (the default), batched
     )
-    assert figures["ticks"] == 50 and figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
+    assert figures["cars"] == 8 and figures["ticks"] == 8 * 50 and figures["batch_frames_max"] >= 1
+    assert figures["markdown"].count("| yes |") + figures["markdown"].count("| no |") == 8  # the per-car table
+    assert figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
     assert figures["torchserve_memory_mb"]["jvm_mb"] > 0
     assert "late commands" in figures["markdown"] and "latency.png" in figures["markdown"]
     for name in ("serving.json", "serving.md", "latency.png"):

@@ -105,11 +105,19 @@ class Recorded:
 def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRecord, float, list[BaseException]]:
     """A real-time lap with `fault` run FAULT_AT_S into it, stopped RIDE_S after `fault` returns; the lap, when the
     fault began, the fault's errors."""
+    laps, fault_at, errors = _race_cars(game, lambda: client, fault, cars=1)
+    return laps[0], fault_at, errors
+
+
+def _race_cars(
+    game: str, connect: Callable[[], InferenceClient], fault: Callable[[], None], cars: int
+) -> tuple[list[LapRecord], float, list[BaseException]]:
+    """`cars` real-time laps with `fault` run FAULT_AT_S into them, stopped RIDE_S after `fault` returns."""
     # Ten ticks of fallback ahead: a TorchServe (re)starting takes both cores for a while, and the autopilot and
     # the game server must ride out their own stalls on this shared machine (the default 5 covers 200 ms).
     config = AutopilotConfig(
         track="oval", mode="realtime", max_ticks=1500, stuck_ticks=0, fallback_ticks=10, width=SMALL.width,
-        height=SMALL.height,
+        height=SMALL.height, cars=cars,
     )  # fmt: skip
     started, stop = threading.Event(), threading.Event()
     fault_at: list[float] = []
@@ -129,13 +137,13 @@ def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRe
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
 
-    def connect() -> Recorded:
+    def connect_started() -> InferenceClient:
         started.set()
-        return client
+        return connect()
 
-    result = run_autopilot(config, (game,), connect, stop=stop)
+    result = run_autopilot(config, (game,), connect_started, stop=stop)
     injector.join(60.0)
-    return result.laps[0], fault_at[0], errors
+    return result.laps, fault_at[0], errors
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -218,6 +226,39 @@ def test_a_killed_worker_is_ridden_through_on_the_fallback_and_answers_again(
     assert _metric("rrp_autopilot_safe_ticks_total", version="default") - before["safe_ticks"] == lap.safe_ticks
     assert client.answered_after(killed_at + 1.0) > 20  # the new worker answers, for the RIDE_S after
     _assert_safe_mode_logged(caplog)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_under_four_batched_cars_costs_no_tick(
+    archive: Path, game_server_processes: list[ServiceProcess]
+) -> None:
+    from serving.batching import Batcher
+
+    with _serving(archive) as server:
+        assert server.keys is not None
+        key, address = server.keys.inference, server.inference_address
+        worker = workers_of(server)[0]
+        batcher = Batcher(lambda: TorchServeClient(address, MODEL, key))
+        answered: list[float] = []
+
+        def kill_worker() -> None:
+            """Kills the worker, and returns once a batch has been answered by a new one."""
+            worker.kill()
+            sent = len(batcher.sizes)
+            deadline = time.monotonic() + 60.0
+            while not [p for p in workers_of(server) if p.pid != worker.pid] or len(batcher.sizes) < sent + 25:
+                assert time.monotonic() < deadline, "no new worker answered"
+                time.sleep(0.05)
+            answered.append(time.monotonic())
+
+        try:
+            laps, _, errors = _race_cars(game_server_processes[0].address, batcher.car, kill_worker, cars=4)
+        finally:
+            batcher.close()
+    assert not errors and answered, errors
+    assert len(laps) == 4 and all(lap.stop_reason == "stopped" for lap in laps)
+    assert sum(lap.missed_ticks for lap in laps) == 0, [lap.summary() for lap in laps]
+    assert max(batcher.sizes) > 1  # the cars' frames did share requests
 
 
 @pytest.mark.slow
@@ -356,31 +397,32 @@ def test_only_an_unavailable_replica_is_failed_over_from_and_a_refused_token_is_
         made.append(address)
         return replicas[address]
 
-    replicas = {"a:1": Replica("a:1", NotFound("no model")), "b:2": Replica("b:2")}
-    client = FailoverClient(("a:1", "b:2"), MODEL, connect_one)
+    replicas = {"10.0.0.1:1": Replica("10.0.0.1:1", NotFound("no model")), "10.0.0.2:2": Replica("10.0.0.2:2")}
+    a, b = replicas
+    client = FailoverClient((a, b), MODEL, connect_one)
     with pytest.raises(NotFound):  # every replica would say so: not a reason to move
         client.infer(frame, 1.0, 1.0)
-    assert client.current == 0 and replicas["b:2"].calls == 0
+    assert client.infer(frame, 1.0, 1.0).keys == 1  # round robin: the next call goes to b
+    assert replicas[a].calls == 1 and replicas[b].calls == 1
 
-    replicas["a:1"].error = Unavailable("down")
-    before = _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2")
-    assert client.infer(frame, 1.0, 1.0).keys == 1 and client.current == 1  # the same call, the other replica
-    assert client.infer(frame, 1.0, 1.0).keys == 1 and replicas["a:1"].calls == 2  # stays: no failing back
-    assert _metric("rrp_autopilot_failovers_total", from_server="a:1", to_server="b:2") - before == 1
-    assert _metric("rrp_autopilot_model_server_up", server="a:1") == 0.0
+    replicas[a].error = Unavailable("down")
+    before = _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b)
+    for _ in range(4):  # the same call goes to the other replica; then a is left out of the rotation
+        assert client.infer(frame, 1.0, 1.0).keys == 1
+    assert replicas[a].calls == 2 and replicas[b].calls == 5
+    assert _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b) - before == 1
+    assert _metric("rrp_autopilot_model_server_up", server=a) == 0.0
 
-    replicas["b:2"].error = Unavailable("down too")
+    replicas[b].error = Unavailable("down too")
     with pytest.raises(Unavailable):
         client.infer(frame, 1.0, 1.0)
-    assert client.current == 1
 
-    replicas["b:2"].error = PermissionDenied("refused")  # a restarted TorchServe's new keys
+    replicas[b].error = PermissionDenied("refused")  # a restarted TorchServe's new keys
     made.clear()
-    with pytest.raises(PermissionDenied):
-        client.infer(frame, 1.0, 1.0)
-    with pytest.raises(PermissionDenied):
-        client.infer(frame, 1.0, 1.0)
-    assert made == ["b:2"]  # connected again, its token re-read, once within the second
+    for _ in range(3):  # a, down a moment ago, is left out; b answers, if with a refusal
+        with pytest.raises(PermissionDenied):
+            client.infer(frame, 1.0, 1.0)
+    assert made == [b]  # connected again, its token re-read, once within the second
 
 
 class Outage:
