@@ -185,7 +185,8 @@ def run_autopilot_command(
     from pipeline.plots import plot_latency
     from serving.autopilot import result_json, run_autopilot
     from serving.batching import Batchers
-    from serving.client import FailoverClient, ModelRef, Replicas, connect_replicas, read_token
+    from serving.client import ModelRef, read_token
+    from serving.replicas import FailoverClient, Replicas, connect_replicas
 
     model = ModelRef.parse(config.model)
     servers, files = config.model_server, config.token_file

@@ -28,8 +28,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from plumbing.errors import DeadlineExceeded, DomainError, InvalidArgument
-from serving.client import BatchInferenceClient, FailoverClient, InferenceClient
+from serving.client import BatchInferenceClient, InferenceClient
 from serving.codec import MAX_BATCH, Decision, check_frame_array, encode_speed
+from serving.replicas import FailoverClient
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from plumbing.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from serving import codec
 from serving.autopilot import AutopilotConfig
 from serving.batching import Batcher
-from serving.client import FailoverClient, InferenceClient, ModelRef, Replicas, TorchServeClient
+from serving.client import InferenceClient, ModelRef, TorchServeClient
 from serving.codec import Decision
 from serving.handler import VisionHandler
 from serving.inprocess import InProcessClient
+from serving.replicas import FailoverClient, Replicas
 from serving.torchserve_v1 import inference_pb2, inference_pb2_grpc
 
 from .tiny_models import train_tiny

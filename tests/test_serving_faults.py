@@ -28,8 +28,9 @@ from plumbing.errors import DomainError
 from plumbing.procs import ServiceProcess
 from serving.archive import ArchiveConfig, build_archive
 from serving.autopilot import AutopilotConfig, LapRecord, run_autopilot
-from serving.client import InferenceClient, ModelRef, TorchServeClient, connect_replicas, read_token
+from serving.client import InferenceClient, ModelRef, TorchServeClient, read_token
 from serving.codec import Decision
+from serving.replicas import connect_replicas
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
 from .tiny_models import SMALL, train_tiny
@@ -387,7 +388,8 @@ class Replica:
 
 def test_only_an_unavailable_replica_is_failed_over_from_and_a_refused_token_is_read_again() -> None:
     from plumbing.errors import NotFound, Unavailable
-    from serving.client import FailoverClient, PermissionDenied
+    from serving.client import PermissionDenied
+    from serving.replicas import FailoverClient
 
     frame = np.zeros((SMALL.height, SMALL.width, 3), np.uint8)
     made: list[str] = []
