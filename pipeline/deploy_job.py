@@ -80,7 +80,7 @@ def run_deploy_job(
 ) -> dict[str, Any]:  # fmt: skip
     """Serves `first_model` as the default, races `config.cars` cars, rolls `second_model` out; the figures.
 
-    `leaderboard`: a Redis URL that every finished gate lap is submitted to (verified first)."""
+    `leaderboard`: a Redis URL that every finished gate lap and racing car's lap is submitted to (verified first)."""
     from pipeline.monitor import LocalPrometheus, MonitorConfig
     from plumbing.metrics import start_metrics
     from plumbing.redis_local import free_port
@@ -110,7 +110,7 @@ def run_deploy_job(
         assert server.keys is not None
         key, address = server.keys.inference, server.inference_address
         pilot = AutopilotConfig(track=track, cars=config.cars, laps=10_000, max_ticks=config.lap_max_ticks,
-                                width=vision.width, height=vision.height)  # fmt: skip
+                                width=vision.width, height=vision.height, leaderboard=leaderboard)  # fmt: skip
         races: list[AutopilotResult] = []  # the cars' thread's result
 
         def race() -> None:

@@ -136,7 +136,7 @@ def run_main_job(config: MainJobConfig) -> int:
         model_path, trained = _train(config, redis.url, report)
         board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=redis.url)))
         targets_met = _evaluate(config, model_path, addresses, evolved, report, board)
-        _serve(config, model_path.parent, addresses, report)
+        _serve(config, model_path.parent, addresses, report, redis.url)
         if config.deployment.enabled:
             _deploy(config, model_path.parent, trained, addresses, evolved, report, redis.url)
         _leaderboard(config, board, report)
@@ -147,10 +147,12 @@ def run_main_job(config: MainJobConfig) -> int:
     return 0 if finished and data_ok else 1
 
 
-def _serve(config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], report: Report) -> None:
+def _serve(
+    config: MainJobConfig, model_dir: Path, addresses: tuple[str, ...], report: Report, leaderboard: str
+) -> None:
     """Packages the model, serves it with TorchServe and races the training track through it in real time."""
     serving = dataclasses.replace(config.serving, track=config.track)
-    figures = run_serving_job(model_dir, addresses, config.out_dir / "serving", serving)
+    figures = run_serving_job(model_dir, addresses, config.out_dir / "serving", serving, leaderboard)
     # serving.md sits beside its plot; report.md is one directory up.
     report.add(
         "Serving: TorchServe, real time", figures.pop("markdown").replace("](latency.png)", "](serving/latency.png)")

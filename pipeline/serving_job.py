@@ -43,12 +43,14 @@ def run_serving_job(
     game_servers: tuple[str, ...],
     out_dir: Path,
     config: ServingJobConfig | None = None,
+    leaderboard: str = "",
 ) -> dict[str, Any]:
     """Packages `model_dir`, serves it with a private TorchServe, races `config.track` at 25 Hz through it.
 
     Writes `out_dir/model-store/<name>-<version>.mar`, `serving.json`, `serving.md` and `latency.png`;
     returns the figures (lap, late and missed ticks, fallbacks, latency per hop, TorchServe's memory) with
-    the Markdown section for the report under "markdown".
+    the Markdown section for the report under "markdown". Every finished lap goes to `leaderboard` (a Redis
+    URL), verified from the controls the game server applied.
     """
     from trainer.vision.train import load_model
 
@@ -67,6 +69,7 @@ def run_serving_job(
         width=vision.width,
         height=vision.height,
         deadline_ms=config.deadline_ms,
+        leaderboard=leaderboard,
     )
     with LocalTorchServe(TorchServeConfig()) as server:
         server.register(archive)

@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from collector.store import RedisConfig
 from game_server.client import GameClient, watch_observation
 from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch
+from game_server.leaderboard import Leaderboard, LeaderboardConfig, drive_lap_record, submit_lap
 from plumbing.errors import InvalidArgument, quote
 from plumbing.settings import setting
 from rallyrobopilot.v1 import sim_pb2
@@ -89,6 +91,9 @@ class AutopilotConfig:
     batch_in_flight: int = setting(
         2, "batched: requests of this process outstanding at once (a frame that just missed one goes in the next)"
     )
+    leaderboard: str = setting(
+        "", "Redis URL of a leaderboard: every finished lap is verified (replayed from its keys) and submitted"
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("realtime", "lockstep"):
@@ -122,6 +127,10 @@ class LapRecord:
     rerouted: bool = False  # its version left the routing mid-lap (rolled back) and the default took over
     outcome: LapOutcome = field(default_factory=LapOutcome)
     keys: list[int] = field(default_factory=list)  # the command sent for each tick, in tick order
+    # The controls the server says each tick ran with (real time: a late command is not applied, a tick without
+    # one holds the last), and the last observed state: with them a finished lap is a verifiable lap record.
+    applied: list[int] = field(default_factory=list)
+    final_state: sim_pb2.SimState | None = None
     late_commands: int = 0  # the game server's count: commands that arrived after their tick
     missed_ticks: int = 0  # the game server's count: ticks simulated without a command of their own
     fallbacks: int = 0  # ticks whose command was the fallback (inference late or failed)
@@ -162,6 +171,7 @@ class LapRecord:
         """Takes a tick's observation: the outcome so far and the line driven; True when the lap stops there."""
         done = watch_observation(watch, obs)
         self.outcome = watch.outcome
+        self.final_state = obs.state
         if obs.state.tick > 0:
             self.x.append(obs.state.car.x_m)
             self.y.append(obs.state.car.y_m)
@@ -280,6 +290,7 @@ def _drive_lockstep(
         record.inference_ms.append((time.perf_counter() - t0) * 1e3)
         meter.inference.observe(record.inference_ms[-1] / 1e3)
         record.keys.append(keys)
+        record.applied.append(keys)  # lockstep: every command is applied at the tick it names
         return keys
 
     for _ in game.drive_lockstep(session, policy, first, with_frames=True, timeout_s=3600.0):
@@ -309,6 +320,17 @@ class _Routed:
         pass  # the car's clients outlive a lap
 
 
+def submit_race_lap(board: Leaderboard | None, config: AutopilotConfig, record: LapRecord, model: str) -> None:
+    """A finished lap to the leaderboard, from the controls the server applied (verified before it is stored)."""
+    if board is None or not record.finished:
+        return
+    lap = drive_lap_record(
+        config.track, record.applied, record.lap_ticks, record.wall_contacts, record.final_state,
+        model_version=f"{model}:{record.version or 'default'}", data_source=f"rrp autopilot, {config.mode}",
+    )  # fmt: skip
+    submit_lap(board, lap)
+
+
 def run_autopilot(
     config: AutopilotConfig,
     game_servers: tuple[str, ...],
@@ -331,6 +353,7 @@ def run_autopilot(
     if router is not None and connect_version is None:
         raise InvalidArgument("a routing needs a client per version")
     tracer = Tracer(config.trace_every)
+    board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=config.leaderboard))) if config.leaderboard else None
     records: list[LapRecord] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -362,6 +385,7 @@ def run_autopilot(
                     drive_lap(game, model, config, record, tracer, stop)
                     if isinstance(model, _Routed):
                         record.rerouted = model.rerouted
+                    submit_race_lap(board, config, record, model.model)
                     with lock:
                         records.append(record)
                     if on_lap is not None:

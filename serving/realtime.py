@@ -133,6 +133,7 @@ class _Stream:
         self._responses: Any = None
         self._reader: threading.Thread | None = None
         self._ahead_keys: int | None = None  # the fallback the ticks up to `_ahead_until` already hold
+        self.applied: list[int] = []  # the controls each tick ran with, every answer's (also the skipped ones)
         self._ahead_until = -1
 
     def open(self, session: str, clock: _Clock, first_keys: int) -> None:
@@ -153,6 +154,8 @@ class _Stream:
     def _read(self) -> None:
         try:
             for response in self._responses:
+                c = response.applied_controls
+                self.applied.append(int(c.forward) | int(c.back) << 1 | int(c.left) << 2 | int(c.right) << 3)
                 self.latest.put(response, time.perf_counter())
             self.latest.end()
         except BaseException as exc:  # the stream's end (cancelled, server gone) is handed to the loop
@@ -346,3 +349,4 @@ def drive_realtime(
             record.missed_ticks = int(stream.last_response.missed_ticks)
             meter.tick(record.ticks, record.missed_ticks)
         record.outcome = watch.stop()
+        record.applied = list(stream.applied)

@@ -74,3 +74,25 @@ def test_every_lap_the_suite_finishes_verifies_and_lands_on_the_leaderboard(
         assert all(e.driven_by == "model snapshot" for e in top)
         again = board.record(top[0].record_id)
         assert again is not None and again.claimed_lap_ticks == top[0].lap_ticks
+
+
+@pytest.mark.slow
+def test_a_real_time_lap_goes_to_the_leaderboard_from_the_controls_the_server_applied(
+    game_server: ServiceProcess, tmp_path: Path
+) -> None:
+    """25 Hz wall clock: what the server applied (fallbacks and late commands included) is what gets verified."""
+    from game_server.leaderboard import Leaderboard
+    from plumbing.redis_local import LocalRedis
+    from serving.autopilot import AutopilotConfig, run_autopilot
+    from serving.inprocess import InProcessClient
+
+    with LocalRedis(tmp_path / "redis") as redis:
+        config = AutopilotConfig(track="oval", mode="realtime", max_ticks=900, leaderboard=redis.url)
+        weights = MODEL / "model.safetensors"
+        result = run_autopilot(config, (game_server.address,), lambda: InProcessClient.load(weights))
+        (lap,) = result.laps
+        assert lap.finished and lap.missed_ticks == 0
+        assert len(lap.applied) >= lap.lap_ticks  # every answer's applied controls, the skipped frames' too
+        (entry,) = Leaderboard(redis.client()).top("oval", 5)
+        assert entry.lap_ticks == lap.lap_ticks and entry.wall_contacts == lap.wall_contacts
+        assert entry.driven_by == "model in-process:default"
