@@ -179,12 +179,13 @@ def test_cli_help_for_every_command() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~150 s on an idle machine; the whole job, on a busy one, may take twice that
 def test_main_job_smoke(tmp_path: Path) -> None:
     """`rrp run` on a tiny budget: services start, the GA runs on the pool, the lap is raced and reported."""
     result = subprocess.run(
         [
             *(str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"),
-            *("--episodes", "4", "--epochs", "1", "--suite-tracks", "oval,gen-3001"),
+            *("--episodes", "4", "--epochs", "1", "--suite-tracks", "oval,gen-3001", "--serving-max-ticks", "300"),
             # The second model's rollout, on short laps: the wiring is under test here, not the model.
             *("--deploy-dagger-epochs", "1", "--deploy-cars", "2", "--deploy-canary-share", "0.5"),
             *("--deploy-canary-laps", "1", "--deploy-gate-max-ticks", "400", "--deploy-lap-max-ticks", "250"),
