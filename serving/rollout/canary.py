@@ -26,9 +26,10 @@ class Canary:
 
     def __init__(
         self, config: CanaryConfig, registry: Registry, connect: Callable[[str, str], InferenceClient],
-        games: Callable[[], tuple[str, ...]], stop: threading.Event,
+        games: Callable[[], tuple[str, ...]], stop: threading.Event, leaderboard: str = "",
     ) -> None:  # fmt: skip
         self.config, self.registry, self.connect, self.games, self.stop = config, registry, connect, games, stop
+        self.leaderboard = leaderboard  # a Redis URL: the own cars' finished laps go there, verified
 
     def run(self, candidate: ModelVersion) -> StepResult:
         """The candidate's live window against the default's, judged and kept on its version."""
@@ -70,7 +71,13 @@ class Canary:
         assert routing is not None
         size = archive_info(self.registry.model_store / self.registry.by_version(routing.default).archive)["input"]
         pilot = AutopilotConfig(
-            track=c.track, cars=c.cars, laps=10_000, max_ticks=c.max_ticks, width=size["width"], height=size["height"]
+            track=c.track,
+            cars=c.cars,
+            laps=10_000,
+            max_ticks=c.max_ticks,
+            width=size["width"],
+            height=size["height"],
+            leaderboard=self.leaderboard,
         )
         stop = threading.Event()
         router = Router(self.registry.routing_path)

@@ -61,7 +61,7 @@ class RolloutConfig:
     canary: CanaryConfig = nested(CanaryConfig, prefix="canary_")
     packaging: ArchiveConfig = nested(ArchiveConfig)
     leaderboard: str = setting(
-        "", "Redis URL of a leaderboard: every finished gate lap is verified and submitted ('' = none)"
+        "", "Redis URL of a leaderboard: every finished gate and canary lap is verified and submitted ('' = none)"
     )
 
 
@@ -227,7 +227,9 @@ class Deployer:
             gate = Gate(self.config.gate, self.registry, lambda v: self.client(v.name, v.version),
                         lambda: self.games()[0], self._span, board)  # fmt: skip
             return gate.run(candidate, default)
-        return Canary(self.config.canary, self.registry, self.client, self.games, self.stop).run(candidate)
+        return Canary(
+            self.config.canary, self.registry, self.client, self.games, self.stop, self.config.leaderboard
+        ).run(candidate)
 
     def _converge(self, done: Callable[[ReplicaStatus], bool], what: str, since: float, version: str = "") -> None:
         """Waits until every model server following the registry has reported `done` since the routing changed."""
