@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -27,9 +28,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a collector killed with SIGKILL must not leave its Redis behind.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _dying_with_parent(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The command (and a pre-exec hook) that make the server die with its parent: a collector killed with SIGKILL
+    must not leave its Redis behind. `setpriv --pdeathsig` sets it with no Python in the forked child, where a hook
+    can deadlock or abort on a lock another thread (gRPC's) held at the fork; the hook is the fallback, its libc
+    function looked up before the fork."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", *cmd], None
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return cmd, hook
 
 
 class LocalRedis:
@@ -126,12 +138,9 @@ class LocalRedis:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd, hook = _dying_with_parent(self._command()) if self.die_with_parent else (self._command(), None)
         self.proc = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=hook
         )
         deadline = time.monotonic() + timeout_s
         # The probe only asks "listening yet?": over TLS it does not verify the certificate (client() does).

@@ -149,11 +149,14 @@ def _env(pod: Pod, container: dict[str, Any], secrets: dict[str, dict[str, str]]
     return env
 
 
-def _argv(container: dict[str, Any]) -> list[str]:
+def _argv(container: dict[str, Any], mounts: list[tuple[str, Path]]) -> list[str]:
+    """The container's command line as rendered, its mount paths rewritten; then the image's own files (this
+    machine's Python, wherever this checkout lies, even under a mount path such as /tmp) put in, never rewritten."""
     if "command" in container:
         argv = [str(a) for a in container["command"]] + [str(a) for a in container.get("args", [])]
-        return [IMAGE_FILES.get(a, a) for a in argv]
-    return [sys.executable, "-m", "rrp.cli", *(str(a) for a in container["args"])]  # the rrp image's entry point
+        return [IMAGE_FILES.get(a, _rewrite(a, mounts)) for a in argv]
+    # The rrp image's entry point.
+    return [sys.executable, "-m", "rrp.cli", *(_rewrite(str(a), mounts) for a in container["args"])]
 
 
 def _start(lab: NetLab, pod: Pod, container: dict[str, Any], root: Path, secrets: dict[str, Any]) -> Proc:
@@ -163,7 +166,7 @@ def _start(lab: NetLab, pod: Pod, container: dict[str, Any], root: Path, secrets
         key=lambda m: -len(m[0]),
     )
     env = {k: _rewrite(v, mounts) for k, v in _env(pod, container, secrets).items()}
-    argv = [_rewrite(a, mounts) for a in _argv(container)]
+    argv = _argv(container, mounts)
     return lab.run(pod.host, argv, env={**env, "GRPC_DNS_RESOLVER": "native"})
 
 

@@ -449,7 +449,10 @@ def test_the_main_jobs_serving_step_writes_its_figures_and_plot(
     )
     assert figures["cars"] == 8 and figures["ticks"] == 8 * 50 and figures["batch_frames_max"] >= 1
     assert figures["markdown"].count("| yes |") + figures["markdown"].count("| no |") == 8  # the per-car table
-    assert figures["missed_ticks"] >= 0 and figures["inference_ms_p50"] is not None
+    # On a busy machine every answer may come after its tick's deadline (each tick then gets the fallback); the
+    # figures must say so rather than be missing.
+    answered = figures["inference_ms_p50"] is not None
+    assert figures["missed_ticks"] >= 0 and (answered or figures["fallbacks"] == figures["ticks"]), figures
     assert figures["torchserve_memory_mb"]["jvm_mb"] > 0
     assert "late commands" in figures["markdown"] and "latency.png" in figures["markdown"]
     for name in ("serving.json", "serving.md", "latency.png"):

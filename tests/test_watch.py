@@ -104,7 +104,8 @@ def test_a_watched_lockstep_lap_is_the_unwatched_lap(client: GameClient, keys: b
     for w in (reader, stalled):
         seen = w.join()  # the stream ends after the session's last state once it closes
         ticks = [m.state.tick for m in seen]
-        assert ticks == sorted(set(ticks)) and ticks[0] == 0
+        # In tick order; tick 0 may come twice (the base state, then the reset's, when the watcher joined first).
+        assert ticks == sorted(ticks) and ticks[0] == 0 and ticks[2:] == sorted(set(ticks[2:]))
         assert seen[-1].state == final and seen[-1].progress_fraction == 1.0
         assert {m.session_id for m in seen} == {sid} and {m.track for m in seen} == {"oval"}
         # Every state the session published (the base state, the reset, one per tick) was sent or counted.
