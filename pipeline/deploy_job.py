@@ -46,6 +46,9 @@ class DeployJobConfig:
     canary_laps: int = setting(2, "candidate laps the canary waits for")
     gate_tracks: tuple[str, ...] = setting(UNSEEN_TRACKS[:1], "held-out tracks of the gate")
     gate_max_ticks: int = setting(3000, "tick budget of a gate lap")
+    gate_max_p99_ms: float = setting(
+        GateConfig().max_p99_ms, "the gate's inference p99 budget, ms (beyond it, and beyond the default's, it fails)"
+    )
     lap_max_ticks: int = setting(3000, "tick budget of a racing car's lap")
 
 
@@ -125,7 +128,8 @@ def run_deploy_job(
         rollout = RolloutConfig(
             game=addresses[:1],
             leaderboard=leaderboard,
-            gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks),
+            gate=GateConfig(tracks=config.gate_tracks, max_ticks=config.gate_max_ticks,
+                            max_p99_ms=config.gate_max_p99_ms),
             canary=CanaryConfig(share=config.canary_share, laps=config.canary_laps, prometheus=prometheus.url,
                                 max_s=300.0),
         )  # fmt: skip
