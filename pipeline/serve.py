@@ -226,7 +226,10 @@ def run_autopilot_command(
                 pilot, config.game, stop=stop, on_lap=lap_done, router=router, connect_version=connect_version
             )
         else:
-            result = run_autopilot(pilot, config.game, lambda: connect_version(""), stop=stop, on_lap=lap_done)
+            race = (lambda: batchers.race("")) if batchers is not None else None
+            result = run_autopilot(
+                pilot, config.game, lambda: connect_version(""), stop=stop, on_lap=lap_done, race_model=race
+            )
     finally:
         if batchers is not None:
             batchers.close()
