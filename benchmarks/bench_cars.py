@@ -1,6 +1,6 @@
 """Many cars per core: real-time laps of N cars through one TorchServe, and what each component costs.
 
-Two game servers and one TorchServe on this machine; for each car count, `rrp autopilot --realtime` processes
+Two game servers (--games) and one TorchServe on this machine; for each car count, `rrp autopilot --realtime` processes
 race one lap per car (their frames batched per round, see serving/batching.py). Per car count: fallbacks %,
 late and missed ticks, each lap against the same model's lockstep lap, p50/p99 per hop, the CPU seconds per
 car-second of each component (game servers, TorchServe's JVM, its worker, the autopilots: every process
@@ -102,6 +102,8 @@ def run_autopilots(
                "--lockstep" if args.lockstep_all else "--realtime"]  # fmt: skip
         if path != "race":
             cmd.append("--no-race")
+        else:
+            cmd += ["--race-cars", str(args.race_cars)]
         if args.unbatched:
             cmd.append("--no-batched")
         else:
@@ -157,7 +159,7 @@ def services(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[list[Any], A
         batch_size=args.server_batch, max_batch_delay_ms=args.server_delay_ms, workers=args.workers, format=args.format
     )
     archive = build_archive(args.model, "1", tmp / "store", archive_config)
-    games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(2)]
+    games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(args.games)]
     try:
         with LocalTorchServe(TorchServeConfig(workdir=tmp / "torchserve")) as ts:
             ts.register(archive)
@@ -186,6 +188,8 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=2, help="batched requests in flight per autopilot")
     parser.add_argument("--paths", default="race,streams", help="race (one stream per server), streams (per car)")
     parser.add_argument("--format", default="eager", choices=("eager", "onnx"), help="the served model's format")
+    parser.add_argument("--race-cars", type=int, default=4, help="races: at most this many cars per race")
+    parser.add_argument("--games", type=int, default=2, help="game server processes")
     parser.add_argument("--workers", type=int, default=1, help="TorchServe's workers of the model")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")
     args = parser.parse_args()
@@ -201,7 +205,7 @@ def main() -> int:
                                "model": str(args.model), "track": args.track, "rows": []}  # fmt: skip
     print(f"logs in {tmp}", flush=True)
     paths = [p for p in args.paths.split(",") if p]
-    results.update(format=args.format, workers=args.workers)
+    results.update(format=args.format, workers=args.workers, games=args.games, race_cars=args.race_cars)
     with services(args, tmp) as (game_procs, ts):
         games, game_pids = tuple(g.address for g in game_procs), [g.proc.pid for g in game_procs]
         address = ts.inference_address
@@ -259,7 +263,8 @@ def main() -> int:
 
 def report(r: dict[str, Any]) -> None:
     print(f"\n{r['track']}, lockstep lap {r['lockstep_lap_ticks']} ticks; {r['procs']} autopilot process(es), "
-          f"{'batched' if r['batched'] else 'one request per car'}; model {r['format']}, {r['workers']} worker(s); "
+          f"{'batched' if r['batched'] else 'one request per car'}; {r['games']} game servers, "
+          f"races of {r['race_cars']}, model {r['format']}, {r['workers']} worker(s); "
           f"load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}")  # fmt: skip
     print("| cars | path | fallbacks | late | missed | safe | laps | lap / lockstep | frame p50/p99 | "
           "inference p50/p99 | CPU s per car-s: games / JVM / worker / autopilot | "

@@ -34,6 +34,8 @@ MAX_RACE_CARS = 64  # sessions one Race stream drives: far beyond what a game se
 class FrameRenderer(Protocol):
     def render(self, track: Track, state: SimState, spec: Any) -> np.ndarray: ...
 
+    def render_many(self, views: list[tuple[Track, SimState, Any]]) -> list[np.ndarray]: ...
+
 
 @dataclass(frozen=True)
 class GameConfig:
@@ -168,6 +170,24 @@ class Game:
             lap_ticks=lap_ticks_of(state),
             frame=frame,
         )
+
+    def observe_many(self, ticked: list[tuple[Session, bool]], with_frames: bool) -> list[Observation]:
+        """`observe` of several sessions, their frames drawn in one call to the renderer (one hand-off)."""
+        frames: list[np.ndarray | None] = [None] * len(ticked)
+        if with_frames:
+            views = [(session.track, session.state, session.frame_spec) for session, _ in ticked]
+            frames = list(self.renderer().render_many(views))
+        return [
+            Observation(
+                state=session.state,
+                rays=physics.raycast(session.track, session.state.car, session.state.lap.segment),
+                progress_fraction=physics.progress_fraction(session.track, session.state.lap),
+                wall_contact=contact,
+                lap_ticks=lap_ticks_of(session.state),
+                frame=frame,
+            )
+            for (session, contact), frame in zip(ticked, frames, strict=True)
+        ]
 
     # -- sessions -------------------------------------------------------------------------------
     def create_session(self, track_name: str, frame_spec: Any) -> tuple[Session, Observation]:
@@ -353,20 +373,23 @@ class Game:
                     commands = {k: inboxes[k].take(sessions[k].state.tick) for k in racing}
                     if reader.closed and all(c is None for c in commands.values()):
                         break
-                    events = []
+                    ticked, ticks = [], []
                     for k in racing:
                         session, command = sessions[k], commands[k]
-                        tick = session.state.tick
+                        ticks.append(session.state.tick)
                         if command is None:
                             missed[k] += 1
                         else:
                             masks[k] = command
                         session.state, contact = physics.step(session.track, session.state, masks[k])
                         self.sessions.touch(session)
-                        obs = self.observe(session, contact, with_frames)
-                        events.append((k, DriveEvent(obs, tick, inboxes[k].late, missed[k], masks[k])))
+                        ticked.append((session, contact))
+                    observed = self.observe_many(ticked, with_frames)
                     done += 1
-                    yield events
+                    yield [
+                        (k, DriveEvent(obs, tick, inboxes[k].late, missed[k], masks[k]))
+                        for k, tick, obs in zip(racing, ticks, observed, strict=True)
+                    ]
             finally:
                 reader.stop()
 

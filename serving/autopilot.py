@@ -100,6 +100,11 @@ class AutopilotConfig:
         "real time, batched: each game server's cars race through one stream on one clock, all their frames in "
         "one request a tick (not a stream and a thread per car)",
     )
+    race_cars: int = setting(
+        4,
+        "races: at most this many cars per race; a game server's cars make several races, each its own share "
+        "of the tick, so that frames are drawn and inferred in turn instead of all at once",
+    )
     leaderboard: str = setting(
         "", "Redis URL of a leaderboard: every finished lap is verified (replayed from its keys) and submitted"
     )
@@ -117,6 +122,8 @@ class AutopilotConfig:
             raise InvalidArgument(f"the batch window must be 0..40 ms (one tick), got {self.batch_window_ms:g}")
         if not 1 <= self.batch_in_flight <= 16:
             raise InvalidArgument(f"batch in flight must be 1..16, got {self.batch_in_flight}")
+        if not 1 <= self.race_cars <= MAX_RACE_CARS:
+            raise InvalidArgument(f"race cars must be 1..{MAX_RACE_CARS}, got {self.race_cars}")
         if not 1 <= self.fallback_ticks <= 100:
             raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:
@@ -265,6 +272,19 @@ def drive_lap(
             drive_realtime(game, session, first, model, config, record, meter, tracer or Tracer(0), stop)
     meter.lap(record.finished, record.outcome.lap_s, record.wall_contacts)
     return record
+
+
+def race_groups(cars: int, per_race: int, servers: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """The races: each server's cars (car i on server i mod n) in races of at most `per_race`, listed so that
+    consecutive races (consecutive shares of the tick) are on different servers where there are several."""
+    by_server = [list(range(k, cars, len(servers))) for k in range(len(servers))]
+    chunks = [[mine[i : i + per_race] for i in range(0, len(mine), per_race)] for mine in by_server]
+    return [
+        (servers[k], chunks[k][round_])
+        for round_ in range(max(len(c) for c in chunks))
+        for k in range(len(servers))
+        if round_ < len(chunks[k])
+    ]
 
 
 def frame_options(config: AutopilotConfig) -> sim_pb2.FrameOptions:
@@ -457,11 +477,7 @@ def run_autopilot(
 
     t0 = time.perf_counter()
     if config.mode == "realtime" and config.race and race_model is not None and router is None:
-        groups: list[tuple[str, list[int]]] = []
-        for k, server in enumerate(game_servers):
-            mine = list(range(k, config.cars, len(game_servers)))
-            groups += [(server, mine[i : i + MAX_RACE_CARS]) for i in range(0, len(mine), MAX_RACE_CARS)]
-        groups = [group for group in groups if group[1]]
+        groups = race_groups(config.cars, config.race_cars, game_servers)
         threads = [  # each race its own share of the tick, so that their requests come in turn
             threading.Thread(target=race, args=(*group, k * TICK_S / len(groups)), name=f"race-{k}", daemon=True)
             for k, group in enumerate(groups)
