@@ -14,6 +14,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,7 +24,7 @@ import numpy as np
 from game_server.client import GameClient, frame_array
 from game_server.core.lap import LapWatch
 from game_server.core.state import TICK_S
-from plumbing.errors import DomainError
+from plumbing.errors import DeadlineExceeded, DomainError
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from serving.codec import Decision
 from serving.metrics import VersionMeter
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from serving.autopilot import AutopilotConfig, LapRecord
 
 log = logging.getLogger(__name__)
+
+LATE_ANSWER_S = 1.0  # how long a request that missed its tick may still answer, its keys then held by fallbacks
 
 
 class RaceModel(Protocol):
@@ -171,6 +175,7 @@ def race_realtime(
     for car in cars:
         car.decisions.safe.last_answer = t0  # silence counts from the start message, not the first inference
     deadline_s = config.deadline_ms / 1e3
+    asker = _Asker(model, tracer)
     try:
         for response, received in stream.ticks(stop):
             asking: list[tuple[_Car, sim_pb2.Observation]] = []
@@ -197,7 +202,7 @@ def race_realtime(
             tick = int(asking[0][1].state.tick)
             due = asking[0][0].due(t0, tick)
             budget = min(deadline_s - (time.perf_counter() - received), due - time.perf_counter() - SEND_MARGIN_S)
-            settled = _decide(model, asking, budget, tracer)
+            settled = asker.decide(asking, budget)
             plans: dict[int, list[tuple[int, int]]] = {}
             now = time.perf_counter()
             for (car, obs), (keys, answered) in zip(asking, settled, strict=True):
@@ -211,6 +216,7 @@ def race_realtime(
         if stream.latest.error is not None and any(car.racing for car in cars):
             raise stream.latest.error
     finally:
+        asker.close()
         stream.close(stopping=stop is not None and stop.is_set())
         for car in cars:
             r = car.record
@@ -226,19 +232,49 @@ def _ask(model: RaceModel, observations: list[sim_pb2.Observation], timeout_s: f
     return model.infer_many(frames, [obs.state.car.speed_m_per_s for obs in observations], timeout_s)
 
 
-def _decide(
-    model: RaceModel, asking: list[tuple[_Car, sim_pb2.Observation]], budget_s: float, tracer: Tracer
-) -> list[tuple[int, bool]]:
-    """Each asking car's keys this tick, and whether the model answered them."""
-    tick = int(asking[0][1].state.tick)
-    if budget_s <= 0.001:
-        return [car.decisions.settle(int(obs.state.tick), None) for car, obs in asking]
-    t_inf = time.perf_counter()
-    with tracer.tick(asking[0][0].index, tick), tracer.span("autopilot.inference", **{"rrp.model": model.model}):
-        answers = _ask(model, [obs for _, obs in asking], budget_s)
-    ms = (time.perf_counter() - t_inf) * 1e3
-    out = []
-    for (car, obs), answer in zip(asking, answers, strict=True):
-        settled = answer if isinstance(answer, DomainError) else (answer.keys, ms)
-        out.append(car.decisions.settle(int(obs.state.tick), settled))
-    return out
+class _Asker:
+    """A race's requests, one outstanding at a time: a request not answered within its tick's budget goes on,
+    and its answer, when it comes, is what the cars' fallbacks hold from then on (fresher keys than the last
+    answer in time: under overload a car drives a tick or two behind rather than on stale keys or coasting).
+    While it is outstanding the race asks nothing new, so an overloaded model server never holds more than one
+    request of a race."""
+
+    def __init__(self, model: RaceModel, tracer: Tracer) -> None:
+        self.model, self.tracer = model, tracer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="race-inference")
+        self._late: tuple[Future[list[Decision | DomainError]], list[_Car]] | None = None
+
+    def decide(self, asking: list[tuple[_Car, sim_pb2.Observation]], budget_s: float) -> list[tuple[int, bool]]:
+        """Each asking car's keys this tick, and whether the model answered them in time."""
+        tick = int(asking[0][1].state.tick)
+        self._take_late(tick)
+        if self._late is not None or budget_s <= 0.001:
+            return [car.decisions.settle(int(obs.state.tick), None) for car, obs in asking]
+        t_inf = time.perf_counter()
+        traced = self.tracer.tick(asking[0][0].index, tick)
+        with traced, self.tracer.span("autopilot.inference", **{"rrp.model": self.model.model}):
+            future = self._pool.submit(_ask, self.model, [obs for _, obs in asking], LATE_ANSWER_S)
+            try:
+                answers = future.result(timeout=budget_s)
+            except FutureTimeout:
+                self._late = (future, [car for car, _ in asking])
+                late = DeadlineExceeded("no answer from the model server within the deadline")
+                return [car.decisions.settle(int(obs.state.tick), late) for car, obs in asking]
+        ms = (time.perf_counter() - t_inf) * 1e3
+        out = []
+        for (car, obs), answer in zip(asking, answers, strict=True):
+            settled = answer if isinstance(answer, DomainError) else (answer.keys, ms)
+            out.append(car.decisions.settle(int(obs.state.tick), settled))
+        return out
+
+    def _take_late(self, tick: int) -> None:
+        if self._late is None or not self._late[0].done():
+            return
+        future, cars = self._late
+        self._late = None
+        for car, answer in zip(cars, future.result(), strict=True):
+            if isinstance(answer, Decision) and car.racing:
+                car.decisions.late_answer(answer.keys, tick)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -323,6 +323,12 @@ class Decisions:
             keys = 0  # this tick and the fallbacks sent ahead coast
         return keys, answered
 
+    def late_answer(self, keys: int, tick: int) -> None:
+        """An answer that came after its tick's deadline (a race keeps it): the keys a fallback holds from now on,
+        and a sign that the model server lives (safe mode is for a server that answers nothing)."""
+        self.last_keys = keys
+        self.safe.answered(tick)
+
     def _fallback(self) -> None:
         self.record.fallbacks += 1
         self.meter.fallbacks.inc()

@@ -8,6 +8,7 @@ race drives every car of a game server through it, their frames in one request a
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,37 @@ def test_the_autopilot_races_every_car_of_a_server_with_one_request_a_tick(
     assert pool.sizes and max(pool.sizes) == 3
     assert len(pool.sizes) <= 41
     assert sum(pool.sizes) == 3 * len(pool.sizes)
+
+
+class _SlowModel:
+    """A model server that always answers after the tick's budget: keys 1 (forward) the first time, then 9."""
+
+    model, version = "slow", ""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.calls = delay_s, 0
+
+    def infer_many(self, frames: Any, speeds: Any, timeout_s: float) -> list[Any]:
+        from serving.codec import Decision
+
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return [Decision((0.0,) * 4, 1 if self.calls == 1 else 9) for _ in frames]
+
+
+def test_an_answer_after_its_deadline_is_what_the_fallbacks_hold_and_no_car_coasts(game_server: GameServer) -> None:
+    # Every answer comes after its tick (the budget is under 28 ms): each tick falls back, but the late answers
+    # keep the model server alive (no safe mode) and their keys are what the fallbacks hold.
+    config = AutopilotConfig(track=TRACK, mode="realtime", cars=2, max_ticks=40, width=64, height=48)
+    slow = _SlowModel(0.06)
+    result = run_autopilot(
+        config, (game_server.address,), lambda: pytest.fail("a race asks its model"),  # type: ignore[arg-type,return-value]
+        race_model=lambda: slow,
+    )  # fmt: skip
+    assert slow.calls >= 3
+    for lap in result.laps:
+        assert lap.safe_ticks == 0 and lap.inference_errors == 0
+        assert lap.fallbacks == len(lap.keys) - 1  # no answer in time, after the first (decided before the start)
+        # The first keys were decided before the start; the fallbacks hold the newest (late) answer's keys.
+        assert lap.keys[0] == 1 and lap.keys[-1] == 9 and set(lap.keys) == {1, 9}
+        assert not lap.inference_ms
