@@ -147,6 +147,23 @@ def floor_ms(model_dir: Path, batch: int, n: int = 30) -> dict[str, float]:
     return {"batch_ms": round(p50, 2), "frame_ms": round(p50 / batch, 3)}
 
 
+def render_floor_ms(track_name: str, width: int, height: int, n: int = 60) -> float:
+    """One frame drawn in this process (the game server's renderer, no gRPC): ms p50, over a moving car."""
+    from game_server.core import physics
+    from game_server.core.tracks import load_track
+    from game_server.render import FrameSpec, shared_renderer
+
+    track, spec, renderer = load_track(track_name), FrameSpec(width=width, height=height), shared_renderer()
+    state, times = track.base_state, []
+    renderer.render(track, state, spec)
+    for _ in range(n):
+        state, _ = physics.step(track, state, 1)
+        t0 = time.perf_counter()
+        renderer.render(track, state, spec)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(float(np.percentile(times, 50)), 3)
+
+
 @contextmanager
 def services(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[list[Any], Any]]:
     from plumbing.procs import start_service
@@ -205,6 +222,7 @@ def main() -> int:
                                "model": str(args.model), "track": args.track, "rows": []}  # fmt: skip
     print(f"logs in {tmp}", flush=True)
     paths = [p for p in args.paths.split(",") if p]
+    results["render_floor_ms"] = render_floor_ms(args.track, args.width, args.height)
     results.update(format=args.format, workers=args.workers, games=args.games, race_cars=args.race_cars)
     with services(args, tmp) as (game_procs, ts):
         games, game_pids = tuple(g.address for g in game_procs), [g.proc.pid for g in game_procs]
@@ -266,17 +284,19 @@ def report(r: dict[str, Any]) -> None:
           f"{'batched' if r['batched'] else 'one request per car'}; {r['games']} game servers, "
           f"races of {r['race_cars']}, model {r['format']}, {r['workers']} worker(s); "
           f"load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}")  # fmt: skip
+    print(f"floors in this process: a frame drawn {r['render_floor_ms']} ms; the model, per batch below")
     print("| cars | path | fallbacks | late | missed | safe | laps | lap / lockstep | frame p50/p99 | "
-          "inference p50/p99 | CPU s per car-s: games / JVM / worker / autopilot | "
+          "inference p50/p99 | CPU ms per car-tick: games / JVM / worker / autopilot = total | "
           "floor ms per batch (per frame) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for x in r["rows"]:
-        c = x["cpu_per_car_s"]
+        c = {k: round(v * 1e3 * TICK_S, 2) for k, v in x["cpu_per_car_s"].items()}  # CPU s per car-s -> ms a tick
         print(f"| {x['cars']} | {x['path']} | {x['fallbacks_pct']}% | {x['late']} | {x['missed']} | "
               f"{x['safe_ticks']} | {x['laps_finished']} | {x['lap_ratio_min']}-{x['lap_ratio_max']} | "
               f"{x['frame_ms_p50']} / "
               f"{x['frame_ms_p99']} | {x['inference_ms_p50']} / {x['inference_ms_p99']} | {c['game_servers']} / "
-              f"{c['torchserve_jvm']} / {c['worker']} / {c['autopilot']} | {x['floor']['batch_ms']} "
+              f"{c['torchserve_jvm']} / {c['worker']} / {c['autopilot']} = {round(sum(c.values()), 2)} | "
+              f"{x['floor']['batch_ms']} "
               f"({x['floor']['frame_ms']}) |")  # fmt: skip
 
 
