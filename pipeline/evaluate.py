@@ -23,7 +23,7 @@ from game_server import convert
 from game_server.client import GameClient, frame_array
 from game_server.core import drivers, episode, physics
 from game_server.core.driver_file import load_driver
-from game_server.core.lap import LapOutcome, LapWatch
+from game_server.core.lap import LapOutcome, LapWatch, WithOutcome
 from game_server.core.pilot import drive_lap
 from game_server.core.recovery import RecoveringDriver
 from game_server.core.state import TICK_HZ, SimState
@@ -45,7 +45,7 @@ Expert = drivers.RayDriver | RecoveringDriver
 
 
 @dataclass
-class DriveRecord:
+class DriveRecord(WithOutcome):
     """One closed-loop run: its outcome, the driven line, and (with an expert) the frames it labelled."""
 
     track: str
@@ -58,22 +58,6 @@ class DriveRecord:
     applied: list[int] = field(default_factory=list)  # the keys chosen each tick, in tick order
     observations: list[sim_pb2.Observation] = field(default_factory=list)  # kept frames' states, frame cleared
     final_state: sim_pb2.SimState | None = None  # the last observed state (on a server): a lap record's claim
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome.finished
-
-    @property
-    def lap_ticks(self) -> int:
-        return self.outcome.lap_ticks
-
-    @property
-    def progress_fraction(self) -> float:
-        return self.outcome.progress_fraction
-
-    @property
-    def stop_reason(self) -> str:
-        return self.outcome.stop_reason
 
     def summary(self) -> dict[str, Any]:
         return dict(self.outcome.summary())

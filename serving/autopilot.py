@@ -24,7 +24,7 @@ import numpy as np
 
 from collector.store import RedisConfig
 from game_server.client import GameClient, watch_observation
-from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch
+from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch, WithOutcome
 from game_server.core.state import TICK_S
 from game_server.game import MAX_RACE_CARS
 from game_server.leaderboard import Leaderboard, LeaderboardConfig, drive_lap_record, submit_lap
@@ -133,7 +133,7 @@ class AutopilotConfig:
 
 
 @dataclass
-class LapRecord:
+class LapRecord(WithOutcome):
     """One lap of one car: its outcome, what the model chose each tick, and the real-time accounting."""
 
     car: int
@@ -158,30 +158,6 @@ class LapRecord:
     slack_ms: list[float] = field(default_factory=list)  # command sent -> the tick it names is due
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome.finished
-
-    @property
-    def lap_ticks(self) -> int:
-        return self.outcome.lap_ticks
-
-    @property
-    def ticks(self) -> int:
-        return self.outcome.ticks
-
-    @property
-    def progress_fraction(self) -> float:
-        return self.outcome.progress_fraction
-
-    @property
-    def wall_contacts(self) -> int:
-        return self.outcome.wall_contacts
-
-    @property
-    def stop_reason(self) -> str:
-        return self.outcome.stop_reason
 
     def observe(self, watch: LapWatch, obs: sim_pb2.Observation) -> bool:
         """Takes a tick's observation: the outcome so far and the line driven; True when the lap stops there."""

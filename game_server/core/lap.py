@@ -53,6 +53,36 @@ class LapOutcome:
         }
 
 
+class WithOutcome:
+    """A lap's record read through its `outcome`: one definition for every record that carries a LapOutcome."""
+
+    outcome: LapOutcome
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome.finished
+
+    @property
+    def lap_ticks(self) -> int:
+        return self.outcome.lap_ticks
+
+    @property
+    def ticks(self) -> int:
+        return self.outcome.ticks
+
+    @property
+    def progress_fraction(self) -> float:
+        return self.outcome.progress_fraction
+
+    @property
+    def wall_contacts(self) -> int:
+        return self.outcome.wall_contacts
+
+    @property
+    def stop_reason(self) -> str:
+        return self.outcome.stop_reason
+
+
 class LapWatch:
     """The stop rules of one lap, fed each tick's state: it says when the lap stops, and why.
 
