@@ -133,7 +133,7 @@ class AutopilotConfig:
 
 
 @dataclass
-class LapRecord(WithOutcome):
+class CarLap(WithOutcome):
     """One lap of one car: its outcome, what the model chose each tick, and the real-time accounting."""
 
     car: int
@@ -191,7 +191,7 @@ class AutopilotResult:
     """Every lap of every car, with the totals and latency percentiles the report shows."""
 
     config: AutopilotConfig
-    laps: list[LapRecord]
+    laps: list[CarLap]
     wall_s: float
 
     def totals(self) -> dict[str, Any]:
@@ -230,11 +230,11 @@ def drive_lap(
     game: GameClient,
     model: InferenceClient,
     config: AutopilotConfig,
-    record: LapRecord,
+    record: CarLap,
     tracer: Tracer | None = None,
     stop: threading.Event | None = None,
     counted: bool = True,
-) -> LapRecord:
+) -> CarLap:
     """One lap from the track's start line, in the configured mode; the session is closed afterwards.
 
     An uncounted lap (the deployer's gate) leaves the live metrics alone."""
@@ -276,11 +276,11 @@ def race_lap(
     game: GameClient,
     model: RaceModel,
     config: AutopilotConfig,
-    records: list[LapRecord],
+    records: list[CarLap],
     tracer: Tracer | None = None,
     stop: threading.Event | None = None,
     phase: tuple[float, float] | None = None,
-) -> list[LapRecord]:
+) -> list[CarLap]:
     """One lap of several cars at once on one game server, in real time (serving.race); sessions closed after."""
     meters = [VersionMeter(model.version) for _ in records]
     with contextlib.ExitStack() as sessions:
@@ -298,7 +298,7 @@ def _drive_lockstep(
     first: sim_pb2.Observation,
     model: InferenceClient,
     config: AutopilotConfig,
-    record: LapRecord,
+    record: CarLap,
     meter: VersionMeter,
 ) -> None:
     watch = LapWatch(config.max_ticks, config.stuck_ticks)
@@ -348,7 +348,7 @@ class _Routed:
         pass  # the car's clients outlive a lap
 
 
-def submit_race_lap(board: Leaderboard | None, config: AutopilotConfig, record: LapRecord, model: str) -> None:
+def submit_race_lap(board: Leaderboard | None, config: AutopilotConfig, record: CarLap, model: str) -> None:
     """A finished lap to the leaderboard, from the controls the server applied (verified before it is stored)."""
     if board is None or not record.finished:
         return
@@ -364,7 +364,7 @@ def run_autopilot(
     game_servers: tuple[str, ...],
     connect_model: Callable[[], InferenceClient] | None = None,
     stop: threading.Event | None = None,
-    on_lap: Callable[[LapRecord], None] | None = None,
+    on_lap: Callable[[CarLap], None] | None = None,
     *,
     router: Router | None = None,
     connect_version: Callable[[str], InferenceClient] | None = None,
@@ -384,7 +384,7 @@ def run_autopilot(
         raise InvalidArgument("a routing needs a client per version")
     tracer = Tracer(config.trace_every)
     board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=config.leaderboard))) if config.leaderboard else None
-    records: list[LapRecord] = []
+    records: list[CarLap] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
 
@@ -411,7 +411,7 @@ def run_autopilot(
                             assert connect_model is not None
                             clients[""] = connect_model()
                         model = clients[""]
-                    record = LapRecord(index, lap, server, version=model.version)
+                    record = CarLap(index, lap, server, version=model.version)
                     drive_lap(game, model, config, record, tracer, stop)
                     if isinstance(model, _Routed):
                         record.rerouted = model.rerouted
@@ -437,7 +437,7 @@ def run_autopilot(
                 for lap in range(config.laps):
                     if stop is not None and stop.is_set():
                         return
-                    laps = [LapRecord(index, lap, server, version=model.version) for index in cars]
+                    laps = [CarLap(index, lap, server, version=model.version) for index in cars]
                     race_lap(game, model, config, laps, tracer, stop, (t0, offset_s))
                     for record in laps:
                         submit_race_lap(board, config, record, model.model)

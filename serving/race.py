@@ -31,7 +31,7 @@ from serving.metrics import VersionMeter
 from serving.realtime import SEND_MARGIN_S, Ahead, Decisions, Latest, Tracer
 
 if TYPE_CHECKING:
-    from serving.autopilot import AutopilotConfig, LapRecord
+    from serving.autopilot import AutopilotConfig, CarLap
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _Car:
     """One car of a race: its lap, its decisions and what it has sent ahead."""
 
     index: int  # its place in the race (the server's car number)
-    record: LapRecord
+    record: CarLap
     decisions: Decisions
     meter: VersionMeter
     ahead: Ahead
@@ -149,7 +149,7 @@ def race_realtime(
     firsts: list[sim_pb2.Observation],
     model: RaceModel,
     config: AutopilotConfig,
-    records: list[LapRecord],
+    records: list[CarLap],
     meters: list[VersionMeter],
     tracer: Tracer,
     stop: threading.Event | None,

@@ -27,7 +27,7 @@ from serving.codec import Decision
 from serving.metrics import VersionMeter
 
 if TYPE_CHECKING:
-    from serving.autopilot import AutopilotConfig, LapRecord
+    from serving.autopilot import AutopilotConfig, CarLap
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class _SafeMode:
     at the next answer. Entry and exit are logged once each, not the failures between them.
     """
 
-    def __init__(self, config: AutopilotConfig, record: LapRecord, meter: VersionMeter) -> None:
+    def __init__(self, config: AutopilotConfig, record: CarLap, meter: VersionMeter) -> None:
         self.after_failures, self.after_s = config.safe_after_failures, config.safe_after_ms / 1e3
         self.record, self.meter = record, meter
         self.on, self.failures, self.last_answer, self.since_tick = False, 0, time.perf_counter(), 0
@@ -258,7 +258,7 @@ class Decisions:
         self,
         model: InferenceClient | None,  # None: the answers come from elsewhere (a race asks for all its cars)
         config: AutopilotConfig,
-        record: LapRecord,
+        record: CarLap,
         meter: VersionMeter,
         tracer: Tracer,
     ) -> None:
@@ -345,7 +345,7 @@ def drive_realtime(
     first: sim_pb2.Observation,
     model: InferenceClient,
     config: AutopilotConfig,
-    record: LapRecord,
+    record: CarLap,
     meter: VersionMeter,
     tracer: Tracer,
     stop: threading.Event | None,

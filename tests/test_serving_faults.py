@@ -27,7 +27,7 @@ from game_server.core.state import TICK_S
 from plumbing.errors import DomainError
 from plumbing.procs import ServiceProcess
 from serving.archive import ArchiveConfig, build_archive
-from serving.autopilot import AutopilotConfig, LapRecord, run_autopilot
+from serving.autopilot import AutopilotConfig, CarLap, run_autopilot
 from serving.client import InferenceClient, ModelRef, TorchServeClient, read_token
 from serving.codec import Decision
 from serving.race import RaceModel
@@ -104,7 +104,7 @@ class Recorded:
         return sum(1 for when, outcome in self.calls if when > t and outcome == "ok")
 
 
-def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRecord, float, list[BaseException]]:
+def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[CarLap, float, list[BaseException]]:
     """A real-time lap with `fault` run FAULT_AT_S into it, stopped RIDE_S after `fault` returns; the lap, when the
     fault began, the fault's errors."""
     laps, fault_at, errors = _race_cars(game, lambda: client, fault, cars=1)
@@ -117,7 +117,7 @@ def _race_cars(
     fault: Callable[[], None],
     cars: int,
     race_model: Callable[[], RaceModel] | None = None,
-) -> tuple[list[LapRecord], float, list[BaseException]]:
+) -> tuple[list[CarLap], float, list[BaseException]]:
     """`cars` real-time laps with `fault` run FAULT_AT_S into them, stopped RIDE_S after `fault` returns."""
     # Ten ticks of fallback ahead: a TorchServe (re)starting takes both cores for a while, and the autopilot and
     # the game server must ride out their own stalls on this shared machine (the default 5 covers 200 ms).
@@ -171,7 +171,7 @@ def _longest_run_of_zeros(keys: list[int]) -> int:
     return best
 
 
-def _assert_safe_ticks_coasted(lap: LapRecord) -> None:
+def _assert_safe_ticks_coasted(lap: CarLap) -> None:
     """Every safe tick coasted, and the outage (at least 1 s with nothing answering) in one run. A loaded machine
     may add a short safe-mode episode elsewhere, so the safe ticks need not all be in that one run."""
     assert lap.safe_ticks > 0 and lap.keys.count(0) >= lap.safe_ticks

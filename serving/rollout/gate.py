@@ -68,7 +68,7 @@ class Gate:
     def lap(self, version: ModelVersion, track: str) -> GateLap:
         """One lockstep lap of `track` driven by `version`, left out of the live metrics."""
         from game_server.client import GameClient
-        from serving.autopilot import AutopilotConfig, LapRecord, drive_lap
+        from serving.autopilot import AutopilotConfig, CarLap, drive_lap
 
         info = archive_info(self.registry.model_store / version.archive)
         g = self.config
@@ -79,7 +79,7 @@ class Gate:
         try:
             with self.span("gate.lap", **{"rrp.track": track, "rrp.version": version.version}), \
                     GameClient(address) as game:  # fmt: skip
-                r = drive_lap(game, client, pilot, LapRecord(0, 0, address, version=version.version), counted=False)
+                r = drive_lap(game, client, pilot, CarLap(0, 0, address, version=version.version), counted=False)
         finally:
             client.close()
         if r.finished:  # a lockstep lap: every key sent was the key applied
