@@ -9,6 +9,7 @@ serving.realtime: a deadline per inference, the fallback for a late tick, safe m
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -199,17 +200,21 @@ def race_realtime(
                 if not any(car.racing for car in cars):
                     break
                 continue
-            tick = int(asking[0][1].state.tick)
-            due = asking[0][0].due(t0, tick)
-            budget = min(deadline_s - (time.perf_counter() - received), due - time.perf_counter() - SEND_MARGIN_S)
-            settled = asker.decide(asking, budget)
-            plans: dict[int, list[tuple[int, int]]] = {}
-            now = time.perf_counter()
-            for (car, obs), (keys, answered) in zip(asking, settled, strict=True):
-                coasting_in_time = car.decisions.safe.on and car.due(t0, int(obs.state.tick)) > now
-                plans[car.index] = car.ahead.plan(int(obs.state.tick), keys, own=answered or coasting_in_time)
-                car.record.keys.append(keys)
-            stream.send(plans, leaving)
+            first, tick = asking[0][0], int(asking[0][1].state.tick)
+            with tracer.tick(first.index, tick):  # a sampled tick's trace: the race's frame, request and commands
+                with tracer.span("autopilot.frame", **{"rrp.frame_ms": first.record.frame_ms[-1]}):
+                    pass
+                due = first.due(t0, tick)
+                budget = min(deadline_s - (time.perf_counter() - received), due - time.perf_counter() - SEND_MARGIN_S)
+                settled = asker.decide(asking, budget)
+                with tracer.span("autopilot.command", **{"rrp.cars": len(asking)}):
+                    plans: dict[int, list[tuple[int, int]]] = {}
+                    now = time.perf_counter()
+                    for (car, obs), (keys, answered) in zip(asking, settled, strict=True):
+                        coasting_in_time = car.decisions.safe.on and car.due(t0, int(obs.state.tick)) > now
+                        plans[car.index] = car.ahead.plan(int(obs.state.tick), keys, own=answered or coasting_in_time)
+                        car.record.keys.append(keys)
+                    stream.send(plans, leaving)
             sent = time.perf_counter()
             for car, obs in asking:
                 car.record.slack_ms.append((car.due(t0, int(obs.state.tick)) - sent) * 1e3)
@@ -251,9 +256,11 @@ class _Asker:
         if self._late is not None or budget_s <= 0.001:
             return [car.decisions.settle(int(obs.state.tick), None) for car, obs in asking]
         t_inf = time.perf_counter()
-        traced = self.tracer.tick(asking[0][0].index, tick)
-        with traced, self.tracer.span("autopilot.inference", **{"rrp.model": self.model.model}):
-            future = self._pool.submit(_ask, self.model, [obs for _, obs in asking], LATE_ANSWER_S)
+        with self.tracer.span("autopilot.inference", **{"rrp.model": self.model.model, "rrp.cars": len(asking)}):
+            # The request runs on the pool's thread, in this tick's trace context (its gRPC span is the tick's).
+            future = self._pool.submit(
+                contextvars.copy_context().run, _ask, self.model, [obs for _, obs in asking], LATE_ANSWER_S
+            )
             try:
                 answers = future.result(timeout=budget_s)
             except FutureTimeout:

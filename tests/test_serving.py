@@ -403,7 +403,7 @@ def test_serve_and_autopilot_stop_on_sigterm_leaving_nothing_behind_with_traced_
         names.setdefault(trace_id, set()).add(name)
     ticks = [n for n in names.values() if "autopilot.tick" in n]
     assert ticks, f"no sampled tick traced: {sorted({n for n, _ in spans})}"
-    assert any({"autopilot.frame", "autopilot.inference", "autopilot.command"} <= n for n in ticks)
+    assert any({"autopilot.frame", "autopilot.inference", "autopilot.command"} <= n for n in ticks), ticks[:5]
     # The inference call itself is a gRPC client span inside the tick's trace.
     assert any(any("Predictions" in s for s in n) for n in ticks)
 
