@@ -25,6 +25,7 @@ from collector.store import RedisConfig
 from game_server.client import GameClient, watch_observation
 from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch
 from game_server.leaderboard import Leaderboard, LeaderboardConfig, drive_lap_record, submit_lap
+from plumbing.channels import ClientTLS
 from plumbing.errors import InvalidArgument, quote
 from plumbing.settings import setting
 from rallyrobopilot.v1 import sim_pb2
@@ -340,8 +341,10 @@ def run_autopilot(
     *,
     router: Router | None = None,
     connect_version: Callable[[str], InferenceClient] | None = None,
+    game_tls: ClientTLS | None = None,
 ) -> AutopilotResult:
-    """`config.cars` cars (threads) over the game servers, `config.laps` laps each.
+    """`config.cars` cars (threads) over the game servers (over TLS when `game_tls` has a CA), `config.laps`
+    laps each.
 
     Without a router each car has one model client (`connect_model`); with one, each lap asks the routing
     which version the car drives (`connect_version(version)`, one client per car and version).
@@ -369,7 +372,7 @@ def run_autopilot(
             return clients[version]
 
         try:
-            with GameClient(server) as game:
+            with GameClient(server, tls=game_tls) as game:
                 for lap in range(config.laps):
                     if stop is not None and stop.is_set():
                         return
