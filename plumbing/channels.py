@@ -6,12 +6,13 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from plumbing import errors
 from plumbing.settings import setting
+
+if TYPE_CHECKING:
+    import grpc
 
 # Every call picks the next ready subchannel: a headless Service's name (one A record per pod) spreads calls over
 # its pods, where gRPC's default (pick_first) would send every call of the channel to one pod.
@@ -50,6 +51,7 @@ def target(address: str) -> str:
 
 def channel_credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
     """The credentials of `tls`'s files, read now: a missing or unreadable file fails here, with its name."""
+    import grpc  # here, not at import: a command's --help (its config names ClientTLS) loads no gRPC
     if (tls.cert_file is None) != (tls.key_file is None):
         raise errors.InvalidArgument("mutual TLS needs both --tls-client-cert and --tls-client-key")
     if tls.ca_file is None and tls.cert_file is not None:
@@ -79,6 +81,7 @@ def open_channel(
     name again when a backend goes away, so pods that a Service gains are picked up on the next re-resolution.
     `spread=False` keeps every call on one backend (gRPC's pick_first): for clients whose calls share state on
     the server, such as a game session."""
+    import grpc
     opts: list[tuple[str, Any]] = [*options, ROUND_ROBIN if spread else PICK_FIRST]
     if tls is not None and tls.enabled:
         if tls.server_name:

@@ -35,14 +35,16 @@ from typing import Any
 import pytest
 
 from tests.netlab import Host, NetLab, Proc
+from tests.test_collector_tls import OPENSSL, _make_ca
+from tests.test_grpc_tls import _issue
 from tests.test_helm_chart import _selects, render, values
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
     pytest.mark.skipif(
-        any(shutil.which(t) is None for t in ("ip", "iptables", "redis-server", "redis-cli")),
-        reason="needs iproute2, iptables and redis (scripts/setup.sh installs them)",
+        any(shutil.which(t) is None for t in ("ip", "iptables", "redis-server", "redis-cli")) or OPENSSL is None,
+        reason="needs iproute2, iptables, redis and openssl (scripts/setup.sh installs them)",
     ),
 ]
 
@@ -182,6 +184,18 @@ def _services(docs: list[dict[str, Any]], pods: list[Pod], lab: NetLab) -> dict[
     return found
 
 
+def _tls_secret(docs: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+    """The production values' TLS Secret (tls.existingSecret), made here as cert-manager would: a CA, and one
+    certificate for every Service's names (short, namespaced, FQDN), for serving and for mutual TLS's clients."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _make_ca(folder, "ca")
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+    sans = ",".join(f"DNS:{a}" for n in names for a in (n, f"{n}.{NAMESPACE}", f"{n}.{NAMESPACE}.svc.cluster.local"))
+    cert, key = _issue(folder, "mesh", ca, ca_key, "serverAuth,clientAuth", sans)
+    files = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
+    return {k: base64.b64encode(f.read_bytes()).decode() for k, f in files.items()}
+
+
 def _port_number(pod: Pod, port: Any) -> int:
     if isinstance(port, int):
         return port
@@ -258,6 +272,8 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
     docs = render(merged(prod, SMALL))
     secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
     secrets["rrp-redis-auth"] = {"password": base64.b64encode(REDIS_PASSWORD.encode()).decode()}  # existingSecret
+    assert prod["tls"]["enabled"] and prod["tls"]["mutual"]
+    secrets[prod["tls"]["existingSecret"]] = _tls_secret(docs, tmp_path / "pki")
     pods = _pods(docs, lab)
     by_component = {}
     for pod in pods:
@@ -279,7 +295,7 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
                 while _start(lab, pod, probe, tmp_path, secrets).popen.wait(10) != 0:
                     assert time.monotonic() < deadline and proc.popen.poll() is None, proc.lines[-20:]
             else:
-                proc.wait_for(r"listening on", 60)
+                proc.wait_for(r"listening on \S+ \(TLS\)", 60)
 
     # `helm test`: the chart's test pods check each service's health through its Service name, as rendered.
     tests = [pod for pod in pods if pod.kind == "Pod"]
@@ -288,6 +304,17 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
         proc = _start(lab, pod, pod.spec["containers"][0], tmp_path, secrets)
         assert proc.popen.wait(90) == 0, proc.lines[-10:]
         assert "SERVING" in "".join(proc.lines)
+
+    # Mutual TLS holds: the same check without TLS, or without a client certificate, is refused.
+    scheduler = by_component["scheduler"][0]
+    main = scheduler.spec["containers"][0]
+    check = [str(a) for a in main["readinessProbe"]["exec"]["command"]]  # the pod's own probe, as rendered
+    plain = check[: check.index("--tls-ca")]
+    no_cert = [*plain, "--tls-ca", check[check.index("--tls-ca") + 1], "--tls-server-name",
+               check[check.index("--tls-server-name") + 1]]  # fmt: skip
+    for argv in (check, plain, no_cert):
+        done = _start(lab, scheduler, {**main, "command": argv, "args": []}, tmp_path, secrets)
+        assert done.popen.wait(30) == (0 if argv is check else 1), (argv, done.lines[-5:])
 
     # Every Job at once; the chart's init containers make the order.
     timeline: list[tuple[float, str, str]] = []
