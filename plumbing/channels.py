@@ -52,6 +52,7 @@ def target(address: str) -> str:
 def channel_credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
     """The credentials of `tls`'s files, read now: a missing or unreadable file fails here, with its name."""
     import grpc  # here, not at import: a command's --help (its config names ClientTLS) loads no gRPC
+
     if (tls.cert_file is None) != (tls.key_file is None):
         raise errors.InvalidArgument("mutual TLS needs both --tls-client-cert and --tls-client-key")
     if tls.ca_file is None and tls.cert_file is not None:
@@ -82,6 +83,7 @@ def open_channel(
     `spread=False` keeps every call on one backend (gRPC's pick_first): for clients whose calls share state on
     the server, such as a game session."""
     import grpc
+
     opts: list[tuple[str, Any]] = [*options, ROUND_ROBIN if spread else PICK_FIRST]
     if tls is not None and tls.enabled:
         if tls.server_name:
