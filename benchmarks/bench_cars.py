@@ -1,6 +1,6 @@
 """Many cars per core: real-time laps of N cars through one TorchServe, and what each component costs.
 
-Two game servers and one TorchServe on this machine; for each car count, `rrp autopilot --realtime` processes
+Two game servers (--games) and one TorchServe on this machine; for each car count, `rrp autopilot --realtime` processes
 race one lap per car (their frames batched per round, see serving/batching.py). Per car count: fallbacks %,
 late and missed ticks, each lap against the same model's lockstep lap, p50/p99 per hop, the CPU seconds per
 car-second of each component (game servers, TorchServe's JVM, its worker, the autopilots: every process
@@ -10,6 +10,11 @@ tree's user + system time over the run), and the floor: the same model in proces
     python benchmarks/bench_cars.py --cars 4,16            # a short run
     python benchmarks/bench_cars.py --cars 32 --procs 2    # two autopilot processes of 16 cars each
     python benchmarks/bench_cars.py --unbatched            # one request per car per tick (the old client)
+    python benchmarks/bench_cars.py --paths race           # only races (default: races, then per-car streams)
+    python benchmarks/bench_cars.py --format onnx          # the model as ONNX, run by onnxruntime in the worker
+
+Paths: `race` drives each game server's cars through one Race stream on one clock, one request a tick for
+all of them; `streams` is a Drive stream and a thread per car, their frames batched by serving.batching.
 """
 
 from __future__ import annotations
@@ -72,7 +77,14 @@ def torchserve_cpu_s(ts: Any) -> dict[str, float]:
 
 
 def run_autopilots(
-    args: argparse.Namespace, cars: int, procs: int, games: tuple[str, ...], address: str, key_file: Path, out: Path
+    args: argparse.Namespace,
+    cars: int,
+    procs: int,
+    games: tuple[str, ...],
+    address: str,
+    key_file: Path,
+    out: Path,
+    path: str = "race",
 ) -> tuple[list[dict[str, Any]], float]:
     """`procs` `rrp autopilot` processes sharing `cars`; their laps, and their CPU seconds (from wait4)."""
     from plumbing.procs import rrp_command
@@ -88,6 +100,10 @@ def run_autopilots(
                "--max-ticks", str(args.max_ticks), "--width", str(args.width), "--height", str(args.height),
                "--out", str(out / f"p{k}"),
                "--lockstep" if args.lockstep_all else "--realtime"]  # fmt: skip
+        if path != "race":
+            cmd.append("--no-race")
+        else:
+            cmd += ["--race-cars", str(args.race_cars)]
         if args.unbatched:
             cmd.append("--no-batched")
         else:
@@ -131,17 +147,36 @@ def floor_ms(model_dir: Path, batch: int, n: int = 30) -> dict[str, float]:
     return {"batch_ms": round(p50, 2), "frame_ms": round(p50 / batch, 3)}
 
 
+def render_floor_ms(track_name: str, width: int, height: int, n: int = 60) -> float:
+    """One frame drawn in this process (the game server's renderer, no gRPC): ms p50, over a moving car."""
+    from game_server.core import physics
+    from game_server.core.tracks import load_track
+    from game_server.render import FrameSpec, shared_renderer
+
+    track, spec, renderer = load_track(track_name), FrameSpec(width=width, height=height), shared_renderer()
+    state, times = track.base_state, []
+    renderer.render(track, state, spec)
+    for _ in range(n):
+        state, _ = physics.step(track, state, 1)
+        t0 = time.perf_counter()
+        renderer.render(track, state, spec)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(float(np.percentile(times, 50)), 3)
+
+
 @contextmanager
-def services(model_dir: Path, server_batch: int, server_delay_ms: int, tmp: Path) -> Iterator[tuple[list[Any], Any]]:
+def services(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[list[Any], Any]]:
     from plumbing.procs import start_service
     from serving.archive import ArchiveConfig, build_archive
     from serving.torchserve import LocalTorchServe, TorchServeConfig
 
     # The autopilot batches its cars; TorchServe's own batching could only merge several autopilot processes'
     # requests, and waits up to its delay for them (--server-batch, --server-delay-ms).
-    archive_config = ArchiveConfig(batch_size=server_batch, max_batch_delay_ms=server_delay_ms)
-    archive = build_archive(model_dir, "1", tmp / "store", archive_config)
-    games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(2)]
+    archive_config = ArchiveConfig(
+        batch_size=args.server_batch, max_batch_delay_ms=args.server_delay_ms, workers=args.workers, format=args.format
+    )
+    archive = build_archive(args.model, "1", tmp / "store", archive_config)
+    games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(args.games)]
     try:
         with LocalTorchServe(TorchServeConfig(workdir=tmp / "torchserve")) as ts:
             ts.register(archive)
@@ -168,6 +203,11 @@ def main() -> int:
     parser.add_argument("--server-batch", type=int, default=1, help="TorchServe's batch size")
     parser.add_argument("--server-delay-ms", type=int, default=0, help="TorchServe's max batch delay, ms")
     parser.add_argument("--in-flight", type=int, default=2, help="batched requests in flight per autopilot")
+    parser.add_argument("--paths", default="race,streams", help="race (one stream per server), streams (per car)")
+    parser.add_argument("--format", default="eager", choices=("eager", "onnx"), help="the served model's format")
+    parser.add_argument("--race-cars", type=int, default=4, help="races: at most this many cars per race")
+    parser.add_argument("--games", type=int, default=2, help="game server processes")
+    parser.add_argument("--workers", type=int, default=1, help="TorchServe's workers of the model")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")
     args = parser.parse_args()
     args.lockstep_all = False
@@ -181,7 +221,10 @@ def main() -> int:
                                "window_ms": args.window_ms, "in_flight": args.in_flight,
                                "model": str(args.model), "track": args.track, "rows": []}  # fmt: skip
     print(f"logs in {tmp}", flush=True)
-    with services(args.model, args.server_batch, args.server_delay_ms, tmp) as (game_procs, ts):
+    paths = [p for p in args.paths.split(",") if p]
+    results["render_floor_ms"] = render_floor_ms(args.track, args.width, args.height)
+    results.update(format=args.format, workers=args.workers, games=args.games, race_cars=args.race_cars)
+    with services(args, tmp) as (game_procs, ts):
         games, game_pids = tuple(g.address for g in game_procs), [g.proc.pid for g in game_procs]
         address = ts.inference_address
         lockstep = argparse.Namespace(**{**vars(args), "lockstep_all": True})
@@ -189,11 +232,11 @@ def main() -> int:
         base = laps[0]["lap_ticks"] if laps[0]["finished"] else None
         results["lockstep_lap_ticks"] = base
         print(f"lockstep lap: {base} ticks", flush=True)
-        for cars in counts:
-            out = tmp / f"cars-{cars}"
+        for cars, path in [(c, p) for c in counts for p in paths]:
+            out = tmp / f"cars-{cars}-{path}"
             games_before, ts_before = tree_cpu_s(game_pids), torchserve_cpu_s(ts)
             t0 = time.monotonic()
-            laps, pilot_cpu = run_autopilots(args, cars, args.procs, games, address, ts.key_file, out)
+            laps, pilot_cpu = run_autopilots(args, cars, args.procs, games, address, ts.key_file, out, path)
             wall = time.monotonic() - t0
             games_cpu, ts_after = tree_cpu_s(game_pids) - games_before, torchserve_cpu_s(ts)
             totals = [lap.pop("_totals") for lap in laps if "_totals" in lap]
@@ -202,6 +245,7 @@ def main() -> int:
             ratios = [lap["lap_ticks"] / base for lap in laps if base and lap["finished"]]
             row = {
                 "cars": cars,
+                "path": path,
                 "ticks": ticks,
                 "fallbacks_pct": round(100 * sum(lap["fallbacks"] for lap in laps) / max(ticks, 1), 2),
                 "late": sum(lap["late_commands"] for lap in laps),
@@ -237,17 +281,22 @@ def main() -> int:
 
 def report(r: dict[str, Any]) -> None:
     print(f"\n{r['track']}, lockstep lap {r['lockstep_lap_ticks']} ticks; {r['procs']} autopilot process(es), "
-          f"{'batched' if r['batched'] else 'one request per car'}; load {r['load_before'][0]:.1f} -> "
-          f"{r['load_after'][0]:.1f}")  # fmt: skip
-    print("| cars | fallbacks | late | missed | safe | laps | lap / lockstep | frame p50/p99 | inference p50/p99 | "
-          "CPU s per car-s: games / JVM / worker / autopilot | floor ms per batch (per frame) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{'batched' if r['batched'] else 'one request per car'}; {r['games']} game servers, "
+          f"races of {r['race_cars']}, model {r['format']}, {r['workers']} worker(s); "
+          f"load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}")  # fmt: skip
+    print(f"floors in this process: a frame drawn {r['render_floor_ms']} ms; the model, per batch below")
+    print("| cars | path | fallbacks | late | missed | safe | laps | lap / lockstep | frame p50/p99 | "
+          "inference p50/p99 | CPU ms per car-tick: games / JVM / worker / autopilot = total | "
+          "floor ms per batch (per frame) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for x in r["rows"]:
-        c = x["cpu_per_car_s"]
-        print(f"| {x['cars']} | {x['fallbacks_pct']}% | {x['late']} | {x['missed']} | {x['safe_ticks']} | "
-              f"{x['laps_finished']} | {x['lap_ratio_min']}-{x['lap_ratio_max']} | {x['frame_ms_p50']} / "
+        c = {k: round(v * 1e3 * TICK_S, 2) for k, v in x["cpu_per_car_s"].items()}  # CPU s per car-s -> ms a tick
+        print(f"| {x['cars']} | {x['path']} | {x['fallbacks_pct']}% | {x['late']} | {x['missed']} | "
+              f"{x['safe_ticks']} | {x['laps_finished']} | {x['lap_ratio_min']}-{x['lap_ratio_max']} | "
+              f"{x['frame_ms_p50']} / "
               f"{x['frame_ms_p99']} | {x['inference_ms_p50']} / {x['inference_ms_p99']} | {c['game_servers']} / "
-              f"{c['torchserve_jvm']} / {c['worker']} / {c['autopilot']} | {x['floor']['batch_ms']} "
+              f"{c['torchserve_jvm']} / {c['worker']} / {c['autopilot']} = {round(sum(c.values()), 2)} | "
+              f"{x['floor']['batch_ms']} "
               f"({x['floor']['frame_ms']}) |")  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 MAX_PROGRAM_TICKS = 100_000
 # How far ahead of the simulation a real-time client may queue commands.
 MAX_COMMANDS_AHEAD = 250
+MAX_RACE_CARS = 64  # sessions one Race stream drives: far beyond what a game server renders in real time
 
 
 class FrameRenderer(Protocol):
     def render(self, track: Track, state: SimState, spec: Any) -> np.ndarray: ...
+
+    def render_many(self, views: list[tuple[Track, SimState, Any]]) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,24 @@ class Game:
             lap_ticks=lap_ticks_of(state),
             frame=frame,
         )
+
+    def observe_many(self, ticked: list[tuple[Session, bool]], with_frames: bool) -> list[Observation]:
+        """`observe` of several sessions, their frames drawn in one call to the renderer (one hand-off)."""
+        frames: list[np.ndarray | None] = [None] * len(ticked)
+        if with_frames:
+            views = [(session.track, session.state, session.frame_spec) for session, _ in ticked]
+            frames = list(self.renderer().render_many(views))
+        return [
+            Observation(
+                state=session.state,
+                rays=physics.raycast(session.track, session.state.car, session.state.lap.segment),
+                progress_fraction=physics.progress_fraction(session.track, session.state.lap),
+                wall_contact=contact,
+                lap_ticks=lap_ticks_of(session.state),
+                frame=frame,
+            )
+            for (session, contact), frame in zip(ticked, frames, strict=True)
+        ]
 
     # -- sessions -------------------------------------------------------------------------------
     def create_session(self, track_name: str, frame_spec: Any) -> tuple[Session, Observation]:
@@ -313,6 +334,107 @@ class Game:
                 yield DriveEvent(self.observe(session, contact, with_frames), tick, inbox.late, missed, mask)
             inbox.stop()
 
+    def drive_race(
+        self,
+        session_ids: list[str],
+        batches: Iterable[RaceBatch],
+        with_frames: bool,
+        max_ticks: int,
+        is_active: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Iterator[list[tuple[int, DriveEvent]]]:
+        """Several sessions in real time on one clock: each tick, every car still racing, as (car, event).
+
+        Per car the rules are drive_realtime's (late, missed, held controls); what the race saves is the
+        per-car stream and thread: one loop steps and observes every car, one message carries them."""
+        if not 1 <= len(session_ids) <= MAX_RACE_CARS:
+            raise InvalidArgument(f"a race holds 1..{MAX_RACE_CARS} sessions, got {len(session_ids)}")
+        if len(set(session_ids)) != len(session_ids):
+            raise InvalidArgument("a race names each session once")
+        sessions = [self.sessions.get(session_id) for session_id in session_ids]
+        with ExitStack() as held:
+            for session in sessions:
+                held.enter_context(session.exclusive("Race"))
+            inboxes = [_CommandInbox(session.state.tick) for session in sessions]
+            reader = _RaceReader(inboxes)
+            thread = threading.Thread(target=reader.consume, args=(batches,), daemon=True, name="race-reader")
+            thread.start()
+            masks, missed, done = [0] * len(sessions), [0] * len(sessions), 0
+            t0 = clock()
+            try:
+                while is_active() and (max_ticks == 0 or done < max_ticks):
+                    delay = t0 + (done + 1) * TICK_S - clock()
+                    if delay > 0:
+                        time.sleep(delay)
+                    reader.raise_error()
+                    racing = [k for k in range(len(sessions)) if not reader.left[k]]
+                    if not racing:
+                        break
+                    commands = {k: inboxes[k].take(sessions[k].state.tick) for k in racing}
+                    if reader.closed and all(c is None for c in commands.values()):
+                        break
+                    ticked, ticks = [], []
+                    for k in racing:
+                        session, command = sessions[k], commands[k]
+                        ticks.append(session.state.tick)
+                        if command is None:
+                            missed[k] += 1
+                        else:
+                            masks[k] = command
+                        session.state, contact = physics.step(session.track, session.state, masks[k])
+                        self.sessions.touch(session)
+                        ticked.append((session, contact))
+                    observed = self.observe_many(ticked, with_frames)
+                    done += 1
+                    yield [
+                        (k, DriveEvent(obs, tick, inboxes[k].late, missed[k], masks[k]))
+                        for k, tick, obs in zip(racing, ticks, observed, strict=True)
+                    ]
+            finally:
+                reader.stop()
+
+
+# A race's input, one message of its stream: commands as (car, tick, mask), and the cars that leave.
+RaceBatch = tuple[list[tuple[int, int, int]], list[int]]
+
+
+class _RaceReader:
+    """A race's commands, handed to each car's inbox as they arrive."""
+
+    def __init__(self, inboxes: list[_CommandInbox]) -> None:
+        self.inboxes = inboxes
+        self.left = [False] * len(inboxes)  # written here, read by the race loop (a bool store is atomic)
+        self.closed = False
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+
+    def consume(self, batches: Iterable[RaceBatch]) -> None:
+        try:
+            for commands, leaving in batches:
+                if self._stop.is_set():
+                    return
+                for car, tick, mask in commands:
+                    self._inbox(car).put(tick, mask)
+                for car in leaving:
+                    self._inbox(car)
+                    self.left[car] = True
+        except BaseException as exc:  # handed to the race loop, which raises it to the client
+            self._error = exc
+        finally:
+            self.closed = True
+
+    def _inbox(self, car: int) -> _CommandInbox:
+        if not 0 <= car < len(self.inboxes):
+            raise InvalidArgument(f"car {car} is not in this race of {len(self.inboxes)}")
+        return self.inboxes[car]
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stop.set()
+
 
 class _CommandInbox:
     """Commands received from a real-time client, keyed by the tick they apply to."""
@@ -331,21 +453,23 @@ class _CommandInbox:
             for tick, mask in commands:
                 if self._stop.is_set():
                     return
-                physics.validate_masks(bytes([mask]))
-                with self._lock:
-                    now = self._next_tick
-                    if tick < now:
-                        self.late += 1
-                    elif tick > now + MAX_COMMANDS_AHEAD:
-                        raise InvalidArgument(
-                            f"command for tick {tick} is more than {MAX_COMMANDS_AHEAD} ticks ahead of {now}"
-                        )
-                    else:
-                        self._pending[tick] = mask
+                self.put(tick, mask)
         except BaseException as exc:  # handed to the driving loop, which raises it to the client
             self._error = exc
         finally:
             self.closed = True
+
+    def put(self, tick: int, mask: int) -> None:
+        """One command: kept for its tick, or counted late; too far ahead is the client's error."""
+        physics.validate_masks(bytes([mask]))
+        with self._lock:
+            now = self._next_tick
+            if tick < now:
+                self.late += 1
+            elif tick > now + MAX_COMMANDS_AHEAD:
+                raise InvalidArgument(f"command for tick {tick} is more than {MAX_COMMANDS_AHEAD} ticks ahead of {now}")
+            else:
+                self._pending[tick] = mask
 
     def take(self, tick: int) -> int | None:
         with self._lock:

@@ -55,6 +55,11 @@ class _CountedRenderer:
         metrics.FRAMES.inc()
         return frame
 
+    def render_many(self, views: list[tuple[Track, SimState, Any]]) -> list[np.ndarray]:
+        frames = self.inner.render_many(views)
+        metrics.FRAMES.inc(len(frames))
+        return frames
+
 
 @dataclass
 class GameServer:

@@ -12,7 +12,7 @@ from game_server.core.state import SimState
 from game_server.core.track import Track
 from game_server.core.tracks import builtin_tracks, load_track
 from game_server.evaluation import MAX_BATCH, evaluate_batch, evaluation_args, evaluation_response
-from game_server.game import DriveEvent, Game, Observation
+from game_server.game import DriveEvent, Game, Observation, RaceBatch
 from game_server.laps import verify_record_pb
 from game_server.recording import OpenProducer, connect_collector, outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
@@ -49,6 +49,17 @@ def _commands(requests: Iterator[game_pb2.DriveRequest]) -> Iterator[tuple[int, 
         if req.WhichOneof("kind") != "command":
             raise FailedPrecondition("a Drive stream takes exactly one start message, first")
         yield req.command.tick, convert.controls_to_mask(req.command.controls)
+
+
+def _race_batches(requests: Iterator[game_pb2.RaceRequest]) -> Iterator[RaceBatch]:
+    for req in requests:
+        if req.WhichOneof("kind") != "commands":
+            raise FailedPrecondition("a Race stream takes exactly one start message, first")
+        batch = req.commands
+        yield (
+            [(c.car, c.command.tick, convert.controls_to_mask(c.command.controls)) for c in batch.commands],
+            list(batch.leave),
+        )
 
 
 def _left(context: grpc.ServicerContext | None) -> Callable[[], bool]:
@@ -139,6 +150,29 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
                 metrics.MISSED_TICKS.inc(event.missed_ticks - missed)
                 late, missed = event.late_commands, event.missed_ticks
             yield _drive_event_to_pb(event)
+
+    def Race(
+        self, request_iterator: Iterator[game_pb2.RaceRequest], context: grpc.ServicerContext
+    ) -> Iterator[game_pb2.RaceResponse]:
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "start":
+            raise FailedPrecondition("the first message of a Race stream must be a start")
+        start = first.start
+        events = self.game.drive_race(
+            list(start.session_ids), _race_batches(request_iterator), start.with_frames, start.max_ticks,
+            is_active=context.is_active,
+        )  # fmt: skip
+        ticks, late, missed = metrics.TICKS.labels("Race"), 0, 0
+        for cars in events:
+            ticks.inc(len(cars))
+            tick_late, tick_missed = sum(e.late_commands for _, e in cars), sum(e.missed_ticks for _, e in cars)
+            # Counts so far of the cars still racing; a car that left takes its counts with it (not subtracted).
+            metrics.LATE_COMMANDS.inc(max(tick_late - late, 0))
+            metrics.MISSED_TICKS.inc(max(tick_missed - missed, 0))
+            late, missed = tick_late, tick_missed
+            yield game_pb2.RaceResponse(cars=[game_pb2.RaceCar(car=k, drive=_drive_event_to_pb(e)) for k, e in cars])
 
     def EvaluateBatch(
         self, request: game_pb2.EvaluateBatchRequest, context: grpc.ServicerContext

@@ -238,8 +238,15 @@ def run_autopilot_command(
                 game_tls=tls,
             )
         else:
+            race = (lambda: batchers.race("")) if batchers is not None else None
             result = run_autopilot(
-                pilot, config.game, lambda: connect_version(""), stop=stop, on_lap=lap_done, game_tls=tls
+                pilot,
+                config.game,
+                lambda: connect_version(""),
+                stop=stop,
+                on_lap=lap_done,
+                race_model=race,
+                game_tls=tls,
             )
     finally:
         if batchers is not None:

@@ -11,6 +11,7 @@ The real-time loop itself is `serving.realtime`; a lap's outcome and stop rules 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -24,6 +25,8 @@ import numpy as np
 from collector.store import RedisConfig
 from game_server.client import GameClient, watch_observation
 from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch
+from game_server.core.state import TICK_S
+from game_server.game import MAX_RACE_CARS
 from game_server.leaderboard import Leaderboard, LeaderboardConfig, drive_lap_record, submit_lap
 from plumbing.channels import ClientTLS
 from plumbing.errors import InvalidArgument, quote
@@ -32,6 +35,7 @@ from rallyrobopilot.v1 import sim_pb2
 from serving.client import InferenceClient
 from serving.codec import Decision
 from serving.metrics import REROUTES, UncountedMeter, VersionMeter
+from serving.race import RaceModel, race_realtime
 from serving.realtime import Tracer, drive_realtime, infer
 from serving.registry import Router
 
@@ -92,6 +96,16 @@ class AutopilotConfig:
     batch_in_flight: int = setting(
         2, "batched: requests of this process outstanding at once (a frame that just missed one goes in the next)"
     )
+    race: bool = setting(
+        True,
+        "real time, batched: each game server's cars race through one stream on one clock, all their frames in "
+        "one request a tick (not a stream and a thread per car)",
+    )
+    race_cars: int = setting(
+        4,
+        "races: at most this many cars per race; a game server's cars make several races, each its own share "
+        "of the tick, so that frames are drawn and inferred in turn instead of all at once",
+    )
     leaderboard: str = setting(
         "", "Redis URL of a leaderboard: every finished lap is verified (replayed from its keys) and submitted"
     )
@@ -109,6 +123,8 @@ class AutopilotConfig:
             raise InvalidArgument(f"the batch window must be 0..40 ms (one tick), got {self.batch_window_ms:g}")
         if not 1 <= self.batch_in_flight <= 16:
             raise InvalidArgument(f"batch in flight must be 1..16, got {self.batch_in_flight}")
+        if not 1 <= self.race_cars <= MAX_RACE_CARS:
+            raise InvalidArgument(f"race cars must be 1..{MAX_RACE_CARS}, got {self.race_cars}")
         if not 1 <= self.fallback_ticks <= 100:
             raise InvalidArgument("fallback ticks must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:
@@ -247,14 +263,8 @@ def drive_lap(
     """One lap from the track's start line, in the configured mode; the session is closed afterwards.
 
     An uncounted lap (the deployer's gate) leaves the live metrics alone."""
-    options = sim_pb2.FrameOptions(
-        width_px=config.width,
-        height_px=config.height,
-        domain_randomization=config.randomize,
-        randomization_seed=config.seed,
-    )
     meter = VersionMeter(model.version) if counted else UncountedMeter(model.version)
-    with game.session(config.track, options) as created:
+    with game.session(config.track, frame_options(config)) as created:
         session = created.session_id
         first = game.reset(session, with_frame=True)
         if config.mode == "lockstep":
@@ -263,6 +273,48 @@ def drive_lap(
             drive_realtime(game, session, first, model, config, record, meter, tracer or Tracer(0), stop)
     meter.lap(record.finished, record.outcome.lap_s, record.wall_contacts)
     return record
+
+
+def race_groups(cars: int, per_race: int, servers: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """The races: each server's cars (car i on server i mod n) in races of at most `per_race`, listed so that
+    consecutive races (consecutive shares of the tick) are on different servers where there are several."""
+    by_server = [list(range(k, cars, len(servers))) for k in range(len(servers))]
+    chunks = [[mine[i : i + per_race] for i in range(0, len(mine), per_race)] for mine in by_server]
+    return [
+        (servers[k], chunks[k][round_])
+        for round_ in range(max(len(c) for c in chunks))
+        for k in range(len(servers))
+        if round_ < len(chunks[k])
+    ]
+
+
+def frame_options(config: AutopilotConfig) -> sim_pb2.FrameOptions:
+    return sim_pb2.FrameOptions(
+        width_px=config.width,
+        height_px=config.height,
+        domain_randomization=config.randomize,
+        randomization_seed=config.seed,
+    )
+
+
+def race_lap(
+    game: GameClient,
+    model: RaceModel,
+    config: AutopilotConfig,
+    records: list[LapRecord],
+    tracer: Tracer | None = None,
+    stop: threading.Event | None = None,
+    phase: tuple[float, float] | None = None,
+) -> list[LapRecord]:
+    """One lap of several cars at once on one game server, in real time (serving.race); sessions closed after."""
+    meters = [VersionMeter(model.version) for _ in records]
+    with contextlib.ExitStack() as sessions:
+        ids = [sessions.enter_context(game.session(config.track, frame_options(config))).session_id for _ in records]
+        firsts = [game.reset(session, with_frame=True) for session in ids]
+        race_realtime(game, ids, firsts, model, config, records, meters, tracer or Tracer(0), stop, phase)
+    for meter, record in zip(meters, records, strict=True):
+        meter.lap(record.finished, record.outcome.lap_s, record.wall_contacts)
+    return records
 
 
 def _drive_lockstep(
@@ -341,13 +393,14 @@ def run_autopilot(
     *,
     router: Router | None = None,
     connect_version: Callable[[str], InferenceClient] | None = None,
+    race_model: Callable[[], RaceModel] | None = None,
     game_tls: ClientTLS | None = None,
 ) -> AutopilotResult:
-    """`config.cars` cars (threads) over the game servers (over TLS when `game_tls` has a CA), `config.laps`
-    laps each.
+    """`config.cars` cars over the game servers (over TLS when `game_tls` has a CA), `config.laps` laps each.
 
     Without a router each car has one model client (`connect_model`); with one, each lap asks the routing
-    which version the car drives (`connect_version(version)`, one client per car and version).
+    which version the car drives (`connect_version(version)`, one client per car and version). In real time
+    with `race_model` and no router, each game server's cars race together (`race_model()`, one per server).
     """
     if not game_servers:
         raise InvalidArgument("give at least one game server")
@@ -402,8 +455,37 @@ def run_autopilot(
             for client in clients.values():
                 client.close()
 
+    def race(server: str, cars: list[int], offset_s: float) -> None:
+        assert race_model is not None
+        try:
+            with GameClient(server, tls=game_tls) as game:
+                model = race_model()
+                for lap in range(config.laps):
+                    if stop is not None and stop.is_set():
+                        return
+                    laps = [LapRecord(index, lap, server, version=model.version) for index in cars]
+                    race_lap(game, model, config, laps, tracer, stop, (t0, offset_s))
+                    for record in laps:
+                        submit_race_lap(board, config, record, model.model)
+                        with lock:
+                            records.append(record)
+                        if on_lap is not None:
+                            on_lap(record)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+            if stop is not None:
+                stop.set()
+
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=car, args=(i,), name=f"car-{i}", daemon=True) for i in range(config.cars)]
+    if config.mode == "realtime" and config.race and race_model is not None and router is None:
+        groups = race_groups(config.cars, config.race_cars, game_servers)
+        threads = [  # each race its own share of the tick, so that their requests come in turn
+            threading.Thread(target=race, args=(*group, k * TICK_S / len(groups)), name=f"race-{k}", daemon=True)
+            for k, group in enumerate(groups)
+        ]
+    else:
+        threads = [threading.Thread(target=car, args=(i,), name=f"car-{i}", daemon=True) for i in range(config.cars)]
     for t in threads:
         t.start()
     for t in threads:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +182,55 @@ class CarClient:
         self.batcher.leave(self.slot)
 
 
+class RacePool:
+    """The requests of races (serving.race): one call per race and tick, each on a client no other call holds.
+
+    A client whose call came late is still busy with it (calls are never cancelled): it goes to the back of
+    the line, and a race finding no client free makes one more, up to `MAX_CLIENTS`; past that its tick falls
+    back. Races call from their own threads, one call each at a time.
+    """
+
+    MAX_CLIENTS = 16
+
+    def __init__(self, connect: Callable[[], BatchTarget], in_flight: int = 2) -> None:
+        self.connect = connect
+        self.clients = [connect() for _ in range(max(1, in_flight))]
+        self.model, self.version = self.clients[0].model, self.clients[0].version
+        self._free = list(self.clients)
+        self._lock = threading.Lock()
+        self.sizes: list[int] = []
+
+    def infer_many(
+        self, frames: Sequence[np.ndarray], speeds: Sequence[float], timeout_s: float
+    ) -> list[Decision | DomainError]:
+        client = self._take()
+        if client is None:
+            return [DeadlineExceeded(f"all {self.MAX_CLIENTS} model clients of this process are busy")] * len(frames)
+        try:
+            self.sizes.append(len(frames))
+            answers: list[Decision | DomainError] = list(client.infer_batch(list(frames), list(speeds), timeout_s))
+            return answers
+        except DomainError as exc:
+            return [exc] * len(frames)
+        finally:
+            with self._lock:
+                self._free.append(client)
+
+    def _take(self) -> BatchTarget | None:
+        with self._lock:
+            if self._free:
+                return self._free.pop(0)
+            if len(self.clients) >= self.MAX_CLIENTS:
+                return None
+            client = self.connect()
+            self.clients.append(client)
+            return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
 class Batchers:
     """One batcher per model version, made on first use; `connect(version)` is a car's client of it."""
 
@@ -189,6 +238,14 @@ class Batchers:
         self.make, self.window_s, self.in_flight = make, window_s, in_flight
         self._lock = threading.Lock()
         self._batchers: dict[str, Batcher] = {}
+        self._races: dict[str, RacePool] = {}
+
+    def race(self, version: str = "") -> RacePool:
+        """The requests of this process's races on `version`, made on first use."""
+        with self._lock:
+            if version not in self._races:
+                self._races[version] = RacePool(lambda: self.make(version), self.in_flight)
+            return self._races[version]
 
     def connect(self, version: str = "") -> InferenceClient:
         with self._lock:
@@ -196,13 +253,16 @@ class Batchers:
                 self._batchers[version] = Batcher(lambda: self.make(version), self.window_s, self.in_flight)
             return self._batchers[version].car()
 
+    def _all(self) -> list[Batcher | RacePool]:
+        return [*self._batchers.values(), *self._races.values()]
+
     def sizes(self) -> list[int]:
-        return [n for b in self._batchers.values() for n in b.sizes]
+        return [n for b in self._all() for n in b.sizes]
 
     def replica_calls(self) -> dict[str, dict[str, float]]:
         """Per model server replica: answered requests, and the wall-clock time of its first answer."""
         out: dict[str, dict[str, float]] = {}
-        for batcher in self._batchers.values():
+        for batcher in self._all():
             for client in batcher.clients:
                 if isinstance(client, FailoverClient):
                     for target, n in client.calls.items():
@@ -212,5 +272,5 @@ class Batchers:
         return out
 
     def close(self) -> None:
-        for batcher in self._batchers.values():
+        for batcher in self._all():
             batcher.close()

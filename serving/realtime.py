@@ -70,7 +70,7 @@ class Tracer:
         return self.tracer.start_as_current_span(name, attributes=attributes)
 
 
-class _Clock:
+class Clock:
     """The server's clock, started by the start message: tick k is due at t0 + (k - first + 1) * 40 ms."""
 
     def __init__(self, first_tick: int) -> None:
@@ -89,7 +89,7 @@ class _Clock:
         return min(deadline_s - (now - received), self.due(tick) - now - SEND_MARGIN_S)
 
 
-class _Latest:
+class Latest:
     """The newest observation of a Drive stream: a slow tick skips stale frames instead of queueing behind them."""
 
     def __init__(self) -> None:
@@ -118,6 +118,29 @@ class _Latest:
             return item
 
 
+class Ahead:
+    """What a car sends for a tick: its own command, and the fallback of the `fallback_ticks` ticks after it."""
+
+    def __init__(self, config: AutopilotConfig) -> None:
+        self.config = config
+        self._keys: int | None = None  # the fallback the ticks up to `_until` already hold
+        self._until = -1
+
+    def plan(self, tick: int, keys: int, own: bool) -> list[tuple[int, int]]:
+        """(tick, keys) to send: `tick`'s own command when `own`, then the fallbacks ahead not sent yet.
+
+        Ticks ahead that already hold this fallback are not sent again: with steady keys a tick costs two
+        commands (its own and the newest tick's fallback) instead of 1 + `fallback_ticks`, on both sides
+        of the stream, which is most of the per-car cost once many cars race."""
+        fallback = fallback_keys(self.config, keys)
+        out = [(tick, keys)] if own else []
+        last = tick + self.config.fallback_ticks
+        first = tick + 1 if fallback != self._keys else max(tick + 1, self._until + 1)
+        out += [(ahead, fallback) for ahead in range(first, last + 1)]
+        self._keys, self._until = fallback, max(self._until, last)
+        return out
+
+
 class _Stream:
     """A real-time Drive stream: commands out through a queue, the newest observation in through a reader thread.
 
@@ -128,15 +151,14 @@ class _Stream:
     def __init__(self, game: GameClient, config: AutopilotConfig, car: int) -> None:
         self.game, self.config, self.car = game, config, car
         self.outbox: queue.SimpleQueue[game_pb2.DriveRequest | None] = queue.SimpleQueue()
-        self.latest = _Latest()
+        self.latest = Latest()
         self.last_response: game_pb2.DriveResponse | None = None
         self._responses: Any = None
         self._reader: threading.Thread | None = None
-        self._ahead_keys: int | None = None  # the fallback the ticks up to `_ahead_until` already hold
+        self.ahead = Ahead(config)
         self.applied: list[int] = []  # the controls each tick ran with, every answer's (also the skipped ones)
-        self._ahead_until = -1
 
-    def open(self, session: str, clock: _Clock, first_keys: int) -> None:
+    def open(self, session: str, clock: Clock, first_keys: int) -> None:
         """Starts the stream (and the server's clock) with the first tick's command and its fallbacks ahead."""
         start = game_pb2.DriveStart(session_id=session, mode=game_pb2.DRIVE_MODE_REALTIME, with_frames=True)
         self.outbox.put(game_pb2.DriveRequest(start=start))
@@ -162,19 +184,8 @@ class _Stream:
             self.latest.end(exc)
 
     def send(self, tick: int, keys: int, own: bool) -> None:
-        """The fallbacks of the ticks after `tick`, led by `tick`'s own command when `own`.
-
-        Ticks ahead that already hold this fallback are not sent again: with steady keys a tick costs two
-        messages (its own command and the newest tick's fallback) instead of 1 + `fallback_ticks`, on both sides
-        of the stream, which is most of the per-car cost once many cars race."""
-        fallback = fallback_keys(self.config, keys)
-        if own:
-            self.outbox.put(command(tick, keys))
-        last = tick + self.config.fallback_ticks
-        first = tick + 1 if fallback != self._ahead_keys else max(tick + 1, self._ahead_until + 1)
-        for ahead in range(first, last + 1):
-            self.outbox.put(command(ahead, fallback))
-        self._ahead_keys, self._ahead_until = fallback, max(self._ahead_until, last)
+        for t, k in self.ahead.plan(tick, keys, own):
+            self.outbox.put(command(t, k))
 
     def observations(self, stop: threading.Event | None) -> Iterator[tuple[game_pb2.DriveResponse, float]]:
         """Each newest observation with the time it arrived, until the stream ends or `stop` is set."""
@@ -240,11 +251,16 @@ class _SafeMode:
         return self.on
 
 
-class _Decisions:
+class Decisions:
     """Each tick's keys: the model's answer within the budget, else the fallback, or coasting in safe mode."""
 
     def __init__(
-        self, model: InferenceClient, config: AutopilotConfig, record: LapRecord, meter: VersionMeter, tracer: Tracer
+        self,
+        model: InferenceClient | None,  # None: the answers come from elsewhere (a race asks for all its cars)
+        config: AutopilotConfig,
+        record: LapRecord,
+        meter: VersionMeter,
+        tracer: Tracer,
     ) -> None:
         self.model, self.config, self.record, self.meter, self.tracer = model, config, record, meter, tracer
         self.safe = _SafeMode(config, record, meter)
@@ -255,39 +271,63 @@ class _Decisions:
 
         An error here that retrying cannot fix (no token, a wrong one, an unknown model, a refused input) stops
         the car with that error; once racing, every failure gets the fallback and the car keeps driving."""
+        assert self.model is not None
         try:
-            self.last_keys = infer(self.model, obs, timeout_s=10.0).keys
+            answer: Decision | DomainError = infer(self.model, obs, timeout_s=10.0)
         except DomainError as exc:
-            if exc.code not in TRANSIENT:
-                raise
-            self._failed(exc)
-            log.warning("car %d: first inference failed: %s", self.record.car, exc)
+            answer = exc
+        return self.take_first(answer)
+
+    def take_first(self, answer: Decision | DomainError) -> int:
+        if isinstance(answer, DomainError):
+            if answer.code not in TRANSIENT:
+                raise answer
+            self._failed(answer)
+            log.warning("car %d: first inference failed: %s", self.record.car, answer)
+        else:
+            self.last_keys = answer.keys
         return self.last_keys
 
     def decide(self, obs: sim_pb2.Observation, tick: int, budget_s: float) -> tuple[int, bool]:
         """This tick's keys, and whether the model answered them (else they are the fallback, or coasting)."""
+        if budget_s <= 0.001:
+            return self.settle(tick, None)
+        assert self.model is not None
+        t_inf = time.perf_counter()
+        try:
+            with self.tracer.span("autopilot.inference", **{"rrp.model": self.model.model}):
+                keys = infer(self.model, obs, timeout_s=budget_s).keys
+        except DomainError as exc:
+            return self.settle(tick, exc)
+        return self.settle(tick, (keys, (time.perf_counter() - t_inf) * 1e3))
+
+    def settle(self, tick: int, answer: tuple[int, float] | DomainError | None) -> tuple[int, bool]:
+        """This tick's keys from its answer: (keys, ms), an error, or None (no time to ask)."""
         r = self.record
         keys, answered = fallback_keys(self.config, self.last_keys), False
-        if budget_s <= 0.001:
+        if answer is None:
             self._fallback()
+        elif isinstance(answer, DomainError):
+            self._fallback()
+            if answer.code != "DEADLINE_EXCEEDED":
+                self._failed(answer)
+                if not self.safe.on:  # while coasting, only safe mode's entry and exit are logged
+                    log.warning("car %d tick %d: inference failed, fallback: %s", r.car, tick, answer)
         else:
-            t_inf = time.perf_counter()
-            try:
-                with self.tracer.span("autopilot.inference", **{"rrp.model": self.model.model}):
-                    keys = infer(self.model, obs, timeout_s=budget_s).keys
-                r.inference_ms.append((time.perf_counter() - t_inf) * 1e3)
-                self.meter.inference.observe(r.inference_ms[-1] / 1e3)
-                self.last_keys, answered = keys, True
-                self.safe.answered(tick)
-            except DomainError as exc:
-                self._fallback()
-                if exc.code != "DEADLINE_EXCEEDED":
-                    self._failed(exc)
-                    if not self.safe.on:  # while coasting, only safe mode's entry and exit are logged
-                        log.warning("car %d tick %d: inference failed, fallback: %s", r.car, tick, exc)
+            keys, ms = answer
+            r.inference_ms.append(ms)
+            self.meter.inference.observe(ms / 1e3)
+            self.last_keys, answered = keys, True
+            self.safe.answered(tick)
         if not answered and self.safe.coasting(tick):
             keys = 0  # this tick and the fallbacks sent ahead coast
         return keys, answered
+
+    def late_answer(self, keys: int, tick: int) -> None:
+        """An answer that came after its tick's deadline (a race keeps it): the keys a fallback holds from now on,
+        and a sign that the model server lives (safe mode is for a server that answers nothing)."""
+        self.last_keys = keys
+        self.safe.answered(tick)
 
     def _fallback(self) -> None:
         self.record.fallbacks += 1
@@ -312,9 +352,9 @@ def drive_realtime(
 ) -> None:
     """One lap in real time: the server ticks at 25 Hz from the start message, whatever the model does."""
     watch = LapWatch(config.max_ticks, config.stuck_ticks)
-    decisions = _Decisions(model, config, record, meter, tracer)
+    decisions = Decisions(model, config, record, meter, tracer)
     record.keys.append(decisions.first(first))
-    clock = _Clock(int(first.state.tick))
+    clock = Clock(int(first.state.tick))
     stream = _Stream(game, config, record.car)
     stream.open(session, clock, decisions.last_keys)
     decisions.safe.last_answer = clock.t0  # silence counts from the start message, not from a slow first inference

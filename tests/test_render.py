@@ -75,6 +75,23 @@ def test_same_state_gives_identical_pixels_in_any_order(renderer: Renderer, trac
     assert digest(first) == digest(again) == digest(after_others)
 
 
+def test_frames_drawn_in_one_job_equal_frames_drawn_one_by_one(renderer: Renderer, track: Track) -> None:
+    kidney = load_track("kidney")
+    views = [
+        (track, track.base_state, FrameSpec()),
+        (kidney, moved(kidney.base_state, dy=2.0, tick=3), FrameSpec()),
+        (track, moved(track.base_state, dx=-3.0, dy=10.0, tick=9), FrameSpec(randomize=True, seed=5)),
+        (track, track.base_state, FrameSpec(width=64, height=48)),
+    ]
+    together = renderer.render_many(views)
+    alone = [renderer.render(*view) for view in reversed(views)][::-1]
+    assert [digest(f) for f in together] == [digest(f) for f in alone]
+    assert len({digest(f) for f in together}) == 4
+    bad = replace(track.base_state, car=replace(track.base_state.car, x=math.nan))
+    with pytest.raises(InvalidArgument):
+        renderer.render_many([views[0], (track, bad, FrameSpec())])
+
+
 def test_randomisation_is_seeded(renderer: Renderer, track: Track) -> None:
     state = track.base_state
     plain = renderer.render(track, state, FrameSpec())

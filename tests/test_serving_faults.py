@@ -30,6 +30,7 @@ from serving.archive import ArchiveConfig, build_archive
 from serving.autopilot import AutopilotConfig, LapRecord, run_autopilot
 from serving.client import InferenceClient, ModelRef, TorchServeClient, read_token
 from serving.codec import Decision
+from serving.race import RaceModel
 from serving.replicas import connect_replicas
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
@@ -111,7 +112,11 @@ def _race(game: str, client: Recorded, fault: Callable[[], None]) -> tuple[LapRe
 
 
 def _race_cars(
-    game: str, connect: Callable[[], InferenceClient], fault: Callable[[], None], cars: int
+    game: str,
+    connect: Callable[[], InferenceClient],
+    fault: Callable[[], None],
+    cars: int,
+    race_model: Callable[[], RaceModel] | None = None,
 ) -> tuple[list[LapRecord], float, list[BaseException]]:
     """`cars` real-time laps with `fault` run FAULT_AT_S into them, stopped RIDE_S after `fault` returns."""
     # Ten ticks of fallback ahead: a TorchServe (re)starting takes both cores for a while, and the autopilot and
@@ -142,7 +147,14 @@ def _race_cars(
         started.set()
         return connect()
 
-    result = run_autopilot(config, (game,), connect_started, stop=stop)
+    def race_started() -> RaceModel:
+        assert race_model is not None
+        started.set()
+        return race_model()
+
+    result = run_autopilot(
+        config, (game,), connect_started, stop=stop, race_model=race_started if race_model is not None else None
+    )
     injector.join(60.0)
     return result.laps, fault_at[0], errors
 
@@ -230,16 +242,16 @@ def test_a_killed_worker_is_ridden_through_on_the_fallback_and_answers_again(
 
 
 @pytest.mark.slow
-def test_a_killed_worker_under_four_batched_cars_costs_no_tick(
+def test_a_killed_worker_under_four_raced_cars_costs_no_tick(
     archive: Path, game_server_processes: list[ServiceProcess]
 ) -> None:
-    from serving.batching import Batcher
+    from serving.batching import RacePool
 
     with _serving(archive) as server:
         assert server.keys is not None
         key, address = server.keys.inference, server.inference_address
         worker = workers_of(server)[0]
-        batcher = Batcher(lambda: TorchServeClient(address, MODEL, key))
+        batcher = RacePool(lambda: TorchServeClient(address, MODEL, key))
         answered: list[float] = []
 
         def kill_worker() -> None:
@@ -253,13 +265,16 @@ def test_a_killed_worker_under_four_batched_cars_costs_no_tick(
             answered.append(time.monotonic())
 
         try:
-            laps, _, errors = _race_cars(game_server_processes[0].address, batcher.car, kill_worker, cars=4)
+            laps, _, errors = _race_cars(
+                game_server_processes[0].address, lambda: pytest.fail("a race asks its pool"), kill_worker, cars=4,
+                race_model=lambda: batcher,
+            )  # fmt: skip
         finally:
             batcher.close()
     assert not errors and answered, errors
     assert len(laps) == 4 and all(lap.stop_reason == "stopped" for lap in laps)
     assert sum(lap.missed_ticks for lap in laps) == 0, [lap.summary() for lap in laps]
-    assert max(batcher.sizes) > 1  # the cars' frames did share requests
+    assert max(batcher.sizes) == 4  # the race's frames went in one request a tick
 
 
 @pytest.mark.slow

@@ -295,6 +295,17 @@ class Renderer:
                 raise FailedPrecondition("renderer is closed")
         return _worker().call(lambda: self._draw(track, state, spec, rig))
 
+    def render_many(self, views: list[tuple[Track, SimState, FrameSpec]]) -> list[np.ndarray]:
+        """`render` of each (track, state, spec), in one job of the render thread: one hand-off, not one a frame
+        (under load each hand-off waits for the scheduler twice)."""
+        for _, state, _ in views:
+            if not all(math.isfinite(v) for v in (state.car.x, state.car.y, state.car.heading)):
+                raise InvalidArgument("car pose must be finite")
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition("renderer is closed")
+        return _worker().call(lambda: [self._draw(track, state, spec, None) for track, state, spec in views])
+
     def close(self) -> None:
         """Frees this renderer's scene, after the frames already queued; later renders fail.
 

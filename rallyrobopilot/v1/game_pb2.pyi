@@ -284,6 +284,54 @@ class DriveResponse(_message.Message):
     applied_controls: _sim_pb2.Controls
     def __init__(self, observation: _Optional[_Union[_sim_pb2.Observation, _Mapping]] = ..., applied_tick: _Optional[int] = ..., late_commands: _Optional[int] = ..., missed_ticks: _Optional[int] = ..., applied_controls: _Optional[_Union[_sim_pb2.Controls, _Mapping]] = ...) -> None: ...
 
+class RaceStart(_message.Message):
+    __slots__ = ("session_ids", "with_frames", "max_ticks")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    WITH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICKS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    with_frames: bool
+    max_ticks: int
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., with_frames: _Optional[bool] = ..., max_ticks: _Optional[int] = ...) -> None: ...
+
+class RaceCommand(_message.Message):
+    __slots__ = ("car", "command")
+    CAR_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    car: int
+    command: DriveCommand
+    def __init__(self, car: _Optional[int] = ..., command: _Optional[_Union[DriveCommand, _Mapping]] = ...) -> None: ...
+
+class RaceCommands(_message.Message):
+    __slots__ = ("commands", "leave")
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    commands: _containers.RepeatedCompositeFieldContainer[RaceCommand]
+    leave: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, commands: _Optional[_Iterable[_Union[RaceCommand, _Mapping]]] = ..., leave: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RaceRequest(_message.Message):
+    __slots__ = ("start", "commands")
+    START_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    start: RaceStart
+    commands: RaceCommands
+    def __init__(self, start: _Optional[_Union[RaceStart, _Mapping]] = ..., commands: _Optional[_Union[RaceCommands, _Mapping]] = ...) -> None: ...
+
+class RaceCar(_message.Message):
+    __slots__ = ("car", "drive")
+    CAR_FIELD_NUMBER: _ClassVar[int]
+    DRIVE_FIELD_NUMBER: _ClassVar[int]
+    car: int
+    drive: DriveResponse
+    def __init__(self, car: _Optional[int] = ..., drive: _Optional[_Union[DriveResponse, _Mapping]] = ...) -> None: ...
+
+class RaceResponse(_message.Message):
+    __slots__ = ("cars",)
+    CARS_FIELD_NUMBER: _ClassVar[int]
+    cars: _containers.RepeatedCompositeFieldContainer[RaceCar]
+    def __init__(self, cars: _Optional[_Iterable[_Union[RaceCar, _Mapping]]] = ...) -> None: ...
+
 class EvaluateRequest(_message.Message):
     __slots__ = ("track", "start_state", "program", "driver", "finish_gate", "max_ticks", "return_trajectory")
     TRACK_FIELD_NUMBER: _ClassVar[int]

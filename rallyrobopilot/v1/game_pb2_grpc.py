@@ -82,6 +82,11 @@ class GameServiceStub:
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.DriveRequest.SerializeToString,
                 response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.DriveResponse.FromString,
                 _registered_method=True)
+        self.Race = channel.stream_stream(
+                '/rallyrobopilot.v1.GameService/Race',
+                request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.RaceRequest.SerializeToString,
+                response_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.RaceResponse.FromString,
+                _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/rallyrobopilot.v1.GameService/Evaluate',
                 request_serializer=rallyrobopilot_dot_v1_dot_game__pb2.EvaluateRequest.SerializeToString,
@@ -197,6 +202,24 @@ class GameServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Race(self, request_iterator, context):
+        """Races several sessions in 25 Hz real time on one clock, through one stream: each tick simulates every
+        car of the race and answers one RaceResponse holding every car's DriveResponse, so N cars cost one
+        message a tick each way instead of N (and one server thread instead of N).
+
+        The first message is a RaceStart naming 1..64 distinct sessions (INVALID_ARGUMENT otherwise), and only
+        the first (FAILED_PRECONDITION otherwise). The stream holds every session of the race (FAILED_PRECONDITION
+        if another call holds one; NOT_FOUND for an unknown one). Each command names its car (the index of its
+        session in the start; INVALID_ARGUMENT past them) and follows Drive's real-time rules per car: late
+        commands are counted and not applied, a tick without a command repeats that car's previous controls
+        (missed), more than 250 ticks ahead ends the stream with INVALID_ARGUMENT. A car that leaves is neither
+        simulated nor answered again. The race ends with OK when the client half-closes (at the first tick
+        with no command left for any car still racing), when every car has left, or after max_ticks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Evaluate(self, request, context):
         """Runs a whole control program server-side, physics only, and returns the lap result.
         NOT_FOUND for an unknown track; RESOURCE_EXHAUSTED when all of the server's evaluation slots are
@@ -299,6 +322,11 @@ def add_GameServiceServicer_to_server(servicer, server):
                     servicer.Drive,
                     request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.DriveRequest.FromString,
                     response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.DriveResponse.SerializeToString,
+            ),
+            'Race': grpc.stream_stream_rpc_method_handler(
+                    servicer.Race,
+                    request_deserializer=rallyrobopilot_dot_v1_dot_game__pb2.RaceRequest.FromString,
+                    response_serializer=rallyrobopilot_dot_v1_dot_game__pb2.RaceResponse.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
@@ -533,6 +561,33 @@ class GameService:
             '/rallyrobopilot.v1.GameService/Drive',
             rallyrobopilot_dot_v1_dot_game__pb2.DriveRequest.SerializeToString,
             rallyrobopilot_dot_v1_dot_game__pb2.DriveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Race(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rallyrobopilot.v1.GameService/Race',
+            rallyrobopilot_dot_v1_dot_game__pb2.RaceRequest.SerializeToString,
+            rallyrobopilot_dot_v1_dot_game__pb2.RaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
