@@ -14,6 +14,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from plumbing import errors, telemetry
+from plumbing.channels import ClientTLS, open_channel
 from rallyrobopilot.v1 import collector_pb2_grpc
 from rallyrobopilot.v1.collector_pb2 import FrameRecord, IngestRequest, IngestResponse, RunEnd, RunStart
 
@@ -70,6 +71,7 @@ class RunProducer:
         reconnect_attempts: int = 8,
         stream_deadline_s: float = 6 * 3600.0,
         outage_budget_s: float = 0.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -98,9 +100,7 @@ class RunProducer:
         self._stalled = False
         self._error: errors.DomainError | None = None
         self._call: grpc.Future | None = None
-        self._channel = telemetry.instrument_channel(
-            grpc.insecure_channel(address, options=_CHANNEL_OPTIONS), "collector-producer"
-        )
+        self._channel = telemetry.instrument_channel(open_channel(address, tls, _CHANNEL_OPTIONS), "collector-producer")
         self._stub = collector_pb2_grpc.CollectorServiceStub(self._channel)
         # The stream runs on its own thread: carry the caller's trace context there, so that the collector's
         # spans join the trace of the game server's Record call.

@@ -14,6 +14,7 @@ import numpy as np
 
 from game_server.core.lap import LapWatch
 from plumbing import telemetry
+from plumbing.channels import ClientTLS, open_channel
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc, lap_pb2, sim_pb2
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,16 @@ class WatchStream(Protocol):
 
 
 class GameClient:
-    """Thin wrapper over the generated stub; `timeout_s` bounds every unary call."""
+    """Thin wrapper over the generated stub; `timeout_s` bounds every unary call; TLS when `tls` has a CA.
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    Every call of one client goes to one server, even when `address` names several (a headless Service): a
+    session lives on the server that created it."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = telemetry.instrument_channel(grpc.insecure_channel(address, options=channel_options()))
+        channel = open_channel(address, tls, channel_options(), spread=False)
+        self.channel = telemetry.instrument_channel(channel)
         self.stub = game_pb2_grpc.GameServiceStub(self.channel)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from game_server.core.tracks import load_track
 from game_server.evaluation import result_to_pb
 from game_server.game import as_policy
 from game_server.render.renderer import FrameSpec
+from plumbing.channels import ClientTLS
 from plumbing.errors import Cancelled, InvalidArgument, Unavailable
 from rallyrobopilot.v1 import collector_pb2, game_pb2
 
@@ -73,8 +74,8 @@ class FrameSink(Protocol):
 OpenProducer = Callable[[str, collector_pb2.RunStart], FrameSink]
 
 
-def connect_collector(address: str, start: collector_pb2.RunStart) -> FrameSink:
-    """The real producer: a reconnecting Ingest stream to the collector at `address`."""
+def connect_collector(address: str, start: collector_pb2.RunStart, tls: ClientTLS | None = None) -> FrameSink:
+    """The real producer: a reconnecting Ingest stream to the collector at `address` (TLS when `tls` has a CA)."""
     from collector.client import RunProducer
 
     return RunProducer(
@@ -84,6 +85,7 @@ def connect_collector(address: str, start: collector_pb2.RunStart) -> FrameSink:
         timeout_s=COLLECTOR_TIMEOUT_S,
         reconnect_attempts=COLLECTOR_RECONNECTS,
         outage_budget_s=COLLECTOR_OUTAGE_BUDGET_S,
+        tls=tls,
     )
 
 

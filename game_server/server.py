@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -15,8 +16,10 @@ from game_server import metrics
 from game_server.core.state import SimState
 from game_server.core.track import Track
 from game_server.game import FrameRenderer, Game, GameConfig
+from game_server.recording import connect_collector
 from game_server.servicer import GameServicer
 from plumbing.bootstrap import RunningServer, ServerConfig, create_server, serve_until_signal
+from plumbing.channels import ClientTLS, channel_credentials
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
 
@@ -29,6 +32,8 @@ SERVICE_NAME = game_pb2.DESCRIPTOR.services_by_name["GameService"].full_name
 class GameServerConfig:
     server: ServerConfig = nested(lambda: ServerConfig(port=50051, service_name="game-server"))
     game: GameConfig = nested(GameConfig)
+    # Record calls stream frames to a collector: with a CA, over TLS.
+    collector_tls: ClientTLS = nested(ClientTLS)
     reap_interval_s: float = setting(10.0, "seconds between sweeps that close idle sessions")
 
 
@@ -77,11 +82,15 @@ class GameServer:
 
 
 def create_game_server(config: GameServerConfig) -> GameServer:
+    tls = config.collector_tls
+    if tls.enabled:
+        channel_credentials(tls)  # a missing or bad file fails the start, not the first Record call
     game = Game(config.game, _default_renderer)
     metrics.GAMES.track(game)
 
     def register(server: grpc.Server) -> Sequence[str]:
-        game_pb2_grpc.add_GameServiceServicer_to_server(GameServicer(game, config.server.max_message_bytes), server)
+        servicer = GameServicer(game, config.server.max_message_bytes, functools.partial(connect_collector, tls=tls))
+        game_pb2_grpc.add_GameServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     # The scheduler's health probe reads GetServerInfo beside the health check: never refuse it for capacity.

@@ -14,7 +14,7 @@ from game_server.core.tracks import builtin_tracks, load_track
 from game_server.evaluation import MAX_BATCH, evaluate_batch, evaluation_args, evaluation_response
 from game_server.game import DriveEvent, Game, Observation, RaceBatch
 from game_server.laps import verify_record_pb
-from game_server.recording import outcome_to_pb, record_episode, spec_from_pb
+from game_server.recording import OpenProducer, connect_collector, outcome_to_pb, record_episode, spec_from_pb
 from game_server.render import FrameSpec
 from plumbing import __version__
 from plumbing.errors import FailedPrecondition, InvalidArgument
@@ -76,8 +76,11 @@ _REPLY_MARGIN_BYTES = 64 * 1024
 
 
 class GameServicer(game_pb2_grpc.GameServiceServicer):
-    def __init__(self, game: Game, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, game: Game, max_message_bytes: int = 8 * 1024 * 1024, open_producer: OpenProducer = connect_collector
+    ) -> None:
         self.game = game
+        self.open_producer = open_producer  # how a Record call reaches the collector it names
         self.max_reply_bytes = max_message_bytes - _REPLY_MARGIN_BYTES
 
     def ListTracks(
@@ -209,7 +212,7 @@ class GameServicer(game_pb2_grpc.GameServiceServicer):
             def render(track: Track, state: SimState, frame: FrameSpec) -> np.ndarray:
                 return self.game.renderer().render(track, state, frame)
 
-            outcome = record_episode(spec, render, stop=_left(context))
+            outcome = record_episode(spec, render, self.open_producer, stop=_left(context))
         metrics.TICKS.labels("Record").inc(outcome.result.ticks)
         return outcome_to_pb(outcome)
 

@@ -20,7 +20,8 @@ from game_server.core.state import TICK_HZ, CarState, SimState
 from game_server.core.tracks import load_track
 from game_server.play import blend_cars
 from game_server.render.scene import DRIVER_RIG, TV_RIG
-from plumbing.settings import setting
+from plumbing.channels import ClientTLS
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import game_pb2
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class WatchConfig:
     height: int = setting(600, "window height in pixels")
     wait_s: float = setting(30.0, "seconds to wait for a session to open (or for the server) before giving up")
     exit_at_end: bool = setting(False, "close the window when the session ends (otherwise Esc closes it)")
+    tls: ClientTLS = nested(ClientTLS)
 
 
 class Follower:
@@ -124,7 +126,7 @@ def run_watch(config: WatchConfig) -> Follower:
     """Opens the window and draws the session until it ends (with `exit_at_end`) or the window closes."""
     if not 1 <= config.rate_hz <= 60:
         raise ValueError(f"--rate-hz must be in [1, 60], got {config.rate_hz}")
-    with GameClient(config.game) as client:
+    with GameClient(config.game, tls=config.tls) as client:
         stream, first = open_watch(client, config)
         follower = Follower(stream, first)
         print(f"watching session {follower.session_id} on {follower.track} at {config.game}", flush=True)

@@ -80,6 +80,7 @@ def collect_dagger_runs(
         pool.run_with_server(
             functools.partial(
                 drive_on_server,
+                tls=pool.client_tls,
                 track=t,
                 pilot=pilot,
                 max_ticks=int(config.budget_factor * drive_lap(load_track(t))[1].lap_ticks),

@@ -31,6 +31,7 @@ from game_server.core.tracks import UNSEEN_TRACKS, load_track
 from game_server.render.renderer import FrameSpec, shared_renderer
 from game_server.trackmap import plot_laps
 from pipeline.pools import PoolSpec, open_pool
+from plumbing.channels import ClientTLS
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
 from scheduler.executor import EvaluationPool
@@ -123,8 +124,10 @@ def drive_on_server(
     expert: Expert | None = None,
     keep_frames: bool = False,
     start: SimState | None = None,
+    tls: ClientTLS | None = None,
 ) -> DriveRecord:
-    """Drives one lap in lockstep over gRPC from frames only; `expert` labels each visited state from its rays.
+    """Drives one lap in lockstep over gRPC (TLS when `tls` has a CA: the pool's `client_tls`) from frames only;
+    `expert` labels each visited state from its rays.
 
     `start` places the car by Reset (pinned against a wall, facing the wrong way, ...); the lap then ends at
     the finish line."""
@@ -150,7 +153,10 @@ def drive_on_server(
             episode.record.observations.append(kept)
         return mask
 
-    with GameClient(address) as client, client.session(track, frame_options(pilot, randomize, seed)) as created:
+    with (
+        GameClient(address, tls=tls) as client,
+        client.session(track, frame_options(pilot, randomize, seed)) as created,
+    ):
         placed = convert.state_to_pb(start) if start is not None else None
         first = client.reset(created.session_id, placed, with_frame=True)
         for _ in client.drive_lockstep(created.session_id, policy, first, with_frames=True):
@@ -260,6 +266,7 @@ def run_evaluation(
             t: pool.run_with_server(
                 functools.partial(
                     drive_on_server,
+                    tls=pool.client_tls,
                     track=t,
                     pilot=pilot,
                     max_ticks=budgets[t],

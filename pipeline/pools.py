@@ -7,8 +7,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from plumbing.channels import ClientTLS
 from plumbing.procs import ServiceProcess, start_service
-from plumbing.settings import setting
+from plumbing.settings import nested, setting
 from scheduler.executor import EvaluationPool, PoolConfig
 
 READY_TIMEOUT_S = 60.0
@@ -21,6 +22,7 @@ class PoolSpec:
     servers: tuple[str, ...] = setting((), "game servers host:port,...; none: start --local-servers here")
     discover: str | None = setting(None, "DNS name[:port] resolving to the game servers (a headless Service)")
     local_servers: int = setting(2, "without --servers/--discover: game servers started here and stopped after")
+    tls: ClientTLS = nested(ClientTLS)  # how the given or discovered servers are called (local ones: plaintext)
 
     def __post_init__(self) -> None:
         if self.servers and self.discover:
@@ -51,12 +53,13 @@ def open_pool(spec: PoolSpec, evaluate_timeout_s: float = 60.0) -> Iterator[tupl
     """An EvaluationPool over the spec's servers (starting local ones if none are given) and a description."""
     with contextlib.ExitStack() as stack:
         if spec.servers or spec.discover:
-            servers, where = spec.servers, ",".join(spec.servers) or f"dns:{spec.discover}"
+            servers, where, tls = spec.servers, ",".join(spec.servers) or f"dns:{spec.discover}", spec.tls
         else:
             procs = stack.enter_context(local_game_servers(spec.local_servers))
             servers = tuple(p.address for p in procs)
             where = f"{len(procs)} local game servers ({', '.join(servers)})"
-        config = PoolConfig(servers=servers, discover=spec.discover, evaluate_timeout_s=evaluate_timeout_s)
+            tls = ClientTLS()
+        config = PoolConfig(servers=servers, discover=spec.discover, evaluate_timeout_s=evaluate_timeout_s, tls=tls)
         pool = stack.enter_context(EvaluationPool(config))
         pool.wait_ready(1, timeout_s=READY_TIMEOUT_S)
         yield pool, where

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plumbing.channels import ClientTLS, channel_credentials
 from plumbing.errors import FailedPrecondition, InvalidArgument, NotFound
 from plumbing.metrics import start_metrics
 from plumbing.procs import stop_on_signals
@@ -82,6 +83,8 @@ class AutopilotCommandConfig:
         "127.0.0.1", "address the metrics endpoint binds; 0.0.0.0 for every interface (in a pod)"
     )
     autopilot: AutopilotConfig = nested(AutopilotConfig)
+    # With a CA, both the game servers and the model servers (their TLS front) are called over TLS.
+    tls: ClientTLS = nested(ClientTLS)
 
 
 def run_package(config: PackageConfig) -> Path:
@@ -193,6 +196,9 @@ def run_autopilot_command(
     token_file = token_files(servers, files)
     for path in files:
         read_token(path)  # a missing or malformed token file stops here, before any car starts
+    tls = config.tls if config.tls.enabled else None
+    if tls is not None:
+        channel_credentials(tls)  # so does a missing or malformed TLS file
 
     def token_of(address: str) -> str | None:
         return read_token(token_file.get(address))
@@ -208,7 +214,7 @@ def run_autopilot_command(
 
     def replicas_of(version: str) -> FailoverClient:
         name = router.current().name if router is not None else model.name
-        return connect_replicas(config.protocol, replicas, ModelRef(name, version or model.version), token_of)
+        return connect_replicas(config.protocol, replicas, ModelRef(name, version or model.version), token_of, tls)
 
     router = None
     if config.routing is not None:
@@ -223,12 +229,24 @@ def run_autopilot_command(
     try:
         if router is not None:
             result = run_autopilot(
-                pilot, config.game, stop=stop, on_lap=lap_done, router=router, connect_version=connect_version
+                pilot,
+                config.game,
+                stop=stop,
+                on_lap=lap_done,
+                router=router,
+                connect_version=connect_version,
+                game_tls=tls,
             )
         else:
             race = (lambda: batchers.race("")) if batchers is not None else None
             result = run_autopilot(
-                pilot, config.game, lambda: connect_version(""), stop=stop, on_lap=lap_done, race_model=race
+                pilot,
+                config.game,
+                lambda: connect_version(""),
+                stop=stop,
+                on_lap=lap_done,
+                race_model=race,
+                game_tls=tls,
             )
     finally:
         if batchers is not None:

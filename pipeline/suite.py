@@ -113,7 +113,13 @@ def run_suite(
         futures: dict[tuple[str, str], Future[DriveRecord]] = {
             (t, condition): pool.run_with_server(
                 functools.partial(
-                    drive_on_server, track=t, pilot=pilot, max_ticks=budgets[t], randomize=randomize, seed=config.seed
+                    drive_on_server,
+                    tls=pool.client_tls,
+                    track=t,
+                    pilot=pilot,
+                    max_ticks=budgets[t],
+                    randomize=randomize,
+                    seed=config.seed,
                 ),
                 timeout_s=config.timeout_s,
             )
@@ -129,7 +135,13 @@ def run_suite(
         pinned_futures = {
             key: pool.run_with_server(
                 functools.partial(
-                    drive_on_server, track=key[0], pilot=pilot, max_ticks=budgets[key[0]], seed=config.seed, start=start
+                    drive_on_server,
+                    tls=pool.client_tls,
+                    track=key[0],
+                    pilot=pilot,
+                    max_ticks=budgets[key[0]],
+                    seed=config.seed,
+                    start=start,
                 ),
                 timeout_s=config.timeout_s,
             )

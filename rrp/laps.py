@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plumbing.settings import setting
+from plumbing.channels import ClientTLS
+from plumbing.settings import nested, setting
 from rrp.command import Commands
 
 
@@ -20,13 +21,14 @@ def _verify() -> tuple[type[Any], Any]:
         record: Path = setting(help="lap record file: protobuf JSON, or the binary encoding", positional=True)
         game: str = setting("", "game server address host:port; none: verify here, in process")
         timeout_s: float = setting(60.0, "seconds the game server may take")
+        tls: ClientTLS = nested(ClientTLS)
 
     def run(config: LapVerifyConfig) -> int:
         record = read_record(config.record)
         if config.game:
             from game_server.client import GameClient
 
-            with GameClient(config.game, config.timeout_s) as client:
+            with GameClient(config.game, config.timeout_s, config.tls) as client:
                 verdict = client.verify_lap(record)
         else:
             verdict = verify_record_pb(record)

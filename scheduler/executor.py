@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 
 from plumbing import telemetry
-from plumbing.settings import setting
+from plumbing.channels import ClientTLS, channel_credentials, open_channel
+from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import game_pb2, game_pb2_grpc
 from scheduler.core import Ledger, PoolStatus, RetryPolicy, join_host_port, parse_target
 from scheduler.tasks import EvaluationError, RemoteTask
@@ -82,6 +83,9 @@ class PoolConfig:
         120.0,
         "seconds queued evaluations wait while no game server is healthy, then fail UNAVAILABLE; 0: for ever",
     )
+    # With a CA, every game server is called over TLS. Discovered servers are dialled by IP, so their
+    # certificates must carry the discovered name (or --tls-server-name).
+    tls: ClientTLS = nested(ClientTLS)
 
     def __post_init__(self) -> None:
         if bool(self.servers) == bool(self.discover):
@@ -175,12 +179,13 @@ class _Connection:
         self.health = health_pb2_grpc.HealthStub(self.channel).Check
 
 
-def _connect(address: str) -> _Connection:
+def _connect(address: str, tls: ClientTLS) -> _Connection:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    channel = grpc.insecure_channel(address, options=options)
+    # One channel is one server of the ledger: never spread over the addresses a given name may have.
+    channel = open_channel(address, tls, options, spread=False)
     return _Connection(telemetry.instrument_channel(channel, "scheduler"))
 
 
@@ -231,6 +236,11 @@ class EvaluationPool(Executor):
     def __init__(self, config: PoolConfig, *, resolver: Resolver = resolve_dns) -> None:
         self.config = config
         self._resolver = resolver
+        self._tls = config.tls
+        if config.tls.enabled:
+            channel_credentials(config.tls)  # a missing or bad file fails here, not on the first server
+            if config.discover:
+                self._tls = config.tls.for_name(parse_target(config.discover, DEFAULT_GAME_PORT)[0])
         self._retry = RetryPolicy(config.max_attempts)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # workers: a task and a free slot may be there
@@ -314,6 +324,11 @@ class EvaluationPool(Executor):
     def status(self) -> PoolStatus:
         with self._lock:
             return self._ledger.status(pending=len(self._queue))
+
+    @property
+    def client_tls(self) -> ClientTLS | None:
+        """How a client of `run_with_server` reaches the address it is given: TLS settings, or None (plaintext)."""
+        return self._tls if self._tls.enabled else None
 
     def run_with_server(self, fn: Callable[[str], T], *, timeout_s: float | None = None) -> Future[T]:
         """Leases a slot on a healthy game server and calls `fn(address)` on a pool thread.
@@ -667,7 +682,7 @@ class EvaluationPool(Executor):
             joined, left = self._ledger.set_members(addresses)
             for address in joined:
                 if address not in self._connections:
-                    self._connections[address] = _connect(address)
+                    self._connections[address] = _connect(address, self._tls)
             gone = [a for a in self._connections if a not in self._ledger.servers]
             closing = [self._connections.pop(a) for a in gone]
         for connection in closing:

@@ -28,6 +28,7 @@ from game_server.core.lap import STUCK_TICKS, LapOutcome, LapWatch, WithOutcome
 from game_server.core.state import TICK_S
 from game_server.game import MAX_RACE_CARS
 from game_server.leaderboard import Leaderboard, LeaderboardConfig, drive_lap_record, submit_lap
+from plumbing.channels import ClientTLS
 from plumbing.errors import InvalidArgument, quote
 from plumbing.settings import setting
 from rallyrobopilot.v1 import sim_pb2
@@ -369,8 +370,9 @@ def run_autopilot(
     router: Router | None = None,
     connect_version: Callable[[str], InferenceClient] | None = None,
     race_model: Callable[[], RaceModel] | None = None,
+    game_tls: ClientTLS | None = None,
 ) -> AutopilotResult:
-    """`config.cars` cars over the game servers, `config.laps` laps each.
+    """`config.cars` cars over the game servers (over TLS when `game_tls` has a CA), `config.laps` laps each.
 
     Without a router each car has one model client (`connect_model`); with one, each lap asks the routing
     which version the car drives (`connect_version(version)`, one client per car and version). In real time
@@ -399,7 +401,7 @@ def run_autopilot(
             return clients[version]
 
         try:
-            with GameClient(server) as game:
+            with GameClient(server, tls=game_tls) as game:
                 for lap in range(config.laps):
                     if stop is not None and stop.is_set():
                         return
@@ -432,7 +434,7 @@ def run_autopilot(
     def race(server: str, cars: list[int], offset_s: float) -> None:
         assert race_model is not None
         try:
-            with GameClient(server) as game:
+            with GameClient(server, tls=game_tls) as game:
                 model = race_model()
                 for lap in range(config.laps):
                     if stop is not None and stop.is_set():

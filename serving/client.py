@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf import empty_pb2
 
 from plumbing import telemetry
+from plumbing.channels import ClientTLS, open_channel
 from plumbing.errors import (
     DeadlineExceeded,
     DomainError,
@@ -126,13 +127,14 @@ def read_token(path: Path | None) -> str | None:
     return text
 
 
-def _channel(address: str) -> grpc.Channel:
+def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         *RECONNECT_BACKOFF_MS,
     ]
-    return telemetry.instrument_channel(grpc.insecure_channel(address, options=options), "rrp-autopilot")
+    # Inference is stateless: a name with several replicas spreads its calls over them.
+    return telemetry.instrument_channel(open_channel(address, tls, options), "rrp-autopilot")
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -215,10 +217,10 @@ class _Calls:
 class TorchServeClient:
     """TorchServe's own gRPC inference API: one unary `Predictions` per frame."""
 
-    def __init__(self, address: str, model: ModelRef, token: str | None = None) -> None:
+    def __init__(self, address: str, model: ModelRef, token: str | None = None, tls: ClientTLS | None = None) -> None:
         self.address, self.model_ref, self.token = address, model, token
         self.model, self.version = model.name, model.version
-        self.channel = _channel(address)
+        self.channel = _channel(address, tls)
         self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
         self._metadata = _metadata(token)
         self._calls = _Calls(address, model, token is not None)
@@ -267,10 +269,10 @@ class OpenInferenceClient:
     (see docs/serving.md). TorchServe serves it instead of its own API when started with `open_inference`.
     """
 
-    def __init__(self, address: str, model: ModelRef, token: str | None = None) -> None:
+    def __init__(self, address: str, model: ModelRef, token: str | None = None, tls: ClientTLS | None = None) -> None:
         self.address, self.model_ref, self.token = address, model, token
         self.model, self.version = model.name, model.version
-        self.channel = _channel(address)
+        self.channel = _channel(address, tls)
         self.stub = open_inference_grpc_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._metadata = _metadata(token)
         self._calls = _Calls(address, model, token is not None)
@@ -312,11 +314,14 @@ class OpenInferenceClient:
 PROTOCOLS = ("torchserve", "oip")
 
 
-def connect(protocol: str, address: str, model: ModelRef, token: str | None) -> InferenceClient:
+def connect(
+    protocol: str, address: str, model: ModelRef, token: str | None, tls: ClientTLS | None = None
+) -> InferenceClient:
+    """A client of `model` at `address`, over TLS when `tls` has a CA (a TLS front such as `rrp auth-proxy`)."""
     if protocol == "torchserve":
-        return TorchServeClient(address, model, token)
+        return TorchServeClient(address, model, token, tls)
     if protocol == "oip":
-        return OpenInferenceClient(address, model, token)
+        return OpenInferenceClient(address, model, token, tls)
     raise InvalidArgument(f"protocol {quote(protocol)}: one of {', '.join(PROTOCOLS)}")
 
 

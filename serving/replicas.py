@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from plumbing.channels import ClientTLS
 from plumbing.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable, quote
 from serving import metrics
 from serving.client import (
@@ -268,12 +269,17 @@ def connect_replicas(
     addresses: tuple[str, ...] | Replicas,
     model: ModelRef,
     token_of: Callable[[str], str | None],
+    tls: ClientTLS | None = None,
 ) -> FailoverClient:
     """A client over the model server's replicas (each name re-resolved, see `Replicas`); `token_of(address)`,
-    of the address as given, is asked again when a token is refused."""
+    of the address as given, is asked again when a token is refused. With TLS, a replica dialled by the IP its
+    name resolved to must show a certificate for that name."""
 
     def connect_one(target: str) -> InferenceClient:
-        return connect(protocol, target, model, token_of(client.replicas.origin(target)))
+        origin = client.replicas.origin(target)
+        named = _host_name(origin)
+        target_tls = tls.for_name(named[0]) if tls is not None and named is not None else tls
+        return connect(protocol, target, model, token_of(origin), target_tls)
 
     client = FailoverClient(addresses, model, connect_one)
     return client

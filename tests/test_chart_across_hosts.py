@@ -9,10 +9,11 @@ Service's A records; a ClusterIP Service's virtual address is left out). Every N
 iptables in the destination pod's namespace: a connection is admitted when some policy selecting the pod allows its
 source on that port, and every other new connection is dropped.
 
-The values are production's, made small: two game servers, one scheduler and collector, a GA of one generation and
-one collected episode; serving (TorchServe, autopilots, deployer), training and model deployment are off here
-(deploy/README.md, "What the across-hosts test leaves out"). Every Job starts at once, as Kubernetes starts them; the
-order comes from the chart alone (each Job's init container waits for its inputs).
+The values are production's, made small: two game servers, one scheduler and collector, a GA of a few small
+generations, two collected episodes, one training epoch, the model deployed to two TorchServe replicas (each behind
+its token front) and one autopilot car racing on them; mutual TLS on every gRPC port, with a certificate made here.
+The deployer is off (deploy/README.md, "What the across-hosts test leaves out"). Every Job starts at once, as
+Kubernetes starts them; the order comes from the chart alone (each Job's init container waits for its inputs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,14 +37,16 @@ from typing import Any
 import pytest
 
 from tests.netlab import Host, NetLab, Proc
+from tests.test_collector_tls import OPENSSL, _make_ca
+from tests.test_grpc_tls import _issue
 from tests.test_helm_chart import _selects, render, values
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
     pytest.mark.skipif(
-        any(shutil.which(t) is None for t in ("ip", "iptables", "redis-server", "redis-cli")),
-        reason="needs iproute2, iptables and redis (scripts/setup.sh installs them)",
+        any(shutil.which(t) is None for t in ("ip", "iptables", "redis-server", "redis-cli")) or OPENSSL is None,
+        reason="needs iproute2, iptables, redis and openssl (scripts/setup.sh installs them)",
     ),
 ]
 
@@ -58,16 +62,20 @@ SMALL: dict[str, Any] = {
     "scheduler": {"replicas": 1},
     "collector": {"replicas": 1},
     "telemetry": {"otlpEndpoint": ""},
-    "torchserve": {"enabled": False},
-    "autopilot": {"enabled": False},
-    "deployer": {"enabled": False},
+    "torchserve": {"autoscaling": {"enabled": False}, "replicas": 2},
+    "autopilot": {"replicas": 1, "cars": 1},
+    # The first version is promoted without a canary: the deploy Job never asks Prometheus. No API server runs
+    # here: the deploy lock is flock on the shared store (the Lease is tested against a fake in test_lease.py).
+    "deployer": {"enabled": False, "lease": {"enabled": False}},
     "jobs": {
         "evolve": {"population": 8, "generations": 3, "track": "oval"},
-        "collect": {"episodes": 1, "tracks": "oval"},
-        "train": {"enabled": False},
-        "deployModel": {"enabled": False},
+        "collect": {"episodes": 2, "tracks": "oval"},  # two runs: training splits validation by run
+        "train": {"epochs": 1},
+        "deployModel": {"enabled": True},
     },
 }
+JOBS = ("evolve", "collect", "train", "deploy-model")
+INFERENCES = 25  # each TorchServe replica answers at least this many of the racing car's frames
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +174,8 @@ def _start(lab: NetLab, pod: Pod, container: dict[str, Any], root: Path, secrets
         key=lambda m: -len(m[0]),
     )
     env = {k: _rewrite(v, mounts) for k, v in _env(pod, container, secrets).items()}
-    argv = _argv(container, mounts)
+    # A pod's hostname is its name (TorchServe's replicas report their status under it).
+    argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', pod.name, *_argv(container, mounts)]
     return lab.run(pod.host, argv, env={**env, "GRPC_DNS_RESOLVER": "native"})
 
 
@@ -180,6 +189,18 @@ def _services(docs: list[dict[str, Any]], pods: list[Pod], lab: NetLab) -> dict[
             lab.set_name(alias, [p.host for p in chosen])
         found[name] = chosen
     return found
+
+
+def _tls_secret(docs: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+    """The production values' TLS Secret (tls.existingSecret), made here as cert-manager would: a CA, and one
+    certificate for every Service's names (short, namespaced, FQDN), for serving and for mutual TLS's clients."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _make_ca(folder, "ca")
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+    sans = ",".join(f"DNS:{a}" for n in names for a in (n, f"{n}.{NAMESPACE}", f"{n}.{NAMESPACE}.svc.cluster.local"))
+    cert, key = _issue(folder, "mesh", ca, ca_key, "serverAuth,clientAuth", sans)
+    files = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
+    return {k: base64.b64encode(f.read_bytes()).decode() for k, f in files.items()}
 
 
 def _port_number(pod: Pod, port: Any) -> int:
@@ -233,11 +254,35 @@ def _enforce(docs: list[dict[str, Any]], pods: list[Pod]) -> dict[str, list[tupl
     return admitted
 
 
+def _flag_of(spec: dict[str, Any], container: str, flag: str) -> str:
+    args = [str(a) for a in next(c for c in spec["containers"] if c["name"] == container)["args"]]
+    return args[args.index(flag) + 1]
+
+
+def _inferences(pod: Pod, root: Path) -> int:
+    """The inference calls a TorchServe replica answered, from its own access log (TorchServe's metrics count no
+    gRPC calls) in its workdir, a folder of the pod's /tmp."""
+    log = root / "pods" / pod.name / "tmp" / "serve" / "logs" / "access_log.log"
+    text = log.read_text() if log.exists() else ""
+    return len(re.findall(r"InferenceAPIsService/Predictions", text))
+
+
 def _connects(lab: NetLab, host: Host, address: str, port: int) -> bool:
     code = f"import socket; socket.create_connection(({address!r}, {port}), 2).close()"
     proc = subprocess.run(["ip", "netns", "exec", host.netns, sys.executable, "-c", code], capture_output=True,
                           timeout=30)  # fmt: skip
     return proc.returncode == 0
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """The pods' folders, under a short path: TorchServe's workers listen on Unix sockets in their pod's /tmp,
+    whose paths may not pass 107 bytes (pytest's tmp_path would)."""
+    folder = Path(tempfile.mkdtemp(prefix="rrp-hosts-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -249,15 +294,15 @@ def lab() -> Iterator[NetLab]:
         lab.close()
 
 
-def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_policies(
-    lab: NetLab, tmp_path: Path
-) -> None:
+def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_policies(lab: NetLab, root: Path) -> None:
     started = time.time()  # wall clock: the timeline is compared with files' modification times
     prod = values("production")
     assert prod is not None
     docs = render(merged(prod, SMALL))
     secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
     secrets["rrp-redis-auth"] = {"password": base64.b64encode(REDIS_PASSWORD.encode()).decode()}  # existingSecret
+    assert prod["tls"]["enabled"] and prod["tls"]["mutual"]
+    secrets[prod["tls"]["existingSecret"]] = _tls_secret(docs, root / "pki")
     pods = _pods(docs, lab)
     by_component = {}
     for pod in pods:
@@ -270,24 +315,43 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
     for component in ("redis", "game-server", "collector", "scheduler"):
         for pod in by_component[component]:
             for init in pod.spec.get("initContainers", []):
-                assert _start(lab, pod, init, tmp_path, secrets).popen.wait(30) == 0, init["name"]
+                assert _start(lab, pod, init, root, secrets).popen.wait(30) == 0, init["name"]
             main = pod.spec["containers"][0]
-            proc = _start(lab, pod, main, tmp_path, secrets)
+            proc = _start(lab, pod, main, root, secrets)
             if component == "redis":  # its own readiness probe, as rendered (PONG with the password)
                 probe = {**main, "command": main["readinessProbe"]["exec"]["command"], "args": []}
                 deadline = time.monotonic() + 30
-                while _start(lab, pod, probe, tmp_path, secrets).popen.wait(10) != 0:
+                while _start(lab, pod, probe, root, secrets).popen.wait(10) != 0:
                     assert time.monotonic() < deadline and proc.popen.poll() is None, proc.lines[-20:]
             else:
-                proc.wait_for(r"listening on", 60)
+                proc.wait_for(r"listening on \S+ \(TLS\)", 60)
+
+    # TorchServe's replicas, each pod's two containers side by side: the token front (TLS) and TorchServe on the
+    # pod's loopback, which starts empty and serves what the registry on the shared store names.
+    serving: dict[str, Proc] = {}
+    for pod in by_component["torchserve"]:
+        procs = {c["name"]: _start(lab, pod, c, root, secrets) for c in pod.spec["containers"]}
+        procs["auth-proxy"].wait_for(r"listening on \S+ \(TLS\)", 60)
+        serving[pod.name] = procs["torchserve"]
 
     # `helm test`: the chart's test pods check each service's health through its Service name, as rendered.
     tests = [pod for pod in pods if pod.kind == "Pod"]
     assert len(tests) == 3
     for pod in tests:
-        proc = _start(lab, pod, pod.spec["containers"][0], tmp_path, secrets)
+        proc = _start(lab, pod, pod.spec["containers"][0], root, secrets)
         assert proc.popen.wait(90) == 0, proc.lines[-10:]
         assert "SERVING" in "".join(proc.lines)
+
+    # Mutual TLS holds: the same check without TLS, or without a client certificate, is refused.
+    scheduler = by_component["scheduler"][0]
+    main = scheduler.spec["containers"][0]
+    check = [str(a) for a in main["readinessProbe"]["exec"]["command"]]  # the pod's own probe, as rendered
+    plain = check[: check.index("--tls-ca")]
+    no_cert = [*plain, "--tls-ca", check[check.index("--tls-ca") + 1], "--tls-server-name",
+               check[check.index("--tls-server-name") + 1]]  # fmt: skip
+    for argv in (check, plain, no_cert):
+        done = _start(lab, scheduler, {**main, "command": argv, "args": []}, root, secrets)
+        assert done.popen.wait(30) == (0 if argv is check else 1), (argv, done.lines[-5:])
 
     # Every Job at once; the chart's init containers make the order.
     timeline: list[tuple[float, str, str]] = []
@@ -296,10 +360,10 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
     def run_job(pod: Pod) -> None:
         job = pod.labels["app.kubernetes.io/component"]
         for init in pod.spec.get("initContainers", []):
-            assert _start(lab, pod, init, tmp_path, secrets).popen.wait(120) == 0
+            assert _start(lab, pod, init, root, secrets).popen.wait(120) == 0
             timeline.append((time.time() - started, job, "inputs ready"))
         timeline.append((time.time() - started, job, "started"))
-        proc = _start(lab, pod, pod.spec["containers"][0], tmp_path, secrets)
+        proc = _start(lab, pod, pod.spec["containers"][0], root, secrets)
         results[job] = proc.popen.wait(180)
         timeline.append((time.time() - started, job, f"ended rc={results[job]}"))
         if results[job]:
@@ -311,17 +375,45 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
         t.start()
     for t in threads:
         t.join(240)
-    assert results == {"evolve": 0, "collect": 0}, results
+    assert results == dict.fromkeys(JOBS, 0), results
+    for name, proc in serving.items():  # they started beside the Jobs, as Kubernetes starts them
+        at = proc.wait_for(r"^(\S+ \S+) INFO \S+: torchserve listening on", 10).group(1)
+        timeline.append((time.mktime(time.strptime(at.split(",")[0], "%Y-%m-%d %H:%M:%S")) - started, name,
+                         "TorchServe started (empty: no model yet)"))  # fmt: skip
     ended = {job: at for at, job, what in timeline if what.startswith("ended")}
     began = {job: at for at, job, what in timeline if what == "started"}
-    artifacts = tmp_path / "claims" / "rrp-rallyrobopilot-artifacts"
-    evolved = next((artifacts / "evolve").glob("*/evolve_summary.json")).stat().st_mtime - started
-    timeline.append((evolved, "evolve", "wrote evolve_summary.json (its last file)"))
+    artifacts = root / "claims" / "rrp-rallyrobopilot-artifacts"
+    # Each Job's input, the file its upstream writes last: when it was written.
+    inputs = {
+        "collect": ("evolve", "evolve/*/evolve_summary.json"),
+        "train": ("collect", "collect/*/collect_summary.json"),
+        "deploy-model": ("train", "model/*/model_card.json"),
+    }
+    wrote = {}
+    for job, (upstream, pattern) in inputs.items():
+        wrote[job] = next(artifacts.glob(pattern)).stat().st_mtime - started
+        timeline.append((wrote[job], upstream, f"wrote {pattern.rsplit('/', 1)[-1]} (its last file)"))
     for at, job, what in sorted(timeline):
-        print(f"{at:6.1f} s  {job:8s} {what}")
-    assert began["evolve"] < evolved <= began["collect"] <= ended["collect"]  # collect waited for evolve's output
+        print(f"{at:6.1f} s  {job:12s} {what}")
+    for job, (upstream, _) in inputs.items():  # each Job waited for its upstream's output
+        assert began[upstream] < wrote[job] <= began[job] <= ended[job], (job, upstream)
     summary = next((artifacts / "collect").glob("*/collect_summary.json"))
     assert json.loads(summary.read_text())["frames"] > 0  # recorded through the collector into Redis
+
+    # A racing car, served by both replicas: the autopilot (started once the first version is deployed, as
+    # Kubernetes would restart it until its routing exists) spreads its frames over the replicas' addresses.
+    (autopilot,) = by_component["autopilot"]
+    racing = _start(lab, autopilot, autopilot.spec["containers"][0], root, secrets)
+    assert _flag_of(by_component["torchserve"][0].spec, "torchserve", "--workdir") == "/tmp/serve"
+    deadline = time.monotonic() + 60
+    while True:
+        counts = {p.name: _inferences(p, root) for p in by_component["torchserve"]}
+        if min(counts.values()) >= INFERENCES:
+            break
+        assert time.monotonic() < deadline and racing.popen.poll() is None, (counts, racing.lines[-20:])
+        time.sleep(0.5)
+    for name, count in counts.items():
+        print(f"{time.time() - started:6.1f} s  {name} served {count} inference requests")
 
     # The policies hold: Redis admits the collector only; the collector admits game servers only.
     redis = by_component["redis"][0].host.address
@@ -330,5 +422,8 @@ def test_the_production_chart_runs_across_hosts_in_order_behind_its_network_poli
     assert _connects(lab, collector, redis, 6379)
     assert not _connects(lab, evolve, redis, 6379)  # the GA Job is no Redis client: dropped
     assert not _connects(lab, evolve, collector.address, 50053)
+    torchserve = by_component["torchserve"][0].host.address
+    assert _connects(lab, autopilot.host, torchserve, 7070)  # a model client reaches the token front
+    assert not _connects(lab, evolve, torchserve, 7070)  # the GA Job is none: dropped
     assert (evolve.address, 50051) in admitted[by_component["game-server"][0].name]
     print(f"across hosts: {len(pods)} pods, {time.time() - started:.1f} s")

@@ -34,6 +34,8 @@ SERVING_ON: dict[str, Any] = {  # serving, the deployer and every Job on top of 
     "deployer": {"enabled": True, "prometheusUrl": PROMETHEUS_URL},
     "jobs": {name: {"enabled": True} for name in ("evolve", "collect", "train", "deployModel")},
 }
+TLS_ON: dict[str, Any] = {"enabled": True, "existingSecret": "rrp-tls", "mutual": True, "serverName": ""}
+TLS_DIR = "/var/run/secrets/rrp/tls"
 SERVER_GRACE_S = 5  # plumbing.bootstrap.ServerConfig.grace_s: NOT_SERVING, then this long for in-flight calls
 
 
@@ -170,6 +172,8 @@ def test_the_cli_validates_the_rendered_files_too(tmp_path: Path) -> None:
         {"torchserve": {"enabled": True}, "jobs": {"deployModel": {"enabled": True}}},  # the same
         {"torchserve": {"auth": {"token": "in-values"}}},  # a token comes from a Secret, never from values
         {"autopilot": {"model": "rrp-pilot"}},  # the routing names the model
+        {"tls": {"enabled": True}},  # TLS needs the Secret of its certificate
+        {"tls": {"enabled": True, "existingSecret": "rrp-tls", "ca": "in-values"}},
     ],
 )
 def test_values_schema_and_guards_refuse_bad_values(bad: dict[str, Any]) -> None:
@@ -196,7 +200,8 @@ def test_game_servers_sit_behind_a_headless_service_that_the_scheduler_discovers
 
 
 def test_rrp_servers_have_native_grpc_probes_and_resources(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    _, docs = rendered
+    """Kubernetes' own gRPC probes on plaintext ports; over TLS (production), the image's check in the container."""
+    name, docs = rendered
     servers = {"game-server": "GameService", "scheduler": "SchedulerService", "collector": "CollectorService"}
     for workload, pod in workloads(docs):
         for c in containers(pod):
@@ -205,8 +210,14 @@ def test_rrp_servers_have_native_grpc_probes_and_resources(rendered: tuple[str, 
             assert {"cpu", "memory"} <= res["limits"].keys()
         if component(pod) in servers and workload["kind"] == "Deployment":
             c = pod["spec"]["containers"][0]
-            assert c["livenessProbe"]["grpc"]["port"] == c["ports"][0]["containerPort"]
-            assert c["readinessProbe"]["grpc"]["service"] == f"rallyrobopilot.v1.{servers[component(pod)]}"
+            port, service = c["ports"][0]["containerPort"], f"rallyrobopilot.v1.{servers[component(pod)]}"
+            if name == "production":
+                assert _flag(c["livenessProbe"]["exec"]["command"], "--address") == f"127.0.0.1:{port}"
+                assert _flag(c["readinessProbe"]["exec"]["command"], "--service") == service
+                assert "exec" in c["startupProbe"]
+                continue
+            assert c["livenessProbe"]["grpc"]["port"] == port
+            assert c["readinessProbe"]["grpc"]["service"] == service
             assert "grpc" in c["startupProbe"]
 
 
@@ -309,8 +320,9 @@ def test_redis_is_a_statefulset_with_aof_on_a_volume_and_a_password_from_a_secre
             "redis": {"enabled": True},
             "serving": {"allowInsecure": True},
         },
+        {**(values("production") or {}), "tls": TLS_ON},
     ],
-    ids=["default", "minimal", "production", "serving-on", "serving-on-no-metrics"],
+    ids=["default", "minimal", "production", "serving-on", "serving-on-no-metrics", "production-mutual-tls"],
 )
 def test_every_rrp_command_line_the_chart_renders_parses_with_the_real_cli(vals: dict[str, Any] | None) -> None:
     lines = rrp_command_lines(render(vals))
@@ -431,7 +443,10 @@ def test_torchserve_is_reachable_only_through_its_token_front() -> None:
     spec = pod_spec(docs, "Deployment", "rrp-rallyrobopilot-torchserve")
     front, serve = container(spec, "auth-proxy"), container(spec, "torchserve")
     assert {p["name"] for p in front["ports"]} == {"grpc"} and "ports" not in serve  # TorchServe: loopback only
-    assert front["readinessProbe"]["grpc"]["port"] == 7070
+    # Production serves TLS: the front's probe checks its port over TLS, for the Service's name.
+    probe = front["readinessProbe"]["exec"]["command"]
+    assert _flag(probe, "--address") == "127.0.0.1:7070"
+    assert _flag(probe, "--tls-server-name") == "rrp-rallyrobopilot-torchserve"
     assert "127.0.0.1', 7080" in serve["livenessProbe"]["exec"]["command"][-1]
     ready = serve["readinessProbe"]["exec"]["command"]  # ready once this replica serves the default version
     assert "/models/registry/replicas/" in ready[-1] and "-7080.json" in ready[-1]
@@ -571,3 +586,71 @@ def test_chart_tests_check_every_service_health() -> None:
     assert {t["metadata"]["annotations"]["helm.sh/hook"] for t in tests} == {"test"}
     checked = {t["spec"]["containers"][0]["args"][1].split(":")[0] for t in tests}
     assert checked == {"rrp-rallyrobopilot-game-server", "rrp-rallyrobopilot-scheduler", "rrp-rallyrobopilot-collector"}
+
+
+# -- TLS on every gRPC port ---------------------------------------------------------------------------------------
+
+TLS_SERVERS = {"game-server", "scheduler", "collector", "auth-proxy"}  # containers serving a gRPC port of the mesh
+TLS_CLIENTS = {"game-server", "scheduler", "autopilot", "deployer", "evolve", "collect", "deploy-model", "health"}
+
+
+def _flag(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_tls_on_mounts_the_secret_into_every_grpc_server_and_client_with_their_flags() -> None:
+    docs = render({**(values("production") or {}), "tls": TLS_ON})
+    seen: set[str] = set()
+    for _, pod in workloads(docs):
+        spec = pod["spec"]
+        for c in containers(pod):
+            args = [str(a) for a in c.get("args", [])]
+            name = c["name"]
+            server, client = name in TLS_SERVERS, name in TLS_CLIENTS
+            if server:
+                assert _flag(args, "--tls-cert") == f"{TLS_DIR}/tls.crt", name
+                assert _flag(args, "--tls-key") == f"{TLS_DIR}/tls.key", name
+                assert _flag(args, "--tls-client-ca") == f"{TLS_DIR}/ca.crt", name  # mutual
+            if client:
+                assert _flag(args, "--tls-ca") == f"{TLS_DIR}/ca.crt", name
+                assert _flag(args, "--tls-client-cert") == f"{TLS_DIR}/tls.crt", name
+                assert _flag(args, "--tls-client-key") == f"{TLS_DIR}/tls.key", name
+            if server or client:
+                seen.add(name)
+                assert mounts(c)["tls"] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}, name
+                (volume,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+                assert volume["secret"]["secretName"] == "rrp-tls"
+                assert {i["key"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+            else:  # Redis, TorchServe itself (loopback), the training Job, Jaeger: no TLS files
+                assert not any(a.startswith("--tls") for a in args) and "tls" not in mounts(c), name
+            # The kubelet's gRPC probe speaks plaintext: with TLS, the probes run the health check over TLS.
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if probe in c:
+                    assert "grpc" not in c[probe], (name, probe)
+                    if server:
+                        command = c[probe]["exec"]["command"]
+                        assert _flag(command, "--tls-ca") == f"{TLS_DIR}/ca.crt", (name, probe)
+                        assert _flag(command, "--tls-client-cert") == f"{TLS_DIR}/tls.crt", (name, probe)
+    assert seen == TLS_SERVERS | TLS_CLIENTS
+    game = container(pod_spec(docs, "Deployment", "rrp-rallyrobopilot-game-server"), "game-server")
+    readiness = game["readinessProbe"]["exec"]["command"]
+    # The pod's own port on loopback, its certificate checked for its Service's name, the game service asked.
+    assert _flag(readiness, "--address") == "127.0.0.1:50051"
+    assert _flag(readiness, "--tls-server-name") == "rrp-rallyrobopilot-game-server"
+    assert _flag(readiness, "--service") == "rallyrobopilot.v1.GameService"
+
+
+def test_tls_off_renders_no_tls_flag_or_mount() -> None:
+    for vals in (values("default"), {**(values("production") or {}), "tls": {**TLS_ON, "enabled": False}}):
+        for _, pod in workloads(render(vals)):
+            assert all(v["name"] != "tls" for v in pod["spec"].get("volumes", []))
+            for c in containers(pod):
+                assert not any(str(a).startswith("--tls") for a in c.get("args", [])), c["name"]
+
+
+def test_tls_one_server_name_and_server_only_tls() -> None:
+    docs = render({**(values("production") or {}), "tls": {**TLS_ON, "mutual": False, "serverName": "rrp.mesh"}})
+    scheduler = container(pod_spec(docs, "Deployment", "rrp-rallyrobopilot-scheduler"), "scheduler")
+    args = [str(a) for a in scheduler["args"]]
+    assert _flag(args, "--tls-server-name") == "rrp.mesh" and "--tls-client-ca" not in args
+    assert "--tls-client-cert" not in args and _flag(args, "--tls-cert") == f"{TLS_DIR}/tls.crt"

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+from plumbing.channels import ClientTLS
 from plumbing.errors import FailedPrecondition
 from serving.archive import archive_info
 from serving.client import InferenceClient
@@ -27,8 +28,10 @@ class Canary:
     def __init__(
         self, config: CanaryConfig, registry: Registry, connect: Callable[[str, str], InferenceClient],
         games: Callable[[], tuple[str, ...]], stop: threading.Event, leaderboard: str = "",
+        game_tls: ClientTLS | None = None,
     ) -> None:  # fmt: skip
         self.config, self.registry, self.connect, self.games, self.stop = config, registry, connect, games, stop
+        self.game_tls = game_tls
         self.leaderboard = leaderboard  # a Redis URL: the own cars' finished laps go there, verified
 
     def run(self, candidate: ModelVersion) -> StepResult:
@@ -86,7 +89,8 @@ class Canary:
         def race() -> None:
             try:
                 run_autopilot(pilot, self.games(), stop=stop, router=router,
-                              connect_version=lambda version: self.connect(routing.name, version))  # fmt: skip
+                              connect_version=lambda version: self.connect(routing.name, version),
+                              game_tls=self.game_tls)  # fmt: skip
             except BaseException as exc:  # reported after the canary
                 errors.append(exc)
 

@@ -21,6 +21,7 @@ from typing import Any
 from collector.store import RedisConfig
 from game_server.leaderboard import Leaderboard, LeaderboardConfig
 from plumbing import telemetry
+from plumbing.channels import ClientTLS, channel_credentials
 from plumbing.errors import DomainError, FailedPrecondition, Unavailable
 from plumbing.lease import Lock
 from plumbing.settings import nested, setting
@@ -63,6 +64,8 @@ class RolloutConfig:
     leaderboard: str = setting(
         "", "Redis URL of a leaderboard: every finished gate and canary lap is verified and submitted ('' = none)"
     )
+    # With a CA, the model server (its TLS front) and the game servers are called over TLS.
+    tls: ClientTLS = nested(ClientTLS)
 
 
 class Deployer:
@@ -83,11 +86,14 @@ class Deployer:
         self._games = games
         self._game: tuple[str, ...] = config.game
         self._lock: Lock | None = None  # the deploy lock while it is held
+        self.tls = config.tls if config.tls.enabled else None
+        if self.tls is not None:
+            channel_credentials(self.tls)  # a missing or bad file fails here, before any rollout step
 
     def client(self, name: str, version: str) -> InferenceClient:
         """An inference client of one version, from the one factory (`serving.client.connect`)."""
         return connect(self.config.protocol, self.endpoints.inference, ModelRef(name, version),
-                       self.endpoints.inference_key)  # fmt: skip
+                       self.endpoints.inference_key, self.tls)  # fmt: skip
 
     def games(self) -> tuple[str, ...]:
         if not self._game:
@@ -225,10 +231,16 @@ class Deployer:
             if self.config.leaderboard:
                 board = Leaderboard.connect(LeaderboardConfig(RedisConfig(url=self.config.leaderboard)))
             gate = Gate(self.config.gate, self.registry, lambda v: self.client(v.name, v.version),
-                        lambda: self.games()[0], self._span, board)  # fmt: skip
+                        lambda: self.games()[0], self._span, board, game_tls=self.tls)  # fmt: skip
             return gate.run(candidate, default)
         return Canary(
-            self.config.canary, self.registry, self.client, self.games, self.stop, self.config.leaderboard
+            self.config.canary,
+            self.registry,
+            self.client,
+            self.games,
+            self.stop,
+            self.config.leaderboard,
+            game_tls=self.tls,
         ).run(candidate)
 
     def _converge(self, done: Callable[[ReplicaStatus], bool], what: str, since: float, version: str = "") -> None:

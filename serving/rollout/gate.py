@@ -12,6 +12,7 @@ import numpy as np
 
 from game_server.core.state import TICK_S
 from game_server.leaderboard import Leaderboard, drive_lap_record, submit_lap
+from plumbing.channels import ClientTLS
 from serving.archive import archive_info
 from serving.client import InferenceClient
 from serving.registry import ModelVersion, Registry
@@ -38,9 +39,10 @@ class Gate:
 
     def __init__(
         self, config: GateConfig, registry: Registry, connect: Callable[[ModelVersion], InferenceClient],
-        game: Callable[[], str], span: Spans, board: Leaderboard | None = None,
+        game: Callable[[], str], span: Spans, board: Leaderboard | None = None, game_tls: ClientTLS | None = None,
     ) -> None:  # fmt: skip
         self.config, self.registry, self.connect, self.game, self.span = config, registry, connect, game, span
+        self.game_tls = game_tls
         self.board = board  # every finished gate lap goes to it, verified before it is stored
 
     def run(self, candidate: ModelVersion, default: ModelVersion) -> StepResult:
@@ -78,7 +80,7 @@ class Gate:
         address = self.game()
         try:
             with self.span("gate.lap", **{"rrp.track": track, "rrp.version": version.version}), \
-                    GameClient(address) as game:  # fmt: skip
+                    GameClient(address, tls=self.game_tls) as game:  # fmt: skip
                 r = drive_lap(game, client, pilot, CarLap(0, 0, address, version=version.version), counted=False)
         finally:
             client.close()

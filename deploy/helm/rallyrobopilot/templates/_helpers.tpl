@@ -124,8 +124,30 @@ prometheus.io/path: /metrics
   value: "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME),service.namespace={{ .root.Release.Namespace }},service.version={{ .root.Chart.AppVersion }}"
 {{- end }}
 
-{{/* gRPC probes (Kubernetes' own gRPC health checking): liveness on the server, readiness on the named service. */}}
+{{/* gRPC probes (Kubernetes' own gRPC health checking): liveness on the server, readiness on the named service.
+With TLS on, the kubelet's gRPC probe (plaintext) cannot check the port: the probes run the image's health check in
+the container instead (.name: the Service whose name the certificate carries). */}}
 {{- define "rrp.grpcProbes" -}}
+{{- if include "rrp.tlsOn" .root }}
+startupProbe:
+  exec:
+    command: {{ include "rrp.tlsHealthCommand" . }}
+  periodSeconds: 2
+  timeoutSeconds: 5
+  failureThreshold: 60
+livenessProbe:
+  exec:
+    command: {{ include "rrp.tlsHealthCommand" . }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  exec:
+    command: {{ include "rrp.tlsHealthCommand" (merge (dict "readiness" true) .) }}
+  periodSeconds: 2
+  timeoutSeconds: 5
+  failureThreshold: 1
+{{- else }}
 startupProbe:
   grpc:
     port: {{ .port }}
@@ -144,6 +166,89 @@ readinessProbe:
   periodSeconds: 2
   timeoutSeconds: 2
   failureThreshold: 1
+{{- end }}
+{{- end }}
+
+{{/* The image's gRPC health check over TLS, as a JSON command: the pod's own port on loopback, the certificate
+checked for the component's Service name (.name), .service asked with .readiness. */}}
+{{- define "rrp.tlsHealthCommand" -}}
+{{- $check := list "/opt/rrp/bin/python" "/opt/rrp/healthcheck.py" "--address" (printf "127.0.0.1:%d" (int .port)) }}
+{{- if and .readiness .service }}
+{{- $check = concat $check (list "--service" .service) }}
+{{- end }}
+{{- $name := include "rrp.component" (dict "root" .root "name" .name) }}
+{{- concat $check (include "rrp.tlsClientArgs" (dict "root" .root "name" $name) | fromYamlArray) | toJson }}
+{{- end }}
+
+{{/* TLS on every gRPC port (tls.enabled): the Secret tls.existingSecret (tls.crt, tls.key, ca.crt) mounted into
+every gRPC server and client; servers serve with its certificate, clients trust its CA (and, with tls.mutual, show
+its certificate too). "true" when on; refuses to render TLS without a Secret, or before a TorchServe with no front. */}}
+{{- define "rrp.tlsOn" -}}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.existingSecret }}
+{{- fail "tls.enabled needs tls.existingSecret: a Secret with tls.crt, tls.key and ca.crt (cert-manager's, say) whose certificate names every Service of the release" }}
+{{- end }}
+{{- if and .Values.torchserve.enabled (not .Values.torchserve.auth.enabled) }}
+{{- fail "tls.enabled needs torchserve.auth.enabled: TorchServe's TLS port is its front, rrp auth-proxy" }}
+{{- end }}true
+{{- end }}
+{{- end }}
+
+{{- define "rrp.tlsVolume" -}}
+{{- if include "rrp.tlsOn" . }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 0400
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "rrp.tlsMount" -}}
+{{- if include "rrp.tlsOn" . }}
+- name: tls
+  mountPath: /var/run/secrets/rrp/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A server's TLS flags (rrp game-server, scheduler, collector, auth-proxy). */}}
+{{- define "rrp.tlsServerArgs" -}}
+{{- if include "rrp.tlsOn" . }}
+- --tls-cert
+- /var/run/secrets/rrp/tls/tls.crt
+- --tls-key
+- /var/run/secrets/rrp/tls/tls.key
+{{- if .Values.tls.mutual }}
+- --tls-client-ca
+- /var/run/secrets/rrp/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A client's TLS flags (.root; .name: the name to check in the servers' certificates when tls.serverName is
+empty; none: the name dialled). */}}
+{{- define "rrp.tlsClientArgs" -}}
+{{- if include "rrp.tlsOn" .root }}
+- --tls-ca
+- /var/run/secrets/rrp/tls/ca.crt
+{{- if .root.Values.tls.mutual }}
+- --tls-client-cert
+- /var/run/secrets/rrp/tls/tls.crt
+- --tls-client-key
+- /var/run/secrets/rrp/tls/tls.key
+{{- end }}
+{{- with (.root.Values.tls.serverName | default .name) }}
+- --tls-server-name
+- {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Writable scratch on a read-only root filesystem. */}}

@@ -59,6 +59,9 @@ spec:
       imagePullPolicy: {{ $root.Values.pullPolicy }}
       args:
         {{- toYaml .job.args | nindent 8 }}
+        {{- if .job.tls }}
+        {{- include "rrp.tlsClientArgs" (dict "root" $root) | nindent 8 }}
+        {{- end }}
       env:
         {{- include "rrp.commonEnv" $c | nindent 8 }}
         {{- if .job.lease }}
@@ -93,6 +96,9 @@ spec:
         {{- if .job.lease }}
         {{- include "rrp.leaseMount" $root | nindent 8 }}
         {{- end }}
+        {{- if .job.tls }}
+        {{- include "rrp.tlsMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "rrp.tmpVolume" $root | nindent 4 }}
     - name: artifacts
@@ -108,6 +114,9 @@ spec:
     {{- end }}
     {{- if .job.lease }}
     {{- include "rrp.leaseVolume" $root | nindent 4 }}
+    {{- end }}
+    {{- if .job.tls }}
+    {{- include "rrp.tlsVolume" $root | nindent 4 }}
     {{- end }}
 {{- end }}
 
