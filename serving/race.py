@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from game_server.client import GameClient, frame_array
+from game_server.convert import controls_to_mask, mask_to_controls
 from game_server.core.lap import LapWatch
 from game_server.core.state import TICK_S
 from plumbing.errors import DeadlineExceeded, DomainError
@@ -70,14 +71,6 @@ class _Car:
         return t0 + (tick - self.first_tick + 1) * TICK_S
 
 
-def _controls(keys: int) -> sim_pb2.Controls:
-    return sim_pb2.Controls(forward=bool(keys & 1), back=bool(keys & 2), left=bool(keys & 4), right=bool(keys & 8))
-
-
-def _mask(c: sim_pb2.Controls) -> int:
-    return int(c.forward) | int(c.back) << 1 | int(c.left) << 2 | int(c.right) << 3
-
-
 class _RaceStream:
     """The Race stream: batches of commands out through a queue, the newest tick in through a reader thread."""
 
@@ -107,7 +100,7 @@ class _RaceStream:
         try:
             for response in self._responses:
                 for rc in response.cars:
-                    self.cars[rc.car].applied.append(_mask(rc.drive.applied_controls))
+                    self.cars[rc.car].applied.append(controls_to_mask(rc.drive.applied_controls))
                 self.latest.put(response, time.perf_counter())
             self.latest.end()
         except BaseException as exc:  # the stream's end (cancelled, server gone) is handed to the loop
@@ -115,7 +108,7 @@ class _RaceStream:
 
     def send(self, plans: dict[int, list[tuple[int, int]]], leaving: list[int]) -> None:
         commands = [
-            game_pb2.RaceCommand(car=car, command=game_pb2.DriveCommand(tick=tick, controls=_controls(keys)))
+            game_pb2.RaceCommand(car=car, command=game_pb2.DriveCommand(tick=tick, controls=mask_to_controls(keys)))
             for car, plan in plans.items()
             for tick, keys in plan
         ]

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from game_server.client import GameClient, frame_array
+from game_server.convert import controls_to_mask, mask_to_controls
 from game_server.core.lap import LapWatch
 from game_server.core.state import TICK_S
 from plumbing import telemetry
@@ -45,8 +46,7 @@ def infer(model: InferenceClient, obs: sim_pb2.Observation, timeout_s: float) ->
 
 
 def command(tick: int, keys: int) -> game_pb2.DriveRequest:
-    controls = sim_pb2.Controls(forward=bool(keys & 1), back=bool(keys & 2), left=bool(keys & 4), right=bool(keys & 8))
-    return game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=tick, controls=controls))
+    return game_pb2.DriveRequest(command=game_pb2.DriveCommand(tick=tick, controls=mask_to_controls(keys)))
 
 
 class Tracer:
@@ -176,8 +176,7 @@ class _Stream:
     def _read(self) -> None:
         try:
             for response in self._responses:
-                c = response.applied_controls
-                self.applied.append(int(c.forward) | int(c.back) << 1 | int(c.left) << 2 | int(c.right) << 3)
+                self.applied.append(controls_to_mask(response.applied_controls))
                 self.latest.put(response, time.perf_counter())
             self.latest.end()
         except BaseException as exc:  # the stream's end (cancelled, server gone) is handed to the loop
