@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -201,6 +202,22 @@ class Ledger:
         )
         c = self.counters
         return PoolStatus(servers, self.in_flight(), pending, c.done, c.retried, c.failed, c.backups)
+
+
+def population_share(
+    group: int, group_ticks: int, queued: int, idle_servers: int, *, floor: int, max_batch: int, max_ticks: int
+) -> int:
+    """How many of the `group` drivers of one population at the queue's head (`group_ticks` ticks of work, in
+    a queue of `queued` tasks) travel in the next call.
+
+    A tick of a population costs about the same however few cars it holds, so a population is cut only to
+    give every idle server a fair share of the queue (a server's slots share one interpreter: the second
+    slot of a busy server adds no speed), never below `floor` drivers, into equal parts, so that no call is
+    left with a few cars; `max_batch` and `max_ticks` bound one call."""
+    want = max(floor, math.ceil(queued / max(1, idle_servers)))
+    parts = max(1, min(math.ceil(group / want), group // floor))
+    parts = max(parts, math.ceil(group / max_batch), math.ceil(group_ticks / max_ticks))
+    return math.ceil(group / parts)
 
 
 def parse_target(target: str, default_port: int) -> tuple[str, int]:

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, as_completed, wait
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from game_server import servicer
+from game_server.core import drivers
 from game_server.core.pilot import drive_lap
 from game_server.core.tracks import load_track
+from game_server.game import GameConfig
+from game_server.server import GameServerConfig, create_game_server
+from plumbing.bootstrap import ServerConfig
 from plumbing.procs import ServiceProcess, start_service
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from scheduler.executor import EvaluationPool, PoolConfig
 from scheduler.tasks import EvaluationError, LapTask, RequestTask
+from trainer.fitness import DriverLap
 
 TRACK = "oval"
 
@@ -378,3 +386,30 @@ def test_run_with_server_leases_calls_and_retries(game_server_processes: list[Se
             pool.run_with_server(broken).result(30)
         status = pool.status()
         assert status.retried >= 1
+
+
+def test_a_tracks_drivers_travel_to_a_server_as_one_population(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation sent track by track reaches the servers as one EvaluateBatch per track (not guided batches
+    shrinking to a driver or two, which a server would run one car at a time), with the builtin map's results."""
+    sizes: list[int] = []
+    real = servicer.evaluate_batch
+
+    def counted(tasks: Sequence[game_pb2.EvaluateRequest], *args: Any) -> game_pb2.EvaluateBatchResponse:
+        sizes.append(len(tasks))
+        return real(tasks, *args)
+
+    monkeypatch.setattr(servicer, "evaluate_batch", counted)
+    config = GameServerConfig(server=ServerConfig(port=0, service_name="game-server-test"), game=GameConfig())
+    game_servers = [create_game_server(config) for _ in range(2)]
+    try:
+        rng = random.Random(5)
+        genomes = [[rng.uniform(lo, hi) for _, lo, hi in drivers.PARAM_SPEC] for _ in range(40)]
+        task = DriverLap(drivers.RAYS_V1, {"oval": 60, "kidney": 60})
+        args = ([g for _ in range(2) for g in genomes], [t for t in ("oval", "kidney") for _ in genomes])
+        with EvaluationPool(PoolConfig(servers=tuple(s.address for s in game_servers))) as pool:
+            pool.wait_ready(2)
+            assert list(pool.map(task, *args)) == list(map(task, *args))
+    finally:
+        for s in game_servers:
+            s.stop(0.5)
+    assert sizes == [40, 40]

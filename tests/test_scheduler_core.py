@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core import Ledger, RetryPolicy, join_host_port, parse_target
+from scheduler.core import Ledger, RetryPolicy, join_host_port, parse_target, population_share
 
 
 def ledger_with(**capacities: int) -> Ledger:
@@ -149,3 +149,20 @@ def test_parse_target_rejects(target: str) -> None:
 def test_join_host_port_brackets_ipv6() -> None:
     assert join_host_port("::1", 80) == "[::1]:80"
     assert join_host_port("10.0.0.1", 80) == "10.0.0.1:80"
+
+
+def test_a_population_is_cut_only_to_feed_idle_servers_and_into_equal_parts() -> None:
+    def share(group: int, queued: int, idle: int, ticks: int = 1000) -> int:
+        return population_share(group, group * ticks, queued, idle, floor=32, max_batch=128, max_ticks=200_000)
+
+    # A GA generation of 96 drivers on 3 tracks: one track per server while servers are idle, then whole.
+    assert [share(96, 288, 3), share(96, 192, 2), share(96, 96, 1)] == [96, 96, 96]
+    assert [share(96, 288, 2), share(96, 192, 1), share(96, 96, 0)] == [96, 96, 96]
+    # One track, two idle servers: halves; never a small remainder, never below the floor.
+    assert share(96, 96, 2) == 48
+    assert share(100, 100, 3) == 34
+    assert share(40, 40, 4) == 40
+    assert share(5, 5, 2) == 5
+    # Bounded by max_batch and by the ticks one call may carry, in equal parts.
+    assert share(300, 300, 1) == 100
+    assert share(96, 96, 1, ticks=3000) == 48
