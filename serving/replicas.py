@@ -16,7 +16,6 @@ from plumbing.channels import ClientTLS
 from plumbing.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable, quote
 from serving import metrics
 from serving.client import (
-    BatchInferenceClient,
     Busy,
     InferenceClient,
     ModelRef,
@@ -199,9 +198,11 @@ class FailoverClient:
         self, frames: list[np.ndarray], speeds: list[float], timeout_s: float
     ) -> list[Decision | InvalidArgument]:
         def one(client: InferenceClient, left: float) -> list[Decision | InvalidArgument]:
-            if not isinstance(client, BatchInferenceClient):
+            # getattr, not isinstance on the runtime Protocol: that costs ~50 us a call, every tick of a race.
+            batch: Callable[..., list[Decision | InvalidArgument]] | None = getattr(client, "infer_batch", None)
+            if batch is None:
                 raise InvalidArgument(f"{type(client).__name__} takes no batches")
-            return client.infer_batch(frames, speeds, left)
+            return batch(frames, speeds, left)
 
         return self.call(one, timeout_s)
 

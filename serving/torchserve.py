@@ -19,7 +19,15 @@ from typing import Any
 
 import grpc
 
-from plumbing.errors import DeadlineExceeded, DomainError, FailedPrecondition, NotFound, Unavailable, quote
+from plumbing.errors import (
+    DeadlineExceeded,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    quote,
+)
 from plumbing.settings import setting
 from serving.torchserve_v1 import management_pb2, management_pb2_grpc
 
@@ -32,6 +40,60 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+LOG_LEVELS = ("off", "error", "warn", "info", "debug")
+# TorchServe's loggers and their files (log4j2.xml in its frontend jar); each writes once, to its own file.
+OWN_LOGGERS = (
+    ("MODEL_LOG", "model_log"),
+    ("MODEL_METRICS", "model_metrics"),
+    ("TS_METRICS", "ts_metrics"),
+    ("org.pytorch.serve", "ts_log"),
+)
+
+
+def log4j2_xml(level: str) -> str:
+    """TorchServe's log configuration: its files as its own default has them, at `level`, and nothing twice.
+
+    Its default logs every request at info and debug, each line twice (its own logger and the root's), and the
+    model worker's stdout line by line: ~18 lines a request."""
+    if level not in LOG_LEVELS:
+        raise InvalidArgument(f"TorchServe log level {quote(level)}: one of {', '.join(LOG_LEVELS)}")
+
+    def rolling(name: str, where: str, pattern: str) -> str:
+        return (
+            f'<RollingFile name="{name}" fileName="${{env:{where}:-logs}}/{name}.log" '
+            f'filePattern="${{env:{where}:-logs}}/{name}.%d{{dd-MMM}}.log.gz"><PatternLayout pattern="{pattern}"/>'
+            '<Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>'
+            '<DefaultRolloverStrategy max="5"/></RollingFile>'
+        )
+
+    full, short = "%d{ISO8601} [%-5p] %t %c - %m%n", "%d{ISO8601} - %m%n"
+    appenders = [
+        rolling("access_log", "LOG_LOCATION", short),
+        rolling("model_log", "LOG_LOCATION", full),
+        rolling("model_metrics", "METRICS_LOCATION", short),
+        rolling("ts_log", "LOG_LOCATION", full),
+        rolling("ts_metrics", "METRICS_LOCATION", short),
+        f'<Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="{full}"/></Console>',
+    ]
+    loggers = [
+        '<Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>',
+        '<Logger name="io.netty" level="error"/>',
+        '<Logger name="org.apache" level="off"/>',
+        *(
+            f'<Logger name="{name}" level="{level}" additivity="false"><AppenderRef ref="{name_ref}"/></Logger>'
+            for name, name_ref in OWN_LOGGERS
+        ),
+        f'<Root level="{level}"><AppenderRef ref="STDOUT"/></Root>',
+    ]
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Configuration><Appenders>'
+        + "".join(appenders)
+        + "</Appenders><Loggers>"
+        + "".join(loggers)
+        + "</Loggers></Configuration>\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +129,13 @@ class TorchServeConfig:
         False, "serve the Open Inference Protocol (KServe v2 ModelInfer) on the gRPC port instead of TorchServe's own"
     )
     startup_timeout_s: float = setting(120.0, "how long to wait for TorchServe to answer, s")
+    log_level: str = setting(
+        "warn",
+        "level of TorchServe's own logs (ts_log.log, model_log.log, its per-request metric lines); at info and "
+        "debug it writes ~18 lines a request, which cost its JVM more CPU than the request (the access log "
+        "keeps its line a request at any level)",
+        choices=LOG_LEVELS,
+    )
 
 
 @dataclass
@@ -136,6 +205,8 @@ class LocalTorchServe:
         }
         properties = self.workdir / "config.properties"
         properties.write_text(self._properties())
+        log_config = self.workdir / "log4j2.xml"
+        log_config.write_text(log4j2_xml(c.log_level))
         env = {
             **os.environ,
             # The launcher keeps its pid file in TMPDIR, the JVM its worker sockets in TEMP: private to this instance.
@@ -153,6 +224,7 @@ class LocalTorchServe:
             "--model-store", str(self.model_store),
             "--no-config-snapshots",
             "--enable-model-api",
+            "--log-config", str(log_config),
         ]  # fmt: skip
         log_file = (self.workdir / "logs" / "torchserve.out").open("ab")
         self.proc = subprocess.Popen(
