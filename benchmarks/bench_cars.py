@@ -103,7 +103,7 @@ def run_autopilots(
         if path != "race":
             cmd.append("--no-race")
         else:
-            cmd += ["--race-cars", str(args.race_cars)]
+            cmd += ["--race-cars", str(args.race_cars), "--race-fallback-ticks", str(args.race_fallback_ticks)]
         if args.unbatched:
             cmd.append("--no-batched")
         else:
@@ -206,6 +206,7 @@ def main() -> int:
     parser.add_argument("--paths", default="race,streams", help="race (one stream per server), streams (per car)")
     parser.add_argument("--format", default="eager", choices=("eager", "onnx"), help="the served model's format")
     parser.add_argument("--race-cars", type=int, default=4, help="races: at most this many cars per race")
+    parser.add_argument("--race-fallback-ticks", type=int, default=10, help="races: ticks ahead holding the fallback")
     parser.add_argument("--games", type=int, default=2, help="game server processes")
     parser.add_argument("--workers", type=int, default=1, help="TorchServe's workers of the model")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")

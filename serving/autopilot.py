@@ -101,6 +101,11 @@ class AutopilotConfig:
         "real time, batched: each game server's cars race through one stream on one clock, all their frames in "
         "one request a tick (not a stream and a thread per car)",
     )
+    race_fallback_ticks: int = setting(
+        10,
+        "races: ticks ahead that hold the fallback command (one message carries every car's, so a race affords "
+        "a longer stall than a stream: 400 ms)",
+    )
     race_cars: int = setting(
         4,
         "races: at most this many cars per race; a game server's cars make several races, each its own share "
@@ -125,8 +130,8 @@ class AutopilotConfig:
             raise InvalidArgument(f"batch in flight must be 1..16, got {self.batch_in_flight}")
         if not 1 <= self.race_cars <= MAX_RACE_CARS:
             raise InvalidArgument(f"race cars must be 1..{MAX_RACE_CARS}, got {self.race_cars}")
-        if not 1 <= self.fallback_ticks <= 100:
-            raise InvalidArgument("fallback ticks must be 1..100")
+        if not 1 <= self.fallback_ticks <= 100 or not 1 <= self.race_fallback_ticks <= 100:
+            raise InvalidArgument("fallback ticks (and race fallback ticks) must be 1..100")
         if not 1.0 <= self.deadline_ms <= 1000.0:
             raise InvalidArgument("the inference deadline must be 1..1000 ms")
         if self.safe_after_failures < 1 or self.safe_after_ms < self.deadline_ms:

@@ -154,8 +154,9 @@ def race_realtime(
     `phase` (epoch, offset): the race starts its clock `offset` seconds into a tick counted from `epoch`, so
     that the races of one process (one per game server) ask the model server in turn, not all at once."""
     cars = [
-        _Car(k, record, Decisions(None, config, record, meter, tracer), meter, Ahead(config),
-             LapWatch(config.max_ticks, config.stuck_ticks), int(first.state.tick))
+        _Car(k, record, Decisions(None, config, record, meter, tracer), meter,
+             Ahead(config, config.race_fallback_ticks), LapWatch(config.max_ticks, config.stuck_ticks),
+             int(first.state.tick))
         for k, (record, meter, first) in enumerate(zip(records, meters, firsts, strict=True))
     ]  # fmt: skip
     answers = _ask(model, firsts, 10.0)

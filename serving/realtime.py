@@ -121,8 +121,8 @@ class Latest:
 class Ahead:
     """What a car sends for a tick: its own command, and the fallback of the `fallback_ticks` ticks after it."""
 
-    def __init__(self, config: AutopilotConfig) -> None:
-        self.config = config
+    def __init__(self, config: AutopilotConfig, ticks: int | None = None) -> None:
+        self.config, self.ticks = config, config.fallback_ticks if ticks is None else ticks
         self._keys: int | None = None  # the fallback the ticks up to `_until` already hold
         self._until = -1
 
@@ -134,7 +134,7 @@ class Ahead:
         of the stream, which is most of the per-car cost once many cars race."""
         fallback = fallback_keys(self.config, keys)
         out = [(tick, keys)] if own else []
-        last = tick + self.config.fallback_ticks
+        last = tick + self.ticks
         first = tick + 1 if fallback != self._keys else max(tick + 1, self._until + 1)
         out += [(ahead, fallback) for ahead in range(first, last + 1)]
         self._keys, self._until = fallback, max(self._until, last)
