@@ -395,6 +395,19 @@ def run_autopilot(
     errors: list[BaseException] = []
     lock = threading.Lock()
 
+    def finished(record: CarLap, model: str) -> None:
+        submit_race_lap(board, config, record, model)
+        with lock:
+            records.append(record)
+        if on_lap is not None:
+            on_lap(record)
+
+    def failed(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)
+        if stop is not None:
+            stop.set()
+
     def car(index: int) -> None:
         server = game_servers[index % len(game_servers)]
         clients: dict[str, InferenceClient] = {}
@@ -422,16 +435,9 @@ def run_autopilot(
                     drive_lap(game, model, config, record, tracer, stop)
                     if isinstance(model, _Routed):
                         record.rerouted = model.rerouted
-                    submit_race_lap(board, config, record, model.model)
-                    with lock:
-                        records.append(record)
-                    if on_lap is not None:
-                        on_lap(record)
+                    finished(record, model.model)
         except BaseException as exc:
-            with lock:
-                errors.append(exc)
-            if stop is not None:
-                stop.set()
+            failed(exc)
         finally:
             for client in clients.values():
                 client.close()
@@ -447,16 +453,9 @@ def run_autopilot(
                     laps = [CarLap(index, lap, server, version=model.version) for index in cars]
                     race_lap(game, model, config, laps, tracer, stop, (t0, offset_s))
                     for record in laps:
-                        submit_race_lap(board, config, record, model.model)
-                        with lock:
-                            records.append(record)
-                        if on_lap is not None:
-                            on_lap(record)
+                        finished(record, model.model)
         except BaseException as exc:
-            with lock:
-                errors.append(exc)
-            if stop is not None:
-                stop.set()
+            failed(exc)
 
     t0 = time.perf_counter()
     if config.mode == "realtime" and config.race and race_model is not None and router is None:

@@ -30,7 +30,7 @@ from plumbing.errors import DeadlineExceeded, DomainError
 from rallyrobopilot.v1 import game_pb2, sim_pb2
 from serving.codec import Decision
 from serving.metrics import VersionMeter
-from serving.realtime import SEND_MARGIN_S, Ahead, Decisions, Latest, Tracer
+from serving.realtime import SEND_MARGIN_S, Ahead, Decisions, Latest, Tracer, end_stream
 
 if TYPE_CHECKING:
     from serving.autopilot import AutopilotConfig, CarLap
@@ -128,13 +128,7 @@ class _RaceStream:
         """Every car leaves and the stream half-closes; the server ends it at its next tick."""
         self.send({}, [car.index for car in self.cars if car.racing])
         self.outbox.put(None)
-        if self._reader is None:
-            return
-        deadline = time.monotonic() + (1.0 if stopping else 5.0)
-        while self._reader.is_alive() and time.monotonic() < deadline:
-            self._reader.join(0.1)
-        if self._reader.is_alive():
-            self._responses.cancel()
+        end_stream(self._reader, self._responses, stopping)
 
 
 def race_realtime(

@@ -141,6 +141,18 @@ class Ahead:
         return out
 
 
+def end_stream(reader: threading.Thread | None, responses: Any, stopping: bool) -> None:
+    """Waits for a half-closed stream's reader to see its end: within a second when stopping (SIGTERM), else five;
+    then the stream is cancelled."""
+    if reader is None:
+        return
+    deadline = time.monotonic() + (1.0 if stopping else 5.0)
+    while reader.is_alive() and time.monotonic() < deadline:
+        reader.join(0.1)
+    if reader.is_alive():
+        responses.cancel()
+
+
 class _Stream:
     """A real-time Drive stream: commands out through a queue, the newest observation in through a reader thread.
 
@@ -201,13 +213,7 @@ class _Stream:
         """Half-closes (the server ends the stream at its next tick without a command) and waits for the end:
         stopping (SIGTERM) keeps within a grace period, a second, then the stream is cancelled."""
         self.outbox.put(None)
-        if self._reader is None:
-            return
-        deadline = time.monotonic() + (1.0 if stopping else 5.0)
-        while self._reader.is_alive() and time.monotonic() < deadline:
-            self._reader.join(0.1)
-        if self._reader.is_alive():
-            self._responses.cancel()
+        end_stream(self._reader, self._responses, stopping)
 
 
 class _SafeMode:
