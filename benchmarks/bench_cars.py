@@ -178,7 +178,7 @@ def services(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[list[Any], A
     archive = build_archive(args.model, "1", tmp / "store", archive_config)
     games = [start_service(["game-server", "--port", "0", "--max-sessions", "64"]) for _ in range(args.games)]
     try:
-        with LocalTorchServe(TorchServeConfig(workdir=tmp / "torchserve")) as ts:
+        with LocalTorchServe(TorchServeConfig(workdir=tmp / "torchserve", log_level=args.ts_log_level)) as ts:
             ts.register(archive)
             yield games, ts
     finally:
@@ -207,6 +207,7 @@ def main() -> int:
     parser.add_argument("--format", default="eager", choices=("eager", "onnx"), help="the served model's format")
     parser.add_argument("--race-cars", type=int, default=4, help="races: at most this many cars per race")
     parser.add_argument("--race-fallback-ticks", type=int, default=10, help="races: ticks ahead holding the fallback")
+    parser.add_argument("--ts-log-level", default="warn", help="TorchServe's log level ('': its default config)")
     parser.add_argument("--games", type=int, default=2, help="game server processes")
     parser.add_argument("--workers", type=int, default=1, help="TorchServe's workers of the model")
     parser.add_argument("--out", type=Path, help="write bench_cars.json here")

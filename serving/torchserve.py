@@ -130,11 +130,11 @@ class TorchServeConfig:
     )
     startup_timeout_s: float = setting(120.0, "how long to wait for TorchServe to answer, s")
     log_level: str = setting(
-        "warn",
-        "level of TorchServe's own logs (ts_log.log, model_log.log, its per-request metric lines); at info and "
-        "debug it writes ~18 lines a request, which cost its JVM more CPU than the request (the access log "
-        "keeps its line a request at any level)",
-        choices=LOG_LEVELS,
+        "",
+        "level of TorchServe's own logs (ts_log.log, model_log.log, its per-request metric lines), written once "
+        "each; empty: TorchServe's default configuration, which writes ~18 lines a request at info and debug "
+        "(the access log keeps its line a request at any level)",
+        choices=("", *LOG_LEVELS),
     )
 
 
@@ -205,8 +205,10 @@ class LocalTorchServe:
         }
         properties = self.workdir / "config.properties"
         properties.write_text(self._properties())
-        log_config = self.workdir / "log4j2.xml"
-        log_config.write_text(log4j2_xml(c.log_level))
+        log_config: list[str] = []
+        if c.log_level:
+            (self.workdir / "log4j2.xml").write_text(log4j2_xml(c.log_level))
+            log_config = ["--log-config", str(self.workdir / "log4j2.xml")]
         env = {
             **os.environ,
             # The launcher keeps its pid file in TMPDIR, the JVM its worker sockets in TEMP: private to this instance.
@@ -224,7 +226,7 @@ class LocalTorchServe:
             "--model-store", str(self.model_store),
             "--no-config-snapshots",
             "--enable-model-api",
-            "--log-config", str(log_config),
+            *log_config,
         ]  # fmt: skip
         log_file = (self.workdir / "logs" / "torchserve.out").open("ab")
         self.proc = subprocess.Popen(

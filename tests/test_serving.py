@@ -447,7 +447,9 @@ def test_the_main_jobs_serving_step_writes_its_figures_and_plot(
         tmp_path,
         ServingJobConfig(track="oval", max_ticks=50),  # 8 cars (the default), batched
     )
-    assert figures["cars"] == 8 and figures["ticks"] == 8 * 50 and figures["batch_frames_max"] >= 1
+    # A car's lap stops at the first tick it observes at or past its budget: on a busy machine a race may skip
+    # the frame of tick 50 and see tick 51 first.
+    assert figures["cars"] == 8 and 8 * 50 <= figures["ticks"] <= 8 * 55 and figures["batch_frames_max"] >= 1
     assert figures["markdown"].count("| yes |") + figures["markdown"].count("| no |") == 8  # the per-car table
     # On a busy machine every answer may come after its tick's deadline (each tick then gets the fallback); the
     # figures must say so rather than be missing.
