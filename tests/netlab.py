@@ -50,6 +50,7 @@ class Proc:
     popen: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     seen: queue.Queue[str] = field(default_factory=queue.Queue)
+    reader: threading.Thread | None = None
 
     def start_reader(self) -> None:
         def read() -> None:
@@ -59,7 +60,15 @@ class Proc:
                 del self.lines[:-500]
                 self.seen.put(line)
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def finish(self, timeout_s: float) -> int:
+        """The exit code, once the process has exited and its reader has taken all of its output."""
+        code = self.popen.wait(timeout_s)
+        if self.reader is not None:
+            self.reader.join(timeout_s)
+        return code
 
     def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout_s
