@@ -171,7 +171,7 @@ def test_ga_generation_across_hosts_matches_in_process(mesh: Mesh, tmp_path: Pat
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert local.returncode == 0, local.stderr[-2000:]
-    assert proc.popen.wait(180) == 0, "".join(proc.lines[-40:])
+    assert proc.finish(180) == 0, "".join(proc.lines[-40:])
     assert any(f"dns:{GAME_NAME}:{GAME_PORT}" in line for line in proc.lines), "".join(proc.lines[-10:])
     a = json.loads((remote / "checkpoint.json").read_text())
     b = json.loads((tmp_path / "local" / "checkpoint.json").read_text())
