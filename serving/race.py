@@ -116,13 +116,7 @@ class _RaceStream:
             self.outbox.put(game_pb2.RaceRequest(commands=game_pb2.RaceCommands(commands=commands, leave=leaving)))
 
     def ticks(self, stop: threading.Event | None) -> Iterator[tuple[game_pb2.RaceResponse, float]]:
-        while stop is None or not stop.is_set():
-            item = self.latest.take(timeout_s=1.0)
-            if item is None:
-                if self.latest.ended:
-                    return
-                continue
-            yield item  # type: ignore[misc]  # Latest holds whatever its stream's reader puts
+        yield from self.latest.items(stop)
 
     def close(self, stopping: bool) -> None:
         """Every car leaves and the stream half-closes; the server ends it at its next tick."""

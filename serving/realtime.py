@@ -111,6 +111,16 @@ class Latest:
             self.ended, self.error = True, error
             self._cond.notify()
 
+    def items(self, stop: threading.Event | None) -> Iterator[tuple[Any, float]]:
+        """Each newest message with the time it arrived, until the stream ends or `stop` is set."""
+        while stop is None or not stop.is_set():
+            item = self.take(timeout_s=1.0)
+            if item is None:
+                if self.ended:
+                    return
+                continue
+            yield item
+
     def take(self, timeout_s: float) -> tuple[game_pb2.DriveResponse, float] | None:
         with self._cond:
             self._cond.wait_for(lambda: self._item is not None or self.ended, timeout_s)
@@ -200,12 +210,7 @@ class _Stream:
 
     def observations(self, stop: threading.Event | None) -> Iterator[tuple[game_pb2.DriveResponse, float]]:
         """Each newest observation with the time it arrived, until the stream ends or `stop` is set."""
-        while stop is None or not stop.is_set():
-            item = self.latest.take(timeout_s=1.0)
-            if item is None:
-                if self.latest.ended:
-                    return
-                continue
+        for item in self.latest.items(stop):
             self.last_response = item[0]
             yield item
 
