@@ -7,14 +7,16 @@ default prepares batches on a background thread while the device trains.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import numpy as np
 import torch
 
 from trainer.data.records import RunInfo
-from trainer.vision.data import FrameSet
-from trainer.vision.model import VisionConfig
-from trainer.vision.train import TrainConfig, train
+from trainer.vision.data import AugmentConfig, FrameSet, augment
+from trainer.vision.model import VisionConfig, build_model
+from trainer.vision.train import TrainConfig, head_losses, train
 
 
 def synthetic_frames(n: int, config: VisionConfig, runs: int = 4) -> FrameSet:
@@ -30,6 +32,31 @@ def synthetic_frames(n: int, config: VisionConfig, runs: int = 4) -> FrameSet:
             for i in range(runs)
         ),
     )
+
+
+def augmentation_share(vision: VisionConfig, batch: int, threads: int, rounds: int = 15) -> tuple[float, float]:
+    """Median ms of augmenting one batch on one thread (as the background thread does) and of one training
+    step (forward, backward, optimiser) on `threads`: the CPU the augmentation takes beside each step."""
+    frames = synthetic_frames(batch, vision)
+    images, masks = torch.from_numpy(frames.images), torch.from_numpy(frames.labels.astype(np.int64))
+    speeds = torch.from_numpy(frames.speeds)
+    model = build_model(vision)
+    optimiser = torch.optim.AdamW(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    aug, step = [], []
+    for _ in range(rounds):
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        augment(images, masks, AugmentConfig(), generator)
+        aug.append(time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        loss = head_losses(model.raw_logits(images, speeds), masks, None)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        step.append(time.perf_counter() - t0)
+    return statistics.median(aug) * 1e3, statistics.median(step) * 1e3
 
 
 def main() -> None:
@@ -69,7 +96,15 @@ def main() -> None:
             print(f"{resolution}: GPU ({name}) {speedup:.1f}x faster per epoch than the CPU ({args.threads} threads)")
     else:
         print("GPU: none present on this machine (torch.cuda.is_available() is False); CPU figures only")
-    print("default `rrp train`: ~14,000 training frames x <= 12 epochs at 128x96")
+    for resolution in args.resolutions.split(","):
+        width, height = (int(v) for v in resolution.split("x"))
+        aug_ms, step_ms = augmentation_share(VisionConfig(width=width, height=height), 128, args.threads)
+        print(
+            f"{resolution}: augmenting a batch of 128 takes {aug_ms:.1f} ms on one thread, beside a training step of"
+            f" {step_ms:.1f} ms on {args.threads} threads (CPU: {aug_ms / (aug_ms + args.threads * step_ms):.0%} of"
+            " the pair)"
+        )
+    print("default `rrp train`: ~16,000 training frames x <= 12 epochs at 128x96")
 
 
 if __name__ == "__main__":

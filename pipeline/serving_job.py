@@ -12,9 +12,9 @@ from typing import Any
 from game_server.core.state import TICK_S
 from pipeline.plots import plot_latency
 from plumbing.settings import setting
-from serving.archive import ArchiveConfig, build_archive
+from serving.archive import FORMATS, ArchiveConfig, build_archive
 from serving.autopilot import AutopilotConfig, AutopilotResult, result_json, run_autopilot
-from serving.batching import Batcher
+from serving.batching import Batchers
 from serving.client import ModelRef, TorchServeClient
 from serving.torchserve import LocalTorchServe, TorchServeConfig
 
@@ -31,6 +31,9 @@ class ServingJobConfig:
     max_ticks: int = setting(3000, "tick budget of a lap")
     deadline_ms: float = setting(28.0, "inference deadline per tick before the fallback command, ms")
     batch_size: int = setting(1, "TorchServe batch size of the served model")
+    # ONNX: the same keys as the eager model (tests/test_serving_onnx.py) at about half the worker's CPU a frame.
+    format: str = setting("onnx", "served archive: eager (PyTorch) or onnx (onnxruntime)", choices=FORMATS)
+    race: bool = setting(True, "each game server's cars race on one stream, one request a tick for all of them")
     version: str | None = setting(None, "archive version (default: a hash of the weights)")
 
 
@@ -58,7 +61,7 @@ def run_serving_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     vision = load_model(model_dir / "model.safetensors").config
     version = config.version or weights_version(model_dir)
-    archive_config = ArchiveConfig(batch_size=config.batch_size)
+    archive_config = ArchiveConfig(batch_size=config.batch_size, format=config.format)
     archive = build_archive(model_dir, version, out_dir / "model-store", archive_config)
     pilot = AutopilotConfig(
         track=config.track,
@@ -70,6 +73,7 @@ def run_serving_job(
         height=vision.height,
         deadline_ms=config.deadline_ms,
         leaderboard=leaderboard,
+        race=config.race,
     )
     with LocalTorchServe(TorchServeConfig()) as server:
         server.register(archive)
@@ -77,17 +81,17 @@ def run_serving_job(
         key = server.keys.inference
         model = ModelRef(archive_config.name, version)
         log.info("TorchServe at %s: racing %s in real time", server.inference_address, config.track)
-        batcher = Batcher(
-            lambda: TorchServeClient(server.inference_address, model, key),
+        batchers = Batchers(
+            lambda _version: TorchServeClient(server.inference_address, model, key),
             pilot.batch_window_ms / 1e3,
             pilot.batch_in_flight,
         )
         try:
-            result = run_autopilot(pilot, game_servers, batcher.car)
+            result = run_autopilot(pilot, game_servers, batchers.connect, race_model=batchers.race)
         finally:
-            batcher.close()
+            batchers.close()
         memory = server.memory_mb()
-    sizes = batcher.sizes or [0]
+    sizes = batchers.sizes() or [0]
     plot_latency(result, out_dir / "latency.png")
     report = result_json(result)
     figures: dict[str, Any] = {
@@ -114,6 +118,11 @@ def markdown(result: AutopilotResult, figures: dict[str, Any], settings: dict[st
         for r in result.laps
     )
     mem = figures["torchserve_memory_mb"]
+    requests = (
+        "one per race and tick, for every car of a game server's race"
+        if settings["race"]
+        else "one per round for every car ready (batched)"
+    )
     return f"""The trained model, packaged as `{Path(figures["archive"]).name}` (safetensors + handler + model
 card), served by TorchServe over gRPC, raced {t["track"]} at 25 Hz of wall clock with {t["cars"]} car(s):
 each tick's frame went to TorchServe and its keys came back as the command for that tick.
@@ -125,8 +134,8 @@ each tick's frame went to TorchServe and its keys came back as the command for t
 - Latency per hop (p50 / p99): frame (tick due -> observation received) {t["frame_ms_p50"]} / {t["frame_ms_p99"]} ms;
   inference {t["inference_ms_p50"]} / {t["inference_ms_p99"]} ms; slack left before the tick was due
   {t["slack_ms_p50"]} ms (p1 {t["slack_ms_p1"]} ms)
-- Requests: one per round for every car ready (batched), {figures["batch_frames_mean"]} frames on average,
-  {figures["batch_frames_max"]} at most
+- Requests: {requests}, {figures["batch_frames_mean"]} frames on average,
+  {figures["batch_frames_max"]} at most; the {settings["format"]} archive
 - TorchServe memory: JVM {mem["jvm_mb"]} MB, workers {mem["workers_mb"]} MB
 
 | car | lap | finished | lap ticks | ticks | late | missed | fallbacks | errors |

@@ -176,8 +176,21 @@ def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference
         want = padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 16].permute(1, 2, 0).to(torch.uint8)
         assert torch.equal(got[i], want.flip(1) if flip[i] else want), i
     assert 0 < int(flip.sum()) < 9 and bool((dx != 3).any())  # the case covers shifts and both flip outcomes
-    # Channels-first memory, as the per-frame crop made it: the net's convolutions round the same as before.
-    assert got.permute(0, 3, 1, 2).is_contiguous()
+
+
+def test_augment_photometric_jitter_is_contrast_about_the_frame_mean_then_brightness_and_colour() -> None:
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (6, 8, 12, 3), dtype=torch.uint8, generator=g)
+    config = AugmentConfig(brightness=0.3, contrast=0.3, colour=0.1, shift_px=0, flip_prob=0.0)
+    got, _ = augment(images, torch.zeros(6, dtype=torch.long), config, torch.Generator().manual_seed(9))
+    draws = torch.Generator().manual_seed(9)  # the same draws, in augment's order
+    contrast, brightness = (1 + 0.3 * (2 * torch.rand(6, 1, 1, 1, generator=draws) - 1) for _ in range(2))
+    colour = 1 + 0.1 * (2 * torch.rand(6, 1, 1, 3, generator=draws) - 1)
+    x = images.double()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    want = (((x - mean) * contrast + mean) * brightness * colour).round().clamp(0, 255)
+    assert (got.double() - want).abs().max() <= 1  # float32 against float64 rounding
+    assert (got != images).float().mean() > 0.5  # the jitter changed the frames
 
 
 def test_same_seed_same_weights_on_cpu_with_or_without_background_augmentation(frames: FrameSet) -> None:

@@ -241,17 +241,18 @@ def augment(
     """A jittered copy of a uint8 (N, H, W, 3) batch and its masks; a horizontal flip swaps left and right.
 
     Randomness comes only from `generator`, so a seeded run augments identically every time, on any thread.
-    The shift (edges replicated) and the flip move pixels without changing them, so they are one gather on
-    the uint8 frames; the photometric jitter, per frame and channel, then runs on the smaller cropped batch.
+    It runs beside every training step on the same cores, so it is written for few passes over the batch: the
+    shift (edges replicated) and the flip move whole pixels, one 3-byte copy each, and the photometric jitter
+    is one affine map per frame and channel.
     """
     n, h, w = images.shape[0], images.shape[1], images.shape[2]
 
     def uniform(spread: float, *shape: int) -> torch.Tensor:
         return 1.0 + spread * (2.0 * torch.rand(n, *shape, generator=generator) - 1.0)
 
-    contrast = uniform(config.contrast, 1, 1, 1)
-    brightness = uniform(config.brightness, 1, 1, 1)
-    colour = uniform(config.colour, 1, 1, 3)
+    contrast = uniform(config.contrast, 1, 1, 1).reshape(n, 1)
+    brightness = uniform(config.brightness, 1, 1, 1).reshape(n, 1)
+    colour = uniform(config.colour, 1, 1, 3).reshape(n, 3)
     rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
     if config.shift_px:
         s = config.shift_px
@@ -262,13 +263,15 @@ def augment(
         cols = (cols + (dx - s)[:, None]).clamp(0, w - 1)
     flip = torch.rand(n, generator=generator) < config.flip_prob
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    # Gathered channels-first, so the batch reaches the net's convolutions in the layout (and so with the
-    # rounding) it always had: (N, H, W, 3) indexing over (N, 3, H, W) memory.
-    index = (torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None])
-    x = images.permute(0, 3, 1, 2)[(*index, rows[:, None, :, None], cols[:, None, None, :])].float()
-    mean = images.float().mean(dim=(1, 2, 3)).reshape(n, 1, 1, 1)  # of the whole frame, before the shift
-    x = (x - mean) * contrast.reshape(n, 1, 1, 1) + mean
-    x = x * brightness.reshape(n, 1, 1, 1) * colour.reshape(n, 3, 1, 1)
+    # Each output pixel's source, as a row of the (N*H*W, 3) frame memory.
+    source = ((torch.arange(n) * (h * w))[:, None] + rows * w)[:, :, None] + cols[:, None, :]
+    pixels = images.reshape(-1, 3).index_select(0, source.reshape(-1)).reshape(n, h * w, 3).float()
+    # The mean of the whole frame, before the shift; its float32 sum is exact up to 2**24 / 255 bytes a frame.
+    mean = images.reshape(n, -1).float().sum(dim=1, keepdim=True) / (h * w * 3)
+    # ((x - mean) * contrast + mean) * brightness * colour, as x * gain + offset.
+    gain = contrast * brightness * colour
+    offset = mean * (1.0 - contrast) * brightness * colour
+    x = torch.addcmul(offset[:, None, :], pixels, gain[:, None, :]).round_().clamp_(0, 255)
     m = masks.long()
     swapped = (m & ~(LEFT | RIGHT)) | ((m & LEFT) << 1) | ((m & RIGHT) >> 1)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1), torch.where(flip, swapped, m)
+    return x.to(torch.uint8).reshape(n, h, w, 3), torch.where(flip, swapped, m)
