@@ -205,7 +205,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=2, help="batched requests in flight per autopilot")
     parser.add_argument("--paths", default="race,streams", help="race (one stream per server), streams (per car)")
     parser.add_argument("--format", default="eager", choices=("eager", "onnx"), help="the served model's format")
-    parser.add_argument("--race-cars", type=int, default=4, help="races: at most this many cars per race")
+    parser.add_argument("--race-cars", type=int, default=8, help="races: at most this many cars per race (8)")
     parser.add_argument("--race-fallback-ticks", type=int, default=10, help="races: ticks ahead holding the fallback")
     parser.add_argument("--ts-log-level", default="warn", help="TorchServe's log level ('': its default config)")
     parser.add_argument("--games", type=int, default=2, help="game server processes")
