@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from game_server.render.renderer import FrameSpec, shared_renderer
 from game_server.trackmap import plot_laps
 from pipeline.pools import PoolSpec, open_pool
 from plumbing.channels import ClientTLS
+from plumbing.errors import InvalidArgument
 from plumbing.settings import nested, setting
 from rallyrobopilot.v1 import sim_pb2
 from scheduler.executor import EvaluationPool
@@ -340,15 +342,30 @@ def markdown_report(report: dict[str, Any]) -> str:
     )
 
 
-def load_pilot(model_path: Path, torchscript: bool = False) -> VisionPilot:
-    """The trained model as a policy, on one torch thread: the game servers need the other core."""
+RUNTIMES = ("eager", "torchscript", "onnx")
+
+
+def load_pilot(model_path: Path, runtime: str = "eager", onnx_path: Path | None = None) -> VisionPilot:
+    """The trained model as a policy, on one thread: the game servers need the other core.
+
+    `runtime`: eager PyTorch; the TorchScript export beside the weights; or the model exported to ONNX now
+    (to `onnx_path`, a temporary file without one) and run by onnxruntime, the served archive's runtime."""
     import torch
 
     from trainer.vision.train import TORCHSCRIPT, load_model
 
+    if runtime not in RUNTIMES:
+        raise InvalidArgument(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     torch.set_num_threads(1)
     model = load_model(model_path)
     c = model.config
-    if torchscript:
+    if runtime == "torchscript":
         return VisionPilot(torch.jit.load(str(model_path.with_name(TORCHSCRIPT))), c.width, c.height)
+    if runtime == "onnx":
+        from trainer.vision.export import ONNX_FILE, OnnxPolicyModel, export_onnx
+
+        if onnx_path is not None:
+            return VisionPilot(OnnxPolicyModel(export_onnx(model, onnx_path)), c.width, c.height)
+        with tempfile.TemporaryDirectory(prefix="rrp-onnx-") as tmp:  # the session holds the model once loaded
+            return VisionPilot(OnnxPolicyModel(export_onnx(model, Path(tmp) / ONNX_FILE)), c.width, c.height)
     return VisionPilot(model, c.width, c.height)

@@ -8,7 +8,7 @@ from pathlib import Path
 from collector.store import RedisConfig
 from game_server.core.tracks import BUILTIN_TRACKS, SUITE_TECH_TRACKS, SUITE_UNSEEN_TRACKS
 from game_server.leaderboard import Leaderboard, LeaderboardConfig
-from pipeline.evaluate import EvalConfig, load_pilot, markdown_report, run_evaluation
+from pipeline.evaluate import RUNTIMES, EvalConfig, load_pilot, markdown_report, run_evaluation
 from pipeline.suite import run_suite, suite_markdown
 from plumbing.settings import nested, setting
 from serving.registry import content_id
@@ -19,7 +19,12 @@ class EvaluateJobConfig:
     """`rrp evaluate`: which model drives, where, and where the report goes."""
 
     model: Path = setting(Path("out/vision/model/model.safetensors"), "weights (safetensors) of the model")
-    torchscript: bool = setting(False, "drive with the TorchScript export beside the weights")
+    runtime: str = setting(
+        "eager",
+        "what runs the model: eager PyTorch, the TorchScript export beside the weights, or onnx (exported now, "
+        "run by onnxruntime, as the served archive)",
+        choices=RUNTIMES,
+    )
     eval: EvalConfig = nested(EvalConfig)
     out_dir: Path = setting(Path("out/vision/eval"), "folder for JSON, Markdown, maps", flag="out", env="out")
     suite: bool = setting(False, "run the suite instead: --suite-tracks, plain and domain-randomised frames")
@@ -37,7 +42,7 @@ class EvaluateJobConfig:
 
 def run_evaluate_job(config: EvaluateJobConfig) -> str:
     """Drives, writes the report's files in `out_dir`, and returns its Markdown for the CLI to show."""
-    pilot = load_pilot(config.model, config.torchscript)
+    pilot = load_pilot(config.model, config.runtime)
     if config.suite:
         board = None
         if config.leaderboard:

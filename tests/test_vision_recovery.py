@@ -51,6 +51,27 @@ def test_the_main_job_model_backs_out_of_every_pinned_start(game_server: Service
         assert record.finished, f"{name} {label}: {record.stop_reason} at {record.progress_fraction:.0%}"
 
 
+@pytest.mark.slow
+def test_the_onnx_runtime_drives_the_main_job_models_lap_key_for_key(
+    game_server: ServiceProcess, tmp_path: Path
+) -> None:
+    """The suite's default runtime: the model exported to ONNX and run by onnxruntime decides every tick of a
+    closed-loop lap as eager PyTorch does, so it drives the very same lap; the export lands where it is asked."""
+    from plumbing.errors import InvalidArgument
+
+    budget = int(1.5 * drive_lap(load_track("kidney"))[1].lap_ticks)
+    laps = {
+        runtime: drive_on_server(
+            game_server.address, "kidney", load_pilot(MODEL / "model.safetensors", runtime, onnx), budget
+        )
+        for runtime, onnx in (("eager", None), ("onnx", tmp_path / "model.onnx"))
+    }
+    assert laps["eager"].finished and laps["eager"].applied == laps["onnx"].applied
+    assert laps["eager"].lap_ticks == laps["onnx"].lap_ticks and (tmp_path / "model.onnx").is_file()
+    with pytest.raises(InvalidArgument, match="runtime"):
+        load_pilot(MODEL / "model.safetensors", "tensorrt")
+
+
 def test_every_lap_the_suite_finishes_verifies_and_lands_on_the_leaderboard(
     game_server: ServiceProcess, tmp_path: Path
 ) -> None:
