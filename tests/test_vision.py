@@ -157,13 +157,19 @@ def test_heads_and_flip_keep_masks_consistent() -> None:
     assert swapped.tolist() == [0, FORWARD, BACK | RIGHT, FORWARD | LEFT, FORWARD | BACK | LEFT | RIGHT]
 
 
+def _augmented(
+    shape: tuple[int, int, int], config: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Random frames of `shape` (N, H, W), augmented; and a generator that repeats augment's draws in its order."""
+    images = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    got, _ = augment(images, torch.zeros(shape[0], dtype=torch.long), config, torch.Generator().manual_seed(7))
+    return images, got, torch.Generator().manual_seed(7)
+
+
 def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference_does() -> None:
     """The batched gather equals padding each frame (edges repeated), cropping it and mirroring it."""
-    g = torch.Generator().manual_seed(4)
-    images = torch.randint(0, 256, (9, 12, 16, 3), dtype=torch.uint8, generator=g)
     config = AugmentConfig(brightness=0, contrast=0, colour=0, shift_px=3, flip_prob=0.5)
-    got, _ = augment(images, torch.zeros(9, dtype=torch.long), config, torch.Generator().manual_seed(7))
-    draws = torch.Generator().manual_seed(7)  # the same draws, in augment's order
+    images, got, draws = _augmented((9, 12, 16), config)
     (
         torch.rand(9, 1, 1, 1, generator=draws),
         torch.rand(9, 1, 1, 1, generator=draws),
@@ -179,11 +185,8 @@ def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference
 
 
 def test_augment_photometric_jitter_is_contrast_about_the_frame_mean_then_brightness_and_colour() -> None:
-    g = torch.Generator().manual_seed(5)
-    images = torch.randint(0, 256, (6, 8, 12, 3), dtype=torch.uint8, generator=g)
     config = AugmentConfig(brightness=0.3, contrast=0.3, colour=0.1, shift_px=0, flip_prob=0.0)
-    got, _ = augment(images, torch.zeros(6, dtype=torch.long), config, torch.Generator().manual_seed(9))
-    draws = torch.Generator().manual_seed(9)  # the same draws, in augment's order
+    images, got, draws = _augmented((6, 8, 12), config)
     contrast, brightness = (1 + 0.3 * (2 * torch.rand(6, 1, 1, 1, generator=draws) - 1) for _ in range(2))
     colour = 1 + 0.1 * (2 * torch.rand(6, 1, 1, 3, generator=draws) - 1)
     x = images.double()
