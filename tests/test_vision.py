@@ -365,7 +365,16 @@ def test_cli_train_evaluate_and_dagger_on_a_tiny_budget(game_server: ServiceProc
         p.name for p in (tmp_path / "m").iterdir()
     }
     rrp_ok(
-        "evaluate", "--model", str(model), "--torchscript", *race, "--unseen", "gen-1001", "--out", str(tmp_path / "e")
+        "evaluate",
+        "--model",
+        str(model),
+        "--runtime",
+        "torchscript",
+        *race,
+        "--unseen",
+        "gen-1001",
+        "--out",
+        str(tmp_path / "e"),
     )
     report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert [r["track"] for r in report["tracks"]] == ["oval", "gen-1001"] and report["unseen_tracks"] == 1
