@@ -40,6 +40,7 @@ NAME = "rrp-vision"
 MODEL = ModelRef(NAME)
 FAULT_AT_S = 2.0  # into the race (~tick 50)
 RIDE_S = 2.0  # raced on after the fault is over
+COUNTS = ("missed_ticks", "safe_ticks")  # the autopilot's counters a fault must not move
 OUTAGE_TICKS = 15  # of the >= 25 ticks (1 s) with no answer, those after safe mode's entry (safe_after_ms)
 
 
@@ -286,16 +287,27 @@ def test_the_replica_in_use_killed_fails_over_within_a_tick(
         keys = {s.inference_address: s.key_file for s in (first, second)}
         a, b = first.inference_address, second.inference_address
         client = Recorded(connect_replicas("torchserve", (a, b), MODEL, lambda address: read_token(keys[address])))
+        # The race's channel to the first replica opened before the lap: its first call is not the one measured.
+        client.infer(np.zeros((SMALL.height, SMALL.width, 3), np.uint8), 0.0, 10.0)
         before = _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b)
-        lap, killed_at, errors = _race(game_server_processes[0].address, client, lambda: _kill_group(first))
+        at_kill: dict[str, float] = {}
+
+        def kill_first() -> None:
+            at_kill.update({m: _metric(f"rrp_autopilot_{m}_total", version="default") for m in COUNTS})
+            _kill_group(first)
+
+        lap, killed_at, errors = _race(game_server_processes[0].address, client, kill_first)
         assert not errors
-    assert lap.stop_reason == "stopped" and lap.missed_ticks == 0
+    # From the kill on, no tick went without its command and none coasted: the fail-over cost the car nothing.
+    # (A stall of this shared machine before the kill is not the fail-over's; the lap's totals include it.)
+    assert lap.stop_reason == "stopped"
+    since_kill = {m: _metric(f"rrp_autopilot_{m}_total", version="default") - at_kill[m] for m in COUNTS}
+    assert since_kill == {"missed_ticks": 0.0, "safe_ticks": 0.0}, lap.summary()
     # Every call that found the first replica dead was answered by the second in the same tick: no UNAVAILABLE
     # reached the autopilot. Before that, the call in flight while the kernel tears the JVM down just goes
     # unanswered (late, not failed): a tick or two on a quiet machine, longer under load.
     after = [outcome for when, outcome in client.calls if when > killed_at]
     assert "UNAVAILABLE" not in after and "ok" in after, after[:10]
-    assert lap.safe_ticks == 0
     assert _metric("rrp_autopilot_failovers_total", from_server=a, to_server=b) - before == 1
     assert _metric("rrp_autopilot_model_server_up", server=a) == 0.0
     assert _metric("rrp_autopilot_model_server_up", server=b) == 1.0
