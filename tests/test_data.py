@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import redis
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from game_server.core.tracks import load_track
@@ -23,7 +26,14 @@ from trainer.data.dataset import FrameDataset, resize_images, split_runs
 from trainer.data.records import DataError, RunInfo, Sample, decode_image
 from trainer.data.redis_source import RedisRuns
 from trainer.data.shards import ShardError, ShardSet, export_shards
-from trainer.data.validate import DataRequirements, combination_of, load_requirements, validate_source
+from trainer.data.validate import (
+    DataRequirements,
+    channel_moments,
+    combination_of,
+    load_requirements,
+    spread_from_moments,
+    validate_source,
+)
 
 W, H = 32, 24
 # A lap's worth of varied keys: forward 6/8, left 2/8, right 2/8, back 1/8.
@@ -251,6 +261,16 @@ def test_split_needs_two_groups_and_varies_with_seed() -> None:
         split_runs(infos, 0.5, 0, by="track")
     assert split_runs(infos, 0.0, 0).val == ()
     assert len({split_runs(_infos(4, 5), 0.2, seed).val for seed in range(6)}) > 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 16), st.just(3)), elements=st.integers(0, 255)))
+def test_validation_moments_equal_float64_sums_over_every_value(image: np.ndarray) -> None:
+    n, sums, squares = channel_moments(image)
+    values = image.reshape(-1, 3).astype(np.float64)
+    assert n == len(values)
+    assert np.array_equal(sums, values.sum(axis=0)) and np.array_equal(squares, (values * values).sum(axis=0))
+    assert spread_from_moments(3 * n, sums.sum(), squares.sum()) == pytest.approx(values.std(), abs=1e-5)
 
 
 def test_label_combinations() -> None:

@@ -37,7 +37,16 @@ from trainer.vision.model import (
     mask_targets,
 )
 from trainer.vision.pilot import VisionPilot
-from trainer.vision.train import TrainConfig, export_torchscript, load_model, resolve_device, save_weights, train
+from trainer.vision.train import (
+    TrainConfig,
+    export_torchscript,
+    load_model,
+    native_bf16,
+    resolve_device,
+    resolve_precision,
+    save_weights,
+    train,
+)
 
 SMALL = VisionConfig(width=64, height=48, channels=(8, 16, 16, 16), hidden=32, seed=3)
 
@@ -206,6 +215,22 @@ def test_same_seed_same_weights_on_cpu_with_or_without_background_augmentation(f
     assert all(t.device.type == "cpu" for t in states[0].values())
     changed = train(dataclasses.replace(config, seed=5), frames).model.state_dict()
     assert not all(torch.equal(states[0][k], changed[k]) for k in states[0])  # the seed matters
+
+
+def test_bf16_steps_keep_float32_weights_and_the_same_seed_gives_the_same_model(frames: FrameSet) -> None:
+    config = TrainConfig(vision=SMALL, epochs=1, batch_size=32, progress=False, seed=4, device="cpu", precision="bf16")
+    runs = [train(config, frames) for _ in range(2)]
+    fp32 = train(dataclasses.replace(config, precision="fp32"), frames)
+    assert [r.precision for r in (*runs, fp32)] == ["bf16", "bf16", "fp32"]
+    states = [r.model.state_dict() for r in (*runs, fp32)]
+    assert all(t.dtype == torch.float32 for t in states[0].values() if t.is_floating_point())  # served as float32
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # bit for bit
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # bf16 steps round differently
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert resolve_precision("fp32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        resolve_precision("fp16", cpu)
 
 
 def test_device_auto_is_cuda_when_present_and_cuda_absent_is_a_clear_error() -> None:

@@ -174,11 +174,11 @@ def validate_source(
                 for bit, key in enumerate(LABEL_KEYS):
                     key_counts[key] += (sample.label_mask >> bit) & 1
                 combos[combination_of(sample.label_mask)] += 1
-                image = sample.image.reshape(-1, 3).astype(np.float64)
-                channel_sum += image.sum(axis=0)
-                channel_sq += (image * image).sum(axis=0)
-                pixels += image.shape[0]
-                blank += float(image.std()) < BLANK_STD
+                n, frame_sum, frame_sq = channel_moments(sample.image)
+                channel_sum += frame_sum
+                channel_sq += frame_sq
+                pixels += n
+                blank += spread_from_moments(n * 3, frame_sum.sum(), frame_sq.sum()) < BLANK_STD
                 segments[run.track].add(sample.segment)
                 seen += 1
                 if len(grid) < SAMPLE_GRID:
@@ -195,6 +195,24 @@ def validate_source(
     if out_dir is not None:
         write_report(report, out_dir, grid)
     return report
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+_CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.intp)
+
+
+def channel_moments(image: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pixels, and each channel's sum and sum of squares, of an (H, W, 3) uint8 frame: one histogram of its
+    768 (channel, level) pairs, exact (integer counts), ~10x cheaper than float64 sums over every value."""
+    flat = image.reshape(-1, 3)
+    counts = np.bincount((flat + _CHANNEL_OFFSETS).ravel(), minlength=768).reshape(3, 256).astype(np.float64)
+    return flat.shape[0], counts @ _LEVELS, counts @ (_LEVELS * _LEVELS)
+
+
+def spread_from_moments(n: int, total: float, squares: float) -> float:
+    """Standard deviation of n values from their sum and sum of squares."""
+    mean = total / n
+    return float(np.sqrt(max(squares / n - mean * mean, 0.0)))
 
 
 def _summarise(

@@ -147,6 +147,14 @@ class TrainConfig:
     threads: int = setting(2, "torch threads (fixed, for reproducibility)")
     # The same seed gives the same model on the same device; a GPU's kernels round differently from the CPU's.
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train: auto (CUDA when present), cpu or cuda")
+    # bfloat16 autocast of the training steps (weights, optimiser, loss and validation stay float32; the served
+    # model is float32 either way). On this project's AVX512-BF16 CPUs an epoch takes ~26% less time, but in two
+    # paired main-job trainings (seeds 0 and 1) the bf16 models finished fewer suite tracks (technical 35/80
+    # against 46/80, built-in 10/12 against 12/12), so float32 stays the default. "auto": bf16 where the device
+    # computes it natively (AVX512-BF16 or AMX CPUs, Ampere and later GPUs), float32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "fp32", "training steps' arithmetic: fp32, bf16 (autocast) or auto (bf16 where the device has it natively)"
+    )
     # Batches are gathered and augmented on a background thread while the device trains on earlier ones.
     prefetch_batches: int = setting(2, "batches prepared ahead of training (0: prepare each in turn)")
     seed: int = setting(0, "seed of data, initialisation, order and augmentation")
@@ -182,6 +190,7 @@ class TrainResult:
     seconds: float
     frames_per_s: float
     device: str = "cpu"  # where it trained: "cpu", or the GPU's name
+    precision: str = "fp32"  # the training steps' arithmetic: "fp32" or "bf16" (autocast)
 
     @property
     def best(self) -> EpochMetrics:
@@ -203,6 +212,22 @@ def resolve_device(choice: str) -> torch.device:
     # cuBLAS picks deterministic kernels only with a fixed workspace, set before its first use.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return torch.device("cuda")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware (elsewhere autocast emulates it, slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype:
+    """The dtype of the training steps' autocast: float32 (no autocast) or bfloat16."""
+    if choice not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {choice!r}")
+    if choice == "bf16" or (choice == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
 
 
 def device_name(device: torch.device) -> str:
@@ -273,7 +298,8 @@ def train(
     """
     device = resolve_device(config.device)
     seed_everything(config.seed, config.threads, device)
-    log.info("training on %s", device_name(device))
+    dtype = resolve_precision(config.precision, device)
+    log.info("training on %s in %s", device_name(device), "bfloat16 autocast" if dtype == torch.bfloat16 else "float32")
     if val is None:
         train_idx, val_idx = split_frames(frames, config.val_fraction, config.seed, config.split_by)
         train_set, val_set = frames.take(train_idx), frames.take(val_idx)
@@ -307,7 +333,8 @@ def train(
         )
         for x, v, m in bar:
             x, v, m = (t.to(device, non_blocking=True) for t in (x, v, m))
-            loss = head_losses(model.raw_logits(x, v), m, device_weights)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = head_losses(model.raw_logits(x, v), m, device_weights)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -355,7 +382,15 @@ def train(
     model.to("cpu").eval()
     seconds = time.perf_counter() - t_start
     return TrainResult(
-        model, history, best_epoch, len(train_set), len(val_set), seconds, trained / seconds, device_name(device)
+        model,
+        history,
+        best_epoch,
+        len(train_set),
+        len(val_set),
+        seconds,
+        trained / seconds,
+        device_name(device),
+        "bf16" if dtype == torch.bfloat16 else "fp32",
     )
 
 
@@ -486,6 +521,7 @@ def save_training_run(
             "frames_per_s": round(result.frames_per_s, 1),
             "epochs_run": len(result.history),
             "device": result.device,
+            "precision": result.precision,
             "torch": torch.__version__,
             "torchscript_agrees": agree,
         },
