@@ -414,7 +414,10 @@ def create_server(
 def serve_until_signal(running: RunningServer, on_stop: Callable[[], None] | None = None) -> None:
     """Blocks until SIGTERM or SIGINT, then shuts down gracefully."""
     stop = stop_on_signals("the server")
-    stop.wait()
+    # Python runs signal handlers in the main thread only. A SIGTERM that the kernel hands to another thread (gRPC's
+    # own, say) does not interrupt a wait without a timeout, and the server would never stop: wake up to look.
+    while not stop.wait(0.2):
+        pass
     running.stop()
     if on_stop is not None:
         on_stop()

@@ -125,7 +125,8 @@ def wait_serving(address: str, service: str = "", timeout_s: float = 30.0) -> No
 def stop_on_signals(what: str) -> threading.Event:
     """An event set by SIGTERM or SIGINT (logged as stopping `what`): the one way a command waits to stop.
 
-    Call it from the main thread, which is the only one that may set signal handlers."""
+    Call it from the main thread, which is the only one that may set signal handlers, and wait on the event with a
+    timeout: the handler runs only when the main thread runs Python code."""
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
