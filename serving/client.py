@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,9 @@ def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         *RECONNECT_BACKOFF_MS,
+        # A connection of its own, not one shared by every channel to the same address: a client connected
+        # again after a stuck call (serving.replicas) must not inherit the connection that held it.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     # Inference is stateless: a name with several replicas spreads its calls over them.
     return telemetry.instrument_channel(open_channel(address, tls, options), "rrp-autopilot")
@@ -194,12 +198,19 @@ class _Calls:
     def __init__(self, address: str, model: ModelRef, has_token: bool) -> None:
         self.address, self.model, self.has_token = address, model, has_token
         self._pending: grpc.Future | None = None
+        self._sent = 0.0
+
+    def pending_for(self) -> float:
+        """How long the outstanding call has gone unanswered, seconds (0.0: none outstanding)."""
+        if self._pending is None or self._pending.done():
+            return 0.0
+        return time.monotonic() - self._sent
 
     def call(self, method: Any, request: Any, wait_s: float, metadata: tuple[tuple[str, str], ...]) -> Any:
         if self._pending is not None and not self._pending.done():
             raise Busy(f"the previous inference on {self.address} is still unanswered")
         future = method.future(request, timeout=max(wait_s, RPC_TIMEOUT_S), metadata=metadata)
-        self._pending = future
+        self._pending, self._sent = future, time.monotonic()
         try:
             return future.result(timeout=wait_s)
         except grpc.FutureTimeoutError:
@@ -245,6 +256,9 @@ class TorchServeClient:
     def settle(self, timeout_s: float) -> None:
         """Waits until the last call is answered (or `timeout_s`): a late call keeps this client busy till then."""
         self._calls.settle(timeout_s)
+
+    def pending_for(self) -> float:
+        return self._calls.pending_for()
 
     def _decoded(self, payload: bytes, decode: Callable[[bytes], T]) -> T:
         """The answer decoded: a refusal stays INVALID_ARGUMENT; an answer not in the wire format (another
@@ -305,6 +319,9 @@ class OpenInferenceClient:
         logits = tuple(float(v) for v in outputs["logits"].contents.fp32_contents)
         keys = list(outputs["keys"].contents.int_contents)
         return Decision(logits, int(keys[0]) if keys else 0)
+
+    def pending_for(self) -> float:
+        return self._calls.pending_for()
 
     def close(self) -> None:
         self._calls.settle()

@@ -34,6 +34,11 @@ SAFE_TICKS = Counter(
 FAILOVERS = Counter(
     "rrp_autopilot_failovers_total", "calls handed to another model-server replica", ["from_server", "to_server"]
 )
+STUCK_CALLS = Counter(
+    "rrp_autopilot_stuck_calls_total",
+    "replica clients connected again after a call went unanswered for seconds",
+    ["server"],
+)
 MODEL_SERVER_UP = Gauge(
     "rrp_autopilot_model_server_up", "1 when the replica answered the autopilot's last call to it, 0 when unavailable",
     ["server"],

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 REFRESH_EVERY_S = 1.0  # a replica whose token is refused is reconnected at most this often
 RESOLVE_EVERY_S = 1.0  # a name's addresses are looked up again this often: a new replica serves within ~1 s
 RETRY_DOWN_S = 1.0  # a replica found unavailable is left out of the rotation this long, then tried again
+# A call unanswered this long is stuck, not late (a late answer comes within serving.race's 1 s): the replica's
+# client is connected again on a connection of its own, and the stuck call left to end by itself.
+STUCK_CALL_S = 2.0
 
 
 def _host_name(address: str) -> tuple[str, str] | None:
@@ -125,6 +128,10 @@ class FailoverClient:
     `RETRY_DOWN_S` before it is tried again. A replica that joins (a name resolving to one more address) takes
     calls from the next lookup on.
 
+    A replica's client holds one call at a time. One whose call has gone unanswered for `STUCK_CALL_S` (a
+    connection that never came up, a request the server lost) is connected again, so one lost request costs
+    seconds, not the call's whole gRPC deadline.
+
     Only UNAVAILABLE fails over: a missing model, a refused input or token would be refused by every replica
     alike. A refused token, though, is what a restarted TorchServe answers (it generates new keys on every
     start): that replica is connected again (at most once a second), which re-reads its token, and asked again.
@@ -144,6 +151,7 @@ class FailoverClient:
         self._clients: dict[str, InferenceClient] = {}
         self._refreshed: dict[str, float] = {}
         self._down: dict[str, float] = {}  # replica -> when it was found unavailable
+        self._stuck: list[InferenceClient] = []  # clients replaced while a call was stuck: closed once it ends
         self._next = 0
         self.calls: dict[str, int] = {}  # answered calls per replica: how the load was shared
         self.first_answer: dict[str, float] = {}  # each replica's first answer, wall clock (when it joined)
@@ -181,6 +189,35 @@ class FailoverClient:
             if not self._refresh(target):
                 raise
             return call(self._client(target), max(deadline - time.monotonic(), 0.0))
+        except Busy:
+            if not self._unstick(target):
+                raise
+            return call(self._client(target), max(deadline - time.monotonic(), 0.0))
+
+    def _unstick(self, target: str) -> bool:
+        """Connects the replica again when its client's call is stuck; False when it is only late."""
+        self._close_ended()
+        old = self._clients.get(target)
+        pending_for: Callable[[], float] | None = getattr(old, "pending_for", None)
+        if old is None or pending_for is None or (stuck_s := pending_for()) < STUCK_CALL_S:
+            return False
+        try:
+            fresh = self._connect_one(target)
+        except DomainError as exc:
+            log.debug("model server %s: cannot connect again yet: %s", target, exc)
+            return False
+        log.warning("model server %s: a call unanswered for %.1f s; connected again", target, stuck_s)
+        metrics.STUCK_CALLS.labels(target).inc()
+        self._clients[target] = fresh
+        self._stuck.append(old)
+        return True
+
+    def _close_ended(self) -> None:
+        """Closes the replaced clients whose stuck call has ended (closing one earlier would wait for it)."""
+        ended = [c for c in self._stuck if getattr(c, "pending_for", lambda: 0.0)() == 0.0]
+        for client in ended:
+            self._stuck.remove(client)
+            client.close()
 
     def _order(self) -> list[str]:
         """This call's replicas: the rotation from the next one, those found down lately at the end."""
@@ -261,7 +298,7 @@ class FailoverClient:
     def close(self) -> None:
         if self._owns_replicas:
             self.replicas.close()
-        for client in self._clients.values():
+        for client in [*self._clients.values(), *self._stuck]:
             client.close()
 
 

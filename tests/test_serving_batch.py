@@ -196,3 +196,50 @@ def test_a_model_server_answering_garbage_is_a_clear_error(garbage_server: str) 
     with pytest.raises(Unavailable, match="answered garbage: a batched answer starts with"):
         client.infer_batch(frames, [1.0, 2.0], 5.0)
     client.close()
+
+
+class _LosesTheFirstCall(inference_pb2_grpc.InferenceAPIsServiceServicer):
+    """Holds its first request unanswered (a request lost on the way), and answers garbage to the rest."""
+
+    def __init__(self) -> None:
+        self.calls, self.release = 0, threading.Event()
+
+    def Predictions(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            self.release.wait(30.0)
+        return inference_pb2.PredictionResponse(prediction=b"<html>not a model</html>")
+
+
+def test_a_replica_whose_call_is_stuck_is_connected_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that goes unanswered holds the replica's client only while it may still be late: once stuck, the
+    replica is connected again and asked, rather than the car waiting out the call's 30 s gRPC deadline."""
+    from serving import replicas
+
+    servicer = _LosesTheFirstCall()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    monkeypatch.setattr(replicas, "STUCK_CALL_S", 0.5)
+    client = FailoverClient((address,), ModelRef("m"), lambda target: TorchServeClient(target, ModelRef("m")))
+    frame = _frames(1)[0]
+    try:
+        with pytest.raises(DeadlineExceeded) as late:
+            client.infer(frame, 1.0, 0.2)
+        assert "still unanswered" not in str(late.value)
+        with pytest.raises(DeadlineExceeded, match="still unanswered"):  # late, not yet stuck: not asked again
+            client.infer(frame, 1.0, 0.2)
+        assert servicer.calls == 1
+        stuck = client._clients[address]
+        deadline = time.monotonic() + 10.0
+        while stuck.pending_for() < 0.5:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(Unavailable, match="answered garbage"):  # the server was reached again, and answered
+            client.infer(frame, 1.0, 2.0)
+        assert servicer.calls == 2 and client._clients[address] is not stuck
+    finally:
+        servicer.release.set()
+        client.close()
+        server.stop(0)

@@ -98,8 +98,9 @@ def test_replicas_share_the_load_and_a_replica_killed_or_joining_costs_no_tick(t
     laps = report["laps"]
     print(f"\nreplicas spread {counts}; lap race: {report['replicas']}, laps "
           f"{[(lap['lap_ticks'], lap['fallbacks'], lap['missed_ticks']) for lap in laps]}")  # fmt: skip
-    assert [lap["finished"] for lap in laps] == [True, True], laps
-    assert sum(lap["missed_ticks"] for lap in laps) == 0, laps
+    log_tail = "".join(race.lines[-40:])  # the autopilot's warnings: failovers, stuck calls, safe mode
+    assert [lap["finished"] for lap in laps] == [True, True], (laps, log_tail)
+    assert sum(lap["missed_ticks"] for lap in laps) == 0, (laps, log_tail)
     replicas = report["replicas"]
     assert replicas[third]["first_answer"] - joined < 5.0, replicas
     assert replicas[third]["requests"] > 50 and replicas[second]["requests"] > 50, replicas
