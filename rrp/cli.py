@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from types import ModuleType
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     _setup_logging(args.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a hung service waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         result: int = args.run(args)
     except KeyboardInterrupt:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,15 +139,34 @@ def test_rrp_game_server_serves_tls_from_its_flags(certs: Certs) -> None:
          "--tls-key", str(certs.server_key)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )  # fmt: skip
-    try:
+    lines: list[str] = []
+    listening = threading.Event()
+
+    def read() -> None:  # all of its output, to the end: a full pipe would block the server
         assert proc.stdout is not None
         for line in proc.stdout:
+            lines.append(line)
             if "listening on" in line:
-                break
+                listening.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert listening.wait(60), "".join(lines)
+        line = next(line for line in lines if "listening on" in line)
         assert "(TLS)" in line, line
         port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
         with open_channel(f"localhost:{port}", ClientTLS(ca_file=certs.ca)) as channel:
             assert _check(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it waits
+            time.sleep(1.0)
+            proc.kill()
+            proc.wait()
+            reader.join(5)
+            pytest.fail("rrp game-server did not exit within 30 s of SIGTERM:\n" + "".join(lines[-80:]))
+    reader.join(5)
