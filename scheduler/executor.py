@@ -385,6 +385,11 @@ class EvaluationPool(Executor):
         """How a client of `run_with_server` reaches the address it is given: TLS settings, or None (plaintext)."""
         return self._tls if self._tls.enabled else None
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Leaving on an error or Ctrl-C cancels the queued tasks (the running ones end first): a stopped job
+        must not first evaluate all it had queued, minutes of work nobody will read."""
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+
     def run_with_server(self, fn: Callable[[str], T], *, timeout_s: float | None = None) -> Future[T]:
         """Leases a slot on a healthy game server and calls `fn(address)` on a pool thread.
 

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, CancelledError, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, as_completed, wait
 from typing import Any
 
 import grpc
@@ -172,6 +172,20 @@ def test_cancel_and_shutdown_cancel_only_what_has_not_started(
                 f.result()
     with pytest.raises(RuntimeError, match="shutdown"):
         pool.submit(task, programs[0])
+
+
+def test_leaving_the_pool_on_an_error_cancels_what_has_not_started(
+    servers: list[ServiceProcess], task: LapTask, batch: tuple[list[bytes], list[sim_pb2.LapResult]]
+) -> None:
+    """Ctrl-C in a `with` block stops the pool at once, not after every queued task has run."""
+    programs, _ = batch
+    futures: list[Future[sim_pb2.LapResult]] = []
+    config = PoolConfig(servers=tuple(s.address for s in servers), health_interval_s=0.2)
+    with pytest.raises(KeyboardInterrupt), EvaluationPool(config) as pool:
+        pool.wait_ready(2)
+        futures = [pool.submit(task, p) for p in programs * 4]
+        raise KeyboardInterrupt
+    assert all(f.done() for f in futures) and sum(f.cancelled() for f in futures) >= len(programs)
 
 
 def test_submit_blocks_beyond_max_pending_and_map_times_out() -> None:
