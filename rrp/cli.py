@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import io
 import logging
 import signal
 import sys
@@ -57,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     _setup_logging(args.log_level)
-    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a hung service waits.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a hung service waits. Not
+    # where stderr is no file (a caller capturing it in memory).
+    with contextlib.suppress(io.UnsupportedOperation, ValueError, AttributeError):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         result: int = args.run(args)
     except KeyboardInterrupt:
