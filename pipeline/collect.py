@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from game_server.core.driver_file import SavedDriver, load_driver
-from game_server.core.recovery import bend_apexes, pinned_state
-from game_server.core.state import SimState
+from game_server.core.recovery import bend_apexes, pinned_state, wrong_way_state
+from game_server.core.state import CarState, SimState
 from game_server.core.track import Track
 from game_server.core.tracks import load_track, random_state
+from game_server.core.trig import PI
 from pipeline.pools import PoolSpec, collector_for, open_pool
 from pipeline.record_task import Episode, RecordSettings, RecordTask
 from plumbing.settings import nested, setting
@@ -32,6 +33,8 @@ REDIS_DIR = "redis"
 # Of recovery episodes: at rest against a wall (see recovery_start). Off by default: measured, the vision
 # student learned to get free from the evolved driver's own slide-out (docs/vision.md, race quality).
 PINNED_SHARE = 0.0
+# Wrong-way episodes: short, since the turn is what they are for (the teacher turns round in ~15-45 ticks).
+WRONG_WAY_TICKS = 60
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class CollectConfig:
     pinned_share: float = setting(
         PINNED_SHARE, "share of recovery episodes that start at rest pinned against a wall; the rest drift"
     )
+    wrong_way_episodes: int = setting(
+        0, "more episodes, each starting facing the wrong way, labelled by the recovering teacher turning round"
+    )
+    wrong_way_ticks: int = setting(WRONG_WAY_TICKS, "length of a wrong-way episode, ticks")
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not self.driver_paths or not self.tracks:
@@ -71,8 +78,10 @@ class CollectConfig:
         for name in ("recovery_share", "pinned_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a share: between 0 and 1, got {getattr(self, name)}")
-        if self.recovery_ticks < 1:
-            raise ValueError(f"recovery_ticks must be positive, got {self.recovery_ticks}")
+        if self.recovery_ticks < 1 or self.wrong_way_ticks < 1:
+            raise ValueError(f"episode lengths must be positive, got {self.recovery_ticks}, {self.wrong_way_ticks}")
+        if self.wrong_way_episodes < 0:
+            raise ValueError(f"wrong_way_episodes must be 0 or more, got {self.wrong_way_episodes}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class CollectSummary:
     servers: str
     redis_data_dir: str | None
     episodes: list[EpisodeReport]
-    recovery_starts: str = ""  # e.g. "drift 18, pinned 6"
+    recovery_starts: str = ""  # e.g. "drift 18, pinned 6, wrong-way 4"
 
     def describe(self) -> str:
         return (
@@ -129,12 +138,19 @@ def plan_episodes(
     recovery_share: float = 0.0,
     recovery_ticks: int = 500,
     pinned_share: float = PINNED_SHARE,
+    wrong_way_episodes: int = 0,
+    wrong_way_ticks: int = WRONG_WAY_TICKS,
 ) -> list[Episode]:
     """Round-robin over (driver, track) pairs; an open-loop program only pairs with its own track.
 
     With `recovery_share` > 0, that share of the closed-loop episodes after each pair's first one start from
     a state a learner must recover from, for `recovery_ticks` ticks: data that laps from the start line never
-    show (see `recovery_start`)."""
+    show (see `recovery_start`).
+
+    Then `wrong_way_episodes` more, round robin over the closed-loop pairs, start facing the wrong way (see
+    `turned_start`) for `wrong_way_ticks`, their driver racing inside the recovering teacher: the one driver that
+    turns round. The barriers' colours (red left, blue right) show which way the lap goes; before them no frame
+    did, and a run that recorded 25% wrong-way starts lost alpine and 4 of 40 held-out laps."""
     pairs = [(d, t) for d in drivers for t in tracks if d.kind != "program" or d.track == t]
     if not pairs:
         raise ValueError("no driver can run on these tracks: programs replay only on the track they were evolved on")
@@ -147,6 +163,16 @@ def plan_episodes(
         kind, start = recovery_start(load_track(track), rng, pinned_share) if recovery else ("", None)
         run_id = f"{prefix}-{track}-{i:04d}" + (f"-recovery-{kind}" if recovery else "")
         plan.append(Episode(run_id, track, driver, pert, rand, start, recovery_ticks if recovery else 0))
+    closed = [(d, t) for d, t in pairs if d.kind != "program"]
+    if wrong_way_episodes and not closed:
+        raise ValueError("wrong-way episodes need a closed-loop driver: a program only replays its own lap")
+    for k in range(wrong_way_episodes):
+        i = episodes + k
+        driver, track = closed[k % len(closed)]
+        pert, rand = episode_seeds(seed, i)
+        start = turned_start(load_track(track), np.random.default_rng([seed, i, 0x3A7]))
+        run_id = f"{prefix}-{track}-{i:04d}-recovery-wrong-way"
+        plan.append(Episode(run_id, track, driver, pert, rand, start, wrong_way_ticks, recovering=True))
     return plan
 
 
@@ -161,6 +187,18 @@ def recovery_start(track: Track, rng: np.random.Generator, pinned_share: float) 
     apexes = bend_apexes(track)
     point = int(rng.choice(apexes)) if apexes and rng.random() < 0.5 else int(rng.integers(track.n_points))
     return "pinned", pinned_state(track, point, float(rng.uniform(0.5, 1.5)))
+
+
+def turned_start(track: Track, rng: np.random.Generator) -> SimState:
+    """On the centre line anywhere on the lap, facing the wrong way give or take 29 degrees: half of them at
+    rest (as the evaluation's wrong-way starts), half already driving the wrong way at up to 10 m/s (where a
+    student that did not turn at once finds itself)."""
+    start = wrong_way_state(track, int(rng.integers(track.n_points)))
+    car = start.car
+    heading = car.heading + float(rng.uniform(-0.5, 0.5))
+    heading = heading - 2 * PI if heading >= PI else heading + 2 * PI if heading < -PI else heading
+    speed = float(rng.uniform(0.0, 10.0)) if rng.random() < 0.5 else 0.0
+    return SimState(start.tick, CarState(car.x, car.y, heading, speed), start.lap)
 
 
 def run_collect(config: CollectConfig) -> CollectSummary:
@@ -178,6 +216,8 @@ def run_collect(config: CollectConfig) -> CollectSummary:
         config.recovery_share,
         config.recovery_ticks,
         config.pinned_share,
+        config.wrong_way_episodes,
+        config.wrong_way_ticks,
     )
     config.out_dir.mkdir(parents=True, exist_ok=True)
     with collector_for(config.collector, config.redis_url, config.out_dir / REDIS_DIR) as (address, redis_dir):
@@ -207,7 +247,7 @@ def run_collect(config: CollectConfig) -> CollectSummary:
         episodes=rows,
         recovery_starts=", ".join(
             f"{kind} {n}"
-            for kind in ("drift", "pinned")
+            for kind in ("drift", "pinned", "wrong-way")
             if (n := sum(e.run_id.endswith(f"-recovery-{kind}") for e in plan))
         ),
     )

@@ -71,6 +71,7 @@ class MainJobConfig:
     episodes: int = setting(36, "recording episodes")
     recovery_share: float = setting(1.0, "share of later episodes that start drifting or pinned (recoveries)")
     pinned_share: float = setting(PINNED_SHARE, "share of those that start at rest pinned against a wall")
+    wrong_way_episodes: int = setting(72, "more episodes starting facing the wrong way, the teacher turning round")
     record: RecordSettings = nested(RecordSettings)
     # The vision model: its training epochs, and the closed-loop evaluation suite it is raced on.
     epochs: int = setting(12, "vision model training epochs at most")
@@ -94,6 +95,8 @@ class MainJobConfig:
         for name in ("recovery_share", "pinned_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a share: between 0 and 1, got {getattr(self, name)}")
+        if self.wrong_way_episodes < 0:
+            raise ValueError(f"wrong_way_episodes must be 0 or more, got {self.wrong_way_episodes}")
 
 
 @dataclass
@@ -350,6 +353,7 @@ def _collect(
         collector=collector,
         recovery_share=config.recovery_share,
         pinned_share=config.pinned_share,
+        wrong_way_episodes=config.wrong_way_episodes,
     )
     summary = run_collect(collect_config)
     log.info("collected %s", summary.describe())
@@ -370,7 +374,8 @@ def _collect(
         f"perturbed on {summary.perturbed_ticks} ticks (probability {config.record.perturb_probability} per tick) "
         f"while the driver's intended keys were recorded as labels{teacher}. After each track's first lap, "
         f"episodes start drifting (off the centre line, misaligned, at speed) "
-        f"or pinned against a wall ({summary.recovery_starts or 'none'}). "
+        f"or pinned against a wall; short ones start facing the wrong way, the driver racing inside the recovering "
+        f"teacher, which turns round ({summary.recovery_starts or 'none'}). "
         f"{summary.frames} frames in {summary.seconds:.1f} s "
         f"({summary.frames_per_s:.0f} frames/s); {summary.laps_finished} laps finished; {summary.failed} failed.",
     )

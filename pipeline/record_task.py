@@ -33,6 +33,7 @@ class Episode:
     # None: the track's base state (a whole lap); otherwise a recovery episode from this state.
     start: SimState | None = None
     max_ticks: int = 0  # 0: the settings' max_ticks
+    recovering: bool = False  # the driver races inside the recovering teacher, whatever the settings say
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ class RecordTask:
                 raise ValueError(f"program {d.driver_id} was evolved on {d.track}, not {episode.track}")
             request.program.masks = d.masks
         else:
-            request.driver.CopyFrom(sim_pb2.DriverParams(kind=d.kind, params=d.params, recovering=s.recovering))
+            request.driver.CopyFrom(
+                sim_pb2.DriverParams(kind=d.kind, params=d.params, recovering=s.recovering or episode.recovering)
+            )
             if s.perturb_probability > 0:
                 request.perturbation.CopyFrom(
                     game_pb2.Perturbation(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import time
 from collections.abc import Iterator
@@ -291,7 +292,24 @@ def test_recovery_episodes_start_from_random_states(stack: Stack) -> None:
         physics.validate_state(load_track(e.track), e.start)
     mixed = plan_episodes(60, [saved], ["oval"], 3, "k", 1.0, 40, pinned_share=0.5)
     kinds = {e.run_id.rsplit("-recovery-", 1)[1] for e in mixed[1:]}
-    assert kinds == {"drift", "pinned"}  # never wrong-way: a frame cannot show which way the lap goes
+    assert kinds == {"drift", "pinned"} and not any(e.recovering for e in mixed)  # no wrong-way unless asked
+    turned = plan_episodes(60, [saved], ["oval"], 3, "k", 1.0, 40, 0.5, wrong_way_episodes=9, wrong_way_ticks=30)
+    assert turned[:60] == mixed  # the wrong-way episodes come after the others, which stay as they were
+    wrong = turned[60:]
+    assert len(wrong) == 9 and all(e.recovering and e.max_ticks == 30 for e in wrong)
+    assert all(e.run_id.endswith("-recovery-wrong-way") for e in wrong) and not any(e.recovering for e in mixed)
+    oval = load_track("oval")
+    for e in wrong:
+        assert e.start is not None and 0.0 <= e.start.car.speed <= 10.0
+        physics.validate_state(oval, e.start)
+        tangent = oval.tangent[e.start.lap.segment]
+        assert math.cos(e.start.car.heading) * tangent[0] + math.sin(e.start.car.heading) * tangent[1] < -0.8
+    assert any(e.start is not None and e.start.car.speed == 0.0 for e in wrong)
+    request = RecordTask(RecordSettings("x:1")).request(wrong[0])
+    assert request.driver.recovering and not RecordTask(RecordSettings("x:1")).request(mixed[1]).driver.recovering
+    program = SavedDriver(kind="program", track="oval", lap_ticks=0, cost=0.0, generation=0, masks=b"\x01")
+    with pytest.raises(ValueError, match="closed-loop"):
+        plan_episodes(2, [program], ["oval"], 3, "p", 1.0, 40, wrong_way_episodes=1)
     task = RecordTask(RecordSettings(stack.collector.address, max_ticks=3000))
     response = stub_of(stack.servers[0]).Record(task.request(plan[2]), timeout=60)
     assert response.frames == 40

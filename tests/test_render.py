@@ -102,6 +102,28 @@ def test_randomisation_is_seeded(renderer: Renderer, track: Track) -> None:
     assert len({digest(plain), digest(seed1), digest(seed2)}) == 3
 
 
+def _barrier_pixels(frame: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Red and blue barrier pixels in the frame's (left, right) halves."""
+    f = frame.astype(int)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    masks = {"red": (r > g + 60) & (r > b + 60) & (g < 90), "blue": (b > r + 60) & (r < 90)}
+    half = f.shape[1] // 2
+    return {k: (int(m[:, :half].sum()), int(m[:, half:].sum())) for k, m in masks.items()}
+
+
+@pytest.mark.parametrize("name", ["oval", "kidney", "alpine"])
+def test_the_barriers_show_which_way_the_lap_goes(renderer: Renderer, name: str) -> None:
+    """The direction cue: red stripes on the left barrier, blue on the right, so a car facing the wrong way
+    sees them swapped (without it, no frame tells a learner which way to turn round)."""
+    from game_server.core.recovery import wrong_way_state
+
+    track = load_track(name)
+    ahead = _barrier_pixels(renderer.render(track, track.base_state, FrameSpec()))
+    behind = _barrier_pixels(renderer.render(track, wrong_way_state(track, 0), FrameSpec()))
+    assert ahead["red"][0] > 5 * ahead["red"][1] and ahead["blue"][1] > 5 * ahead["blue"][0]
+    assert behind["red"][1] > 5 * behind["red"][0] and behind["blue"][0] > 5 * behind["blue"][1]
+
+
 def test_camera_jitter_follows_the_tick(renderer: Renderer, track: Track) -> None:
     spec = FrameSpec(randomize=True, seed=3)
     a = renderer.render(track, track.base_state, spec)

@@ -155,6 +155,22 @@ def test_weights_saved_before_the_decision_offset_load_with_plain_argmax(tmp_pat
         torch.testing.assert_close(old(images, speeds), model(images, speeds))
 
 
+def test_weights_saved_before_the_crawl_scale_speed_load_without_it(tmp_path: Path) -> None:
+    """A file whose config predates `crawl_speed` has a head with one speed input: it loads as such."""
+    model = build_model(dataclasses.replace(SMALL, crawl_speed=False)).eval()
+    save_weights(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["rrp-vision"])
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del header["config"]["crawl_speed"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"rrp-vision": json.dumps(header)})
+    old = load_model(tmp_path / "old.safetensors")
+    assert not old.config.crawl_speed and build_model(SMALL).config.crawl_speed
+    images, speeds = _probe()
+    with torch.no_grad():
+        torch.testing.assert_close(old(images, speeds), model(images, speeds))
+
+
 def test_heads_and_flip_keep_masks_consistent() -> None:
     masks = torch.tensor([0, FORWARD, BACK | LEFT, FORWARD | RIGHT, FORWARD | BACK | LEFT | RIGHT])
     throttle, steer = mask_targets(masks)
@@ -176,7 +192,8 @@ def _augmented(
 
 
 def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference_does() -> None:
-    """The batched gather equals padding each frame (edges repeated), cropping it and mirroring it."""
+    """The batched gather equals padding each frame (edges repeated), cropping it and mirroring it (red and
+    blue swapped with the mirror)."""
     config = AugmentConfig(brightness=0, contrast=0, colour=0, shift_px=3, flip_prob=0.5)
     images, got, draws = _augmented((9, 12, 16), config)
     (
@@ -189,7 +206,7 @@ def test_augment_shifts_with_replicated_edges_and_flips_as_a_per_frame_reference
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="replicate")
     for i in range(9):
         want = padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 16].permute(1, 2, 0).to(torch.uint8)
-        assert torch.equal(got[i], want.flip(1) if flip[i] else want), i
+        assert torch.equal(got[i], want.flip(1).flip(2) if flip[i] else want), i  # mirrored: red and blue swap
     assert 0 < int(flip.sum()) < 9 and bool((dx != 3).any())  # the case covers shifts and both flip outcomes
 
 

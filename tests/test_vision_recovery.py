@@ -52,6 +52,27 @@ def test_the_main_job_model_backs_out_of_every_pinned_start(game_server: Service
 
 
 @pytest.mark.slow
+def test_the_main_job_model_turns_round_from_wrong_way_starts(game_server: ServiceProcess) -> None:
+    """At rest facing the wrong way, at three places on each built-in track: the barriers' colours show which way
+    the lap goes, and the model turns round and finishes the lap. This snapshot does on oval and kidney (6 of the
+    8 distinct starts); on alpine's narrow road the turn needs a K-turn, and it drives into the barrier instead
+    of backing out (issue 22 asks for 7 of 8)."""
+    pilot = load_pilot(MODEL / "model.safetensors", "onnx")
+    finished, failed = 0, []
+    for name in BUILTIN_TRACKS:
+        track = load_track(name)
+        budget = int(1.5 * drive_lap(track)[1].lap_ticks)
+        starts = dict(recovery_starts(track))
+        for label in sorted(k for k in starts if k.startswith("wrong-way")):
+            record = drive_on_server(game_server.address, name, pilot, budget, start=starts[label])
+            if record.finished:
+                finished += 1
+            else:
+                failed.append(f"{name} {label}: {record.stop_reason} at {record.progress_fraction:.0%}")
+    assert finished >= 6, failed
+
+
+@pytest.mark.slow
 def test_the_onnx_runtime_drives_the_main_job_models_lap_key_for_key(
     game_server: ServiceProcess, tmp_path: Path
 ) -> None:

@@ -26,7 +26,13 @@ from game_server.core.trig import PI, sincos
 # turns round at a crawl, and below which a reversal ends (aligned within ~30 degrees).
 _COS_MISALIGNED = 0.342
 _COS_ALIGNED = 0.866
+# cos of the heading error beyond which the car faces the wrong way (more than 120 degrees off) and always turns
+# round to the left: near 180 degrees the shorter way round flips with a degree of heading, which a student
+# reading the frame cannot see, and which left it dithering left, right, left. Turning left from past 120
+# degrees takes the car through 180 to where the shorter way is left too, so the choice never flips back.
+_COS_WRONG_WAY = -0.5
 _CRAWL_M_PER_S = 4.0
+_BRAKE_TO_CRAWL_M_PER_S = 10.0
 # A misaligned car with a wall this close ahead (plus 0.1 s of travel) cannot turn round without backing out.
 # An aligned one can slide along the wall (contact keeps the heading), so the base driver keeps it.
 _PINNED_AHEAD_M = 2.5
@@ -75,7 +81,8 @@ class RecoveringDriver:
         s, c = sincos(car.heading)
         tx, ty = (float(v) for v in self.track.tangent[seg])
         cos_error = c * tx + s * ty
-        turn_left = c * ty - s * tx > 0.0  # the track's direction is to the car's left: the heading must grow
+        # The track's direction is to the car's left (the heading must grow), or the car faces the wrong way.
+        turn_left = c * ty - s * tx > 0.0 or cos_error < _COS_WRONG_WAY
         # Reversing turns the nose the other way: the right key swings it left.
         reverse = BACK | (RIGHT if turn_left else LEFT)
         speed = car.speed
@@ -96,11 +103,13 @@ class RecoveringDriver:
             return reverse
         if not misaligned:
             return self.base(self.track, state)
-        # Turning round: a crawl, so the circle is tight (about 3.5 m), steering towards the track direction.
+        # Turning round: a crawl, so the circle is tight (about 2 m), steering towards the track direction:
+        # forward up to the crawl, coasting above it, braking only when far above it. Braking at a crawl taught
+        # a student to press back near rest, which starts a reversal.
         keys = LEFT if turn_left else RIGHT
         if speed < _CRAWL_M_PER_S:
             keys |= FORWARD
-        elif speed > _CRAWL_M_PER_S + 2.0:
+        elif speed > _BRAKE_TO_CRAWL_M_PER_S:
             keys |= BACK
         return keys
 

@@ -105,6 +105,7 @@ def appearance_for(randomize: bool, seed: int) -> Appearance:
         light_dir=light_dir,
         light=float(rng.uniform(0.45, 1.0)),
         ambient=float(rng.uniform(0.25, 0.6)),
+        wall_c=tint(d.wall_c, 0.4),  # drawn last: the other colours of a seed are what they were before it
     )
 
 

@@ -56,18 +56,21 @@ class Appearance:
     sky: RGB = (0.55, 0.72, 0.92)
     ground: RGB = (0.32, 0.56, 0.26)
     road: RGB = (0.36, 0.36, 0.39)
+    # The direction cue: the left barrier's stripes are red, the right one's blue (both alternate with white), so
+    # a car facing the wrong way, or across the road, sees which way the lap goes, as kerbs show on a circuit.
     wall_a: RGB = (0.86, 0.14, 0.12)
     wall_b: RGB = (0.93, 0.93, 0.93)
     props: RGB = (1.0, 1.0, 1.0)
     light_dir: tuple[float, float, float] = (-0.4, -0.8, 0.45)  # direction the light travels, scene axes
     light: float = 0.75
     ambient: float = 0.45
+    wall_c: RGB = (0.14, 0.3, 0.86)
 
 
 DEFAULT_APPEARANCE = Appearance()
 
 # Node names under a track root whose colour the appearance sets (vertex colours are white or patterns).
-_TINTED = ("ground", "road", "wall_a", "wall_b", "props")
+_TINTED = ("ground", "road", "wall_a", "wall_b", "wall_c", "props")
 
 
 def _vertex_format() -> GeomVertexFormat:
@@ -279,9 +282,10 @@ def _quads_to_scene(quads: np.ndarray) -> np.ndarray:
     return out[:, ::-1]
 
 
-def _walls(track: Track) -> tuple[NodePath, NodePath]:
-    """Barrier faces along both walls, alternating two colours every segment (the stripes show speed)."""
-    stripes: list[list[np.ndarray]] = [[], []]
+def _walls(track: Track) -> tuple[NodePath, NodePath, NodePath]:
+    """Barrier faces along both walls, alternating a colour and white every segment (the stripes show speed):
+    red on the left barrier (wall_a), blue on the right one (wall_c), white on both (wall_b)."""
+    stripes: dict[str, list[np.ndarray]] = {"wall_a": [], "wall_b": [], "wall_c": []}
     for wall in (track.left_wall, track.right_wall):
         p0 = _ground_plane(wall)
         p1 = np.roll(p0, -1, axis=0)
@@ -289,16 +293,16 @@ def _walls(track: Track) -> tuple[NodePath, NodePath]:
         quads = np.stack([p0, p1, p1 + up, p0 + up], axis=1)
         if wall is track.left_wall:  # light the side that faces the road
             quads = quads[:, [1, 0, 3, 2]]
-        for k in (0, 1):
-            stripes[k].append(quads[k::2])
+        stripes["wall_a" if wall is track.left_wall else "wall_c"].append(quads[0::2])
+        stripes["wall_b"].append(quads[1::2])
     nodes = []
-    for k, name in enumerate(("wall_a", "wall_b")):
+    for name, parts in stripes.items():
         mesh = MeshBuilder()
-        mesh.add_quads(np.concatenate(stripes[k]), np.ones(3))
+        mesh.add_quads(np.concatenate(parts), np.ones(3))
         node = mesh.build(name)
         node.setTwoSided(True)  # seen from the road on one wall and from the infield on the other
         nodes.append(node)
-    return nodes[0], nodes[1]
+    return nodes[0], nodes[1], nodes[2]
 
 
 def _props(track: Track) -> NodePath:

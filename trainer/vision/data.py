@@ -232,13 +232,14 @@ class AugmentConfig:
     contrast: float = setting(0.3, "contrast jitter, a share")
     colour: float = setting(0.1, "per-channel colour jitter, a share")
     shift_px: int = setting(4, "largest horizontal and vertical shift, pixels")
-    flip_prob: float = setting(0.5, "probability of a mirrored frame (left and right keys swapped)")
+    flip_prob: float = setting(0.5, "probability of a mirrored frame (left and right keys, red and blue swapped)")
 
 
 def augment(
     images: torch.Tensor, masks: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A jittered copy of a uint8 (N, H, W, 3) batch and its masks; a horizontal flip swaps left and right.
+    """A jittered copy of a uint8 (N, H, W, 3) batch and its masks; a horizontal flip swaps left and right
+    (keys, and red and blue: see below).
 
     Randomness comes only from `generator`, so a seeded run augments identically every time, on any thread.
     It runs beside every training step on the same cores, so it is written for few passes over the batch: the
@@ -272,6 +273,10 @@ def augment(
     gain = contrast * brightness * colour
     offset = mean * (1.0 - contrast) * brightness * colour
     x = torch.addcmul(offset[:, None, :], pixels, gain[:, None, :]).round_().clamp_(0, 255)
+    # A mirrored frame swaps red and blue too: the barriers' colours say which way the lap goes (red on the
+    # left, blue on the right), and a mirror alone would show a car driving the right way with red on its right,
+    # the very view of a car facing the wrong way.
+    x = torch.where(flip[:, None, None], x.flip(2), x)
     m = masks.long()
     swapped = (m & ~(LEFT | RIGHT)) | ((m & LEFT) << 1) | ((m & RIGHT) >> 1)
     return x.to(torch.uint8).reshape(n, h, w, 3), torch.where(flip, swapped, m)

@@ -17,6 +17,7 @@ THROTTLE_NONE, THROTTLE_FORWARD, THROTTLE_BACK = 0, 1, 2
 STEER_NONE, STEER_LEFT, STEER_RIGHT = 0, 1, 2
 N_CLASSES = 3
 N_LOGITS = 2 * N_CLASSES  # [throttle logits (3), steering logits (3)]
+CRAWL_SCALE_M_PER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class VisionConfig:
     height: int = setting(96, "model input height, pixels")
     channels: tuple[int, ...] = setting((16, 32, 48, 64), "channels of each conv layer")
     hidden: int = setting(128, "hidden units of the head")
+    # At a scale of 50 m/s, crawling forward and backing out differ by ~0.02: a net read them alike and dithered
+    # between forward and back while turning round. The same speed at crawl scale tells them apart.
+    crawl_speed: bool = setting(True, "the speed also enters at crawl scale (m/s / 5, clipped to +-1)")
     seed: int = setting(0, "seed of data, initialisation, order and augmentation")
 
     def __post_init__(self) -> None:
@@ -66,7 +70,9 @@ class DrivingNet(nn.Module):
         flat = c_in * (config.height // stride) * (config.width // stride)
         self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat, config.hidden), nn.ReLU())
         self.head = nn.Sequential(
-            nn.Linear(config.hidden + 1, config.hidden // 2), nn.ReLU(), nn.Linear(config.hidden // 2, N_LOGITS)
+            nn.Linear(config.hidden + 1 + int(config.crawl_speed), config.hidden // 2),
+            nn.ReLU(),
+            nn.Linear(config.hidden // 2, N_LOGITS),
         )
         self.decision_offset: torch.Tensor
         self.register_buffer("decision_offset", torch.zeros(N_LOGITS))
@@ -80,8 +86,11 @@ class DrivingNet(nn.Module):
         centred = x - _frame_mean(x)
         x = centred / (_frame_mean(centred.square()).sqrt() + 1.0)
         z = self.trunk(self.features(x))
-        v = (speed.float() / TOP_SPEED).reshape(-1, 1)
-        return self.head(torch.cat([z, v], dim=1))
+        v = speed.float().reshape(-1, 1)
+        inputs = [z, v / TOP_SPEED]
+        if self.config.crawl_speed:
+            inputs.append((v / CRAWL_SCALE_M_PER_S).clamp(-1.0, 1.0))
+        return self.head(torch.cat(inputs, dim=1))
 
 
 def _frame_mean(x: torch.Tensor) -> torch.Tensor:

@@ -469,7 +469,8 @@ def load_model(path: Path) -> DrivingNet:
             raise ValueError(f"{path}: not an rrp-vision weights file")
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     raw = header["config"] if isinstance(header["config"], dict) else json.loads(header["config"])
-    config = VisionConfig(**{**raw, "channels": tuple(raw["channels"])})
+    # Files written before the crawl-scale speed input have a head without it.
+    config = VisionConfig(**{"crawl_speed": False, **raw, "channels": tuple(raw["channels"])})
     model = DrivingNet(config)
     # Files written before the decision offset existed decide by plain argmax.
     state.setdefault("decision_offset", torch.zeros(N_LOGITS))
