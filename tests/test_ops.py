@@ -186,6 +186,7 @@ def test_main_job_smoke(tmp_path: Path) -> None:
         [
             *(str(BIN / "rrp"), "run", "--out", str(tmp_path), "--population", "6", "--generations", "1"),
             *("--episodes", "4", "--epochs", "1", "--suite-tracks", "oval,gen-3001", "--serving-max-ticks", "300"),
+            *("--wrong-way-episodes", "2"),
             # The second model's rollout, on short laps: the wiring is under test here, not the model.
             *("--deploy-dagger-epochs", "1", "--deploy-cars", "2", "--deploy-canary-share", "0.5"),
             *("--deploy-canary-laps", "1", "--deploy-gate-max-ticks", "400", "--deploy-lap-max-ticks", "250"),
@@ -206,7 +207,7 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     # The report's suite table is rendered from the suite's data, and says what suite.md says.
     table = (tmp_path / "evaluation" / "suite.md").read_text().split("\n\n", 2)[1]
     assert table.startswith("| condition |") and table in (tmp_path / "report.md").read_text()
-    assert summary["collect"]["runs"] == 4 and summary["collect"]["failed"] == 0
+    assert summary["collect"]["runs"] == 6 and summary["collect"]["failed"] == 0  # 4 episodes, 2 of them wrong-way
     assert summary["validation"]["passed"], summary["validation"]
     assert summary["train"]["frames"] > 1000
     # Raced, whatever a one-epoch model manages: both conditions, and oval's six recovery starts.

@@ -441,3 +441,9 @@ def test_shares_outside_zero_to_one_are_refused_before_anything_starts(tmp_path:
             CollectConfig(episodes=1, driver_paths=(tmp_path / "d.json",), tracks=("oval",), **bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="between 0 and 1"):
             MainJobConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="wrong_way_episodes must be 0 or more"):
+        CollectConfig(episodes=1, driver_paths=(tmp_path / "d.json",), tracks=("oval",), wrong_way_episodes=-1)
+    with pytest.raises(ValueError, match="wrong_way_episodes must be 0 or more"):
+        MainJobConfig(wrong_way_episodes=-1)
+    with pytest.raises(ValueError, match="episode lengths must be positive"):
+        CollectConfig(episodes=1, driver_paths=(tmp_path / "d.json",), tracks=("oval",), wrong_way_ticks=0)
