@@ -51,7 +51,8 @@ def _model_dir(root: Path, name: str, model: DrivingNet) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """good: trained a few seconds; same: its weights under another header (drives identically); bad: 0 epochs."""
+    """good: trained a few seconds; same: its weights under another header (drives identically); bad: untrained,
+    and never presses the throttle."""
     root = tmp_path_factory.mktemp("models")
     good = train_tiny(root / "good", card={"model": "test good", "data": {"source": "generated frames: oval, kidney"}})
     same = root / "same"
@@ -61,8 +62,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     save_file(tensors, str(same / "model.safetensors"), metadata=meta)
     (same / "model_card.json").write_text((good / "model_card.json").read_text())
+    # Never presses the throttle (its offset makes "none" win every time): a candidate the gate must refuse,
+    # however its untrained net happens to steer.
     torch.manual_seed(0)
-    bad = _model_dir(root, "bad", DrivingNet(SMALL))
+    never_drives = DrivingNet(SMALL)
+    with torch.no_grad():
+        never_drives.decision_offset.copy_(torch.tensor([100.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    bad = _model_dir(root, "bad", never_drives)
     return {"good": good, "same": same, "bad": bad}
 
 
