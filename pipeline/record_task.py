@@ -49,8 +49,8 @@ class RecordSettings:
     domain_randomization: bool = setting(True, "domain randomisation of the frames", flag="randomize")
     perturb_probability: float = setting(0.04, "per-tick probability that a perturbation of the controls starts")
     perturb_max_ticks: int = setting(12, "longest perturbation, ticks")
-    # Off by default: measured, a vision student imitating the teacher's reversals dithered at the wall
-    # (forward, back, forward), where one imitating the driver's slide-out got free (docs/vision.md).
+    # Off for `rrp collect` (its labels are the driver's own); on in the main job, where with the barriers'
+    # colours and the crawl-scale speed the student learns the teacher's reversals (docs/vision.md).
     recovering: bool = setting(
         False, "drivers race inside the recovering teacher, which labels the way out of walls and wrong-way states"
     )

@@ -141,6 +141,32 @@ def _deploy(server: LocalTorchServe, game: str, model: Path, canary: CanaryConfi
 # -- pure parts --------------------------------------------------------------------------------------------------
 
 
+def test_the_second_model_replays_a_seeded_share_of_the_first_data() -> None:
+    import numpy as np
+
+    from pipeline.deploy_job import DeployJobConfig, replay_sample
+    from trainer.vision.data import FrameSetBuilder, in_process_run
+
+    builder = FrameSetBuilder()
+    for run in range(4):
+        builder.start_run(in_process_run(f"r{run}", "oval", "test", 8, 8))
+        for i in range(25):
+            builder.add(np.full((8, 8, 3), run * 25 + i, np.uint8), float(i), i % 16)
+    frames = builder.build(8, 8)
+    assert replay_sample(frames, 1.0, 0) is frames
+    sample = replay_sample(frames, 0.35, 0)
+    kept = sample.images[:, 0, 0, 0].astype(int)
+    assert len(sample) == 35 and list(kept) == sorted(set(kept))  # no repeats, original order
+    assert np.array_equal(sample.run_index, kept // 25) and np.array_equal(sample.speeds, kept % 25)
+    assert np.array_equal(replay_sample(frames, 0.35, 0).images, sample.images)  # seeded
+    assert not np.array_equal(replay_sample(frames, 0.35, 1).images, sample.images)
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="replay_share"):
+            DeployJobConfig(replay_share=share)
+    with pytest.raises(ValueError, match="dagger_epochs"):
+        DeployJobConfig(dagger_epochs=0)
+
+
 def test_routing_splits_cars_by_version_and_keeps_a_baseline_car() -> None:
     r = Routing(NAME, default="1", canary="2", canary_share=0.25)
     assert [r.version_for(i, 8) for i in range(8)] == ["1"] * 6 + ["2"] * 2
