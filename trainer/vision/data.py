@@ -272,11 +272,12 @@ def augment(
     # ((x - mean) * contrast + mean) * brightness * colour, as x * gain + offset.
     gain = contrast * brightness * colour
     offset = mean * (1.0 - contrast) * brightness * colour
-    x = torch.addcmul(offset[:, None, :], pixels, gain[:, None, :]).round_().clamp_(0, 255)
+    x = torch.addcmul(offset[:, None, :], pixels, gain[:, None, :]).round_().clamp_(0, 255).to(torch.uint8)
     # A mirrored frame swaps red and blue too: the barriers' colours say which way the lap goes (red on the
     # left, blue on the right), and a mirror alone would show a car driving the right way with red on its right,
-    # the very view of a car facing the wrong way.
-    x = torch.where(flip[:, None, None], x.flip(2), x)
+    # the very view of a car facing the wrong way. Swapped in bytes and only where mirrored: over the whole float
+    # batch, this one line cost as much as the gather.
+    x[flip] = x[flip].flip(2)
     m = masks.long()
     swapped = (m & ~(LEFT | RIGHT)) | ((m & LEFT) << 1) | ((m & RIGHT) >> 1)
-    return x.to(torch.uint8).reshape(n, h, w, 3), torch.where(flip, swapped, m)
+    return x.reshape(n, h, w, 3), torch.where(flip, swapped, m)
